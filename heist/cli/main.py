@@ -1,0 +1,45 @@
+"""Entry point of the ``heist`` command. Each area owns one module and one typer sub-app."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from heist.cli import attack, campaign, corpus, data, evaluate, keys, log, serve, zoo
+from heist.cli.common import err_console, setup_logging
+from translators.errors import HeistError
+
+app = typer.Typer(
+    name="heist",
+    help="Heist: steal and defend image-to-image translation APIs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(zoo.app, name="zoo")
+app.add_typer(corpus.app, name="corpus")
+app.add_typer(data.app, name="data")
+app.add_typer(keys.app, name="keys")
+app.add_typer(log.app, name="log")
+app.add_typer(attack.app, name="attack")
+app.add_typer(evaluate.app, name="eval")
+app.add_typer(campaign.app, name="campaign")
+app.command("serve")(serve.serve)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    setup_logging(verbose)
+
+
+def main() -> None:
+    """Run the CLI; user mistakes (:class:`HeistError`) print one line and exit 2, no traceback."""
+    try:
+        app()
+    except HeistError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)

@@ -1,0 +1,224 @@
+"""Checkpoints: ``NAME.safetensors`` + ``NAME.json`` model card; TorchScript ``.pt`` and ``.pt2`` load too.
+
+The card records what a server and an evaluator need to know: architecture and kwargs (to rebuild the
+module), task, scale, input constraints and training provenance. Pickled files are never unpickled:
+``.pt`` files must be TorchScript archives, and ``.pt2`` files ``torch.export`` programs; a plain
+``torch.save`` pickle is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from translators.archs.registry import build_arch
+from translators.errors import CheckpointError
+from translators.registry import UnknownNameError
+
+
+class ModelCard(BaseModel):
+    """The JSON card beside a safetensors checkpoint.
+
+    ``scale`` is the output/input size ratio (4 for x4 SR, 1 otherwise). ``size_multiple`` is what
+    input sides must be a multiple of; ``min_side`` the smallest input side the model accepts.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    arch: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    task: str = "translation"
+    scale: int = 1
+    in_channels: int = 3
+    out_channels: int = 3
+    size_multiple: int = 1
+    min_side: int = 8
+    description: str = ""
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    format_version: int = 1
+
+
+class LoadedModel:
+    """A module ready for inference plus what is known about it."""
+
+    def __init__(self, module: nn.Module, card: ModelCard, source: Path, kind: str) -> None:
+        self.module = module
+        self.card = card
+        self.source = source
+        self.kind = kind  # "safetensors" | "torchscript" | "export"
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(module: nn.Module, path: str | os.PathLike[str], card: ModelCard) -> Path:
+    """Write ``path`` (``.safetensors``) and its ``.json`` card atomically. Returns the weights path."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        p = p.with_suffix(".safetensors")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = p.with_name(f".{p.name}.tmp")
+    save_file(state, str(tmp), metadata={"arch": card.arch, "name": card.name})
+    os.replace(tmp, p)
+    _atomic_write_bytes(p.with_suffix(".json"), card.model_dump_json(indent=2).encode())
+    return p
+
+
+def read_card(path: str | os.PathLike[str]) -> ModelCard:
+    p = Path(path).with_suffix(".json")
+    try:
+        return ModelCard.model_validate_json(p.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: model card missing (every .safetensors needs a .json card beside it)") from None
+    except (ValidationError, ValueError) as exc:
+        first = exc.errors()[0] if isinstance(exc, ValidationError) else {"msg": str(exc), "loc": ()}
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise CheckpointError(f"{p}: invalid model card ({loc + ': ' if loc else ''}{first['msg']})") from None
+
+
+def _is_pickle(p: Path) -> bool:
+    """True for files ``torch.save`` wrote (a zip with ``data.pkl`` and no TorchScript code, or raw pickle)."""
+    with open(p, "rb") as fh:
+        head = fh.read(4)
+    if head[:1] == b"\x80":  # pickle protocol 2+ opcode
+        return True
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return False
+        has_code = any("/code/" in n or n.endswith(".py") for n in names)
+        has_export = any("serialized_exported_program" in n or "/models/" in n for n in names)
+        return any(n.endswith("data.pkl") for n in names) and not has_code and not has_export
+    return False
+
+
+def _probe_card(module: nn.Module, name: str, kind: str, fixed: tuple[int, int] | None = None) -> ModelCard:
+    """Infer scale from a forward pass on a probe (models with no card).
+
+    ``fixed`` is the only input size a static ``torch.export`` program accepts; else a 32x32 probe.
+    """
+    h, w = fixed or (32, 32)
+    with torch.inference_mode():
+        try:
+            y = module(torch.rand(1, 3, h, w))
+        except Exception as exc:  # noqa: BLE001 - any failure means the probe failed
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{name}: probe forward on a (1, 3, {h}, {w}) input failed: {msg}") from None
+    if not isinstance(y, torch.Tensor) or y.ndim != 4 or y.shape[1] != 3:
+        raise CheckpointError(f"{name}: the model must map (N, 3, H, W) to (N, 3, sH, sW)")
+    scale = y.shape[-1] // w
+    if scale < 1 or y.shape[-1] != w * scale or y.shape[-2] != h * scale:
+        raise CheckpointError(f"{name}: output {tuple(y.shape)} is not an integer upscaling of the input")
+    extra: dict[str, Any] = {"fixed_size": [h, w]} if fixed else {}
+    return ModelCard(name=name, arch=kind, scale=scale, task="sr" if scale > 1 else "translation",
+                     description=f"{kind} model; scale inferred by probe", **extra)
+
+
+def _export_static_size(program: Any) -> tuple[int, int] | None:
+    """(H, W) of the first user input when a ``torch.export`` program was exported with static shapes."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", None)
+            if shape is not None and len(shape) == 4 and all(isinstance(d, int) for d in shape[-2:]):
+                return int(shape[-2]), int(shape[-1])
+            return None
+    return None
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a checkpoint for inference (``eval()`` mode) on ``device``.
+
+    Accepts ``NAME.safetensors`` (+ ``NAME.json``), TorchScript ``.pt``/``.ts``, and ``torch.export``
+    ``.pt2``. For TorchScript and export files a sidecar ``NAME.json`` card is used when present,
+    else the scale is inferred from a probe forward. Raises :class:`CheckpointError` on any problem.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file")
+    name = p.stem
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        card = read_card(p)
+        try:
+            module = build_arch(card.arch, card.kwargs)
+        except (UnknownNameError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{p}: card describes an unbuildable model: {exc}") from None
+        try:
+            state = load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{p}: corrupt safetensors file ({exc})") from None
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            msg = str(exc).splitlines()[0]
+            raise CheckpointError(f"{p}: weights do not match the card's architecture ({msg})") from None
+        module.eval().to(device)
+        return LoadedModel(module, card, p, "safetensors")
+    if suffix in (".pt", ".ts", ".pth", ".pt2"):
+        if _is_pickle(p):
+            raise CheckpointError(
+                f"{p}: this is a pickled torch.save file; Heist never unpickles untrusted files. "
+                "Export it with torch.jit.script/trace (.pt), torch.export (.pt2) or save weights as safetensors."
+            )
+        module: nn.Module
+        fixed: tuple[int, int] | None = None
+        if suffix == ".pt2":
+            try:
+                program = torch.export.load(str(p))
+                module = program.module()
+                fixed = _export_static_size(program)
+            except Exception as exc:  # noqa: BLE001 - torch raises many types for bad archives
+                raise CheckpointError(f"{p}: not a loadable torch.export program ({exc})") from None
+            kind = "export"
+        else:
+            try:
+                module = torch.jit.load(str(p), map_location="cpu")
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointError(f"{p}: not a loadable TorchScript archive ({str(exc).splitlines()[0]})") from None
+            kind = "torchscript"
+        card_path = p.with_suffix(".json")
+        card = read_card(card_path) if card_path.exists() else _probe_card(module, name, kind, fixed)
+        if kind == "torchscript":
+            module.eval()
+        module.to(device)
+        return LoadedModel(module, card, p, kind)
+    raise CheckpointError(f"{p}: unknown model file type {suffix!r}; use .safetensors (+ .json), .pt or .pt2")
+
+
+def find_models(folder: str | os.PathLike[str]) -> list[Path]:
+    """Model files in ``folder`` that :func:`load_model` would try (sorted, cards excluded)."""
+    d = Path(folder)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory")
+    exts = {".safetensors", ".pt", ".ts", ".pt2"}
+    return sorted(f for f in d.iterdir() if f.suffix.lower() in exts and not f.name.startswith("."))
+
+
+def card_dict(card: ModelCard) -> dict[str, Any]:
+    return json.loads(card.model_dump_json())

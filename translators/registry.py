@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
+from translators.errors import HeistError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(HeistError, KeyError):
     """Raised when a registry is asked for a name it does not hold."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want a plain sentence.

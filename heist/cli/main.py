@@ -43,3 +43,7 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ class DnCNN(nn.Module):
             raise ValueError("depth must be >= 2")
         self.scale = 1
         self.size_multiple = 1
+        self.depth = depth
         layers: list[nn.Module] = [nn.Conv2d(in_ch, channels, 3, padding=1), nn.ReLU(True)]
         for _ in range(depth - 2):
             layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=not batch_norm))
@@ -34,8 +35,11 @@ class DnCNN(nn.Module):
 
     @property
     def receptive_field(self) -> int:
-        """Side of the (theoretical) receptive field in pixels: ``2*depth + 1``."""
-        return 2 * sum(1 for m in self.body if isinstance(m, nn.Conv2d)) + 1
+        """Side of the (theoretical) receptive field in pixels: ``2*depth + 1`` (``depth`` 3x3 convs).
+
+        Plain integer arithmetic so that ``torch.jit.script`` can compile the property.
+        """
+        return 2 * self.depth + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.body(x)).clamp(0.0, 1.0)

@@ -74,6 +74,6 @@ class SRResNet(nn.Module):
         h = h + self.mid(self.blocks(h))
         out = self.tail(self.up(h))
         if self.bicubic_skip:
-            out = out + F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+            out = out + F.interpolate(x, scale_factor=float(self.scale), mode="bicubic", align_corners=False)
             return out.clamp(0.0, 1.0)
         return torch.sigmoid(out)

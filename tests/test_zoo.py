@@ -108,3 +108,13 @@ def test_cli_unknown_zoo_model_is_one_line_error() -> None:
     assert res.returncode == 2
     assert "unknown zoo model 'nope'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("profile", ["tiny", "default", "full"])
+def test_style_cards_declare_the_unet_size_multiple(profile: str) -> None:
+    recipe = get_recipe("style-ink")
+    depth = int(recipe.specs[profile].arch_kwargs["depth"])
+    assert recipe.size_multiple(profile) == 2**depth
+    inp, target = recipe.make_pair(torch.rand(1, 3, 70, 90), multiple=2**depth if depth < 8 else 16)
+    assert inp.shape[-1] % min(2**depth, 16) == 0
+    assert target.shape == inp.shape

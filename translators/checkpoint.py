@@ -73,10 +73,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(module: nn.Module, path: str | os.PathLike[str], card: ModelCard) -> Path:
-    """Write ``path`` (``.safetensors``) and its ``.json`` card atomically. Returns the weights path."""
+    """Write ``path`` (``.safetensors``) and its ``.json`` card atomically. Returns the weights path.
+
+    Raises :class:`CheckpointError` if the card's ``scale``/``size_multiple`` contradict ``module``.
+    """
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p.with_suffix(".safetensors")
+    _check_card_matches(p, card, module)  # never write a card that load_model would refuse
     p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     tmp = p.with_name(f".{p.name}.tmp")
@@ -138,6 +142,24 @@ def _probe_card(module: nn.Module, name: str, kind: str, fixed: tuple[int, int] 
                      description=f"{kind} model; scale inferred by probe", **extra)
 
 
+def _check_card_matches(p: Path, card: ModelCard, module: nn.Module) -> None:
+    """Refuse a card whose ``scale``/``size_multiple`` contradict the architecture it describes.
+
+    A server trusts the card to validate inputs, so a card claiming ``scale=1`` for an x4 SRResNet (or
+    ``size_multiple=1`` for a depth-4 U-Net) would produce wrong-sized outputs or crash on valid-looking
+    inputs. Architectures expose ``scale`` and ``size_multiple`` attributes (see :mod:`translators.archs`).
+    """
+    scale = getattr(module, "scale", None)
+    if isinstance(scale, int) and scale != card.scale:
+        raise CheckpointError(f"{p}: card says scale={card.scale} but the {card.arch} architecture has scale={scale}")
+    multiple = getattr(module, "size_multiple", None)
+    if isinstance(multiple, int) and multiple > 1 and card.size_multiple % multiple:
+        raise CheckpointError(
+            f"{p}: card says size_multiple={card.size_multiple} but the {card.arch} architecture needs input "
+            f"sides that are multiples of {multiple}"
+        )
+
+
 def _export_static_size(program: Any) -> tuple[int, int] | None:
     """(H, W) of the first user input when a ``torch.export`` program was exported with static shapes."""
     user_inputs = set(program.graph_signature.user_inputs)
@@ -176,8 +198,12 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            msg = str(exc).splitlines()[0]
+            # The first line only names the class; the details (missing/unexpected keys, size mismatches) follow.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            msg = " ".join(lines[1:] or lines)
+            msg = msg if len(msg) <= 300 else msg[:297] + "..."
             raise CheckpointError(f"{p}: weights do not match the card's architecture ({msg})") from None
+        _check_card_matches(p, card, module)
         module.eval().to(device)
         return LoadedModel(module, card, p, "safetensors")
     if suffix in (".pt", ".ts", ".pth", ".pt2"):
@@ -202,10 +228,9 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
             except Exception as exc:  # noqa: BLE001
                 raise CheckpointError(f"{p}: not a loadable TorchScript archive ({str(exc).splitlines()[0]})") from None
             kind = "torchscript"
+            module.eval()  # before the probe, so BatchNorm statistics are not updated by it
         card_path = p.with_suffix(".json")
         card = read_card(card_path) if card_path.exists() else _probe_card(module, name, kind, fixed)
-        if kind == "torchscript":
-            module.eval()
         module.to(device)
         return LoadedModel(module, card, p, kind)
     raise CheckpointError(f"{p}: unknown model file type {suffix!r}; use .safetensors (+ .json), .pt or .pt2")

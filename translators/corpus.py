@@ -7,7 +7,9 @@ are ordered by ``sha256(seed:group)`` and dealt round-robin in the pattern
 ``victim, attacker, benchmark, victim`` (about 50/25/25).
 
 Image specs accepted by :func:`load_images` (and every ``--images`` option):
-``corpus:victim``, ``corpus:attacker``, ``corpus:benchmark``, ``corpus:all``, or a folder path.
+``corpus:victim``, ``corpus:attacker``, ``corpus:benchmark``, ``corpus:all``, a folder path, or
+``dataset:NAME[:SUBSET]`` for a public dataset fetched with ``heist data fetch NAME``
+(see :mod:`translators.datasets`).
 """
 
 from __future__ import annotations
@@ -132,38 +134,88 @@ class NamedImage:
     image: torch.Tensor  # (1, 3, H, W) in [0, 1]
 
 
-def _folder_images(folder: Path) -> list[NamedImage]:
+def _folder_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
-        raise CorpusError(f"{folder}: not a folder (give corpus:victim|attacker|benchmark|all or a folder path)")
-    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        raise CorpusError(
+            f"{folder}: not a folder (give corpus:victim|attacker|benchmark|all, dataset:NAME or a folder path)"
+        )
+    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+
+def _folder_images(folder: Path, max_side: int | None = None) -> list[NamedImage]:
+    """Decode every readable image under ``folder``; each is downsized as soon as it is read, so a folder
+    of 2K photos never sits in memory at full resolution when ``max_side`` is given."""
     out: list[NamedImage] = []
-    for f in files:
+    for f in _folder_files(folder):
         try:
-            out.append(NamedImage(str(f.relative_to(folder)), read_image(f)))
+            x = read_image(f)
         except ImageError:
             continue  # unreadable files are skipped; an empty result is an error below
+        out.append(NamedImage(str(f.relative_to(folder)), _limit_side(x, max_side) if max_side else x))
     if not out:
         raise CorpusError(f"{folder}: no readable PNG/JPEG/WebP/BMP/TIFF image inside")
     return out
 
 
-def load_images(spec: str, seed: int = DEFAULT_SEED, max_side: int | None = None) -> list[NamedImage]:
-    """Load images named by ``spec`` (``corpus:SPLIT`` or a folder). ``max_side`` downsizes large photos.
-
-    Returns images in a stable order (by name).
-    """
+def _spec_folder(spec: str) -> Path | None:
+    """The folder a non-corpus spec names (``dataset:NAME[:SUBSET]`` or a path); None for ``corpus:``."""
     if spec.startswith("corpus:"):
-        split = spec.split(":", 1)[1]
-        if split not in (*SPLITS, "all"):
-            raise CorpusError(f"unknown corpus split {split!r}; use victim, attacker, benchmark or all")
-        images = [NamedImage(p.id, p.load()) for p in photos_in_split(split, seed)]  # type: ignore[arg-type]
-        if not images:
-            raise CorpusError(f"corpus split {split!r} is empty: install scikit-image, scikit-learn, matplotlib")
-    else:
-        images = _folder_images(Path(spec).expanduser())
+        return None
+    if spec.startswith("dataset:"):
+        from translators.datasets import dataset_images_dir
+
+        name, _, subset = spec.split(":", 1)[1].partition(":")
+        return dataset_images_dir(name, subset or None)
+    return Path(spec).expanduser()
+
+
+def _corpus_split(spec: str) -> str:
+    split = spec.split(":", 1)[1]
+    if split not in (*SPLITS, "all"):
+        raise CorpusError(f"unknown corpus split {split!r}; use victim, attacker, benchmark or all")
+    return split
+
+
+def load_images(spec: str, seed: int = DEFAULT_SEED, max_side: int | None = None) -> list[NamedImage]:
+    """Load images named by ``spec`` (``corpus:SPLIT``, ``dataset:NAME[:SUBSET]`` or a folder).
+
+    ``max_side`` downsizes large photos (each one as it is read). The order is stable: bundled order
+    for the corpus, sorted relative paths for folders.
+    """
+    folder = _spec_folder(spec)
+    if folder is not None:
+        return _folder_images(folder, max_side)
+    split = _corpus_split(spec)
+    images = [NamedImage(p.id, p.load()) for p in photos_in_split(split, seed)]  # type: ignore[arg-type]
+    if not images:
+        raise CorpusError(f"corpus split {split!r} is empty: install scikit-image, scikit-learn, matplotlib")
     if max_side:
         images = [NamedImage(im.name, _limit_side(im.image, max_side)) for im in images]
     return images
+
+
+def image_sizes(spec: str, seed: int = DEFAULT_SEED) -> list[tuple[str, int, int]]:
+    """``(name, width, height)`` for every image ``spec`` names, read from headers only (cheap for big folders).
+
+    Files whose header cannot be read are left out, as :func:`load_images` skips undecodable ones; a
+    folder with no readable image is a :class:`CorpusError`, as there.
+    """
+    folder = _spec_folder(spec)
+    if folder is None:
+        split = _corpus_split(spec)
+        return [(p.id, im.shape[-1], im.shape[-2]) for p in photos_in_split(split, seed)  # type: ignore[arg-type]
+                for im in (p.load(),)]
+    out = []
+    for f in _folder_files(folder):
+        try:
+            with Image.open(f) as img:
+                w, h = img.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+        out.append((str(f.relative_to(folder)), w, h))
+    if not out:
+        raise CorpusError(f"{folder}: no readable PNG/JPEG/WebP/BMP/TIFF image inside")
+    return out
 
 
 def _limit_side(x: torch.Tensor, max_side: int) -> torch.Tensor:
@@ -222,10 +274,11 @@ def export_split(spec: str, out_dir: str | Path, seed: int = DEFAULT_SEED) -> li
     """Write the images of ``spec`` as PNG files into ``out_dir``; returns the written paths."""
     from translators.codecs import write_image
 
+    images = load_images(spec, seed)  # fail on a bad spec before creating any folder
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for im in load_images(spec, seed):
+    for im in images:
         path = out / f"{Path(im.name).stem}.png"
         write_image(im.image, path)
         written.append(path)

@@ -1,7 +1,225 @@
-"""`heist evaluate` commands (being built)."""
+"""``heist eval``: score extraction attacks (the A/B/C table), render reports, check feature networks."""
 
 from __future__ import annotations
 
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from heist.cli.common import console, progress
+from translators.corpus import DEFAULT_SEED
+
+if TYPE_CHECKING:  # the evaluator (torch, piq, matplotlib) is imported when a command runs, not at CLI start
+    from evaluation.features import FeatureNetwork
+    from evaluation.metrics import MetricSettings
+    from evaluation.results import ModelRef
+    from translators.checkpoint import LoadedModel
+
+app = typer.Typer(help="Evaluate attacks and defenses; render reports from results.json.", no_args_is_help=True)
+log = logging.getLogger(__name__)
+
+
+def metric_settings(data_range: float, crop_border: int, color_space: str) -> MetricSettings:
+    """Validated :class:`MetricSettings` from CLI options (a one-line error otherwise)."""
+    from pydantic import ValidationError
+
+    from evaluation.errors import EvaluationError
+    from evaluation.metrics import MetricSettings
+
+    try:
+        return MetricSettings(data_range=data_range, crop_border=crop_border, color_space=color_space)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise EvaluationError(f"bad metric setting {loc}: {first['msg']}") from None
+
+
+def parse_metrics(text: str) -> list[str]:
+    from evaluation.errors import EvaluationError
+    from evaluation.metrics import METRICS
+
+    names = [m.strip().lower().replace("-", "_") for m in text.split(",") if m.strip()]
+    for m in names:
+        if m not in METRICS:
+            raise EvaluationError(f"unknown metric {m!r}; use a comma list of {', '.join(METRICS.names())}")
+    if not names:
+        raise EvaluationError("no metric given")
+    return names
+
+
+def feature_network_for(mode: str, name: str, weights: Path | None, device: str) -> tuple[FeatureNetwork | None, str]:
+    """The feature network (or None) and a note for the report when FID/KID are skipped."""
+    from evaluation.errors import EvaluationError, FeatureNetworkError
+    from evaluation.features import load_feature_network
+
+    if mode not in ("auto", "on", "off"):
+        raise EvaluationError(f"--fid must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        return None, "FID/KID switched off (--fid off)"
+    try:
+        return load_feature_network(name, weights, device), ""
+    except FeatureNetworkError as exc:
+        if mode == "on" or weights is not None:
+            raise
+        log.warning("FID/KID skipped: %s", exc)
+        return None, f"FID/KID skipped: {exc}"
+
+
+def _model_ref(m: LoadedModel) -> ModelRef:
+    from evaluation.results import ModelRef
+
+    return ModelRef(name=m.card.name, path=str(m.source), task=m.card.task, scale=m.card.scale, arch=m.card.arch)
+
+
+def _load(path: Path, device: str, what: str) -> LoadedModel:
+    from translators.checkpoint import load_model
+
+    m = load_model(path, device)
+    log.info("%s: %s (%s, task %s, x%d)", what, m.card.name, m.kind, m.card.task, m.card.scale)
+    return m
+
+
+@app.command("extraction")
+def extraction(
+    victim: Path = typer.Option(..., "--victim", help="Victim checkpoint (.safetensors + .json card, .pt or .pt2)."),
+    surrogate: Path = typer.Option(..., "--surrogate", help="Surrogate checkpoint."),
+    images: list[str] = typer.Option(
+        ["benchmark=corpus:benchmark"], "--images",
+        help="Test set, repeatable: [LABEL=]corpus:SPLIT, [LABEL=]FOLDER of clean images (pairs made by --task), "
+             "or [LABEL=]paired:FOLDER with inputs/ and targets/ subfolders.",
+    ),
+    task: str | None = typer.Option(None, "--task", help="Zoo recipe whose make_pair builds (input, ground truth) "
+                                                          "from clean images: sr4x, denoise25, style-ink, ..."),
+    out: Path = typer.Option(..., "--out", help="Folder for results.json, report.md, report.html and figures/."),
+    metrics: str = typer.Option("psnr,ssim,ms_ssim", help="Comma list of psnr, ssim, ms_ssim."),
+    data_range: float = typer.Option(1.0, help="Pixel value range of the images (Heist uses 1.0)."),
+    crop_border: int = typer.Option(0, help="Pixels cropped from every side before scoring (SR papers: the scale)."),
+    color_space: str = typer.Option("rgb", help="rgb, or y for ITU-R BT.601 luma as in SR papers."),
+    fid: str = typer.Option("auto", help="FID/KID: auto (if weights are found), on (required) or off."),
+    feature_network: str = typer.Option("inception-v3", help="Feature network for FID/KID (inception-v3, "
+                                                              "inception-v3-fid, inception-v3-torchvision)."),
+    feature_weights: Path | None = typer.Option(None, help="InceptionV3 weights file (see docs/evaluation.md)."),
+    kid_subsets: int = typer.Option(100, help="KID subsets."),
+    kid_subset_size: int = typer.Option(1000, help="KID subset size (capped at the set size)."),
+    d_bound: float = typer.Option(0.3, help="TOST equivalence bound as Cohen's d."),
+    alpha: float = typer.Option(0.05, help="Significance level of Welch and TOST."),
+    max_side: int = typer.Option(0, help="Downsize clean images to this longest side first (0: keep)."),
+    samples: int = typer.Option(3, help="Sample images per test set in the report's image grid."),
+    seed: int = typer.Option(0, help="Seed for make_pair noise, bootstrap CIs and KID subsets."),
+    corpus_seed: int = typer.Option(DEFAULT_SEED, help="Seed of the corpus split assignment."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Score a surrogate against its victim: the A/B/C table with CIs, Welch and TOST; JSON, then a report."""
+    from evaluation.errors import EvaluationError
+    from evaluation.extraction import (
+        KIDSettings,
+        PairSet,
+        as_translator,
+        evaluate_extraction,
+        folder_pairs,
+        parse_image_set,
+        recipe_pairs,
+    )
+    from evaluation.report import render_report
+    from evaluation.results import Environment, Results, write_results
+    from translators.device import pick_device
+    from translators.registry import UnknownNameError
+
+    t0 = time.perf_counter()
+    settings = metric_settings(data_range, crop_border, color_space)
+    names = parse_metrics(metrics)
+    dev = str(pick_device(device))
+    vm, sm = _load(victim, dev, "victim"), _load(surrogate, dev, "surrogate")
+    recipe = None
+    if task:
+        from translators.zoo import get_recipe
+
+        try:
+            recipe = get_recipe(task)
+        except UnknownNameError as exc:
+            raise EvaluationError(str(exc)) from None
+        for what, m in (("victim", vm), ("surrogate", sm)):
+            if m.card.scale != recipe.scale:
+                raise EvaluationError(f"{what} {m.card.name} has scale x{m.card.scale} but task {task} has "
+                                      f"x{recipe.scale}")
+    multiple = max(vm.card.size_multiple, sm.card.size_multiple, 1)
+    sets: list[PairSet] = []
+    for text in images:
+        label, spec = parse_image_set(text)
+        if spec.startswith("paired:"):
+            sets.append(folder_pairs(label, spec.split(":", 1)[1], multiple))
+        elif recipe is None:
+            raise EvaluationError(f"image set {text!r} holds clean images: give --task (a zoo recipe) to make "
+                                  "(input, ground truth) pairs, or use paired:FOLDER")
+        else:
+            sets.append(recipe_pairs(label, spec, recipe.make_pair, recipe.scale, multiple, seed,
+                                     max_side or None, corpus_seed))
+    if len({s.name for s in sets}) != len(sets):
+        raise EvaluationError("two image sets share a label; name them with LABEL=SPEC")
+    net, net_note = feature_network_for(fid, feature_network, feature_weights, dev)
+    out.mkdir(parents=True, exist_ok=True)
+    t_eval = time.perf_counter()
+    with progress() as bar:
+        job = bar.add_task("scoring", total=None, info="")
+        table, grids = evaluate_extraction(
+            as_translator(vm.module, dev), as_translator(sm.module, dev), sets, _model_ref(vm), _model_ref(sm),
+            task=task or vm.card.task, settings=settings, metrics=names, feature_network=net,
+            kid=KIDSettings(kid_subsets, kid_subset_size, seed), d_bound=d_bound, alpha=alpha, seed=seed,
+            sample_dir=out / "samples", results_dir=out, n_samples=samples,
+            on_image=lambda s, n: bar.update(job, advance=1, info=f"{s}/{n}"),
+        )
+    results = Results(
+        kind="extraction", name=f"{sm.card.name} vs {vm.card.name}",
+        command=shlex.join(["heist", *sys.argv[1:]]) if sys.argv else None,
+        config={"victim": str(victim), "surrogate": str(surrogate), "images": list(images), "task": task,
+                "metrics": names, "fid": fid, "feature_network": feature_network,
+                "feature_weights": str(feature_weights) if feature_weights else None, "kid_subsets": kid_subsets,
+                "kid_subset_size": kid_subset_size, "d_bound": d_bound, "alpha": alpha, "max_side": max_side,
+                "samples": samples, "device": device},
+        environment=Environment.capture(dev), seeds={"seed": seed, "corpus_seed": corpus_seed},
+        metric_settings=settings, feature_network=net.info if net else None,
+        feature_network_note=net_note or None, extraction=[table], samples=grids,
+    )
+    results.wall_times = {"load": round(t_eval - t0, 3), "evaluation": round(time.perf_counter() - t_eval, 3)}
+    path = write_results(results, out / "results.json")
+    files = render_report(path)
+    console.print(f"results: {path}\nreport:  {files.markdown}\n         {files.html}")
+
+
+@app.command("report")
+def report(
+    results: Path = typer.Argument(..., help="results.json (or the folder holding it)."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for the report (default: beside results.json)."),
+    target_psnr: float | None = typer.Option(None, help="Campaigns: recompute queries-to-target for this PSNR."),
+) -> None:
+    """Render report.md, report.html and figures from a results.json (campaign summaries are derived first)."""
+    from evaluation.report import render_report
+    from evaluation.results import read_results, write_results
+
+    path = results / "results.json" if results.is_dir() else results
+    res = read_results(path)
+    if res.kind == "campaign" and (res.derived is None or target_psnr is not None):
+        from evaluation.defense_scoring import derive
+
+        target = target_psnr if target_psnr is not None else (res.derived.target_value if res.derived else 25.0)
+        res.derived = derive(res, target=target)
+        write_results(res, path)
+    files = render_report(path, out)
+    console.print(f"report: {files.markdown}\n        {files.html} ({len(files.figures)} figures)")
+
+
+@app.command("features")
+def features(
+    weights: Path | None = typer.Option(None, "--weights", help="InceptionV3 weights file to check."),
+    network: str = typer.Option("inception-v3", help="Feature network name."),
+) -> None:
+    """Check that a feature network loads, and print the name FID/KID results will carry."""
+    from evaluation.features import load_feature_network
+
+    net = load_feature_network(network, weights)
+    console.print(f"{net.info.label}\n(input {net.info.input_size}x{net.info.input_size}, {net.info.dim}-d features)")

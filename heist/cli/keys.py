@@ -1,7 +1,80 @@
-"""`heist keys` commands (being built)."""
+"""``heist keys``: create, list and revoke API keys in the store the victim server reads."""
 
 from __future__ import annotations
 
-import typer
+import datetime as dt
+from pathlib import Path
 
-app = typer.Typer(no_args_is_help=True)
+import typer
+from rich.table import Table
+
+from heist.cli.common import console, err_console
+from translators.errors import HeistError
+
+app = typer.Typer(help="API keys of the victim service (stored hashed; shown once).", no_args_is_help=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", envvar="HEIST_VICTIM_CONFIG",
+                         help="Victim settings file: where keys are stored (Redis or data dir) and which tiers exist.")
+RedisOpt = typer.Option(None, "--redis-url", help="Override the settings' redis_url.")
+
+
+def _settings(config: Path | None, redis_url: str | None):  # type: ignore[no-untyped-def]
+    from victim_service.settings import Settings
+
+    s = Settings.from_file(config)
+    if redis_url is not None:
+        s = Settings.from_mapping({**s.to_dict(), "redis_url": redis_url}, str(config or "command line"))
+    return s
+
+
+@app.command("add")
+def add(
+    name: str = typer.Argument(..., help="Client name (letters, digits, '.', '_', '-')."),
+    tier: str = typer.Option("free", help="Tier of the client (one of the settings' tiers)."),
+    config: Path | None = ConfigOpt,
+    redis_url: str | None = RedisOpt,
+) -> None:
+    """Create a key for NAME and print it once (only its SHA-256 is stored)."""
+    from victim_service.keys import open_key_store
+    from victim_service.settings import _check_name
+
+    s = _settings(config, redis_url)
+    try:
+        _check_name(name, "client name")
+    except ValueError as exc:
+        raise HeistError(str(exc)) from None
+    if tier not in s.tiers:
+        raise HeistError(f"unknown tier {tier!r}; the settings define: {', '.join(s.tiers)}")
+    key = open_key_store(s).add(name, tier)
+    where = f"Redis {s.redis_url} (prefix {s.key_prefix})" if s.redis_url else str(s.state_dir() / "keys.json")
+    err_console.print(f"key for [bold]{name}[/bold] (tier {tier}) stored in {where}; it is shown only once:",
+                      highlight=False)
+    console.print(key, highlight=False, soft_wrap=True)
+
+
+@app.command("list")
+def list_keys(config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt) -> None:
+    """List stored keys (names, tiers, creation time; never the keys) and the settings' static keys."""
+    from victim_service.keys import open_key_store
+
+    s = _settings(config, redis_url)
+    table = Table(title="API keys")
+    for col in ("name", "tier", "kind", "created"):
+        table.add_column(col)
+    for r in open_key_store(s).records():
+        created = dt.datetime.fromtimestamp(r.created, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        table.add_row(r.name, r.tier, "stored", created)
+    for k in s.keys:
+        table.add_row(k.name, k.tier, "static (settings)", "")
+    console.print(table)
+
+
+@app.command("revoke")
+def revoke(name: str = typer.Argument(...), config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt) -> None:
+    """Delete NAME's stored key. Running servers stop accepting it within key_cache_s seconds."""
+    from victim_service.keys import open_key_store
+
+    s = _settings(config, redis_url)
+    if not open_key_store(s).revoke(name):
+        raise HeistError(f"no stored key for client {name!r}")
+    console.print(f"revoked the key of {name}")

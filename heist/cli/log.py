@@ -1,7 +1,122 @@
-"""`heist log` commands (being built)."""
+"""``heist log``: read and export the victim's query log (Redis Stream or JSONL, per the settings)."""
 
 from __future__ import annotations
 
-import typer
+import datetime as dt
+import time
+from enum import StrEnum
+from pathlib import Path
 
-app = typer.Typer(no_args_is_help=True)
+import typer
+from rich.table import Table
+
+from heist.cli.common import console, progress
+from translators.errors import HeistError
+
+app = typer.Typer(help="The victim's query log: every translate request, admitted or refused.", no_args_is_help=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", envvar="HEIST_VICTIM_CONFIG", help="Victim settings file.")
+
+
+class ExportFormat(StrEnum):
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+def _reader(config: Path | None, redis_url: str | None):  # type: ignore[no-untyped-def]
+    from victim_service.querylog import LogReader
+    from victim_service.settings import Settings
+
+    s = Settings.from_file(config)
+    if redis_url is not None:
+        s = Settings.from_mapping({**s.to_dict(), "redis_url": redis_url}, str(config or "command line"))
+    return LogReader(s)
+
+
+def _since(value: str | None) -> float | None:
+    """An ISO date/time (UTC unless an offset is given) or a duration ``90s``/``15m``/``2h``/``7d`` ago."""
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(value[:-1]) * units[value[-1]]
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise HeistError(f"--since {value!r}: give an ISO date/time or a duration like 15m, 2h, 7d") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
+
+def _table(entries: list) -> Table:  # type: ignore[type-arg]
+    table = Table()
+    for col in ("time (UTC)", "client", "model", "status", "code", "size", "latency ms", "phash", "request"):
+        table.add_column(col)
+    for e in entries:
+        when = dt.datetime.fromtimestamp(e.ts, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
+        size = f"{e.width}x{e.height}" if e.width else ""
+        table.add_row(when, e.client or "-", e.model or "-", str(e.status), e.code, size, f"{e.latency_ms:.1f}",
+                      e.phash or "", e.request_id[:8])
+    return table
+
+
+@app.command("tail")
+def tail(
+    n: int = typer.Option(20, "-n", help="How many recent entries."),
+    client: str | None = typer.Option(None, help="Only this client's entries."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new entries (Ctrl-C stops)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
+    config: Path | None = ConfigOpt,
+    redis_url: str | None = typer.Option(None, "--redis-url"),
+) -> None:
+    """Show the most recent query-log entries."""
+    reader = _reader(config, redis_url)
+    entries = reader.tail(n, client)
+    if as_json:
+        for e in entries:
+            print(e.model_dump_json())  # noqa: T201 - machine-readable output on stdout
+    else:
+        console.print(_table(entries))
+    if not follow:
+        return
+    last = entries[-1].ts if entries else time.time()
+    seen = {e.request_id for e in entries}
+    while True:
+        time.sleep(1.0)
+        new = [e for e in reader.iter_entries(since=last - 1, client=client) if e.request_id not in seen]
+        for e in new:
+            seen.add(e.request_id)
+            last = max(last, e.ts)
+        if new:
+            if as_json:
+                for e in new:
+                    print(e.model_dump_json())  # noqa: T201 - machine-readable stream on stdout
+            else:
+                console.print(_table(new))
+
+
+@app.command("export")
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="Output file."),
+    fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", help="jsonl or parquet."),
+    client: str | None = typer.Option(None, help="Only this client's entries."),
+    since: str | None = typer.Option(None, help="ISO date/time (UTC) or a duration such as 2h or 7d."),
+    config: Path | None = ConfigOpt,
+    redis_url: str | None = typer.Option(None, "--redis-url"),
+) -> None:
+    """Export the query log (oldest first) as JSONL or Parquet; written atomically."""
+    from victim_service.querylog import export_entries
+
+    reader = _reader(config, redis_url)
+    total = reader.count()
+    with progress(transient=True) as bar:
+        task = bar.add_task("exporting", total=total or None, info="")
+
+        def counted():  # type: ignore[no-untyped-def]
+            for e in reader.iter_entries(since=_since(since), client=client):
+                bar.advance(task)
+                yield e
+
+        n = export_entries(counted(), out, fmt.value)
+    console.print(f"{n} entries -> {out}")

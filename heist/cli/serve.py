@@ -1,8 +1,68 @@
-"""`heist serve` (being built)."""
+"""``heist serve``: run the victim API with uvicorn (several workers share Redis for exact limits)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
-def serve() -> None:
-    """Serve translation models over HTTP."""
-    raise NotImplementedError
+import typer
+
+from heist.cli.common import console, err_console
+from translators.errors import HeistError
+
+
+def serve(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", envvar="HEIST_VICTIM_CONFIG", help="Settings file (.toml, .yaml or .json)."
+    ),
+    models_dir: Path | None = typer.Option(
+        None, "--models-dir", help="Serve every .safetensors (+card), .pt and .pt2 file in this folder."
+    ),
+    host: str | None = typer.Option(None, help="Bind address (settings: host, default 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (settings: port, default 8000)."),
+    workers: int | None = typer.Option(None, help="uvicorn worker processes (need redis_url when > 1)."),
+    redis_url: str | None = typer.Option(None, "--redis-url", help="Redis for limits, keys and the query log."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve translation models over HTTP (see docs/victim-service.md)."""
+    import uvicorn
+
+    from victim_service.models import model_specs, prebuild_zoo, resolve_source
+    from victim_service.settings import CONFIG_ENV, Settings
+
+    settings = Settings.from_file(config)
+    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers, "redis_url": redis_url,
+                                   "models_dir": str(models_dir.resolve()) if models_dir else None}.items()
+                 if v is not None}
+    if overrides:
+        settings = Settings.from_mapping({**settings.to_dict(), **overrides}, str(config or "command line"))
+    specs = model_specs(settings)  # fails early, with one line, when there is nothing to serve
+    for spec in specs:
+        if not spec.source.startswith("zoo:"):
+            resolve_source(spec.source)
+    if settings.workers > 1 and not settings.redis_url:
+        raise HeistError(
+            "several workers need redis_url: the in-process rate limiter is exact only inside one process "
+            "(use --workers 1, or --redis-url redis://127.0.0.1:6379/0)"
+        )
+    prebuild_zoo(settings)
+    tmp = Path(tempfile.mkdtemp(prefix="heist-serve-"))
+    try:
+        cfg = settings.to_json_file(tmp / "settings.json")
+        os.environ[CONFIG_ENV] = str(cfg)
+        if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            (tmp / "prom").mkdir()
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "prom")
+        names = ", ".join(s.name for s in specs)
+        limiter = f"Redis {settings.redis_url}" if settings.redis_url else "in-process (embedded)"
+        err_console.print(f"serving [bold]{names}[/bold] on http://{settings.host}:{settings.port} "
+                          f"({settings.workers} worker(s), limits: {limiter})", highlight=False)
+        uvicorn.run(
+            "victim_service.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+            workers=settings.workers, log_level=log_level, timeout_graceful_shutdown=5,
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    console.print("stopped")

@@ -72,12 +72,13 @@ def evaluate_recipe_model(
     """
     device = device or torch.device("cpu")
     images = load_images("corpus:benchmark", seed=seed)
+    multiple = int(getattr(model, "size_multiple", 1))
     scores: dict[str, list[float]] = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
     model.eval()
     for i, im in enumerate(images):
         s = min(side, *im.image.shape[-2:])
-        s -= s % max(recipe.size_multiple, 1)
-        inp, target = recipe.make_pair(center_crop(im.image, s), seed=10_000 + i)
+        s -= s % (multiple * recipe.scale)
+        inp, target = recipe.make_pair(center_crop(im.image, s), seed=10_000 + i, multiple=multiple)
         out = model(inp.to(device)).float().cpu().clamp(0, 1)
         base = recipe.baseline_output(inp)
         scores["psnr"].append(float(piq.psnr(out, target, data_range=1.0)))
@@ -166,8 +167,8 @@ def build(
             kwargs=spec.arch_kwargs,
             task=recipe.task,
             scale=recipe.scale,
-            size_multiple=recipe.size_multiple,
-            min_side=max(8, recipe.size_multiple),
+            size_multiple=recipe.size_multiple(profile),
+            min_side=max(8, recipe.size_multiple(profile)),
             description=recipe.description,
             training=provenance,
             metrics=metrics,

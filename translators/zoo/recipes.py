@@ -50,27 +50,31 @@ class Recipe:
     loss: Literal["l1", "mse"] = "l1"
     baseline: str = field(default="identity")
 
-    @property
-    def size_multiple(self) -> int:
-        return self.scale if self.task == "sr" else (16 if self.task == "style" else 1)
+    def size_multiple(self, profile: str = "tiny") -> int:
+        """What input sides must be a multiple of for this recipe's network at ``profile``."""
+        from translators.archs import build_arch
+
+        return int(build_arch(self.arch, self.specs[profile].arch_kwargs).size_multiple)
 
     # --- data ---------------------------------------------------------------------------------
-    def make_pair(self, clean: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_pair(self, clean: torch.Tensor, seed: int = 0, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """``clean`` ``(N, 3, H, W)`` -> ``(input, target)`` as the victim is trained and evaluated on.
 
         SR: target is ``clean`` cropped to a multiple of the scale, input its bicubic downscale.
         Denoise: input is target + N(0, sigma^2), clamped and quantised to 8 bits (what an HTTP
         client would send). Style: input is the photo, target the hidden stylizer's output.
+        ``multiple``: crop inputs so their sides are multiples of it (e.g. a U-Net's ``2**depth``).
         """
         if self.task == "sr":
-            target = crop_to_multiple(clean, self.scale)
+            target = crop_to_multiple(clean, self.scale * multiple)
             return downscale(target, self.scale), target
         if self.task == "denoise":
             g = torch.Generator().manual_seed(seed)
+            clean = crop_to_multiple(clean, multiple)
             noise = torch.randn(clean.shape, generator=g) * self.sigma
             noisy = (clean + noise.to(clean)).clamp(0, 1).mul(255).round().div(255)
             return noisy, clean
-        target_in = crop_to_multiple(clean, self.size_multiple)
+        target_in = crop_to_multiple(clean, multiple)
         return target_in, self.ground_truth(target_in)
 
     def ground_truth(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""Query strategies: which image the attacker sends as query number ``index``.
+
+A strategy is built from the attacker's own images, the public :class:`ModelInfo` of the target and
+validated :class:`StrategyParams`. ``make(index)`` must be deterministic in ``(seed, index)`` for the
+non-adaptive strategies, so a resumed harvest regenerates exactly the queries it still owes. Adaptive
+strategies (``adaptive = True``) also see every harvested pair through ``observe`` and are
+deterministic given the pairs observed so far; ``make`` is always called in increasing index order.
+
+Inputs are ``(1, 3, H, W)`` float tensors in [0, 1], sized to satisfy the model's published limits
+(``min_side``, ``size_multiple``, ``max_pixels``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from attacker.errors import ConfigError
+from attacker.victim_info import ModelInfo
+from translators.corpus import NamedImage
+from translators.images import bicubic_resize, crop_to_multiple
+from translators.registry import Registry
+
+STRATEGY_REGISTRY: Registry[type[QueryStrategy]] = Registry("query strategy")
+
+
+class StrategyParams(BaseModel):
+    """Options shared by every strategy.
+
+    Attributes:
+        crop_size: side of crops/tiles in *input* pixels; ``auto`` = 64 for scale 1, ``128 // scale``
+            (at least 16) for super-resolution. Rounded down to the model's ``size_multiple``.
+        downscale: shrink the attacker's photos by this factor (bicubic, antialiased) before anything
+            else; ``auto`` = the model's scale, so an x4 SR victim gets low-resolution inputs like the
+            ones it serves (the extraction paper queries SR victims with 4x-downscaled photos).
+        noise_sigma: add Gaussian noise with sigma (0..255 scale) drawn uniformly from ``[lo, hi]`` per
+            query; ``auto`` = ``[0, 50]`` when the task is ``denoise`` (the attacker knows the task, not
+            the victim's noise level), else none. ``null``/``None`` disables it.
+        max_side: whole-image strategies shrink photos whose longer side exceeds this.
+        pool: candidates per query for the adaptive ``diversity`` strategy.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    crop_size: int | Literal["auto"] = "auto"
+    downscale: int | Literal["auto"] = "auto"
+    noise_sigma: tuple[float, float] | Literal["auto"] | None = "auto"
+    max_side: int = Field(512, ge=8)
+    pool: int = Field(16, ge=1, le=1024)
+
+    @field_validator("crop_size", "downscale")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("noise_sigma", mode="before")
+    @classmethod
+    def _sigma(cls, v: object) -> object:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return (float(v), float(v))
+        return v
+
+    @field_validator("noise_sigma")
+    @classmethod
+    def _sigma_range(cls, v: tuple[float, float] | str | None) -> tuple[float, float] | str | None:
+        if isinstance(v, tuple) and not (0 <= v[0] <= v[1] <= 255):
+            raise ValueError("noise_sigma must be [lo, hi] with 0 <= lo <= hi <= 255")
+        return v
+
+
+@dataclass
+class Query:
+    """One planned query: ``image`` is ``(1, 3, H, W)`` in [0, 1]; ``crop`` is ``[top, left, h, w]``."""
+
+    index: int
+    image: torch.Tensor
+    source: str
+    crop: list[int] | None
+    transform: str | None = None
+
+    @property
+    def pixels(self) -> int:
+        return int(self.image.shape[-2] * self.image.shape[-1])
+
+
+def index_rng(seed: int, index: int, salt: str = "") -> random.Random:
+    """A ``random.Random`` that depends only on ``(seed, index, salt)`` (string seeds hash with SHA-512)."""
+    return random.Random(f"heist:{salt}:{seed}:{index}")
+
+
+def torch_generator(rng: random.Random) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(rng.getrandbits(63))
+    return g
+
+
+class QueryStrategy(ABC):
+    """Base class. Subclasses implement :meth:`make`; ``Params`` is their pydantic parameter model."""
+
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+    adaptive: ClassVar[bool] = False
+
+    def __init__(self, images: Sequence[NamedImage], info: ModelInfo, params: StrategyParams, seed: int = 0) -> None:
+        if not images:
+            raise ConfigError("the strategy needs at least one image")
+        self.info = info
+        self.params = params
+        self.seed = seed
+        self.downscale = info.scale if params.downscale == "auto" else int(params.downscale)
+        self.sources = [NamedImage(im.name, self._prepare(im.image)) for im in images]
+        self.mult = max(1, info.size_multiple)
+        auto_crop = 64 if info.scale <= 1 else max(16, 128 // info.scale)
+        size = auto_crop if params.crop_size == "auto" else int(params.crop_size)
+        size = max(size - size % self.mult, self.mult)
+        if size < info.min_side:
+            size = math.ceil(info.min_side / self.mult) * self.mult
+        if info.max_pixels is not None and size * size > info.max_pixels:
+            raise ConfigError(f"crop_size {size} exceeds the victim's max_pixels {info.max_pixels}")
+        self.crop_size = size
+        if params.noise_sigma == "auto":
+            self.noise: tuple[float, float] | None = (0.0, 50.0) if info.task == "denoise" else None
+        else:
+            self.noise = params.noise_sigma
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downscale > 1:
+            h, w = x.shape[-2:]
+            x = bicubic_resize(x, (max(1, h // self.downscale), max(1, w // self.downscale)))
+        return x
+
+    @abstractmethod
+    def make(self, index: int) -> Query:
+        """The query with number ``index`` (0-based)."""
+
+    def observe(self, index: int, inp: torch.Tensor, out: torch.Tensor | None) -> None:  # noqa: B027
+        """Adaptive strategies learn from each harvested pair (inputs/outputs ``(1, 3, H, W)``)."""
+
+    def describe(self) -> dict[str, object]:
+        return {"crop_size": self.crop_size, "downscale": self.downscale,
+                "noise_sigma": list(self.noise) if self.noise else None}
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def crop_candidates(self) -> list[tuple[int, NamedImage]]:
+        """Sources big enough for one crop, with their number of crop positions (area weight)."""
+        s = self.crop_size
+        out = [((im.image.shape[-2] - s + 1) * (im.image.shape[-1] - s + 1), im) for im in self.sources
+               if min(im.image.shape[-2:]) >= s]
+        if not out:
+            biggest = max(min(im.image.shape[-2:]) for im in self.sources)
+            raise ConfigError(f"no image is at least {s}x{s} after downscaling by {self.downscale} "
+                              f"(largest short side: {biggest}); lower crop_size or downscale")
+        return out
+
+    def random_crop(self, rng: random.Random) -> tuple[NamedImage, list[int], torch.Tensor]:
+        cands = self.crop_candidates()
+        weights = [c for c, _ in cands]
+        im = rng.choices([im for _, im in cands], weights=weights, k=1)[0]
+        s = self.crop_size
+        h, w = im.image.shape[-2:]
+        top, left = rng.randint(0, h - s), rng.randint(0, w - s)
+        return im, [top, left, s, s], im.image[..., top : top + s, left : left + s]
+
+    def fit_whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Shrink to ``max_side`` / ``max_pixels`` and crop to ``size_multiple`` (for whole images)."""
+        h, w = x.shape[-2:]
+        f = min(1.0, self.params.max_side / max(h, w))
+        if self.info.max_pixels is not None:
+            f = min(f, math.sqrt(self.info.max_pixels / (h * w)))
+        if f < 1.0:
+            x = bicubic_resize(x, (max(1, int(h * f)), max(1, int(w * f))))
+        return crop_to_multiple(x, self.mult)
+
+    def add_noise(self, x: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, str | None]:
+        if self.noise is None:
+            return x, None
+        sigma = rng.uniform(*self.noise)
+        if sigma <= 0:
+            return x, "noise0"
+        g = torch_generator(rng)
+        noisy = (x + torch.randn(x.shape, generator=g) * (sigma / 255.0)).clamp(0.0, 1.0)
+        return noisy, f"noise{sigma:.1f}"
+
+
+def build_strategy(
+    name: str, images: Sequence[NamedImage], info: ModelInfo, params: StrategyParams | dict | None = None,
+    seed: int = 0,
+) -> QueryStrategy:
+    """Build a registered strategy; ``params`` is validated against the strategy's ``Params`` model."""
+    from pydantic import ValidationError
+
+    import attacker.strategies  # noqa: F401 - registers the built-in strategies
+    from translators.registry import UnknownNameError
+
+    try:
+        cls = STRATEGY_REGISTRY.get(name)
+    except UnknownNameError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        if params is None:
+            p = cls.Params()
+        elif isinstance(params, BaseModel):
+            p = cls.Params.model_validate(params.model_dump())
+        else:
+            p = cls.Params.model_validate(params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"strategy {name!r}: {loc}: {first['msg']}") from None
+    return cls(images, info, p, seed)

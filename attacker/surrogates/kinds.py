@@ -1,0 +1,165 @@
+"""The built-in surrogate kinds: ``pix2pix``, ``srresnet`` and ``unet-l2`` (see :mod:`.base`)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacker.errors import ConfigError
+from attacker.surrogates.base import RESTORATION_TASKS, SURROGATE_REGISTRY, Surrogate, SurrogateProfile
+from translators.archs import build_arch
+
+_UNET_PROFILES = {
+    "tiny": SurrogateProfile(arch_kwargs={"base": 16, "depth": 4, "norm": "batch"}, steps=150, batch=8, patch=32,
+                             lr=2e-3),
+    "small": SurrogateProfile(arch_kwargs={"base": 32, "depth": 5, "norm": "batch"}, steps=600, batch=8, patch=64,
+                              lr=1e-3),
+    "default": SurrogateProfile(arch_kwargs={"base": 48, "depth": 6, "norm": "batch"}, steps=2000, batch=16,
+                                patch=64, lr=1e-3),
+    "full": SurrogateProfile(arch_kwargs={"base": 64, "depth": 8, "norm": "batch"}, steps=20000, batch=16,
+                             patch=256, lr=2e-4),
+}
+
+
+@SURROGATE_REGISTRY.register("unet-l2")
+class UNetL2(Surrogate):
+    """U-Net trained with plain L2 (MSE) on random crops: the single-example imitation recipe.
+
+    Restoration tasks (``denoise``, ``sr`` and the others in ``RESTORATION_TASKS``: the attacker knows
+    the public task name) use a residual U-Net, output = clamp(x + tanh(.)) (for SR, x is the bicubic
+    upsampling), the natural parameterisation when outputs resemble inputs; other tasks (style) use the
+    plain sigmoid U-Net, which learns large colour changes much faster. The victim's architecture plays
+    no part in this choice. ``arch_kwargs={"residual": ...}`` overrides it.
+    """
+
+    name = "unet-l2"
+    profiles: ClassVar[dict[str, SurrogateProfile]] = _UNET_PROFILES
+
+    def generator_spec(self) -> tuple[str, dict[str, Any]]:
+        return self.unet_spec(residual=self.task in RESTORATION_TASKS or self.scale > 1)
+
+    def setup(self) -> None:
+        self.opt_g = self.adam(self.G.parameters())
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.mse_loss(self.G(x).float(), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+        return {"loss": float(loss.detach())}
+
+
+_P2P_PROFILES = {
+    name: p.model_copy(update={
+        "disc_kwargs": {"base": p.arch_kwargs["base"], "n_layers": {"tiny": 2, "small": 3}.get(name, 3),
+                        "norm": "batch"},
+        "betas": (0.5, 0.999),
+        "lr": min(p.lr, 1e-3),
+        "loss": "l1",
+    })
+    for name, p in _UNET_PROFILES.items()
+}
+
+
+@SURROGATE_REGISTRY.register("pix2pix")
+class Pix2Pix(Surrogate):
+    """pix2pix (Isola et al. 2017): U-Net generator, conditional PatchGAN on ``cat(x, y)``.
+
+    ``L_D = 0.5 * (BCE(D(x, y), 1) + BCE(D(x, G(x)), 0))``;
+    ``L_G = BCE(D(x, G(x)), 1) + lambda * L1(G(x), y)`` with ``lambda = 100`` (both papers).
+    For SR the condition ``x`` is the bicubic upsampling of the input.
+    """
+
+    name = "pix2pix"
+    profiles: ClassVar[dict[str, SurrogateProfile]] = _P2P_PROFILES
+
+    def generator_spec(self) -> tuple[str, dict[str, Any]]:
+        return self.unet_spec(residual=False)
+
+    def setup(self) -> None:
+        kw = {"in_ch": 6, **self.profile.disc_kwargs}
+        try:
+            self.D = build_arch("patchgan", kw).to(self.device)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"pix2pix: cannot build the PatchGAN with {kw}: {exc}") from None
+        self.opt_g = self.adam(self.G.parameters())
+        self.opt_d = self.adam(self.D.parameters())
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "D": self.D}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"G": self.opt_g, "D": self.opt_d}
+
+    def _cond(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale > 1:
+            return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
+        return x
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        c = self._cond(x)
+        with self.autocast():
+            fake = self.G(x)
+        # discriminator
+        self.opt_d.zero_grad(set_to_none=True)
+        with self.autocast():
+            d_real = self.D(torch.cat([c, y], 1)).float()
+            d_fake = self.D(torch.cat([c, fake.detach()], 1)).float()
+            loss_d = 0.5 * (self.bce(d_real, torch.ones_like(d_real)) + self.bce(d_fake, torch.zeros_like(d_fake)))
+        self.scaler.scale(loss_d).backward()
+        self.scaler.step(self.opt_d)
+        # generator
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.autocast():
+            d_gen = self.D(torch.cat([c, fake], 1)).float()
+            adv = self.bce(d_gen, torch.ones_like(d_gen))
+            l1 = F.l1_loss(fake.float(), y)
+            loss_g = adv + self.profile.lambda_l1 * l1
+        self.scaler.scale(loss_g).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+        return {"loss": float(l1.detach()), "l1": float(l1.detach()), "adv": float(adv.detach()),
+                "loss_d": float(loss_d.detach()), "loss_g": float(loss_g.detach())}
+
+
+@SURROGATE_REGISTRY.register("srresnet")
+class SRResNetSurrogate(Surrogate):
+    """SRResNet (Ledig et al. 2017) with an MSE loss (``loss="l1"`` in a profile switches to L1).
+
+    Needs a super-resolution victim (scale 2, 4 or 8); use ``pix2pix`` or ``unet-l2`` otherwise.
+    """
+
+    name = "srresnet"
+    profiles: ClassVar[dict[str, SurrogateProfile]] = {
+        "tiny": SurrogateProfile(arch_kwargs={"channels": 16, "n_blocks": 2}, steps=150, batch=8, patch=16, lr=2e-3),
+        "small": SurrogateProfile(arch_kwargs={"channels": 32, "n_blocks": 4}, steps=600, batch=8, patch=24, lr=1e-3),
+        "default": SurrogateProfile(arch_kwargs={"channels": 64, "n_blocks": 8}, steps=2000, batch=16, patch=24,
+                                    lr=5e-4),
+        "full": SurrogateProfile(arch_kwargs={"channels": 64, "n_blocks": 16}, steps=20000, batch=16, patch=24,
+                                 lr=1e-4),
+    }
+
+    def generator_spec(self) -> tuple[str, dict[str, Any]]:
+        if self.scale not in (2, 4, 8):
+            raise ConfigError(f"srresnet is a super-resolution surrogate (scale 2, 4 or 8); this victim has scale "
+                              f"{self.scale}: use --arch pix2pix or --arch unet-l2")
+        return "srresnet", {"scale": self.scale, "bicubic_skip": True, **self.profile.arch_kwargs}
+
+    def setup(self) -> None:
+        self.opt_g = self.adam(self.G.parameters())
+        self.crit = F.l1_loss if self.profile.loss == "l1" else F.mse_loss
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.crit(self.G(x).float(), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+        return {"loss": float(loss.detach())}

@@ -1,0 +1,58 @@
+"""JPEG re-compression of outputs: removes the fine detail a surrogate would learn from.
+
+The single-example-imitation paper discusses JPEG compression of the API's outputs as a cheap defense;
+its cost to honest users is the usual JPEG loss at ``quality`` (PSNR around 30-40 dB for natural images
+at quality 50-95).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field
+
+from defenses.base import DefenseContext, DefenseParams, OutputDefense
+from defenses.registry import DEFENSE_REGISTRY
+
+_SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
+
+
+class JpegParams(DefenseParams):
+    """``quality``: libjpeg quality 1..100 (Pillow's scale). ``subsampling``: chroma subsampling."""
+
+    quality: int = Field(75, ge=1, le=100)
+    subsampling: Literal["4:4:4", "4:2:2", "4:2:0"] = "4:2:0"
+
+
+def jpeg_roundtrip(images: torch.Tensor, quality: int, subsampling: str = "4:2:0") -> torch.Tensor:
+    """Encode each image of ``(N, 3, H, W)`` [0, 1] as JPEG with Pillow and decode it again (same shape)."""
+    arr = images.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = np.empty_like(arr)
+    for i in range(arr.shape[0]):
+        buf = io.BytesIO()
+        Image.fromarray(arr[i], "RGB").save(buf, "JPEG", quality=quality, subsampling=_SUBSAMPLING[subsampling])
+        buf.seek(0)
+        with Image.open(buf) as im:
+            out[i] = np.asarray(im.convert("RGB"))
+    t = torch.from_numpy(out).permute(0, 3, 1, 2).to(dtype=images.dtype).div_(255.0)
+    return t.to(images.device)
+
+
+@DEFENSE_REGISTRY.register("jpeg")
+class JpegDefense(OutputDefense):
+    """Re-encode outputs as JPEG at ``quality`` and decode them: ``(N, 3, H, W) -> (N, 3, H, W)``."""
+
+    name = "jpeg"
+    Params = JpegParams
+    params: JpegParams
+
+    def apply(self, outputs: torch.Tensor, inputs: torch.Tensor, ctx: DefenseContext) -> torch.Tensor:
+        return jpeg_roundtrip(outputs, self.params.quality, self.params.subsampling)
+
+    def apply_batch(self, outputs: torch.Tensor, inputs: torch.Tensor, ctxs: object) -> torch.Tensor:
+        # JPEG does not depend on the request: one pass over the whole batch.
+        return jpeg_roundtrip(outputs, self.params.quality, self.params.subsampling)

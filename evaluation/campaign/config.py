@@ -1,0 +1,247 @@
+"""The campaign file: a validated pydantic model, with mistakes reported at their line in the TOML file.
+
+Example (``configs/campaigns/demo.toml`` is the full one)::
+
+    [campaign]
+    name = "demo"
+    zoo_profile = "default"
+
+    [limits]                 # the tier every attacker key gets: honest API limits
+    rate = 20.0              # requests per second
+    burst = 10
+    quota_total = 1000
+
+    [[victims]]
+    name = "sr4x"            # a zoo model (source defaults to zoo:NAME@PROFILE)
+
+    [[defenses]]
+    label = "none"           # the undefended baseline (an empty pipeline)
+    [[defenses]]
+    label = "jpeg75"
+    pipeline = [{ name = "jpeg", quality = 75 }]
+
+    [attack]
+    budgets = [4, 16, 64]
+    strategies = ["crops"]
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evaluation.campaign.tomlpos import locate
+from translators.errors import HeistError
+
+
+class CampaignConfigError(HeistError):
+    """An invalid campaign file; the message starts with ``FILE:LINE:``."""
+
+    code = "bad_campaign"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CampaignSection(_Strict):
+    """Run-wide settings. ``out_dir`` defaults to ``runs/NAME`` (relative to the working directory)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    seed: int = 0
+    out_dir: Path | None = None
+    zoo_profile: Literal["tiny", "default", "full"] = "tiny"
+    device: str = "auto"
+    description: str = ""
+
+
+class VictimServiceSection(_Strict):
+    """Where the victim runs. Without ``url`` the campaign starts ``heist serve`` itself on a free port.
+
+    With ``url`` every defense entry must name the ``api_key`` of a client whose tier applies that
+    defense on the remote service (see ``configs/campaigns/compose.toml``).
+    """
+
+    url: str | None = None
+    workers: int = Field(1, ge=1, le=16)
+    redis_url: str | None = Field(None, description="None = the service's embedded in-process limiter")
+    startup_timeout_s: float = Field(600.0, gt=0)
+    max_batch: int | Literal["auto"] = 1
+
+
+class LimitsSection(_Strict):
+    """The limits of the attacker's tier (GCRA rate and burst, quotas). ``None`` = unlimited."""
+
+    rate: float | None = Field(20.0, gt=0)
+    burst: int = Field(10, ge=1)
+    quota_total: int | None = Field(None, ge=1)
+    quota_daily: int | None = Field(None, ge=1)
+
+
+class VictimSection(_Strict):
+    """One victim model. ``source`` defaults to ``zoo:NAME@PROFILE``; ``surrogate`` to the task's default."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    source: str | None = None
+    surrogate: str = "auto"
+    surrogate_profile: str = "tiny"
+    train_steps: int | None = Field(None, ge=1)
+
+    @field_validator("surrogate")
+    @classmethod
+    def _surrogate(cls, v: str) -> str:
+        if v != "auto":
+            from attacker.surrogates.base import get_surrogate
+
+            try:
+                get_surrogate(v)
+            except HeistError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+
+class DefenseSection(_Strict):
+    """A defense configuration: an ordered pipeline of output defenses, ``[]`` for none."""
+
+    label: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    pipeline: list[dict[str, Any]] = Field(default_factory=list)
+    api_key: str | None = Field(None, description="only with [victim_service].url: a key in a tier with this defense")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from defenses.registry import build_defenses
+
+        try:
+            build_defenses(v)
+        except HeistError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+
+class AttackSection(_Strict):
+    """Query budgets (ascending; one harvest per victim/defense/strategy serves all of them), strategies."""
+
+    budgets: list[int] = Field(min_length=1)
+    strategies: list[str] = Field(default_factory=lambda: ["crops"], min_length=1)
+    strategy_params: dict[str, Any] = Field(default_factory=dict)
+    images: str = "corpus:attacker"
+    concurrency: int = Field(4, ge=1, le=64)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("budgets must be positive query counts")
+        if v != sorted(set(v)):
+            raise ValueError("budgets must be strictly increasing")
+        return v
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, v: list[str]) -> list[str]:
+        import attacker.strategies  # noqa: F401 - registers the built-in strategies
+        from attacker.strategies.base import STRATEGY_REGISTRY
+
+        for name in v:
+            if name not in STRATEGY_REGISTRY:
+                raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGY_REGISTRY.names())})")
+        if len(set(v)) != len(v):
+            raise ValueError("strategies must not repeat")
+        return v
+
+
+class EvaluationSection(_Strict):
+    """How surrogates and defenses are scored.
+
+    ``image_sets``: label -> image spec; the first is the headline set. ``max_side`` shrinks evaluation
+    images (CPU time). ``target_psnr``: fidelity the "queries to reach" table asks for (dB).
+    ``feature_weights``: a local InceptionV3 weights file for FID/KID (omitted = no FID/KID, said so).
+    """
+
+    image_sets: dict[str, str] = Field(default_factory=lambda: {"benchmark": "corpus:benchmark"}, min_length=1)
+    max_side: int = Field(128, ge=16)
+    target_psnr: float = 30.0
+    samples: int = Field(3, ge=0, le=16)
+    feature_weights: Path | None = None
+    d_bound: float = Field(0.3, gt=0)
+
+
+class CampaignConfig(_Strict):
+    """A whole campaign file."""
+
+    campaign: CampaignSection
+    victim_service: VictimServiceSection = Field(default_factory=VictimServiceSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    victims: list[VictimSection] = Field(min_length=1)
+    defenses: list[DefenseSection] = Field(min_length=1)
+    attack: AttackSection
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> CampaignConfig:
+        labels = [d.label for d in self.defenses]
+        if len(set(labels)) != len(labels):
+            raise ValueError("defense labels must be unique")
+        names = [v.name for v in self.victims]
+        if len(set(names)) != len(names):
+            raise ValueError("victim names must be unique")
+        quota = self.limits.quota_total
+        need = self.attack.budgets[-1]
+        if quota is not None and need > quota:
+            raise ValueError(f"the largest budget ({need} queries) exceeds the tier's quota_total ({quota}): "
+                             "it could never be spent")
+        if self.victim_service.url:
+            missing = [d.label for d in self.defenses if not d.api_key]
+            if missing:
+                raise ValueError(f"with victim_service.url every defense needs an api_key (missing: {missing})")
+        else:
+            from translators.zoo import ZOO
+
+            for v in self.victims:
+                if v.source is None and v.name not in ZOO:
+                    raise ValueError(f"victim {v.name!r} is not a zoo model; give its source (a checkpoint path)")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return self.campaign.out_dir or Path("runs") / self.campaign.name
+
+
+def _format_error(path: Path, text: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors()[:5]:
+        loc = tuple(err.get("loc", ()))
+        line = locate(text, loc) or 1
+        where = ".".join(str(x) for x in loc) or "(file)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path}:{line}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_campaign(text: str, path: Path | str = "<campaign>") -> CampaignConfig:
+    """Validate campaign TOML ``text``; raises :class:`CampaignConfigError` with ``FILE:LINE:`` positions."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CampaignConfigError(f"{p}: invalid TOML: {exc}") from None
+    try:
+        return CampaignConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise CampaignConfigError(_format_error(p, text, exc)) from None
+
+
+def load_campaign(path: str | Path) -> tuple[CampaignConfig, str]:
+    """Read and validate a campaign file; returns the config and the file's text (kept in results.json)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CampaignConfigError(f"{p}: cannot read campaign file ({exc.strerror or exc})") from None
+    return parse_campaign(text, p), text

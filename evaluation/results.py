@@ -1,0 +1,385 @@
+"""The ``results.json`` schema: every number a Heist report shows lives in one of these models.
+
+One document type, :class:`Results`, serves both producers:
+
+- ``heist eval extraction`` fills :attr:`Results.extraction` (the paper's A/B/C tables);
+- the campaign runner fills :attr:`Results.victims`, :attr:`Results.defenses`, :attr:`Results.cells`,
+  :attr:`Results.utility` and :attr:`Results.samples`, then calls
+  :func:`evaluation.defense_scoring.derive` to fill :attr:`Results.derived` (curves, Pareto fronts,
+  queries-to-target) before writing the file.
+
+The report renderer (:mod:`evaluation.report`) reads only this file (and the sample PNGs it names),
+so each number in ``report.md``/``report.html`` can be traced to a field here. Units: PSNR in dB,
+SSIM/MS-SSIM unitless, times in seconds, memory in MiB, budgets and queries in requests.
+``docs/evaluation.md`` documents the schema for users.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evaluation.errors import ResultsError
+from evaluation.features import FeatureNetworkInfo
+from evaluation.fid import FIDResult, KIDResult, NKIDResult
+from evaluation.metrics import MetricSettings
+from evaluation.stats import ScoreSummary, TOSTResult, WelchResult
+
+SCHEMA_VERSION = 1
+CellStatus = Literal["pending", "running", "done", "failed"]
+ExtractionCellName = Literal["A", "B", "C"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+
+class Environment(_Model):
+    """Versions and machine the results were computed with."""
+
+    heist: str = ""
+    python: str = ""
+    platform: str = ""
+    hostname: str = ""
+    device: str = "cpu"
+    git_commit: str | None = None
+    packages: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def capture(cls, device: str = "cpu") -> Environment:
+        """The current interpreter, platform, git commit (if any) and key package versions."""
+        pkgs = {}
+        for name in ("torch", "torchvision", "numpy", "scipy", "piq", "scikit-image", "pydantic", "matplotlib"):
+            try:
+                pkgs[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        try:
+            heist = metadata.version("i2i-heist")
+        except metadata.PackageNotFoundError:
+            heist = "unknown"
+        return cls(heist=heist, python=platform.python_version(), platform=platform.platform(),
+                   hostname=socket.gethostname(), device=device, git_commit=_git_commit(), packages=pkgs)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class ModelRef(_Model):
+    """A model that was evaluated: where it came from and what it does (never its weights)."""
+
+    name: str
+    path: str | None = None
+    url: str | None = None
+    task: str = "translation"
+    scale: int = 1
+    arch: str | None = None
+
+
+class MetricScores(_Model):
+    """One metric on one comparison: summary and per-image scores (``{image name: score}``)."""
+
+    metric: str
+    unit: str = ""
+    higher_is_better: bool = True
+    summary: ScoreSummary
+    per_image: dict[str, float] | None = None
+
+
+class Comparison(_Model):
+    """Outputs compared with references image by image (PSNR/SSIM/MS-SSIM) and as sets (FID/KID).
+
+    ``output``/``reference`` name the two sides, e.g. ``surrogate`` vs ``victim``. ``notes`` says
+    why a metric is missing (image too small for MS-SSIM, no feature network for FID...).
+    """
+
+    output: str
+    reference: str
+    image_set: str
+    n_images: int
+    metrics: dict[str, MetricScores] = Field(default_factory=dict)
+    fid: FIDResult | None = None
+    kid: KIDResult | None = None
+    nkid: NKIDResult | None = None
+    notes: list[str] = Field(default_factory=list)
+
+    def mean(self, metric: str) -> float | None:
+        m = self.metrics.get(metric)
+        return m.summary.mean if m else None
+
+
+class ScoreTests(_Model):
+    """Victim vs surrogate quality scores on one metric: Welch's t-test and TOST equivalence."""
+
+    metric: str
+    a_label: str = "victim vs ground truth (A)"
+    b_label: str = "surrogate vs ground truth (C)"
+    welch: WelchResult
+    tost: TOSTResult
+
+
+class GridRow(_Model):
+    name: str
+    images: dict[str, str]
+
+
+class ImageGrid(_Model):
+    """Sample images side by side; ``rows[i].images[column]`` is a PNG path relative to results.json."""
+
+    title: str
+    columns: list[str]
+    rows: list[GridRow]
+    victim: str | None = None
+    defense: str | None = None
+    budget: int | None = None
+    strategy: str | None = None
+
+
+# --- extraction (the paper's A/B/C table) -------------------------------------------------------------
+
+
+class ExtractionTestSet(_Model):
+    """A/B/C cells on one image set (the victim's test split or an independent benchmark)."""
+
+    name: str
+    spec: str
+    n_images: int
+    image_names: list[str]
+    cells: dict[ExtractionCellName, Comparison]
+    tests: dict[str, ScoreTests] = Field(default_factory=dict)
+
+
+class ExtractionTable(_Model):
+    """The extraction paper's table: A victim vs ground truth, B surrogate vs victim, C surrogate vs GT."""
+
+    victim: ModelRef
+    surrogate: ModelRef
+    task: str
+    pair_source: str
+    d_bound: float
+    alpha: float
+    test_sets: list[ExtractionTestSet]
+
+
+# --- campaigns --------------------------------------------------------------------------------------
+
+
+class VictimEntry(_Model):
+    """A victim model in the campaign grid."""
+
+    name: str
+    model: ModelRef
+    recipe: str | None = None
+
+
+class DefenseEntry(_Model):
+    """A defense configuration; ``name`` ``none`` is the undefended baseline. ``label`` is unique."""
+
+    label: str
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CampaignCell(_Model):
+    """One attack: victim x defense x budget x strategy.
+
+    ``fidelity``: surrogate vs the *clean* (undefended) victim on the benchmark images (the attack's
+    success). ``quality``: surrogate vs ground truth. ``id`` is ``victim/defense/budget/strategy``.
+    """
+
+    id: str
+    victim: str
+    defense: str
+    budget: int
+    strategy: str
+    seed: int = 0
+    status: CellStatus = "pending"
+    error: str | None = None
+    queries_used: int | None = None
+    queries_refused: int | None = None
+    wall_times: dict[str, float] = Field(default_factory=dict)
+    surrogate: ModelRef | None = None
+    run_dir: str | None = None
+    fidelity: Comparison | None = None
+    quality: Comparison | None = None
+
+
+class DefenseUtility(_Model):
+    """What one defense costs honest users of one victim.
+
+    ``defended_vs_clean``: defended output vs the clean output of the same victim (identical images
+    score 80 dB PSNR: piq's epsilon). ``quality_clean``/``quality_defended``: victim output vs ground
+    truth without/with the defense.
+    """
+
+    victim: str
+    defense: str
+    defended_vs_clean: Comparison
+    quality_clean: Comparison | None = None
+    quality_defended: Comparison | None = None
+
+
+class CurvePoint(_Model):
+    budget: int
+    queries: int
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+    cell_id: str
+
+
+class FidelityCurve(_Model):
+    """Surrogate fidelity to the clean victim against queries, for one victim/defense/strategy."""
+
+    victim: str
+    defense: str
+    strategy: str
+    metric: str
+    points: list[CurvePoint]
+
+
+class QueriesToTarget(_Model):
+    """Queries an attack needed to reach ``target`` (linear interpolation between measured budgets).
+
+    ``queries`` is None when no measured point reached the target (``max_queries`` were not enough).
+    ``at_first_point`` is True when the smallest measured budget already reached it (the true need is
+    then at most ``queries``).
+    """
+
+    victim: str
+    defense: str
+    strategy: str
+    metric: str
+    target: float
+    queries: float | None
+    reached: bool
+    at_first_point: bool = False
+    max_queries: int
+
+
+class DefenseRow(_Model):
+    """One row of a victim's defense table (means over benchmark images)."""
+
+    victim: str
+    defense: str
+    honest_psnr: float | None = Field(None, description="defended vs clean victim output, dB")
+    honest_ssim: float | None = None
+    quality_clean_psnr: float | None = Field(None, description="victim vs ground truth without defense, dB")
+    quality_defended_psnr: float | None = Field(None, description="victim vs ground truth with defense, dB")
+    utility_cost_db: float | None = Field(None, description="quality_clean_psnr - quality_defended_psnr")
+    attacker_psnr: dict[str, float | None] = Field(default_factory=dict,
+                                                   description="budget -> surrogate PSNR to clean victim")
+    attack_degradation_db: dict[str, float | None] = Field(
+        default_factory=dict, description="budget -> attacker PSNR without defense minus with it")
+    strategy: str | None = None
+    pareto_optimal: bool = False
+
+
+class ParetoFront(_Model):
+    """Defenses of one victim on the front of (minimise utility cost, maximise attack degradation)."""
+
+    victim: str
+    strategy: str | None
+    budget: int
+    x_metric: str = "utility_cost_db"
+    y_metric: str = "attack_degradation_db"
+    points: dict[str, tuple[float, float]]
+    front: list[str]
+
+
+class Derived(_Model):
+    """Summaries computed from the cells by :func:`evaluation.defense_scoring.derive`."""
+
+    target_metric: str = "psnr"
+    target_value: float = 25.0
+    curves: list[FidelityCurve] = Field(default_factory=list)
+    queries_to_target: list[QueriesToTarget] = Field(default_factory=list)
+    defense_table: list[DefenseRow] = Field(default_factory=list)
+    pareto: list[ParetoFront] = Field(default_factory=list)
+
+
+# --- the document -----------------------------------------------------------------------------------
+
+
+class Results(_Model):
+    """A whole ``results.json``. ``kind`` is ``extraction`` or ``campaign``."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["extraction", "campaign"]
+    name: str
+    created_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    finished_at: str | None = None
+    command: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    config_text: str | None = None
+    config_path: str | None = None
+    environment: Environment = Field(default_factory=Environment)
+    seeds: dict[str, int] = Field(default_factory=dict)
+    wall_times: dict[str, float] = Field(default_factory=dict)
+    peak_memory_mb: float | None = None
+    metric_settings: MetricSettings = Field(default_factory=MetricSettings)
+    feature_network: FeatureNetworkInfo | None = None
+    feature_network_note: str | None = None
+    extraction: list[ExtractionTable] = Field(default_factory=list)
+    victims: list[VictimEntry] = Field(default_factory=list)
+    defenses: list[DefenseEntry] = Field(default_factory=list)
+    budgets: list[int] = Field(default_factory=list)
+    strategies: list[str] = Field(default_factory=list)
+    cells: list[CampaignCell] = Field(default_factory=list)
+    utility: list[DefenseUtility] = Field(default_factory=list)
+    samples: list[ImageGrid] = Field(default_factory=list)
+    derived: Derived | None = None
+
+
+def write_results(results: Results, path: str | os.PathLike[str]) -> Path:
+    """Write ``results`` as indented JSON atomically (temp file + ``os.replace``)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    data = results.model_dump_json(indent=2)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, p)
+    return p
+
+
+def read_results(path: str | os.PathLike[str]) -> Results:
+    """Load and validate a ``results.json``; raises :class:`ResultsError` with the first problem."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"{p}: no such results file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{p}: not valid JSON ({exc})") from None
+    if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
+        raise ResultsError(f"{p}: schema version {raw['schema_version']} is newer than this Heist "
+                           f"({SCHEMA_VERSION}); upgrade Heist")
+    try:
+        return Results.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first.get("loc", ()))
+        raise ResultsError(f"{p}: invalid results ({loc}: {first['msg']})") from None

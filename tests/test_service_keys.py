@@ -1,0 +1,201 @@
+"""``heist keys`` and ``heist serve``: keys added from the CLI (file store or Redis) are accepted by a
+server started in the same environment; revoked keys stop working; user mistakes are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from heist.cli.main import app, main
+from tests.conftest import free_port
+from tests.servers import image_bytes, start_victim, tiny_models, tiny_torchscript
+from victim_service.keys import FileKeyStore, KeyStoreError, hash_key
+
+PNG = image_bytes(16, 16)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # tiny TorchScript test models
+HEIST = [sys.executable, "-c", "from heist.cli.main import main; main()"]
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def heist(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Run]:
+    """Run the ``heist`` entry point in-process (exit code, stdout, stderr), as a user would see it."""
+
+    def run(*args: str) -> Run:
+        monkeypatch.setattr(sys, "argv", ["heist", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main()
+        got = capsys.readouterr()
+        return Run(int(exc.value.code or 0), got.out, got.err)
+
+    return run
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"heist serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("heist serve did not become ready")
+
+
+def test_keys_added_by_cli_work_on_heist_serve_models_dir(
+    tmp_path: Path, heist: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    tiny_models(models, ("sr4x",))
+    tiny_torchscript(models, "scripted")
+    monkeypatch.setenv("HEIST_DATA_DIR", str(tmp_path / "data"))
+    env = {**os.environ, "HEIST_VICTIM_KEY_CACHE_S": "0",
+           "HEIST_VICTIM_ADMIN_KEY": "hk_admin_for_this_test_only", "HEIST_VICTIM_TORCH_THREADS": "1",
+           "HEIST_VICTIM_BATCH_PROBE_S": "0.02"}
+    added = heist("keys", "add", "carol", "--tier", "free")
+    assert added.rc == 0, added.err
+    key = added.out.strip()
+    assert key.startswith("hk_")
+    assert len(key) == 35
+    assert "shown only once" in added.err
+    stored = json.loads((tmp_path / "data" / "victim" / "keys.json").read_text())
+    assert key not in json.dumps(stored)
+    assert hash_key(key) in stored["keys"]
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([*HEIST, "serve", "--models-dir", str(models), "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(url, proc)
+        names = {m["name"]: m for m in httpx.get(f"{url}/v1/models").json()}
+        assert set(names) == {"sr4x", "scripted"}
+        assert names["sr4x"]["max_batch_source"] == "auto"
+        # the README's curl: raw body with Content-Type, and multipart
+        raw = httpx.post(f"{url}/v1/models/sr4x/translate", content=PNG,
+                         headers={"X-API-Key": key, "Content-Type": "image/png"})
+        assert raw.status_code == 200, raw.text
+        assert raw.headers["content-type"] == "image/png"
+        multi = httpx.post(f"{url}/v1/models/scripted/translate", files={"image": ("photo.png", PNG, "image/png")},
+                           headers={"X-API-Key": key})
+        assert multi.status_code == 200
+        # a key added while the server runs works at once (same data dir)
+        later = heist("keys", "add", "dora", "--tier", "pro").out.strip()
+        assert httpx.post(f"{url}/v1/models/sr4x/translate", content=PNG,
+                          headers={"Authorization": f"Bearer {later}", "Content-Type": "image/png"}).status_code == 200
+        listed = heist("keys", "list")
+        assert "carol" in listed.out
+        assert "dora" in listed.out
+        assert key not in listed.out
+        assert heist("keys", "revoke", "carol").rc == 0
+        gone = httpx.post(f"{url}/v1/models/sr4x/translate", content=PNG,
+                          headers={"X-API-Key": key, "Content-Type": "image/png"})
+        assert gone.status_code == 401
+        # the embedded log saw all of it
+        log = httpx.get(f"{url}/v1/admin/log", headers={"X-API-Key": "hk_admin_for_this_test_only"}).json()
+        assert [e["status"] for e in log] == [200, 200, 200, 401]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)
+    assert rc == 0, (tmp_path / "serve.log").read_text()[-2000:]
+
+
+def test_cli_mistakes_are_one_line_errors(
+    tmp_path: Path, heist: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HEIST_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("HEIST_VICTIM_REDIS_URL", raising=False)
+
+    def one_line_error(run: Run, *needles: str) -> None:
+        assert run.rc == 2, (run.out, run.err)
+        text = " ".join(run.err.split())  # rich wraps long lines
+        assert text.startswith("error: ")
+        assert "Traceback" not in run.err
+        for needle in needles:
+            assert needle in text, (needle, text)
+
+    one_line_error(heist("keys", "add", "eve", "--tier", "gold"), "unknown tier 'gold'", "free, pro, internal")
+    one_line_error(heist("keys", "add", "not a name", "--tier", "free"), "client name")
+    one_line_error(heist("keys", "revoke", "nobody"), "no stored key for client 'nobody'")
+    (tmp_path / "empty").mkdir()
+    one_line_error(heist("serve", "--models-dir", str(tmp_path / "empty")), "no model to serve")
+    cfg = tmp_path / "victim.toml"
+    cfg.write_text("[tiers.free]\nrate = -1\n")
+    one_line_error(heist("serve", "--config", str(cfg)), "tiers.free.rate", "greater than 0")
+    cfg.write_text("[tiers.free]\nrate = 1\nburst = 2\nspeed = 3\n")
+    one_line_error(heist("serve", "--config", str(cfg)), "tiers.free.speed", "Extra inputs are not permitted")
+    cfg.write_text("[tiers\nrate = 1\n")
+    one_line_error(heist("serve", "--config", str(cfg)), "not valid TOML")
+    cfg.write_text('[[models]]\nname = "m"\nsource = "missing.safetensors"\n')
+    one_line_error(heist("serve", "--config", str(cfg)), "no such file")
+    cfg.write_text('[[models]]\nname = "m"\nsource = "zoo:sr4x"\n')
+    one_line_error(heist("serve", "--config", str(cfg), "--workers", "2"), "several workers need redis_url")
+    cfg.write_text('[[models]]\nname = "m"\nsource = "x.pt"\ndefenses = [{name = "jpeg", quality = 500}]\n')
+    one_line_error(heist("serve", "--config", str(cfg)), "defense 'jpeg': quality")
+    one_line_error(heist("serve", "--config", str(tmp_path / "nope.toml")), "cannot read settings file")
+
+
+def test_keys_in_redis_are_shared_with_the_server(tmp_path: Path, redis_url: str) -> None:
+    models = tiny_models(tmp_path / "m", ("denoise",))
+    srv = start_victim(tmp_path, models=[{"name": "d", "source": str(models["denoise"]), "max_batch": 1}],
+                       tiers={"free": {"rate": 10.0, "burst": 10}}, keys={}, redis_url=redis_url,
+                       key_prefix=f"heist-test:{uuid.uuid4().hex[:12]}:")
+    try:
+        runner = CliRunner()
+        res = runner.invoke(app, ["keys", "add", "frank", "--tier", "free", "--config", str(srv.settings_path)])
+        assert res.exit_code == 0, res.output
+        key = res.stdout.strip()
+        r = httpx.post(f"{srv.url}/v1/models/d/translate", content=PNG,
+                       headers={"X-API-Key": key, "Content-Type": "image/png"})
+        assert r.status_code == 200
+        assert r.headers["ratelimit-limit"] == "10"
+        import redis
+
+        stored = redis.Redis.from_url(redis_url).hgetall(f"{srv.key_prefix}keys")
+        assert list(stored) == [hash_key(key).encode()]
+        assert not (Path(srv.data_dir) / "keys.json").exists()  # Redis mode writes no key file
+        res = runner.invoke(app, ["keys", "revoke", "frank", "--config", str(srv.settings_path)])
+        assert res.exit_code == 0
+        httpx.post(f"{srv.url}/v1/admin/keys/reload", headers=srv.admin_headers)
+        r = httpx.post(f"{srv.url}/v1/models/d/translate", content=PNG,
+                       headers={"X-API-Key": key, "Content-Type": "image/png"})
+        assert r.status_code == 401
+    finally:
+        srv.stop()
+
+
+def test_file_key_store_is_atomic_and_rejects_duplicates(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "keys.json")
+    k1 = store.add("a", "free")
+    store.add("b", "pro")
+    with pytest.raises(KeyStoreError, match="already has a key"):
+        store.add("a", "pro")
+    assert [r.name for r in store.records()] == ["a", "b"]
+    assert store.lookup(hash_key(k1)).tier == "free"  # type: ignore[union-attr]
+    assert store.revoke("a")
+    assert not store.revoke("a")
+    assert store.lookup(hash_key(k1)) is None
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,367 @@
+"""Victim service settings: one TOML/YAML/JSON file, overridden by ``HEIST_VICTIM_*`` environment variables.
+
+Load with :meth:`Settings.from_file`; every problem (unknown key, bad value, tier a key refers to that
+does not exist, unreadable file) raises :class:`SettingsError` naming the file and the field. Environment
+variables win over the file: ``HEIST_VICTIM_REDIS_URL``, ``HEIST_VICTIM_ADMIN_KEY``,
+``HEIST_VICTIM_QUERY_LOG__BACKEND=jsonl`` (nested fields use ``__``), and so on.
+
+A minimal file (see ``configs/victim.toml`` for every option)::
+
+    redis_url = "redis://127.0.0.1:6379/0"
+    [[models]]
+    name = "sr4x"
+    source = "zoo:sr4x"          # or a .safetensors / .pt / .pt2 path
+    [tiers.free]
+    rate = 1.0                   # requests per second (GCRA emission rate)
+    burst = 10
+    quota_daily = 1000
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from translators.errors import HeistError
+from translators.paths import data_dir
+
+CONFIG_ENV = "HEIST_VICTIM_CONFIG"
+"""Environment variable holding the settings file path that :func:`victim_service.app.create_app_from_env` reads."""
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class SettingsError(HeistError):
+    """Invalid or unreadable victim settings."""
+
+    code = "bad_settings"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_name(v: str, what: str) -> str:
+    if not _NAME_RE.match(v):
+        raise ValueError(f"{what} {v!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
+    return v
+
+
+def _validate_defenses(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from defenses.registry import DefenseConfigError, build_defenses
+
+    try:
+        build_defenses(specs)
+    except DefenseConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return specs
+
+
+class ImageSettings(_Strict):
+    """Input limits and mode policy (see :mod:`translators.codecs`). Per-model values override these."""
+
+    max_bytes: int = Field(10 * 1024 * 1024, ge=64, description="largest accepted request body, in bytes")
+    max_pixels: int = Field(2048 * 2048, ge=1, description="width*height limit for scale-1 models")
+    alpha: Literal["white", "refuse"] = "white"
+    bit16: Literal["convert", "refuse"] = "convert"
+    animated: Literal["first", "refuse"] = "first"
+
+
+class OutputSettings(_Strict):
+    """Encoding of responses."""
+
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    webp_quality: int = Field(95, ge=1, le=100)
+    png_compress_level: int = Field(1, ge=0, le=9)
+
+
+class ModelSpec(_Strict):
+    """One served model.
+
+    ``source``: a ``.safetensors`` (+ ``.json`` card), TorchScript ``.pt`` or ``torch.export`` ``.pt2`` path,
+    or ``zoo:NAME`` / ``zoo:NAME@PROFILE`` (built by ``translators.zoo.build`` when not cached).
+    ``max_batch``: an integer, or ``"auto"`` to measure batch 1..``max_batch_limit`` at warm-up and keep
+    the fastest (images per second). ``max_delay_ms``: how long the batcher waits for more same-shaped
+    requests once the device is free. ``max_queue``: requests admitted to this model and not finished;
+    beyond it the API answers 503 ``overloaded``.
+    """
+
+    name: str
+    source: str
+    device: str = "auto"
+    max_batch: int | Literal["auto"] = "auto"
+    max_batch_limit: int = Field(8, ge=1, le=256)
+    max_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)
+    max_queue: int = Field(64, ge=1)
+    probe_size: int = Field(64, ge=1, description="input side used for warm-up and the auto batch probe")
+    max_pixels: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=64)
+    min_side: int | None = Field(None, ge=1)
+    defenses: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "model name")
+
+    @field_validator("max_batch")
+    @classmethod
+    def _max_batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("max_batch must be >= 1 or \"auto\"")
+        return v
+
+    @field_validator("defenses")
+    @classmethod
+    def _defenses(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return _validate_defenses(v)
+
+
+class TierSpec(_Strict):
+    """Limits for every client of a tier.
+
+    ``rate``: sustained requests per second (``None`` or ``"unlimited"`` = no rate limit); ``burst``: how many requests
+    may arrive at once (GCRA tolerance, ``RateLimit-Limit``). ``quota_total`` / ``quota_daily``: admitted
+    requests over the key's life / per UTC day (``None`` = unlimited). ``defenses`` run after the model's.
+    """
+
+    rate: float | None = Field(1.0, gt=0.0)
+    burst: int = Field(10, ge=1)
+    quota_total: int | None = Field(None, ge=0)
+    quota_daily: int | None = Field(None, ge=0)
+    defenses: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("defenses")
+    @classmethod
+    def _defenses(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return _validate_defenses(v)
+
+    @field_validator("rate", mode="before")
+    @classmethod
+    def _rate(cls, v: Any) -> Any:
+        # TOML has no null: rate = "unlimited" switches the rate limit off.
+        if isinstance(v, str) and v.strip().lower() in ("unlimited", "none", "off"):
+            return None
+        return v
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rate is None and self.quota_total is None and self.quota_daily is None
+
+
+def default_tiers() -> dict[str, TierSpec]:
+    """Tiers used when the settings name none: ``free``, ``pro`` and ``internal`` (no limits)."""
+    return {
+        "free": TierSpec(rate=1.0, burst=10, quota_daily=1000),
+        "pro": TierSpec(rate=10.0, burst=50, quota_daily=100_000),
+        "internal": TierSpec(rate=None, burst=1),
+    }
+
+
+class StaticKey(_Strict):
+    """An API key written in the settings (tests, campaigns). ``key`` is the plaintext (>= 16 characters)."""
+
+    name: str
+    tier: str
+    key: SecretStr = Field(min_length=16)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "client name")
+
+
+class QueryLogSettings(_Strict):
+    """``backend``: ``auto`` = Redis Stream when ``redis_url`` is set, else JSONL; ``off`` disables the log.
+
+    ``maxlen``: approximate Redis Stream length kept (``XADD MAXLEN ~``). ``store_images``: also keep the
+    raw input bytes under ``images_dir`` (named by SHA-256); off by default.
+    """
+
+    backend: Literal["auto", "redis", "jsonl", "off"] = "auto"
+    path: Path | None = None
+    maxlen: int = Field(1_000_000, ge=100)
+    store_images: bool = False
+    images_dir: Path | None = None
+
+
+class Settings(BaseSettings):
+    """Everything the victim service reads at start. See the module docstring and ``docs/victim-service.md``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HEIST_VICTIM_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    data_dir: Path | None = Field(None, description="service state (key file, JSONL log); default DATA/victim")
+    models: list[ModelSpec] = Field(default_factory=list)
+    models_dir: Path | None = None
+    models_dir_defaults: ModelSpec | None = Field(
+        None, description="options applied to every model found in models_dir (name/source ignored)"
+    )
+    tiers: dict[str, TierSpec] = Field(default_factory=default_tiers)
+    keys: list[StaticKey] = Field(default_factory=list)
+    admin_key: SecretStr | None = None
+    redis_url: str | None = None
+    key_prefix: str = "heist:"
+    redis_timeout_s: float = Field(0.5, gt=0.0)
+    on_redis_error: Literal["closed", "open"] = Field(
+        "closed", description="closed: 503 while Redis is unreachable; open: admit without limits"
+    )
+    key_cache_s: float = Field(10.0, ge=0.0, description="how long a looked-up stored key stays cached")
+    query_log: QueryLogSettings = Field(default_factory=QueryLogSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    defense_secret: SecretStr | None = Field(
+        None, description="keys defense randomness; default: a random secret kept in data_dir"
+    )
+    torch_threads: int | None = Field(None, ge=1)
+    amp: bool = Field(True, description="autocast (bf16/fp16) and channels_last on CUDA")
+    warmup: bool = True
+    batch_probe_s: float = Field(0.25, gt=0.0, description="time per candidate batch size in the auto probe")
+    request_timeout_s: float = Field(60.0, gt=0.0)
+    docs: bool = Field(True, description="serve /docs and /openapi.json")
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, v: dict[str, TierSpec]) -> dict[str, TierSpec]:
+        if not v:
+            raise ValueError("at least one tier is needed")
+        for name in v:
+            _check_name(name, "tier name")
+        return v
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or any(c.isspace() for c in v):
+            raise ValueError("key_prefix must be non-empty without spaces")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> Settings:
+        names = [m.name for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(sorted(dup))}")
+        seen: set[str] = set()
+        for k in self.keys:
+            if k.tier not in self.tiers:
+                raise ValueError(f"key {k.name!r} names tier {k.tier!r}, which is not defined in [tiers]")
+            if k.name in seen:
+                raise ValueError(f"static key names must be unique; repeated: {k.name}")
+            seen.add(k.name)
+        if self.admin_key is not None and len(self.admin_key.get_secret_value()) < 16:
+            raise ValueError("admin_key must be at least 16 characters")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first, so HEIST_VICTIM_* overrides the values read from the settings file.
+        return env_settings, init_settings
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str] | None) -> Settings:
+        """Read ``path`` (.toml, .yaml/.yml or .json), apply env overrides and validate; ``None`` = defaults."""
+        if path is None:
+            return cls.from_mapping({}, "defaults")
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise SettingsError(f"{p}: cannot read settings file ({exc.strerror or exc})") from None
+        suffix = p.suffix.lower()
+        try:
+            if suffix == ".toml":
+                data = tomllib.loads(raw.decode())
+            elif suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(raw) or {}
+            elif suffix == ".json":
+                data = json.loads(raw)
+            else:
+                raise SettingsError(f"{p}: unknown settings format {suffix!r}; use .toml, .yaml or .json")
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+            raise SettingsError(f"{p}: not valid {suffix[1:].upper()} ({exc})") from None
+        except ImportError:
+            raise SettingsError("reading YAML settings needs PyYAML (pip install pyyaml)") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"{p}: the settings file must hold a table/mapping at the top level")
+        base = p.parent
+        for m in data.get("models", []) or []:
+            if isinstance(m, dict) and isinstance(m.get("source"), str) and not m["source"].startswith("zoo:"):
+                src = Path(m["source"]).expanduser()
+                m["source"] = str(src if src.is_absolute() else (base / src))
+        for key in ("models_dir", "data_dir"):
+            if isinstance(data.get(key), str):
+                d = Path(data[key]).expanduser()
+                data[key] = str(d if d.is_absolute() else base / d)
+        return cls.from_mapping(data, str(p))
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], origin: str = "settings") -> Settings:
+        """Validate a dict (plus env overrides); errors become one-line :class:`SettingsError`."""
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(x) for x in first.get("loc", ()))
+            msg = first["msg"].removeprefix("Value error, ")
+            more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+            raise SettingsError(f"{origin}: {loc + ': ' if loc else ''}{msg}{more}") from None
+
+    # ------------------------------------------------------------------ derived
+
+    def state_dir(self) -> Path:
+        """Where the service keeps its files (key file, JSONL log, secret): created on first use."""
+        d = self.data_dir if self.data_dir is not None else data_dir() / "victim"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict that :meth:`from_mapping` reads back, secrets included (in clear)."""
+        data: dict[str, Any] = json.loads(self.model_dump_json())
+        if self.admin_key is not None:
+            data["admin_key"] = self.admin_key.get_secret_value()
+        if self.defense_secret is not None:
+            data["defense_secret"] = self.defense_secret.get_secret_value()
+        data["keys"] = [{"name": k.name, "tier": k.tier, "key": k.key.get_secret_value()} for k in self.keys]
+        return data
+
+    def to_json_file(self, path: str | os.PathLike[str]) -> Path:
+        """Write these settings (secrets in clear, mode 0600: the file is for a child process) as JSON, atomically."""
+        p = Path(path)
+        data = self.to_dict()
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, p)
+        return p

@@ -16,6 +16,7 @@ $(BIN)/heist: pyproject.toml
 setup: $(BIN)/heist  ## create .venv with torch and Heist (editable) plus dev tools
 
 test: setup  ## lint, then the whole test suite against a real Redis (started here if none runs)
+	bash scripts/ensure-tools.sh
 	bash scripts/ensure-redis.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

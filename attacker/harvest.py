@@ -337,6 +337,7 @@ class Harvester:
         try:
             while True:
                 now = time.monotonic()
+                busy = any(not t.done() for t in tasks)  # done callbacks may not have pruned `tasks` yet
                 if now - self._last_run_json >= self.cfg.run_json_every_s:
                     self._write_run("running")
                 if self.fatal is not None:
@@ -352,9 +353,9 @@ class Harvester:
                 job = None
                 if lane is not None:
                     job = self._take_job(now)
-                    if job is None and not tasks and not self._retry:
+                    if job is None and not busy and not self._retry:
                         break  # budget covered and nothing outstanding
-                elif not tasks and not self._retry and len(self.store) + len(self._active) >= self.cfg.budget:
+                elif not busy and not self._retry and len(self.store) + len(self._active) >= self.cfg.budget:
                     break
                 if lane is not None and job is not None:
                     seq = lane.pacer.on_send(now)
@@ -371,7 +372,7 @@ class Harvester:
                     timeout = r if timeout is None else min(timeout, r)
                 if lane is not None and job is None and not self._retry:
                     timeout = None  # budget covered: wait for outstanding answers
-                if timeout is None and not tasks:
+                if timeout is None and not busy:
                     timeout = 0.05
                 self._wake.clear()  # no await since the state was read: no wake-up can be lost
                 with contextlib.suppress(TimeoutError):

@@ -82,10 +82,17 @@ class LimitsSection(_Strict):
 
 
 class VictimSection(_Strict):
-    """One victim model. ``source`` defaults to ``zoo:NAME@PROFILE``; ``surrogate`` to the task's default."""
+    """One victim model.
+
+    ``source`` defaults to the zoo model ``recipe`` (itself defaulting to ``name``) at the campaign's
+    profile; a checkpoint path serves your own model. ``recipe`` is the zoo recipe whose ``make_pair``
+    gives the ground truth (the degradation or hidden style). ``surrogate``: the attacker's surrogate kind
+    (``auto`` = the task's default); ``surrogate_profile`` and ``train_steps`` size its training.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     source: str | None = None
+    recipe: str | None = None
     surrogate: str = "auto"
     surrogate_profile: str = "tiny"
     train_steps: int | None = Field(None, ge=1)
@@ -186,6 +193,10 @@ class CampaignConfig(_Strict):
         labels = [d.label for d in self.defenses]
         if len(set(labels)) != len(labels):
             raise ValueError("defense labels must be unique")
+        baseline = [d for d in self.defenses if d.label == "none"]
+        if not baseline or baseline[0].pipeline:
+            raise ValueError('one defense must be label = "none" with an empty pipeline: the clean victim that '
+                             "honest-user cost and attack fidelity are measured against")
         names = [v.name for v in self.victims]
         if len(set(names)) != len(names):
             raise ValueError("victim names must be unique")
@@ -198,12 +209,12 @@ class CampaignConfig(_Strict):
             missing = [d.label for d in self.defenses if not d.api_key]
             if missing:
                 raise ValueError(f"with victim_service.url every defense needs an api_key (missing: {missing})")
-        else:
-            from translators.zoo import ZOO
+        from translators.zoo import ZOO
 
-            for v in self.victims:
-                if v.source is None and v.name not in ZOO:
-                    raise ValueError(f"victim {v.name!r} is not a zoo model; give its source (a checkpoint path)")
+        for v in self.victims:
+            if (v.recipe or v.name) not in ZOO:
+                raise ValueError(f"victim {v.name!r}: no zoo recipe {v.recipe or v.name!r} gives its ground truth; "
+                                 f"set recipe to one of {', '.join(ZOO.names())}")
         return self
 
     @property

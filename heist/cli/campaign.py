@@ -1,7 +1,65 @@
-"""`heist campaign` commands (being built)."""
+"""``heist campaign``: validate, run (or resume) a campaign and render its report."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from heist.cli.common import console, progress
+
+app = typer.Typer(help="Attack/defense campaigns: a grid of victims x defenses x budgets x strategies from one file.",
+                  no_args_is_help=True)
+
+
+@app.command("validate")
+def validate(config: Path = typer.Argument(..., help="Campaign TOML file.")) -> None:
+    """Check a campaign file without running anything (mistakes are reported with their line)."""
+    from evaluation.campaign.config import load_campaign
+
+    cfg, _ = load_campaign(config)
+    n = len(cfg.victims) * len(cfg.defenses) * len(cfg.attack.budgets) * len(cfg.attack.strategies)
+    console.print(f"{config}: ok: {n} attack cells -> {cfg.out_dir}")
+
+
+@app.command("run")
+def run(
+    config: Path = typer.Argument(..., help="Campaign TOML file (see configs/campaigns/)."),
+    victim_url: str = typer.Option(None, "--victim-url", help="Attack this running service instead of starting one."),
+    out: Path = typer.Option(None, "--out", help="Output folder (default: [campaign].out_dir or runs/NAME)."),
+) -> None:
+    """Run the campaign (resuming finished cells), then write results.json, report.md and report.html."""
+    from evaluation.campaign.runner import CampaignHooks, run_campaign
+
+    with progress() as bar:
+        task = bar.add_task("attack cells", total=None, info="")
+        failed: list[str] = []
+
+        def cell_done(cell: object) -> None:
+            status = getattr(cell, "status", "")
+            if status == "failed":
+                failed.append(f"{getattr(cell, 'id', '?')}: {getattr(cell, 'error', '')}")
+            bar.advance(task)
+
+        hooks = CampaignHooks(
+            cells=lambda total: bar.update(task, total=total),
+            cell_done=cell_done,
+            say=lambda text: bar.update(task, info=text[:70]),
+        )
+        path = run_campaign(config, victim_url=victim_url, out_dir=out, hooks=hooks)
+    for f in failed:
+        console.print(f"[red]failed[/red] {f}", highlight=False)
+    console.print(f"results: {path}")
+    console.print(f"report:  {path.parent / 'report.html'}  (and report.md, figures/)")
+    if failed:
+        console.print(f"{len(failed)} cell(s) failed; run the same command again to retry only those.")
+        raise typer.Exit(1)
+
+
+@app.command("report")
+def report(results: Path = typer.Argument(..., help="results.json or its folder.")) -> None:
+    """Re-render report.md / report.html / figures from a campaign's results.json."""
+    from evaluation.report import render_report
+
+    files = render_report(results)
+    console.print(f"report: {files.html} and {files.markdown}")

@@ -27,6 +27,8 @@ def setup_logging(verbose: bool = False) -> None:
         handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    for noisy in ("httpx", "httpcore", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def progress(transient: bool = False) -> Progress:

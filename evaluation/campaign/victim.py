@@ -1,0 +1,139 @@
+"""The campaign's victim: a self-started ``heist serve`` (or a given URL) and HTTP translators over it.
+
+Self-started mode writes one settings file with, per defense label ``L``:
+
+- tier ``atk-L``: the campaign's ``[limits]`` plus defense pipeline ``L``; one static key per attack cell
+  (each attack is its own client with its own quota, as a real thief with a fresh account would be);
+- tier ``honest-L``: no limits, the same pipeline; the evaluator's key for honest-user measurements.
+
+Evaluation traffic goes through the same HTTP API as the attack, so the defended outputs the report
+scores are exactly what clients received.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from evaluation.campaign.config import CampaignConfig
+from translators.codecs import decode_image, encode_image
+from translators.errors import HeistError
+
+log = logging.getLogger(__name__)
+Translator = Callable[[torch.Tensor], torch.Tensor]
+
+
+class VictimError(HeistError):
+    """The victim service refused or failed an evaluation request."""
+
+    code = "victim_error"
+
+
+def attack_tier(label: str) -> str:
+    return f"atk-{label}"
+
+
+def honest_tier(label: str) -> str:
+    return f"honest-{label}"
+
+
+@dataclass
+class VictimKeys:
+    """Plaintext keys of the self-started service, persisted so a resumed campaign reuses them."""
+
+    admin: str
+    honest: dict[str, str] = field(default_factory=dict)  # defense label -> key
+    attack: dict[str, str] = field(default_factory=dict)  # cell id -> key
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> VictimKeys:
+        if path.exists():
+            raw = json.loads(path.read_text())
+            return cls(raw["admin"], raw.get("honest", {}), raw.get("attack", {}))
+        return cls(admin=f"hk_admin_{secrets.token_hex(16)}")
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"admin": self.admin, "honest": self.honest, "attack": self.attack}, indent=2))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+
+    def ensure(self, table: dict[str, str], name: str) -> str:
+        if name not in table:
+            table[name] = f"hk_{secrets.token_hex(16)}"
+        return table[name]
+
+
+def victim_settings(
+    cfg: CampaignConfig, models: dict[str, str], keys: VictimKeys, cell_ids: dict[str, str], data_dir: Path
+) -> dict[str, Any]:
+    """Settings mapping for ``heist serve``: ``models`` victim name -> source; ``cell_ids`` cell -> defense label."""
+    lim = cfg.limits
+    tiers: dict[str, dict[str, Any]] = {}
+    static: list[dict[str, str]] = []
+    for d in cfg.defenses:
+        tiers[attack_tier(d.label)] = {"rate": lim.rate, "burst": lim.burst, "quota_total": lim.quota_total,
+                                       "quota_daily": lim.quota_daily, "defenses": d.pipeline}
+        tiers[honest_tier(d.label)] = {"rate": None, "burst": 1, "defenses": d.pipeline}
+        static.append({"name": f"honest-{d.label}", "tier": honest_tier(d.label),
+                       "key": keys.ensure(keys.honest, d.label)})
+    for cell_id, label in cell_ids.items():
+        static.append({"name": f"atk-{cell_id}"[:64], "tier": attack_tier(label),
+                       "key": keys.ensure(keys.attack, cell_id)})
+    svc = cfg.victim_service
+    settings: dict[str, Any] = {
+        "models": [{"name": n, "source": s, "max_batch": svc.max_batch} for n, s in models.items()],
+        "tiers": tiers,
+        "keys": static,
+        "admin_key": keys.admin,
+        "data_dir": str(data_dir),
+        "redis_url": svc.redis_url,
+    }
+    if svc.redis_url:
+        settings["key_prefix"] = f"heist-campaign:{cfg.campaign.name}:{secrets.token_hex(4)}:"
+    return settings
+
+
+class HttpTranslator:
+    """``(1, 3, h, w)`` -> the victim's ``(1, 3, s*h, s*w)`` output, through ``POST /v1/models/M/translate``.
+
+    Retries 429 (honouring ``Retry-After``) and 5xx a few times; other errors raise :class:`VictimError`.
+    """
+
+    def __init__(self, url: str, model: str, key: str, timeout: float = 120.0, retries: int = 5) -> None:
+        self.endpoint = f"{url.rstrip('/')}/v1/models/{model}/translate"
+        self.client = httpx.Client(timeout=timeout, headers={"X-API-Key": key, "Content-Type": "image/png"})
+        self.retries = retries
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        body = encode_image(x[:1].float().clamp(0, 1))
+        last = ""
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.client.post(self.endpoint, content=body)
+            except httpx.TransportError as exc:
+                last = f"transport error: {exc}"
+                time.sleep(min(2.0**attempt * 0.2, 5.0))
+                continue
+            if r.status_code == 200:
+                return decode_image(r.content)
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+            if r.status_code == 429 or r.status_code >= 500:
+                wait = float(r.headers.get("Retry-After", 0.2 * 2**attempt))
+                time.sleep(min(wait, 10.0))
+                continue
+            break
+        raise VictimError(f"{self.endpoint}: {last}")
+
+    def close(self) -> None:
+        self.client.close()

@@ -19,8 +19,9 @@ for 429s with ``Retry-After-Ms = x`` (exactly one token at ``t + x``: a virtual 
 ``(t + x, consumed + 1)``). Estimates, best first: the slope between the stretch's exact points (or of
 ``C``) once it spans ``min_span_s``; the last exact slope; the last long stretch's slope; lower bounds
 ``(C_b - C_a - [a not exact]) / (t_b - t_a)`` from stretches that ended full; the bootstrap
-``(B - R - 1) / RateLimit-Reset``. While the bucket keeps showing full and no exact rate is known the
-pace doubles per response (exploration); a 429 ends it.
+``(B - R - 1) / RateLimit-Reset``. The first time tokens run out with nothing measured, one probe goes
+at once: its 429 and ``Retry-After-Ms`` pin the rate down. While the bucket keeps showing full and no
+exact rate is known the pace doubles per response (exploration); a 429 ends it.
 
 **Back-off.** After a 429 no request goes before ``Retry-After-Ms`` (else ``Retry-After``). The
 concurrency cap is AIMD: halved on 503 and transport errors, ``+1/cap`` per success, within
@@ -124,6 +125,8 @@ class LanePacer:
     _bootstrap: float | None = None
     _boost: float = 1.0
     _probe_at: float | None = None
+    _probing: bool = False
+    _probed: bool = False
 
     def __post_init__(self) -> None:
         self.conc_cap = float(self.max_concurrency)
@@ -141,14 +144,18 @@ class LanePacer:
                 long = ex if ex is not None and exact[-1].t - exact[0].t >= self.min_span_s else _slope(first, last)
         return long, ex
 
-    def rate(self) -> float | None:
-        """Estimated refill rate in requests per second (None while unknown)."""
+    def _measured_rate(self) -> float | None:
         long, ex = self._segment_rate()
         best = long or ex or self._exact_rate or self._prev_rate
         lb = max(self._lower_bounds) if self._lower_bounds else None
         if lb is not None and (best is None or lb > best):
             best = lb
-        return best if best is not None else self._bootstrap
+        return best
+
+    def rate(self) -> float | None:
+        """Estimated refill rate in requests per second (None while unknown)."""
+        m = self._measured_rate()
+        return m if m is not None else self._bootstrap
 
     def tokens(self, now: float) -> float | None:
         """Estimated whole tokens available now (None before any rate-limit header)."""
@@ -176,6 +183,13 @@ class LanePacer:
         avail = self.tokens(now)
         if avail is None or avail >= 1.0 - 1e-9:
             return 0.0
+        if self._measured_rate() is None and not self._probed:
+            # Nothing measured yet: one early probe. Its 429 carries Retry-After-Ms, which with the exact
+            # full-bucket point of the first answer gives the rate at once (else the bootstrap is used).
+            if self.in_flight:
+                return None
+            self._probing = True
+            return 0.0
         r = self.rate()
         if r and r > 0:
             return max((1.0 - avail) / (r * self._boost * (1.0 - self.safety)), 1e-4)  # same rate as tokens()
@@ -188,6 +202,8 @@ class LanePacer:
     # --- events --------------------------------------------------------------------------------------
     def on_send(self, now: float) -> int:
         self._probe_at = None
+        if self._probing:
+            self._probing, self._probed = False, True
         seq = self._seq
         self._seq += 1
         self.in_flight[seq] = now

@@ -47,8 +47,8 @@ class PairRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     id: str
-    input: str | None
-    output: str | None
+    input: str | None = None
+    output: str | None = None
     query_index: int
     source: str
     crop: list[int] | None = None
@@ -166,7 +166,10 @@ class PairStore:
             raise PairStoreError(f"{self.root}: store opened read-only")
         if rec.query_index in self.records:
             raise PairStoreError(f"{self.root}: query {rec.query_index} is already recorded")
-        self._appender.append(rec.model_dump(mode="json", exclude_none=True))
+        line = rec.model_dump(mode="json", exclude_none=True)
+        for k in ("input", "output", "crop"):  # contract fields stay present (null) on refusals
+            line.setdefault(k, None)
+        self._appender.append(line)
         self.records[rec.query_index] = rec
 
     def add_pair(

@@ -108,6 +108,7 @@ class QueryStrategy(ABC):
 
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     adaptive: ClassVar[bool] = False
+    uses_crops: ClassVar[bool] = True
 
     def __init__(self, images: Sequence[NamedImage], info: ModelInfo, params: StrategyParams, seed: int = 0) -> None:
         if not images:
@@ -126,6 +127,8 @@ class QueryStrategy(ABC):
         if info.max_pixels is not None and size * size > info.max_pixels:
             raise ConfigError(f"crop_size {size} exceeds the victim's max_pixels {info.max_pixels}")
         self.crop_size = size
+        if self.uses_crops:
+            self.crop_candidates()  # fail early when no image holds a crop
         if params.noise_sigma == "auto":
             self.noise: tuple[float, float] | None = (0.0, 50.0) if info.task == "denoise" else None
         else:

@@ -20,6 +20,8 @@ class RandomImages(QueryStrategy):
     or tiles for more distinct pairs per image.
     """
 
+    uses_crops = False
+
     def make(self, index: int) -> Query:
         n = len(self.sources)
         cycle, pos = divmod(index, n)
@@ -50,7 +52,6 @@ class GridTiles(QueryStrategy):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.crop_candidates()  # fail early when no image holds a tile
         self._rounds: dict[int, list[tuple[int, int, int]]] = {}
 
     def _round(self, r: int) -> list[tuple[int, int, int]]:

@@ -11,6 +11,7 @@ the report is rendered from it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import resource
@@ -114,8 +115,11 @@ class _Service:
         settings_path = vdir / "settings.json"
         Settings.from_mapping(data, str(settings_path)).to_json_file(settings_path)
         svc = self.cfg.victim_service
+        pid_file = vdir / "server.pid"
+        _kill_stale_server(pid_file, settings_path)
         self.proc = start_service(settings_path, workers=svc.workers, log_path=vdir / "server.log",
                                   ready_timeout=svc.startup_timeout_s)
+        pid_file.write_text(str(self.proc.pid))
         return str(self.proc.url)
 
     def ensure(self, url: str) -> str:
@@ -137,6 +141,24 @@ class _Service:
         if self.proc is not None:
             self.proc.stop()
             self.proc = None
+            (self.out / "victim" / "server.pid").unlink(missing_ok=True)
+
+
+def _kill_stale_server(pid_file: Path, settings_path: Path) -> None:
+    """Stop a victim server left running by a campaign that was killed (its pid file survived it)."""
+    import os
+    import signal
+
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return
+    if "victim_service.app" not in cmdline:
+        return  # the pid was reused by something else
+    log.warning("stopping the victim server (pid %d) left by an interrupted run", pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 class _Memo:

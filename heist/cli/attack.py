@@ -1,7 +1,236 @@
-"""`heist attack` commands (being built)."""
+"""``heist attack``: harvest pairs from a victim API, train surrogates, imitate from one example.
+
+Thin glue over :mod:`attacker` (see ``docs/attacker.md``). User mistakes raise
+:class:`translators.errors.HeistError` subclasses, which ``heist`` prints as one line (exit 2). A
+harvest that stops early but cleanly (every key's quota used up, pixel budget spent) exits 3.
+"""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
 
-app = typer.Typer(no_args_is_help=True)
+import typer
+from rich.progress import Progress, TaskID
+from rich.table import Table
+
+from heist.cli.common import console, err_console, progress
+from translators.errors import HeistError
+
+app = typer.Typer(
+    help="Steal a translation model through its API: harvest pairs, train surrogates, imitate from one example.",
+    no_args_is_help=True,
+)
+
+EXIT_STOPPED = 3
+
+
+class RichProgressHook:
+    """:class:`attacker.progress.ProgressHook` drawing rich progress bars (``heist.cli.common.progress``)."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.tasks: dict[str, TaskID] = {}
+
+    def start(self, task: str, total: int | None, done: int = 0) -> None:
+        if task in self.tasks:
+            self.bar.reset(self.tasks[task], total=total, completed=done)
+        else:
+            self.tasks[task] = self.bar.add_task(task, total=total, completed=done, info="")
+
+    def advance(self, task: str, n: int = 1, info: str = "") -> None:
+        if task in self.tasks:
+            self.bar.update(self.tasks[task], advance=n, info=info)
+
+    def finish(self, task: str) -> None:
+        if task in self.tasks:
+            self.bar.refresh()
+
+
+def _quiet_http() -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def _auto_int(value: str, name: str) -> int | str:
+    if value == "auto":
+        return "auto"
+    try:
+        v = int(value)
+    except ValueError:
+        raise HeistError(f"--{name} must be 'auto' or a positive integer (got {value!r})") from None
+    if v < 1:
+        raise HeistError(f"--{name} must be 'auto' or a positive integer (got {value!r})")
+    return v
+
+
+def _noise(value: str) -> tuple[float, float] | str | None:
+    if value in ("auto", "none"):
+        return None if value == "none" else "auto"
+    try:
+        parts = [float(p) for p in value.split(":")]
+    except ValueError:
+        raise HeistError(f"--noise-sigma must be auto, none, SIGMA or LO:HI (got {value!r})") from None
+    if len(parts) == 1:
+        return (parts[0], parts[0])
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise HeistError(f"--noise-sigma must be auto, none, SIGMA or LO:HI (got {value!r})")
+
+
+def _keys(api_key: list[str]) -> list[str]:
+    keys = [k.strip() for raw in api_key for k in raw.split(",") if k.strip()]
+    if not keys:
+        raise HeistError("give at least one --api-key (or set HEIST_API_KEY)")
+    return keys
+
+
+@app.command("models")
+def models(url: str = typer.Option(..., "--url", help="Victim API base URL, e.g. http://127.0.0.1:8000.")) -> None:
+    """List the victim's models and their public limits (GET /v1/models)."""
+    from attacker.client import VictimClient
+
+    _quiet_http()
+
+    async def go() -> list[Any]:
+        async with VictimClient(url) as c:
+            return await c.models()
+
+    table = Table(title=f"Models at {url}")
+    for col in ("name", "task", "scale", "min_side", "size_multiple", "max_pixels", "max_bytes"):
+        table.add_column(col)
+    for m in asyncio.run(go()):
+        table.add_row(m.name, m.task, str(m.scale), str(m.min_side), str(m.size_multiple), str(m.max_pixels),
+                      str(m.max_bytes))
+    console.print(table)
+
+
+@app.command("harvest")
+def harvest_cmd(
+    url: str = typer.Option(..., "--url", help="Victim API base URL."),
+    api_key: list[str] = typer.Option([], "--api-key", envvar="HEIST_API_KEY",
+                                      help="API key; repeat (or comma-separate) for several keys (Sybil)."),
+    model: str = typer.Option(..., "--model", help="Model name as listed by GET /v1/models."),
+    out: Path = typer.Option(..., "--out", help="Run folder (created; an existing harvest there is resumed)."),
+    images: str = typer.Option("corpus:attacker", help="corpus:victim|attacker|benchmark|all or a folder."),
+    budget: int = typer.Option(100, min=1, help="Pairs to harvest."),
+    budget_pixels: int | None = typer.Option(None, min=1, help="Also stop when this many input pixels are spent."),
+    strategy: str = typer.Option("crops", help="random, crops, tiles, augment or diversity."),
+    crop_size: str = typer.Option("auto", help="Crop/tile side in input pixels, or auto."),
+    downscale: str = typer.Option("auto", help="Shrink photos by this factor first (auto = the model's scale)."),
+    noise_sigma: str = typer.Option("auto", help="Gaussian noise sigma (0..255) added to queries: auto, none, "
+                                                 "S or LO:HI (auto: 0:50 for denoise models)."),
+    pool: int = typer.Option(16, min=1, help="Candidates per query (diversity strategy)."),
+    seed: int = typer.Option(0, help="Strategy seed (queries are deterministic in it)."),
+    concurrency: int = typer.Option(8, min=1, help="Most requests in flight per key."),
+    max_retries: int = typer.Option(6, min=0, help="Retries per query on 5xx/timeouts."),
+    fsync: bool = typer.Option(True, help="fsync every pair (crash-safe against power loss)."),
+) -> None:
+    """Harvest (input, output) pairs at the highest rate the victim's limits allow; resumable."""
+    from attacker.harvest import harvest
+
+    _quiet_http()
+    params: dict[str, Any] = {"crop_size": _auto_int(crop_size, "crop-size"),
+                              "downscale": _auto_int(downscale, "downscale"), "noise_sigma": _noise(noise_sigma),
+                              "pool": pool}
+    with progress() as bar:
+        result = harvest(url, _keys(api_key), model, out, images=images, strategy=strategy, strategy_params=params,
+                         budget=budget, budget_pixels=budget_pixels, seed=seed,
+                         client={"max_concurrency": concurrency, "max_retries": max_retries}, durable=fsync,
+                         progress=RichProgressHook(bar))
+    s = result.summary
+    rate = s.get("steady_rate") or s.get("achieved_rate")
+    allowed = s.get("allowed_rate_estimate")
+    console.print(f"{result.pairs}/{result.budget} pairs in {out} · {s['queries_sent']} queries · "
+                  f"{s['rate_limited_429']} rate-limited (429) · "
+                  f"{f'{rate:.2f}/s' if rate else 'rate n/a'}"
+                  f"{f' of ~{allowed:.2f}/s allowed' if allowed else ''}")
+    if result.status == "stopped":
+        err_console.print(f"[yellow]harvest stopped early: {result.stop_reason}[/yellow] "
+                          f"({result.pairs} of {result.budget} pairs kept; run.json says more)")
+        raise typer.Exit(EXIT_STOPPED)
+
+
+def _train_options(**kw: Any) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+@app.command("train")
+def train_cmd(
+    pairs: Path = typer.Option(..., "--pairs", help="Run folder (or its pairs/ folder)."),
+    arch: str = typer.Option("auto", help="pix2pix, srresnet, unet-l2 or auto (SR: srresnet, denoise: unet-l2, "
+                                          "else pix2pix)."),
+    out: Path | None = typer.Option(None, "--out", help="Surrogate folder (default RUN/surrogate)."),
+    profile: str = typer.Option("small", help="tiny, small, default or full."),
+    steps: int | None = typer.Option(None, min=1, help="Training steps (default: the profile's)."),
+    batch_size: int | None = typer.Option(None, min=1),
+    patch: int | None = typer.Option(None, min=4, help="Crop side in input pixels."),
+    lr: float | None = typer.Option(None, min=0.0),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
+    val_every: int | None = typer.Option(None, min=1, help="Validate every N steps (default steps/10)."),
+    checkpoint_every: int | None = typer.Option(None, min=1, help="Save resumable state every N steps."),
+    restart: bool = typer.Option(False, help="Discard saved training state and start over."),
+) -> None:
+    """Train a surrogate on harvested pairs (checkpoint + card), validating on held-out pairs; resumable."""
+    from attacker.train import train_surrogate
+
+    with progress() as bar:
+        r = train_surrogate(pairs, out, progress=RichProgressHook(bar), **_train_options(
+            arch=arch, profile=profile, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
+            device=device, workers=workers, val_every=val_every, checkpoint_every=checkpoint_every, restart=restart))
+    f, b = r.fidelity, r.baseline
+    console.print(f"surrogate {r.card.arch} ({r.summary['kind']}) -> {r.checkpoint}")
+    console.print(f"held-out ({r.held_out}) vs victim: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f} · "
+                  f"{r.summary['baseline_name']} baseline: {b['psnr']:.2f} dB, {b['ssim']:.4f} · "
+                  f"{r.images_per_s:.1f} images/s")
+
+
+@app.command("imitate")
+def imitate_cmd(
+    url: str = typer.Option(..., "--url", help="Victim API base URL."),
+    api_key: list[str] = typer.Option([], "--api-key", envvar="HEIST_API_KEY", help="API key."),
+    model: str = typer.Option(..., "--model", help="Model name."),
+    image: Path = typer.Option(..., "--image", exists=True, dir_okay=False, help="The one input image to send."),
+    out: Path = typer.Option(..., "--out", help="Run folder."),
+    add_noise: float | None = typer.Option(None, min=0.0, help="Add Gaussian noise (sigma, 0..255) first."),
+    profile: str = typer.Option("small", help="U-Net size: tiny, small, default or full."),
+    steps: int | None = typer.Option(None, min=1),
+    patch: int | None = typer.Option(None, min=4),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Single-example imitation: one query, then an L2 U-Net trained on random crops of that pair."""
+    from attacker.imitate import imitate
+
+    _quiet_http()
+    with progress() as bar:
+        r = imitate(url, _keys(api_key), model, image, out, add_noise=add_noise, profile=profile, steps=steps,
+                    seed=seed, device=device, progress=RichProgressHook(bar), **_train_options(patch=patch))
+    f, b = r.train.fidelity, r.train.baseline
+    console.print(f"1 query -> surrogate {r.checkpoint}")
+    console.print(f"held-out region ({r.train.held_out}) vs victim: PSNR {f['psnr']:.2f} dB "
+                  f"(identity/bicubic baseline {b['psnr']:.2f} dB)")
+
+
+@app.command("status")
+def status_cmd(run: Path = typer.Argument(..., help="Run folder.")) -> None:
+    """Print the run summary (run.json) without the long curves."""
+    from attacker.runinfo import read_run
+
+    data = read_run(run)
+    if not data:
+        raise HeistError(f"{run}: no run.json here")
+    slim = json.loads(json.dumps(data))
+    for section in ("train",):
+        if section in slim:
+            for k in ("loss_curve", "val_curve"):
+                if k in slim[section]:
+                    slim[section][k] = f"{len(slim[section][k])} points"
+    if "harvest" in slim:
+        slim["harvest"]["sessions"] = f"{len(slim['harvest'].get('sessions', []))} session(s)"
+    console.print_json(json.dumps(slim))

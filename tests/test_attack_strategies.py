@@ -1,0 +1,119 @@
+"""Query strategies: registry, determinism per index, published limits respected, diversity works."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacker.errors import ConfigError
+from attacker.strategies import STRATEGY_REGISTRY, build_strategy, patch_features
+from attacker.victim_info import ModelInfo
+from translators.corpus import NamedImage, load_images
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[NamedImage]:
+    return load_images("corpus:attacker", max_side=256)
+
+
+SR = ModelInfo(name="sr4x", task="sr", scale=4, min_side=8)
+DENOISE = ModelInfo(name="denoise25", task="denoise", scale=1)
+UNET = ModelInfo(name="style", task="style", scale=1, size_multiple=16, min_side=16, max_pixels=64 * 64)
+
+
+def test_registry_holds_the_documented_strategies() -> None:
+    import attacker.strategies  # noqa: F401
+
+    assert {"random", "crops", "tiles", "augment", "diversity"} <= set(STRATEGY_REGISTRY.names())
+
+
+@pytest.mark.parametrize("name", ["random", "crops", "tiles", "augment", "diversity"])
+def test_query_i_is_the_same_after_a_restart(name: str, photos: list[NamedImage]) -> None:
+    a = build_strategy(name, photos, DENOISE, None, seed=3)
+    b = build_strategy(name, photos, DENOISE, None, seed=3)
+    qa = [a.make(i) for i in range(6)]
+    qb = [b.make(i) for i in range(6)]
+    for x, y in zip(qa, qb):
+        assert torch.equal(x.image, y.image)
+        assert (x.source, x.crop, x.transform) == (y.source, y.crop, y.transform)
+    c = build_strategy(name, photos, DENOISE, None, seed=4)
+    assert not all(torch.equal(x.image, c.make(i).image) for i, x in enumerate(qa))
+
+
+@pytest.mark.parametrize("name", ["random", "crops", "tiles", "augment", "diversity"])
+def test_queries_respect_the_published_limits(name: str, photos: list[NamedImage]) -> None:
+    s = build_strategy(name, photos, UNET, {"crop_size": 50}, seed=0)
+    for i in range(5):
+        q = s.make(i)
+        h, w = q.image.shape[-2:]
+        assert UNET.accepts(h, w) is None, (h, w)
+        assert float(q.image.min()) >= 0.0
+        assert float(q.image.max()) <= 1.0
+
+
+def test_sr_queries_are_downscaled_crops_of_the_photos(photos: list[NamedImage]) -> None:
+    s = build_strategy("crops", photos, SR, None, seed=0)
+    q = s.make(0)
+    assert q.image.shape[-2:] == (32, 32)  # auto crop for x4: 128 // 4
+    src = next(p for p in photos if p.name == q.source).image
+    small = s.sources[[p.name for p in s.sources].index(q.source)].image
+    assert small.shape[-1] == src.shape[-1] // 4
+    top, left, h, w = q.crop
+    assert torch.equal(q.image, small[..., top : top + h, left : left + w])
+
+
+def test_denoise_queries_get_noise_by_default_and_not_when_disabled(photos: list[NamedImage]) -> None:
+    noisy = build_strategy("crops", photos, DENOISE, None, seed=0)
+    clean = build_strategy("crops", photos, DENOISE, {"noise_sigma": None}, seed=0)
+    qn, qc = noisy.make(1), clean.make(1)
+    assert qn.transform and qn.transform.startswith("noise")
+    assert qc.transform is None
+    assert qn.crop == qc.crop
+    assert float((qn.image - qc.image).abs().mean()) > 0.01
+    fixed = build_strategy("crops", photos, DENOISE, {"noise_sigma": 25}, seed=0)
+    assert fixed.make(0).transform == "noise25.0"
+
+
+def test_tiles_do_not_repeat_within_a_round(photos: list[NamedImage]) -> None:
+    s = build_strategy("tiles", photos, DENOISE, {"crop_size": 64, "noise_sigma": None}, seed=0)
+    n = len(s._round(0))
+    boxes = [(q.source, tuple(q.crop)) for q in (s.make(i) for i in range(n))]
+    assert len(set(boxes)) == n
+    assert all(c[0] % 64 == 0 and c[1] % 64 == 0 for _, c in boxes)
+
+
+def _mean_nn_distance(x: torch.Tensor) -> float:
+    f = patch_features(x)
+    d = torch.cdist(f, f)
+    d.fill_diagonal_(float("inf"))
+    return float(d.min(dim=1).values.mean())
+
+
+def test_diversity_strategy_spreads_queries_more_than_random_crops(photos: list[NamedImage]) -> None:
+    params = {"crop_size": 32, "noise_sigma": None, "pool": 32}
+    div = build_strategy("diversity", photos, DENOISE, params, seed=0)
+    rnd = build_strategy("crops", photos, DENOISE, params, seed=0)
+    xd = torch.cat([div.make(i).image for i in range(24)])
+    xr = torch.cat([rnd.make(i).image for i in range(24)])
+    assert _mean_nn_distance(xd) > 1.3 * _mean_nn_distance(xr)
+
+
+def test_diversity_resumes_from_observed_pairs(photos: list[NamedImage]) -> None:
+    params = {"crop_size": 32, "noise_sigma": None}
+    a = build_strategy("diversity", photos, DENOISE, params, seed=0)
+    first = [a.make(i) for i in range(5)]
+    b = build_strategy("diversity", photos, DENOISE, params, seed=0)
+    for q in first:
+        b.observe(q.index, q.image, None)
+    assert torch.equal(a.make(5).image, b.make(5).image)
+
+
+def test_bad_parameters_are_one_line_errors(photos: list[NamedImage]) -> None:
+    with pytest.raises(ConfigError, match="unknown query strategy 'nope'"):
+        build_strategy("nope", photos, DENOISE)
+    with pytest.raises(ConfigError, match="crop_size"):
+        build_strategy("crops", photos, DENOISE, {"crop_size": 0})
+    with pytest.raises(ConfigError, match="colour: Extra inputs"):
+        build_strategy("crops", photos, DENOISE, {"colour": 3})
+    with pytest.raises(ConfigError, match="no image is at least"):
+        build_strategy("crops", photos, DENOISE, {"crop_size": 4000})

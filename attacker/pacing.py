@@ -7,8 +7,9 @@ Heist victim, ``Retry-After-Ms``: exactly when one token will exist. The pacer k
 
 **Tokens now.** From the freshest observation ``(seq_j, R_j, t_j)`` (the response with the highest send
 number carrying rate headers; ``t_j`` its send time, the server admits a request right after it
-arrives): ``min(B, R_j + r * (now - t_j)) - (requests sent after j in flight or consuming)``. A request
-goes only when this is at least 1. Each response re-anchors on the server's own count, so estimation
+arrives): the bucket replayed from ``R_j`` at ``t_j``: refill at ``r`` capped at ``B``, minus one at the send time
+of every later request in flight (or answered without headers but consuming). A request goes only
+when this is at least 1. Each response re-anchors on the server's own count, so estimation
 errors never accumulate, and surplus tokens the server reports are used at once.
 
 **The rate r.** ``C_k = consumed_k + R_k`` (tokens ever granted, up to the floor in ``R``) grows at
@@ -114,7 +115,7 @@ class LanePacer:
     _seq: int = 0
     _responses: int = 0
     _obs: tuple[int, int, float] | None = None  # (seq, remaining, send time)
-    _after_consumed: set[int] = field(default_factory=set)
+    _after_consumed: dict[int, float] = field(default_factory=dict)  # seq -> send time, no headers
     _done: dict[int, _Done] = field(default_factory=dict)
     _settled: int = 0
     _consumed: int = 0
@@ -163,9 +164,15 @@ class LanePacer:
             return None
         seq_j, r_j, t_j = self._obs
         r = (self.rate() or 0.0) * self._boost * (1.0 - self.safety)
-        base = min(float(self.limit), r_j + r * max(0.0, now - t_j))
-        after = sum(1 for s in self.in_flight if s > seq_j) + sum(1 for s in self._after_consumed if s > seq_j)
-        return base - after
+        cap = float(self.limit)
+        # replay the bucket from observation j: refill (capped at B), minus one per later request
+        later = sorted([t for s, t in self.in_flight.items() if s > seq_j] +
+                       [t for s, t in self._after_consumed.items() if s > seq_j])
+        tokens, t_prev = float(r_j), t_j
+        for t in later:
+            tokens = min(cap, tokens + r * max(0.0, t - t_prev)) - 1.0
+            t_prev = max(t_prev, t)
+        return min(cap, tokens + r * max(0.0, now - t_prev))
 
     def concurrency(self) -> int:
         if self._responses == 0:
@@ -214,8 +221,11 @@ class LanePacer:
         t_send = self.in_flight.pop(seq, now)
         self._responses += 1
         rate_limited = status == 429 and code == "rate_limited"
-        consumed = status is not None and status != 429 and status not in (401, 403, 404, 406)
         has_rl = h.limit is not None and h.remaining is not None
+        # An answer without rate headers from a server that sends them means the limiter never ran
+        # (e.g. 503 backend_unavailable): no token was used.
+        consumed = (status is not None and status != 429 and status not in (401, 403, 404, 406)
+                    and (has_rl or not self.headers_seen))
         if has_rl:
             self.headers_seen = True
             self.limit = h.limit
@@ -231,13 +241,13 @@ class LanePacer:
             self.conc_cap = min(float(self.max_concurrency), self.conc_cap + 1.0 / max(self.conc_cap, 1.0))
         if has_rl and (self._obs is None or seq > self._obs[0]):
             self._obs = (seq, int(h.remaining), t_send)  # type: ignore[arg-type]
-            self._after_consumed = {s for s in self._after_consumed if s > seq}
+            self._after_consumed = {s: t for s, t in self._after_consumed.items() if s > seq}
             if consumed and h.reset_s and h.limit and h.remaining is not None:
                 boot = (h.limit - h.remaining - 1) / h.reset_s
                 if boot > 0:
                     self._bootstrap = max(self._bootstrap or 0.0, boot)
         elif consumed and not has_rl and self._obs is not None and seq > self._obs[0]:
-            self._after_consumed.add(seq)
+            self._after_consumed[seq] = t_send
         self._done[seq] = _Done(t_send, consumed, h.remaining if has_rl else None, rate_limited,
                                 h.retry_after_s, h.retry_exact)
         self._settle()

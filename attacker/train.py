@@ -336,6 +336,7 @@ def train_surrogate(
     state_dir = out_dir / "train_state"
     with folder_lock(out_dir, "surrogate folder"):
         start, loss_curve, val_curve, prior_s, prior_train_s = 0, [], [], 0.0, 0.0
+        acc: list[float] = []  # losses since the last loss-curve point
         if (state_dir / "state.json").exists() and not cfg.restart:
             meta = load_state(state_dir, sur.networks(), sur.optimizers(), sur.scaler)
             if meta.get("fingerprint") != fp:
@@ -343,6 +344,7 @@ def train_surrogate(
                                     "--restart to start over (or use another --out)")
             start = int(meta["step"])
             loss_curve, val_curve = meta.get("loss_curve", []), meta.get("val_curve", [])
+            acc = [float(v) for v in meta.get("loss_acc", [])]
             prior_s, prior_train_s = float(meta.get("wall_s", 0.0)), float(meta.get("train_s", 0.0))
             log.info("resuming training at step %d of %d", start, steps)
         base_scores = _baseline_scores(split, ps.scale)
@@ -350,7 +352,7 @@ def train_surrogate(
         train_s = 0.0
 
         def state_info() -> dict[str, Any]:
-            return {"fingerprint": fp, "loss_curve": loss_curve, "val_curve": val_curve,
+            return {"fingerprint": fp, "loss_curve": loss_curve, "val_curve": val_curve, "loss_acc": acc,
                     "wall_s": prior_s + time.monotonic() - t0, "train_s": prior_train_s + train_s}
 
         loader = DataLoader(BatchSource(split.train, patch, profile.batch, cfg.seed, start, steps, cfg.augment),
@@ -358,7 +360,6 @@ def train_surrogate(
                             pin_memory=device.type == "cuda")
         progress.start("train", steps, start)
         sur.train()
-        acc: list[float] = []
         step = start
         try:
             for xb, yb in loader:

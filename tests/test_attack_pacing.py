@@ -83,7 +83,7 @@ def test_pacer_with_burst_one_still_tracks_the_rate() -> None:
 
 def test_a_naive_client_that_ignores_headers_wastes_most_requests() -> None:
     """Baseline for the claims above: firing at the concurrency limit gets 429 after 429."""
-    rate, burst, interval = 5.0, 5, round(US / 5.0)
+    burst, interval = 5, round(US / 5.0)  # 5 requests/s, burst 5
     tat, ok, limited, now = 0, 0, 0, 0.0
     while ok < 30:
         t_us = round(now * US)

@@ -116,23 +116,25 @@ def test_kill_9_during_writes_leaves_a_consistent_store(tmp_path: Path) -> None:
 
 
 def test_folder_lock_excludes_a_second_process(tmp_path: Path) -> None:
-    with folder_lock(tmp_path), pytest.raises(RunFolderError, match="another heist process"):
-        ctx = mp.get_context("fork")
-        q = ctx.Queue()
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
 
-        def other() -> None:
-            try:
-                with folder_lock(tmp_path):
-                    q.put("locked")
-            except RunFolderError as exc:
-                q.put(str(exc))
+    def other() -> None:
+        try:
+            with folder_lock(tmp_path):
+                q.put("locked")
+        except RunFolderError as exc:
+            q.put(str(exc))
 
+    with folder_lock(tmp_path):
         p = ctx.Process(target=other)
         p.start()
         p.join()
-        raise RunFolderError(q.get())
-    with folder_lock(tmp_path):  # released after the block
-        pass
+    assert "another heist process is using this run folder" in q.get(timeout=10)
+    p = ctx.Process(target=other)  # released after the block
+    p.start()
+    p.join()
+    assert q.get(timeout=10) == "locked"
 
 
 def test_jsonl_appender_repairs_its_log(tmp_path: Path) -> None:

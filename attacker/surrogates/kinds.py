@@ -13,7 +13,7 @@ from attacker.surrogates.base import RESTORATION_TASKS, SURROGATE_REGISTRY, Surr
 from translators.archs import build_arch
 
 _UNET_PROFILES = {
-    "tiny": SurrogateProfile(arch_kwargs={"base": 16, "depth": 4, "norm": "batch"}, steps=150, batch=8, patch=32,
+    "tiny": SurrogateProfile(arch_kwargs={"base": 16, "depth": 4, "norm": "batch"}, steps=300, batch=8, patch=32,
                              lr=2e-3),
     "small": SurrogateProfile(arch_kwargs={"base": 32, "depth": 5, "norm": "batch"}, steps=600, batch=8, patch=64,
                               lr=1e-3),
@@ -137,7 +137,7 @@ class SRResNetSurrogate(Surrogate):
 
     name = "srresnet"
     profiles: ClassVar[dict[str, SurrogateProfile]] = {
-        "tiny": SurrogateProfile(arch_kwargs={"channels": 16, "n_blocks": 2}, steps=150, batch=8, patch=16, lr=2e-3),
+        "tiny": SurrogateProfile(arch_kwargs={"channels": 16, "n_blocks": 2}, steps=300, batch=8, patch=16, lr=2e-3),
         "small": SurrogateProfile(arch_kwargs={"channels": 32, "n_blocks": 4}, steps=600, batch=8, patch=24, lr=1e-3),
         "default": SurrogateProfile(arch_kwargs={"channels": 64, "n_blocks": 8}, steps=2000, batch=16, patch=24,
                                     lr=5e-4),

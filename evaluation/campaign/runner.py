@@ -235,7 +235,7 @@ def run_campaign(
 
     models: dict[str, str] = {}
     with timer.phase("zoo"):
-        for v in cfg.victims:
+        for v in cfg.victims if not cfg.victim_service.url else []:  # a remote victim brings its own models
             if v.source and not v.source.startswith("zoo:"):
                 models[v.name] = v.source
                 continue

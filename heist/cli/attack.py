@@ -136,7 +136,7 @@ def harvest_cmd(
     params: dict[str, Any] = {"crop_size": _auto_int(crop_size, "crop-size"),
                               "downscale": _auto_int(downscale, "downscale"), "noise_sigma": _noise(noise_sigma),
                               "pool": pool}
-    with progress() as bar:
+    with progress(transient=True) as bar:
         result = harvest(url, _keys(api_key), model, out, images=images, strategy=strategy, strategy_params=params,
                          budget=budget, budget_pixels=budget_pixels, seed=seed,
                          client={"max_concurrency": concurrency, "max_retries": max_retries}, durable=fsync,
@@ -179,7 +179,7 @@ def train_cmd(
     """Train a surrogate on harvested pairs (checkpoint + card), validating on held-out pairs; resumable."""
     from attacker.train import train_surrogate
 
-    with progress() as bar:
+    with progress(transient=True) as bar:
         r = train_surrogate(pairs, out, progress=RichProgressHook(bar), **_train_options(
             arch=arch, profile=profile, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
             device=device, workers=workers, val_every=val_every, checkpoint_every=checkpoint_every, restart=restart))
@@ -208,7 +208,7 @@ def imitate_cmd(
     from attacker.imitate import imitate
 
     _quiet_http()
-    with progress() as bar:
+    with progress(transient=True) as bar:
         r = imitate(url, _keys(api_key), model, image, out, add_noise=add_noise, profile=profile, steps=steps,
                     seed=seed, device=device, progress=RichProgressHook(bar), **_train_options(patch=patch))
     f, b = r.train.fidelity, r.train.baseline

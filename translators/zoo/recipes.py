@@ -116,7 +116,7 @@ _add(Recipe(
     description="bicubic x4 super-resolution (SRResNet, pixel shuffle, bicubic skip)",
     specs={
         "tiny": TrainSpec({"scale": 4, "channels": 16, "n_blocks": 2}, steps=800, batch=8, patch=48, lr=2e-3),
-        "default": TrainSpec({"scale": 4, "channels": 32, "n_blocks": 4}, steps=3000, batch=16, patch=64, lr=1e-3),
+        "default": TrainSpec({"scale": 4, "channels": 24, "n_blocks": 3}, steps=1200, batch=8, patch=48, lr=2e-3),
         "full": TrainSpec({"scale": 4, "channels": 64, "n_blocks": 16}, steps=100_000, batch=16, patch=96,
                           lr=2e-4, eval_side=256),
     },
@@ -130,7 +130,7 @@ _add(Recipe(
     description="Gaussian denoising, sigma=25 on 0..255 (DnCNN, residual learning)",
     specs={
         "tiny": TrainSpec({"channels": 24, "depth": 5, "batch_norm": False}, steps=300, batch=8, patch=40),
-        "default": TrainSpec({"channels": 48, "depth": 8, "batch_norm": False}, steps=2000, batch=16, patch=48,
+        "default": TrainSpec({"channels": 32, "depth": 7, "batch_norm": False}, steps=1000, batch=8, patch=40,
                              lr=1e-3),
         "full": TrainSpec({"channels": 64, "depth": 17, "batch_norm": True}, steps=100_000, batch=64, patch=50,
                           lr=1e-3, eval_side=256),
@@ -141,7 +141,7 @@ def _style_specs() -> dict[str, TrainSpec]:
     unet = {"norm": "none", "residual": True}
     return {
         "tiny": TrainSpec({**unet, "base": 16, "depth": 4, "max_channels": 64}, steps=600, batch=8, patch=48),
-        "default": TrainSpec({**unet, "base": 32, "depth": 5, "max_channels": 128}, steps=2500, batch=8, patch=64,
+        "default": TrainSpec({**unet, "base": 24, "depth": 5, "max_channels": 96}, steps=1200, batch=8, patch=64,
                              lr=1e-3),
         "full": TrainSpec({"base": 64, "depth": 8, "max_channels": 512, "norm": "batch", "residual": True},
                           steps=100_000, batch=16, patch=256, lr=2e-4, eval_side=256),

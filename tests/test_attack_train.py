@@ -1,0 +1,158 @@
+"""Surrogate training on pairs from a known local function (no server here; see test_attack_e2e).
+
+Each surrogate kind must lower held-out L2 and beat the trivial baseline; an interrupted run resumes
+to bit-identical weights; checkpoints load with the Foundation loader; state is safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from attacker.errors import ConfigError, TrainingError
+from attacker.pairstore import PairStore
+from attacker.runinfo import read_run, update_run
+from attacker.train import train_surrogate
+from translators.checkpoint import load_model
+from translators.codecs import encode_image
+from translators.corpus import PatchSampler, load_images
+from translators.images import upscale
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def colour_blur(x: torch.Tensor) -> torch.Tensor:
+    """A same-size 'victim': 3x3 blur, then a colour grade (channel mix + gamma)."""
+    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k.expand(3, 1, 3, 3).contiguous(), groups=3)
+    mix = torch.tensor([[0.8, 0.2, 0.0], [0.1, 0.7, 0.2], [0.0, 0.3, 0.7]])
+    return torch.einsum("ij,njhw->nihw", mix, y).clamp(0, 1) ** 0.8
+
+
+def sharp_sr(x: torch.Tensor) -> torch.Tensor:
+    """An x4 'victim': bicubic upscaling plus unsharp masking (differs from the bicubic baseline)."""
+    up = upscale(x, 4)
+    blur = F.avg_pool2d(F.pad(up, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
+    return (up + 2.0 * (up - blur)).clamp(0, 1)
+
+
+def make_run(root: Path, fn, scale: int, n: int, side: int, task: str, seed: int = 0) -> Path:
+    photos = [im.image for im in load_images("corpus:attacker", max_side=192)]
+    sampler = PatchSampler(photos, side * scale, seed=seed)
+    with PairStore(root / "pairs", durable=False).open() as st:
+        for i in range(n):
+            hr = sampler.crop()
+            x = F.interpolate(hr, scale_factor=1 / scale, mode="bicubic", antialias=True).clamp(0, 1) \
+                if scale > 1 else hr
+            x = torch.round(x * 255) / 255
+            y = fn(x)
+            st.add_pair(i, encode_image(x), encode_image(y), source="synthetic", crop=None,
+                        in_hw=list(x.shape[-2:]), out_hw=list(y.shape[-2:]))
+    update_run(root, target={"url": "local", "model": task, "info": {"name": task, "task": task, "scale": scale}})
+    return root
+
+
+@pytest.mark.parametrize(("kind", "scale", "steps"), [("unet-l2", 1, 150), ("pix2pix", 1, 150), ("srresnet", 4, 200)])
+def test_surrogate_lowers_held_out_l2_and_beats_the_baseline(tmp_path: Path, kind: str, scale: int, steps: int) -> None:
+    fn = sharp_sr if scale > 1 else colour_blur
+    task = "sr" if scale > 1 else "style"
+    run = make_run(tmp_path / "run", fn, scale, n=24, side=32 if scale == 1 else 16, task=task)
+    r = train_surrogate(run, arch=kind, profile="tiny", steps=steps, val_every=steps // 3)
+    first, last = r.val_curve[0], r.val_curve[-1]
+    assert last["l2"] < first["l2"]
+    assert r.fidelity["l2"] < r.baseline["l2"]
+    assert r.fidelity["psnr"] > r.baseline["psnr"] + 1.0
+    assert r.held_out == "pairs"
+    run_json = read_run(run)
+    assert run_json["train"]["fidelity"]["psnr"] == pytest.approx(r.fidelity["psnr"])
+    assert run_json["train"]["checkpoint"] == "surrogate/model.safetensors"
+    loaded = load_model(r.checkpoint)
+    assert loaded.card.scale == scale
+    assert loaded.card.training["kind"] == kind
+    x = torch.rand(1, 3, 16, 16)
+    assert loaded.module(x).shape == (1, 3, 16 * scale, 16 * scale)
+
+
+def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", colour_blur, 1, n=6, side=32, task="style")
+    common = {"arch": "pix2pix", "profile": "tiny", "steps": 12, "checkpoint_every": 4, "val_every": 6,
+              "arch_kwargs": {"base": 8, "depth": 3}}
+    full = train_surrogate(run, tmp_path / "full", **common)
+
+    class StopTrainingError(Exception):
+        pass
+
+    class StopAt:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def start(self, task: str, total: int | None, done: int = 0) -> None:
+            self.n = done
+
+        def advance(self, task: str, n: int = 1, info: str = "") -> None:
+            self.n += n
+            if self.n == 6:
+                raise StopTrainingError
+
+        def finish(self, task: str) -> None:
+            pass
+
+    with pytest.raises(StopTrainingError):
+        train_surrogate(run, tmp_path / "split", progress=StopAt(), **common)
+    state = tmp_path / "split" / "train_state"
+    assert sorted(p.name for p in state.iterdir()) == ["state-00000004.safetensors", "state.json"]
+    resumed = train_surrogate(run, tmp_path / "split", **common)
+    a, b = load_file(str(full.checkpoint)), load_file(str(resumed.checkpoint))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.loss_curve == full.loss_curve
+
+
+def test_dataloader_workers_see_the_same_batches(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", colour_blur, 1, n=4, side=32, task="style")
+    common = {"arch": "unet-l2", "profile": "tiny", "steps": 6, "arch_kwargs": {"base": 8, "depth": 3}}
+    r0 = train_surrogate(run, tmp_path / "w0", workers=0, **common)
+    r1 = train_surrogate(run, tmp_path / "w1", workers=1, **common)
+    a, b = load_file(str(r0.checkpoint)), load_file(str(r1.checkpoint))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_pair_holds_out_a_region(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", colour_blur, 1, n=1, side=96, task="style")
+    r = train_surrogate(run, arch="unet-l2", profile="tiny", steps=150)
+    assert r.held_out == "region"
+    assert r.summary["pairs_val"] == 1
+    assert r.fidelity["l2"] < r.baseline["l2"]
+
+
+def test_changed_settings_refuse_to_resume(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", colour_blur, 1, n=3, side=32, task="style")
+    kw = {"arch": "unet-l2", "profile": "tiny", "steps": 4, "arch_kwargs": {"base": 8, "depth": 3}}
+    train_surrogate(run, **kw)
+    with pytest.raises(TrainingError, match="--restart"):
+        train_surrogate(run, seed=1, **kw)
+    r = train_surrogate(run, seed=1, restart=True, **kw)
+    assert r.steps == 4
+
+
+def test_training_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", colour_blur, 1, n=2, side=16, task="style")
+    with pytest.raises(ConfigError, match="srresnet is a super-resolution surrogate"):
+        train_surrogate(run, arch="srresnet", profile="tiny", steps=2)
+    with pytest.raises(ConfigError, match="unknown profile 'huge'"):
+        train_surrogate(run, arch="unet-l2", profile="huge")
+    with pytest.raises(ConfigError, match="unknown surrogate 'gan'"):
+        train_surrogate(run, arch="gan")
+    with pytest.raises(TrainingError, match="needs crops of at least 32px"):
+        train_surrogate(run, arch="unet-l2", profile="tiny", arch_kwargs={"depth": 5})
+    with pytest.raises(TrainingError, match="no pairs here"):
+        train_surrogate(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="bad training option steps"):
+        train_surrogate(run, steps=0)

@@ -66,7 +66,8 @@ def test_bad_defense_parameter_is_reported_at_its_line() -> None:
 def test_unknown_defense_and_strategy() -> None:
     assert "unknown defense 'blur'" in _error(GOOD.replace('name = "jpeg"', 'name = "blur"'))
     msg = _error(GOOD.replace('strategies = ["crops"]', 'strategies = ["bogus"]'))
-    assert msg.startswith("c.toml:20: attack.strategies") and "unknown strategy 'bogus'" in msg
+    assert msg.startswith("c.toml:20: attack.strategies")
+    assert "unknown strategy 'bogus'" in msg
 
 
 def test_unknown_model_and_impossible_budget() -> None:

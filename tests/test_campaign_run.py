@@ -47,15 +47,18 @@ def test_every_cell_ran_through_the_http_api(finished: Path) -> None:
         harvest_log = Path(cell.run_dir or "") / "harvest_log.jsonl"
         statuses = [json.loads(line)["status"] for line in harvest_log.read_text().splitlines()]
         assert statuses.count(200) == cell.budget
-        assert cell.fidelity is not None and cell.fidelity.metrics["psnr"].summary.mean > 10
+        assert cell.fidelity is not None
+        assert cell.fidelity.metrics["psnr"].summary.mean > 10
         assert Path(cell.surrogate.path).exists()  # type: ignore[union-attr]
     # The JPEG defense changed what honest users get; the clean tier is identical to itself.
     util = {u.defense: u for u in results.utility}
     assert util["none"].defended_vs_clean.metrics["psnr"].summary.mean == pytest.approx(80.0)
     assert util["jpeg50"].defended_vs_clean.metrics["psnr"].summary.mean < 40.0
     assert results.wall_times["total"] > 0
-    assert results.peak_memory_mb and results.peak_memory_mb > 0
-    assert results.derived is not None and results.derived.curves
+    assert results.peak_memory_mb is not None
+    assert results.peak_memory_mb > 0
+    assert results.derived is not None
+    assert results.derived.curves
 
 
 @pytest.mark.slow
@@ -74,7 +77,8 @@ def test_report_numbers_come_from_results_json(finished: Path) -> None:
     assert "FID/KID not computed" in md  # says which feature network (none) produced FID/KID
     for fig in re.findall(r"\(figures/([^)]+\.png)\)", md):
         assert (finished / "figures" / fig).stat().st_size > 1000
-    assert "<img" in html and "data:image/png;base64," in html
+    assert "<img" in html
+    assert "data:image/png;base64," in html
 
 
 @pytest.mark.slow

@@ -52,6 +52,8 @@ class TrainConfig(BaseModel):
         patch: training crop side in input pixels (clamped to the smallest training input).
         arch_kwargs: overrides of the profile's generator kwargs (e.g. ``{"depth": 3}``).
         workers: DataLoader worker processes (0 = build batches in the training process).
+        threads: ``torch.set_num_threads`` for this process (None = torch's default). On a loaded
+            machine fewer threads than cores can be many times faster (OpenMP threads spin-wait).
         val_max_side: held-out pairs are centre-cropped to this many input pixels a side.
     """
 
@@ -66,6 +68,7 @@ class TrainConfig(BaseModel):
     arch_kwargs: dict[str, ArchValue] = Field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
+    threads: int | None = Field(None, ge=1)
     amp: bool = True
     workers: int = Field(0, ge=0)
     augment: bool = True
@@ -316,6 +319,8 @@ def train_surrogate(
         device = pick_device(cfg.device)
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     sur = kind(ps.scale, task, profile, device, amp=cfg.amp)
     mult = sur.patch_multiple()

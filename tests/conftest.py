@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHARED_REDIS_URL = os.environ.get("HEIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -27,6 +27,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    """The same thread policy as the CLI (translators.device.default_threads)."""
+    from translators.device import configure_threads
+
+    configure_threads()
 
 
 @pytest.fixture(scope="session", autouse=True)

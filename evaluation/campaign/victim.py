@@ -25,6 +25,7 @@ import torch
 
 from evaluation.campaign.config import CampaignConfig
 from translators.codecs import decode_image, encode_image
+from translators.device import default_threads
 from translators.errors import HeistError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def victim_settings(
         "admin_key": keys.admin,
         "data_dir": str(data_dir),
         "redis_url": svc.redis_url,
+        "torch_threads": default_threads(),  # the attacker trains beside the server: don't oversubscribe
     }
     if svc.redis_url:
         settings["key_prefix"] = f"heist-campaign:{cfg.campaign.name}:{secrets.token_hex(4)}:"

@@ -172,6 +172,8 @@ def train_cmd(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
+    threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: torch's; on a busy "
+                                                        "machine 1 can be much faster)."),
     val_every: int | None = typer.Option(None, min=1, help="Validate every N steps (default steps/10)."),
     checkpoint_every: int | None = typer.Option(None, min=1, help="Save resumable state every N steps."),
     restart: bool = typer.Option(False, help="Discard saved training state and start over."),
@@ -182,7 +184,8 @@ def train_cmd(
     with progress(transient=True) as bar:
         r = train_surrogate(pairs, out, progress=RichProgressHook(bar), **_train_options(
             arch=arch, profile=profile, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
-            device=device, workers=workers, val_every=val_every, checkpoint_every=checkpoint_every, restart=restart))
+            device=device, workers=workers, threads=threads, val_every=val_every, checkpoint_every=checkpoint_every,
+            restart=restart))
     f, b = r.fidelity, r.baseline
     console.print(f"surrogate {r.card.arch} ({r.summary['kind']}) -> {r.checkpoint}")
     console.print(f"held-out ({r.held_out}) vs victim: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f} · "
@@ -203,6 +206,7 @@ def imitate_cmd(
     patch: int | None = typer.Option(None, min=4),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: torch's)."),
 ) -> None:
     """Single-example imitation: one query, then an L2 U-Net trained on random crops of that pair."""
     from attacker.imitate import imitate
@@ -210,7 +214,8 @@ def imitate_cmd(
     _quiet_http()
     with progress(transient=True) as bar:
         r = imitate(url, _keys(api_key), model, image, out, add_noise=add_noise, profile=profile, steps=steps,
-                    seed=seed, device=device, progress=RichProgressHook(bar), **_train_options(patch=patch))
+                    seed=seed, device=device, progress=RichProgressHook(bar),
+                    **_train_options(patch=patch, threads=threads))
     f, b = r.train.fidelity, r.train.baseline
     console.print(f"1 query -> surrogate {r.checkpoint}")
     console.print(f"held-out region ({r.train.held_out}) vs victim: PSNR {f['psnr']:.2f} dB "

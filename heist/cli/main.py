@@ -31,6 +31,9 @@ app.command("serve")(serve.serve)
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     setup_logging(verbose)
+    from translators.device import configure_threads
+
+    configure_threads()
 
 
 def main() -> None:

@@ -293,16 +293,18 @@ class Harvester:
 
     # --- the loop ------------------------------------------------------------------------------------
     async def run(self) -> HarvestResult:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with folder_lock(self.run_dir):
-            async with VictimClient(self.url, self.cfg.client,
-                                    connections=self.cfg.client.max_concurrency * len(self.lanes)) as client:
-                self.client = client
-                self.info = await client.model_info(self.cfg.model)
-                imgs = self.images_spec if not isinstance(self.images_spec, str) else load_images(self.images_spec)
-                self.strategy = build_strategy(self.cfg.strategy, imgs, self.info, self.cfg.strategy_params,
-                                               self.cfg.seed)
-                self.identity = self._check_resume(self.info, self.strategy)
+        async with VictimClient(self.url, self.cfg.client,
+                                connections=self.cfg.client.max_concurrency * len(self.lanes)) as client:
+            self.client = client
+            # everything that can fail on bad options fails before the run folder is touched
+            self.info = await client.model_info(self.cfg.model)
+            imgs = self.images_spec if not isinstance(self.images_spec, str) else load_images(self.images_spec)
+            self.strategy = build_strategy(self.cfg.strategy, imgs, self.info, self.cfg.strategy_params,
+                                           self.cfg.seed)
+            self.identity = self._check_resume(self.info, self.strategy)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with folder_lock(self.run_dir):
+                self.identity = self._check_resume(self.info, self.strategy)  # again, now that we hold the lock
                 self.store = PairStore(self.run_dir / "pairs", durable=self.cfg.durable).open()
                 self.log_file, _ = open_jsonl_for_append(self.run_dir / "harvest_log.jsonl")
                 try:

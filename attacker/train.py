@@ -409,7 +409,7 @@ def train_surrogate(
         card = ModelCard(
             name=f"surrogate-{target.get('model', 'victim')}-{kind_name}", arch=sur.arch, kwargs=sur.arch_kwargs,
             task=task, scale=ps.scale, size_multiple=int(getattr(g, "size_multiple", 1) or 1),
-            min_side=int(getattr(g, "size_multiple", 1) or 1),
+            min_side=max(4, int(getattr(g, "size_multiple", 1) or 1)),
             description=f"{kind_name} surrogate trained by heist attack on {len(ps)} harvested pairs",
             training={k: v for k, v in summary.items() if k not in ("loss_curve", "val_curve")}
             | {"victim_url": target.get("url"), "victim_model": target.get("model")},

@@ -22,9 +22,13 @@ class ModelInfo(BaseModel):
     max_pixels: int | None = None
     max_bytes: int | None = None
     max_batch: int | None = None
+    fixed_size: list[int] | None = None  # [height, width] when the model takes only one size
 
     def accepts(self, height: int, width: int) -> str | None:
         """None when an input of ``height`` x ``width`` fits the published limits, else the reason."""
+        if self.fixed_size is not None and [height, width] != list(self.fixed_size):
+            fh, fw = self.fixed_size
+            return f"{width}x{height} is not the only accepted size {fw}x{fh}"
         if min(height, width) < self.min_side:
             return f"{width}x{height} is smaller than min_side {self.min_side}"
         if self.size_multiple > 1 and (height % self.size_multiple or width % self.size_multiple):

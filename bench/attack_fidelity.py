@@ -6,7 +6,8 @@
 For each task (``sr4x``, ``denoise25``) a real victim server (``victim_service.process``, unlimited tier)
 serves the zoo model at ``--zoo-profile``. For each budget ``b`` the attacker harvests ``b`` queries
 (strategy ``crops``: ``--crop-sr`` low-resolution pixels a side for SR, ``--crop-denoise`` for denoising,
-where the attacker adds noise of a sigma drawn in [0, 50] since it does not know the victim's), then
+with Gaussian noise of ``--noise-sigma`` added: by default 25, queries from the victim's own domain as in
+the extraction paper's threat model; ``auto`` is the CLI's agnostic prior, sigma uniform in [0, 50]), then
 trains the auto surrogate (SRResNet for SR, L2 U-Net for denoising) at ``--surrogate-profile`` for
 ``--steps`` steps, the same for every budget, so only the data changes.
 
@@ -73,6 +74,8 @@ def main() -> None:
     ap.add_argument("--crop-denoise", type=int, default=128, help="crop side per denoising query")
     ap.add_argument("--bench-side", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--noise-sigma", default="25",
+                    help="denoising queries: sigma (0..255) or LO:HI, or auto (= 0:50, the CLI default)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attack_fidelity.json")
     args = ap.parse_args()
@@ -106,11 +109,15 @@ def main() -> None:
                 cell_a = [psnr_ssim_l2(v, gt) for _, gt, v in bench]
                 base_b = [psnr_ssim_l2(baseline(x, recipe.scale), v) for x, _, v in bench]
                 crop = args.crop_sr if recipe.scale > 1 else args.crop_denoise
+                params: dict[str, Any] = {"crop_size": crop}
+                if recipe.task == "denoise" and args.noise_sigma != "auto":
+                    lo, _, hi = args.noise_sigma.partition(":")
+                    params["noise_sigma"] = (float(lo), float(hi or lo))
                 for b in budgets:
                     t0 = time.monotonic()
                     run = Path(tmp) / f"{task}-{b}"
                     h = harvest(svc.url, key, task, run, budget=b, strategy="crops", seed=args.seed,
-                                strategy_params={"crop_size": crop}, durable=False)
+                                strategy_params=params, durable=False)
                     tr = train_surrogate(run, profile=args.surrogate_profile, steps=args.steps, seed=args.seed,
                                          device="cpu", val_every=args.steps)
                     sur = load_model(tr.checkpoint).module
@@ -139,7 +146,8 @@ def main() -> None:
         "zoo_profile": args.zoo_profile, "surrogate_profile": args.surrogate_profile, "steps": args.steps,
         "bench_images": "corpus:benchmark centre crops", "bench_side": args.bench_side,
         "metric": "piq PSNR/SSIM, data_range 1, RGB, no border crop",
-        "crop_per_query": {"sr": args.crop_sr, "denoise": args.crop_denoise}, "cpu_count": os.cpu_count(),
+        "crop_per_query": {"sr": args.crop_sr, "denoise": args.crop_denoise},
+        "denoise_query_noise_sigma": args.noise_sigma, "cpu_count": os.cpu_count(),
         "torch_threads": args.threads, "wall_s": round(time.monotonic() - t_start, 1), "rows": rows,
     }
     out = args.out

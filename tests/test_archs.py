@@ -118,7 +118,7 @@ def test_empirical_receptive_field_restores_training_mode() -> None:
 
 def test_registry_errors_name_the_problem() -> None:
     assert {"dncnn", "patchgan", "resnet", "srresnet", "unet"} <= set(ARCH_REGISTRY.names())
-    with pytest.raises(UnknownNameError, match=r"unknown architecture 'vgg' \(known: dncnn, patchgan"):
+    with pytest.raises(UnknownNameError, match=r"unknown architecture 'vgg' \(known: .*dncnn, patchgan"):
         build_arch("vgg")
     with pytest.raises(TypeError, match=r"bad arguments for architecture 'unet'.*widht"):
         build_arch("unet", {"widht": 3})

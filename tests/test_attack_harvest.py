@@ -161,6 +161,7 @@ def test_wrong_key_unknown_model_and_dead_url_are_clear_errors(victim: VictimSer
         harvest(victim.url, "hk_not_a_real_key_000000", "denoise", tmp_path / "a", budget=3)
     with pytest.raises(UnknownModelError, match=r"serves no model .nope. \(it serves: .*denoise"):
         harvest(victim.url, victim.keys["open"], "nope", tmp_path / "b", budget=3)
+    assert not (tmp_path / "b").exists()  # nothing written for a run that never started
     with pytest.raises(VictimUnreachableError, match="cannot reach"):
         harvest(f"http://127.0.0.1:{free_port()}", victim.keys["open"], "denoise", tmp_path / "c", budget=3)
     cp = _cli("attack", "harvest", "--url", victim.url, "--api-key", "hk_wrong_key_1234567890", "--model", "denoise",
@@ -235,3 +236,19 @@ def test_5xx_storm_stops_with_pairs_kept_and_resume_finishes(tmp_path: Path, pri
             range(60))
     finally:
         srv.stop()
+
+
+def test_pixel_budget_and_the_adaptive_strategy_against_the_server(victim: VictimServer, tmp_path: Path) -> None:
+    r = harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run", strategy="diversity", budget=50,
+                budget_pixels=10 * 24 * 24 + 100, strategy_params={"crop_size": 24, "pool": 8})
+    assert r.status == "stopped"
+    assert r.stop_reason == "pixel_budget"
+    assert r.pairs == 10
+    assert r.summary["input_pixels"] == 10 * 24 * 24
+    # resuming an adaptive harvest feeds the stored pairs back to the strategy and extends it
+    more = harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run", strategy="diversity", budget=14,
+                   strategy_params={"crop_size": 24, "pool": 8})
+    assert (more.status, more.pairs) == ("complete", 14)
+    recs = PairStore(tmp_path / "run" / "pairs").open(writable=False).ok_records()
+    crops = {(x.source, *x.crop) for x in recs}
+    assert len(crops) == 14

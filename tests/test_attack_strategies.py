@@ -117,3 +117,14 @@ def test_bad_parameters_are_one_line_errors(photos: list[NamedImage]) -> None:
         build_strategy("crops", photos, DENOISE, {"colour": 3})
     with pytest.raises(ConfigError, match="no image is at least"):
         build_strategy("crops", photos, DENOISE, {"crop_size": 4000})
+
+
+@pytest.mark.parametrize("name", ["random", "crops", "tiles", "augment", "diversity"])
+def test_a_fixed_size_model_gets_exactly_that_size(name: str, photos: list[NamedImage]) -> None:
+    fixed = ModelInfo(name="exported", task="style", fixed_size=[48, 80])
+    s = build_strategy(name, photos, fixed, None, seed=0)
+    for i in range(4):
+        q = s.make(i)
+        assert q.image.shape[-2:] == (48, 80)
+        assert fixed.accepts(48, 80) is None
+    assert "only accepted size 80x48" in str(fixed.accepts(64, 64))

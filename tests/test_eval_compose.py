@@ -51,7 +51,7 @@ def test_compose_file_validates_and_wires_the_services() -> None:
                for v in redis["volumes"])
     assert "redis-data" in cfg["volumes"]
     victim = services["victim"]
-    assert victim["command"] == ["serve", "--config", "configs/victim.toml"]
+    assert victim["command"] == ["serve", "--config", "configs/victim-compose.toml"]
     assert "/readyz" in " ".join(victim["healthcheck"]["test"])
     assert victim["depends_on"]["redis"]["condition"] == "service_healthy"
     assert victim["environment"]["HEIST_VICTIM_REDIS_URL"] == "redis://redis:6379/0"
@@ -93,3 +93,18 @@ def test_dockerfile_copies_only_what_exists() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored
     assert ".git" in ignored
+
+
+def test_compose_victim_and_campaign_configs_agree() -> None:
+    """The compose campaign's API keys exist in the compose victim, in tiers applying the same defenses."""
+    from evaluation.campaign.config import load_campaign
+    from victim_service.settings import Settings
+
+    victim = Settings.from_file("configs/victim-compose.toml")
+    campaign, _ = load_campaign("configs/campaigns/compose.toml")
+    tier_of = {k.key.get_secret_value(): k.tier for k in victim.keys}
+    served = {m.name for m in victim.models}
+    assert {v.name for v in campaign.victims} <= served
+    for d in campaign.defenses:
+        assert d.api_key in tier_of, d.label
+        assert victim.tiers[tier_of[d.api_key]].defenses == d.pipeline

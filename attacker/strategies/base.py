@@ -127,6 +127,9 @@ class QueryStrategy(ABC):
         if info.max_pixels is not None and size * size > info.max_pixels:
             raise ConfigError(f"crop_size {size} exceeds the victim's max_pixels {info.max_pixels}")
         self.crop_size = size
+        # (height, width) of every crop; a model that takes one size only gets exactly that size
+        self.crop_hw: tuple[int, int] = (int(info.fixed_size[0]), int(info.fixed_size[1])) if info.fixed_size \
+            else (size, size)
         if self.uses_crops:
             self.crop_candidates()  # fail early when no image holds a crop
         if params.noise_sigma == "auto":
@@ -148,18 +151,18 @@ class QueryStrategy(ABC):
         """Adaptive strategies learn from each harvested pair (inputs/outputs ``(1, 3, H, W)``)."""
 
     def describe(self) -> dict[str, object]:
-        return {"crop_size": self.crop_size, "downscale": self.downscale,
+        return {"crop_size": self.crop_size, "crop_hw": list(self.crop_hw), "downscale": self.downscale,
                 "noise_sigma": list(self.noise) if self.noise else None}
 
     # --- helpers ---------------------------------------------------------------------------------
     def crop_candidates(self) -> list[tuple[int, NamedImage]]:
         """Sources big enough for one crop, with their number of crop positions (area weight)."""
-        s = self.crop_size
-        out = [((im.image.shape[-2] - s + 1) * (im.image.shape[-1] - s + 1), im) for im in self.sources
-               if min(im.image.shape[-2:]) >= s]
+        ch, cw = self.crop_hw
+        out = [((im.image.shape[-2] - ch + 1) * (im.image.shape[-1] - cw + 1), im) for im in self.sources
+               if im.image.shape[-2] >= ch and im.image.shape[-1] >= cw]
         if not out:
             biggest = max(min(im.image.shape[-2:]) for im in self.sources)
-            raise ConfigError(f"no image is at least {s}x{s} after downscaling by {self.downscale} "
+            raise ConfigError(f"no image is at least {cw}x{ch} after downscaling by {self.downscale} "
                               f"(largest short side: {biggest}); lower crop_size or downscale")
         return out
 
@@ -167,14 +170,23 @@ class QueryStrategy(ABC):
         cands = self.crop_candidates()
         weights = [c for c, _ in cands]
         im = rng.choices([im for _, im in cands], weights=weights, k=1)[0]
-        s = self.crop_size
+        ch, cw = self.crop_hw
         h, w = im.image.shape[-2:]
-        top, left = rng.randint(0, h - s), rng.randint(0, w - s)
-        return im, [top, left, s, s], im.image[..., top : top + s, left : left + s]
+        top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+        return im, [top, left, ch, cw], im.image[..., top : top + ch, left : left + cw]
 
     def fit_whole(self, x: torch.Tensor) -> torch.Tensor:
-        """Shrink to ``max_side`` / ``max_pixels`` and crop to ``size_multiple`` (for whole images)."""
+        """Shrink to ``max_side`` / ``max_pixels`` and crop to ``size_multiple`` (for whole images).
+
+        A model with a ``fixed_size`` gets the image scaled to cover that size, centre-cropped to it.
+        """
         h, w = x.shape[-2:]
+        if self.info.fixed_size is not None:
+            fh, fw = self.crop_hw
+            f = max(fh / h, fw / w)
+            x = bicubic_resize(x, (max(fh, round(h * f)), max(fw, round(w * f))))
+            t, le = (x.shape[-2] - fh) // 2, (x.shape[-1] - fw) // 2
+            return x[..., t : t + fh, le : le + fw]
         f = min(1.0, self.params.max_side / max(h, w))
         if self.info.max_pixels is not None:
             f = min(f, math.sqrt(self.info.max_pixels / (h * w)))

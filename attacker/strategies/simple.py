@@ -56,14 +56,14 @@ class GridTiles(QueryStrategy):
 
     def _round(self, r: int) -> list[tuple[int, int, int]]:
         if r not in self._rounds:
-            s = self.crop_size
+            ch, cw = self.crop_hw
             rng = random.Random(f"heist:tiles:{self.seed}:{r}")
-            dy, dx = (0, 0) if r == 0 else (rng.randrange(s), rng.randrange(s))
+            dy, dx = (0, 0) if r == 0 else (rng.randrange(ch), rng.randrange(cw))
             tiles = []
             for i, im in enumerate(self.sources):
                 h, w = im.image.shape[-2:]
-                oy, ox = (dy if h - s >= dy else 0), (dx if w - s >= dx else 0)
-                tiles += [(i, t, le) for t in range(oy, h - s + 1, s) for le in range(ox, w - s + 1, s)]
+                oy, ox = (dy if h - ch >= dy else 0), (dx if w - cw >= dx else 0)
+                tiles += [(i, t, le) for t in range(oy, h - ch + 1, ch) for le in range(ox, w - cw + 1, cw)]
             rng.shuffle(tiles)
             self._rounds = {r: tiles}  # keep one round in memory
         return self._rounds[r]
@@ -74,15 +74,20 @@ class GridTiles(QueryStrategy):
         tiles = self._round(r)
         i, top, left = tiles[pos % len(tiles)]
         im = self.sources[i]
-        s = self.crop_size
-        x = im.image[..., top : top + s, left : left + s]
+        ch, cw = self.crop_hw
+        x = im.image[..., top : top + ch, left : left + cw]
         x, tf = self.add_noise(x, index_rng(self.seed, index, "noise"))
-        return Query(index, x.contiguous(), im.name, [top, left, s, s], tf)
+        return Query(index, x.contiguous(), im.name, [top, left, ch, cw], tf)
 
 
 def _augment(x: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, str]:
-    """Dihedral transform + brightness/contrast/saturation/gamma jitter; ``(1, 3, H, W)`` in [0, 1]."""
+    """Dihedral transform + brightness/contrast/saturation/gamma jitter; ``(1, 3, H, W)`` in [0, 1].
+
+    Non-square crops only get the rotations that keep their shape (0 and 180 degrees).
+    """
     k = rng.randrange(4)
+    if x.shape[-2] != x.shape[-1]:
+        k = 2 * (k % 2)
     flip = rng.random() < 0.5
     x = torch.rot90(x, k, dims=(-2, -1))
     if flip:

@@ -230,7 +230,7 @@ class Harvester:
     def _new_job(self) -> _Job | None:
         """The next query to generate, or None when the budget is covered."""
         while True:
-            if len(self.store) + len(self._active) >= self.cfg.budget:
+            if len(self.store) + len(self._active) >= self.cfg.budget or self.stop_reason == "pixel_budget":
                 return None
             done = self.store.records
             while self._next_index in done or self._next_index in self._active:

@@ -10,7 +10,7 @@ Public functions (see ``docs/attacker.md``)::
     i = imitate(url, key, "denoise25", "one.png", "runs/one")
 """
 
-from attacker import surrogates as _surrogates  # noqa: F401 - registers surrogate kinds and bicubic_unet
+from attacker import surrogates as _surrogates  # noqa: F401 - registers surrogate kinds
 from attacker.client import ClientConfig, VictimClient
 from attacker.errors import AttackError
 from attacker.harvest import HarvestConfig, HarvestResult, harvest, harvest_async

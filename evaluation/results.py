@@ -213,8 +213,8 @@ class CampaignCell(_Model):
     seed: int = 0
     status: CellStatus = "pending"
     error: str | None = None
-    queries_used: int | None = None
-    queries_refused: int | None = None
+    queries_used: int | None = None  # requests the victim answered, 429s and transport errors excepted (all sessions)
+    queries_refused: int | None = None  # 429 answers (rate limit or quota)
     wall_times: dict[str, float] = Field(default_factory=dict)
     surrogate: ModelRef | None = None
     run_dir: str | None = None

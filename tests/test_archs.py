@@ -36,6 +36,8 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
         ("srresnet", {"channels": 8, "n_blocks": 2}, (7, 9), (28, 36)),
         ("srresnet", {"scale": 2, "channels": 8, "n_blocks": 1, "bicubic_skip": False}, (10, 6), (20, 12)),
         ("srresnet", {"scale": 8, "channels": 8, "n_blocks": 1, "batch_norm": True}, (4, 5), (32, 40)),
+        ("bicubic_unet", {"scale": 4, "base": 8, "depth": 3}, (5, 7), (20, 28)),
+        ("bicubic_unet", {"scale": 1, "base": 8, "depth": 2, "residual": True}, (3, 9), (3, 9)),
     ],
 )
 def test_generator_shapes_and_range(name: str, kwargs: dict[str, object], in_hw: tuple[int, int],
@@ -132,17 +134,22 @@ def test_registry_errors_name_the_problem() -> None:
         ARCH_REGISTRY.register("unet")(UNetGenerator)
 
 
+_TORCHSCRIPT_CASES = [
+    ("dncnn", {"channels": 8, "depth": 3}, (12, 12)),
+    ("unet", {"base": 8, "depth": 2}, (8, 12)),
+    ("resnet", {"base": 8, "n_blocks": 1}, (8, 8)),
+    ("srresnet", {"channels": 8, "n_blocks": 1}, (6, 7)),
+    ("bicubic_unet", {"scale": 4, "base": 8, "depth": 3}, (5, 6)),
+    ("patchgan", {"base": 4}, (64, 64)),
+]
+
+
+def test_torchscript_cases_cover_every_registered_architecture() -> None:
+    assert sorted(name for name, _, _ in _TORCHSCRIPT_CASES) == sorted(ARCH_REGISTRY.names())
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-@pytest.mark.parametrize(
-    ("name", "kwargs", "hw"),
-    [
-        ("dncnn", {"channels": 8, "depth": 3}, (12, 12)),
-        ("unet", {"base": 8, "depth": 2}, (8, 12)),
-        ("resnet", {"base": 8, "n_blocks": 1}, (8, 8)),
-        ("srresnet", {"channels": 8, "n_blocks": 1}, (6, 7)),
-        ("patchgan", {"base": 4}, (64, 64)),
-    ],
-)
+@pytest.mark.parametrize(("name", "kwargs", "hw"), _TORCHSCRIPT_CASES)
 def test_every_architecture_compiles_with_torchscript(name: str, kwargs: dict[str, object],
                                                       hw: tuple[int, int]) -> None:
     """``torch.jit.script`` must work so users can export any Heist model as a ``.pt`` the server loads."""

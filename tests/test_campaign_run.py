@@ -108,3 +108,83 @@ def test_resume_after_kill_skips_finished_cells(tmp_path: Path) -> None:
     assert [c.status for c in results.cells] == ["done"] * 4
     for name, mtime in done_before.items():
         assert (out / "cells" / name / "cell.json").stat().st_mtime_ns == mtime, f"{name} was run again"
+
+
+_DYING = """
+[campaign]
+name = "dying"
+zoo_profile = "tiny"
+
+[limits]        # slow enough that the first harvest is still running when the victim is killed
+rate = 2.0
+burst = 1
+quota_total = 100
+
+[[victims]]
+name = "denoise25"
+surrogate = "unet-l2"
+surrogate_profile = "tiny"
+train_steps = 20
+
+[[defenses]]
+label = "none"
+
+[[defenses]]
+label = "jpeg50"
+pipeline = [{ name = "jpeg", quality = 50 }]
+
+[attack]
+budgets = [8]
+strategies = ["crops"]
+
+[evaluation]
+max_side = 64
+samples = 1
+"""
+
+
+@pytest.mark.slow
+def test_victim_killed_mid_harvest_fails_only_that_cell_and_a_rerun_retries_it(tmp_path: Path) -> None:
+    config = tmp_path / "dying.toml"
+    config.write_text(_DYING)
+    out = tmp_path / "dying"
+    proc = subprocess.Popen([sys.executable, "-m", "heist.cli.main", "campaign", "run", str(config), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    first, second = "denoise25.none.crops.b8", "denoise25.jpeg50.crops.b8"
+    log = out / "cells" / first / "run" / "harvest_log.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if log.exists() and sum('"status": 200' in line or '"status":200' in line
+                                for line in log.read_text().splitlines()) >= 2:
+            break
+        assert proc.poll() is None, "the campaign ended before its victim could be killed"
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the first harvest never got going")
+    victim_pid = int((out / "victim" / "server.pid").read_text())
+    os.killpg(victim_pid, signal.SIGKILL)  # the victim and its workers, mid-harvest
+    stdout, stderr = proc.communicate(timeout=600)
+
+    # The killed cell failed with its reason, the other one ran on a restarted victim, the run says so.
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "1 cell(s) failed" in stdout
+    cells = {p.parent.name: json.loads(p.read_text()) for p in (out / "cells").glob("*/cell.json")}
+    assert cells[first]["status"] == "failed"
+    assert "connection" in cells[first]["error"].lower() or "unreachable" in cells[first]["error"].lower()
+    assert cells[second]["status"] == "done"
+    assert "restarting it" in stderr
+    results = read_results(out / "results.json")
+    assert {c.id: c.status for c in results.cells} == {first: "failed", second: "done"}
+    assert "failed" in (out / "report.md").read_text()
+    second_mtime = (out / "cells" / second / "cell.json").stat().st_mtime_ns
+
+    # A rerun retries only the failed cell; its harvest resumes from the pairs already stored.
+    res = _run(["campaign", "run", str(config), "--out", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = read_results(out / "results.json")
+    assert {c.id: c.status for c in results.cells} == {first: "done", second: "done"}
+    assert (out / "cells" / second / "cell.json").stat().st_mtime_ns == second_mtime
+    retried = next(c for c in results.cells if c.id == first)
+    assert retried.queries_used == 8

@@ -1,6 +1,5 @@
 """Surrogate kinds (``pix2pix``, ``srresnet``, ``unet-l2``) and their profiles."""
 
-from attacker.surrogates import archs as _archs  # noqa: F401 - registers bicubic_unet
 from attacker.surrogates.base import (
     SURROGATE_REGISTRY,
     Surrogate,

@@ -133,8 +133,6 @@ class Surrogate(ABC):
         kw: dict[str, Any] = {"in_ch": 3, "out_ch": 3, **self.profile.arch_kwargs}
         kw.setdefault("residual", residual)
         if self.scale > 1:
-            import attacker.surrogates.archs  # noqa: F401 - registers bicubic_unet
-
             return "bicubic_unet", {"scale": self.scale, **kw}
         return "unet", kw
 

@@ -360,7 +360,8 @@ def _run_grid(
                             strategy=strategy, strategy_params=cfg.attack.strategy_params, budget=budget,
                             seed=seed, client={"max_concurrency": cfg.attack.concurrency})
             cell.wall_times["harvest"] = round(time.perf_counter() - t0, 2)
-            cell.queries_used = int(h.summary.get("queries_sent", h.pairs))
+            answered = {str(k): int(v) for k, v in h.summary.get("responses", {}).items()}
+            cell.queries_used = sum(n for status, n in answered.items() if status.isdigit() and status != "429")
             cell.queries_refused = int(h.summary.get("rate_limited_429", 0))
             if h.pairs == 0:
                 raise CampaignError(f"harvest ended with no pairs ({h.stop_reason})")
@@ -395,6 +396,7 @@ def _run_grid(
         hooks.cell_done(cell)
 
     with timer.phase("evaluation"):
+        url = service.ensure(url)
         results.samples = _samples(cfg, out, service, url, pairs, clean_out, surrogates)
     return results
 

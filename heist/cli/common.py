@@ -32,7 +32,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def progress(transient: bool = False) -> Progress:
-    """A rich progress bar with count, elapsed time and ETA; disabled when stdout is not a terminal."""
+    """A rich progress bar on stderr with count, elapsed time and ETA (redrawn in a terminal; elsewhere only
+    the final state is printed when it stops, unless ``transient``)."""
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),

@@ -5,6 +5,7 @@ Every generator maps ``(N, C_in, H, W)`` float in ``[0, 1]`` to ``(N, C_out, s*H
 (the input side must be a multiple of it) as attributes so callers can validate inputs.
 """
 
+from translators.archs.bicubic_unet import BicubicUNet
 from translators.archs.dncnn import DnCNN
 from translators.archs.patchgan import PatchGANDiscriminator
 from translators.archs.receptive_field import conv_receptive_field, empirical_receptive_field
@@ -15,6 +16,7 @@ from translators.archs.unet import UNetGenerator
 
 __all__ = [
     "ARCH_REGISTRY",
+    "BicubicUNet",
     "DnCNN",
     "PatchGANDiscriminator",
     "ResnetGenerator",

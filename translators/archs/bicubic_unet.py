@@ -1,8 +1,8 @@
-"""Surrogate-only architecture: a U-Net that first upsamples its input (for pix2pix / L2 U-Net on SR).
+"""A U-Net that first upsamples its input: the attacker's pix2pix / L2 U-Net surrogate for SR.
 
-Registered in :data:`translators.archs.ARCH_REGISTRY` as ``bicubic_unet`` when :mod:`attacker` is
-imported, so :func:`translators.checkpoint.load_model` rebuilds it from the card in any process that
-imported :mod:`attacker`. Same-size surrogates use the plain ``unet`` architecture instead.
+Registered as ``bicubic_unet`` so :func:`translators.checkpoint.load_model` rebuilds an SR surrogate
+from its card in any process (the evaluator, the victim service serving a stolen model) without
+importing :mod:`attacker`. Same-size surrogates use the plain ``unet`` architecture instead.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from translators.archs import ARCH_REGISTRY
+from translators.archs.registry import ARCH_REGISTRY
 from translators.archs.unet import UNetGenerator
 
 
@@ -34,9 +34,9 @@ class BicubicUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale > 1:
-            x = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-        h, w = x.shape[-2:]
+            x = F.interpolate(x, scale_factor=float(self.scale), mode="bicubic", align_corners=False).clamp(0, 1)
+        h, w = x.shape[-2], x.shape[-1]
         ph, pw = (-h) % self._m, (-w) % self._m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+        if ph > 0 or pw > 0:
+            x = F.pad(x, [0, pw, 0, ph], mode="reflect" if ph < h and pw < w else "replicate")
         return self.unet(x)[..., :h, :w]

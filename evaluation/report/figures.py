@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import NullLocator
 
 from evaluation.results import ExtractionTestSet, FidelityCurve, ImageGrid, ParetoFront
 from translators.codecs import read_image
@@ -54,6 +55,10 @@ def fidelity_curves_figure(
         ax.axhline(target, color="0.3", ls=":", lw=1.2, label=f"target {target:g} {unit}")
     if xs_all and max(xs_all) >= 10 * max(min(xs_all), 1):
         ax.set_xscale("log")
+    if xs_all:  # the measured query counts as plain numbers, not 4x10^0
+        ticks = sorted(set(xs_all))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
     metric = curves[0].metric.upper() if curves else "PSNR"
     ax.set_xlabel("queries used by the attacker")
     ax.set_ylabel(f"{metric} of surrogate vs clean victim ({unit})")

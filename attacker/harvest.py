@@ -193,6 +193,7 @@ class Harvester:
         self.stats = _Stats()
         self.fatal: BaseException | None = None
         self.stop_reason: str | None = None
+        self._pixels_exhausted = False  # the next query would exceed --budget-pixels: generate no more
         self._wake = asyncio.Event()
         self._retry: list[tuple[float, int, _Job]] = []
         self._tie = itertools.count()
@@ -230,13 +231,14 @@ class Harvester:
     def _new_job(self) -> _Job | None:
         """The next query to generate, or None when the budget is covered."""
         while True:
-            if len(self.store) + len(self._active) >= self.cfg.budget or self.stop_reason == "pixel_budget":
+            if len(self.store) + len(self._active) >= self.cfg.budget or self._pixels_exhausted:
                 return None
             done = self.store.records
             while self._next_index in done or self._next_index in self._active:
                 self._next_index += 1
             q = self.strategy.make(self._next_index)
             if self.cfg.budget_pixels is not None and self._pixels_used() + q.pixels > self.cfg.budget_pixels:
+                self._pixels_exhausted = True
                 self.stop_reason = self.stop_reason or "pixel_budget"
                 return None
             self._next_index += 1

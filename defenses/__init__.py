@@ -9,7 +9,15 @@ list of them and checks the contract (shape, dtype, range) after each one.
 This package knows tensors and a request context, never HTTP.
 """
 
-from defenses.base import DefenseContext, DefenseParams, OutputDefense, request_rng, request_seed
+from defenses.base import (
+    DefenseContext,
+    DefenseParams,
+    ModelAccessError,
+    ModelHandle,
+    OutputDefense,
+    request_rng,
+    request_seed,
+)
 from defenses.pipeline import DefensePipeline, DefenseTiming
 from defenses.registry import DEFENSE_REGISTRY, DefenseConfigError, build_defense, build_defenses
 
@@ -20,6 +28,8 @@ __all__ = [
     "DefenseParams",
     "DefensePipeline",
     "DefenseTiming",
+    "ModelAccessError",
+    "ModelHandle",
     "OutputDefense",
     "build_defense",
     "build_defenses",

@@ -7,16 +7,20 @@ of images of one request (1 for the HTTP API). :meth:`OutputDefense.apply_batch`
 requests of one dynamic batch at once (one context each); its default loops over :meth:`apply`, and a
 defense that gains from batching (FMD's PGD steps) overrides it.
 
-Extension points kept for the defenses that come next:
+Hooks a defense may use:
 
-- watermarking: ``ctx.client_id`` is the client-specific payload; :meth:`DefenseContext.derived_rng`
-  gives stable, secret-keyed randomness (e.g. a per-client key pattern).
-- FMD: set ``requires_grad = True``; the pipeline then runs ``apply`` under ``torch.enable_grad()`` (the
-  model's forward is run under ``no_grad`` instead of ``inference_mode`` so outputs can enter autograd),
-  and :meth:`OutputDefense.setup` is called once per device at start-up to load a feature network.
-- monitor-driven escalation: ``ctx.suspicion`` (0 = nothing suspicious, 1 = certain) is filled in by the
-  service from the query monitor; a defense may scale its strength with it, and the service may pick a
-  stronger pipeline for a flagged client.
+- keyed randomness: ``ctx.client_id`` identifies the client; :meth:`DefenseContext.derived_rng` gives
+  stable, secret-keyed randomness (e.g. a per-client watermark payload).
+- gradients: set ``requires_grad = True``; the pipeline then runs ``apply`` under ``torch.enable_grad()``
+  (the model's forward is run under ``no_grad`` instead of ``inference_mode`` so outputs can enter
+  autograd).
+- the served model: set ``needs_model = True``; :meth:`OutputDefense.setup` then receives a
+  :class:`ModelHandle` (module, device, card) once per loaded model, and the defense may run the model
+  itself or put forward hooks on named layers (``handle.named_modules()``). A model served from an
+  opaque format (TorchScript, ``torch.export``) has ``handle.hookable = False``; a defense that needs hooks
+  raises :class:`ModelAccessError` from ``setup`` and the service refuses to start with that message.
+- escalation: ``ctx.level`` is the client's escalation level (0 = the tier's pipeline) that selected this
+  pipeline; ``ctx.suspicion`` (0 = nothing suspicious, 1 = certain) is the query monitor's risk score.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from translators.errors import HeistError
 
 
 class DefenseParams(BaseModel):
@@ -53,6 +59,53 @@ def request_rng(seed: int) -> torch.Generator:
     return g
 
 
+class ModelAccessError(HeistError):
+    """A model-aware defense cannot use the served model (opaque format, unknown layer name, ...)."""
+
+    code = "bad_defense"
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """What a model-aware defense gets at set-up: the served model, read-only by convention.
+
+    Attributes:
+        name: served model name.
+        module: the ``nn.Module`` (``eval()`` mode, on ``device``); inputs ``(N, 3, H, W)`` in [0, 1] ->
+            outputs ``(N, 3, scale*H, scale*W)``.
+        device: where the module lives.
+        card: the model card as a dict (architecture, kwargs, task, scale, provenance).
+        kind: ``"safetensors"`` (an eager module: hooks work), ``"torchscript"`` or ``"export"`` (opaque).
+        task: ``sr``, ``denoise``, ``style`` or ``translation``.
+        scale: output side / input side.
+    """
+
+    name: str
+    module: torch.nn.Module
+    device: torch.device
+    card: dict[str, Any]
+    kind: str
+    task: str
+    scale: int
+
+    @property
+    def hookable(self) -> bool:
+        """True when forward hooks on named layers are supported (eager modules only)."""
+        return self.kind == "safetensors" and not isinstance(self.module, torch.jit.ScriptModule)
+
+    def named_modules(self) -> dict[str, torch.nn.Module]:
+        """Layer name -> module (empty for opaque formats)."""
+        return dict(self.module.named_modules()) if self.hookable else {}
+
+    def require_hooks(self, defense: str) -> None:
+        """Raise :class:`ModelAccessError` when this model does not allow forward hooks."""
+        if not self.hookable:
+            raise ModelAccessError(
+                f"defense {defense!r} needs forward hooks on the layers of model {self.name!r}, which is served "
+                f"from a {self.kind} file; serve it from a .safetensors checkpoint with a model card instead"
+            )
+
+
 @dataclass(frozen=True)
 class DefenseContext:
     """What a defense may know about the request whose outputs it post-processes.
@@ -66,6 +119,7 @@ class DefenseContext:
         input_sha256: hex SHA-256 of the request's image bytes ("" when unknown).
         suspicion: query-monitor score in [0, 1]; 0 when no monitor runs.
         secret: server-side secret for :meth:`derived_rng`; never leaves the server.
+        level: the client's escalation level that selected this request's pipeline (0 = tier default).
     """
 
     client_id: str
@@ -76,6 +130,7 @@ class DefenseContext:
     input_sha256: str = ""
     suspicion: float = 0.0
     secret: int = field(default=0, repr=False)
+    level: int = 0
 
     def derived_rng(self, *parts: str) -> torch.Generator:
         """A generator keyed by the server secret and ``parts``: the same parts give the same stream."""
@@ -92,14 +147,20 @@ class OutputDefense(ABC):
     Params: ClassVar[type[DefenseParams]] = DefenseParams
     #: True when ``apply`` needs autograd (FMD). The pipeline then enables gradients around it.
     requires_grad: ClassVar[bool] = False
+    #: True when ``setup`` must receive the served model (:class:`ModelHandle`); the service refuses to
+    #: build such a defense without one.
+    needs_model: ClassVar[bool] = False
 
     def __init__(self, params: DefenseParams | None = None, **kwargs: Any) -> None:
         if params is not None and kwargs:
             raise TypeError("pass either a Params object or keyword parameters, not both")
         self.params = params if params is not None else self.Params(**kwargs)
 
-    def setup(self, device: torch.device) -> None:  # noqa: B027 - optional hook, default does nothing
-        """Called once per device before serving (load feature networks, move buffers). Default: nothing."""
+    def setup(self, device: torch.device, model: ModelHandle | None = None) -> None:  # noqa: B027
+        """Called once per (served model, pipeline) before serving: load feature networks, move buffers,
+        register hooks. ``model`` is given whenever the service knows the served model, and always when
+        ``needs_model`` is true. Raise :class:`ModelAccessError` (or a ``HeistError``) to refuse; the
+        service then does not start. Default: nothing."""
 
     @abstractmethod
     def apply(self, outputs: torch.Tensor, inputs: torch.Tensor, ctx: DefenseContext) -> torch.Tensor:

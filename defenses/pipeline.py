@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from defenses.base import DefenseContext, OutputDefense
+from defenses.base import DefenseContext, ModelAccessError, ModelHandle, OutputDefense
 
 
 class DefenseContractError(RuntimeError):
@@ -49,9 +49,12 @@ class DefensePipeline:
     def requires_grad(self) -> bool:
         return any(d.requires_grad for d in self.defenses)
 
-    def setup(self, device: torch.device) -> None:
+    def setup(self, device: torch.device, model: ModelHandle | None = None) -> None:
+        """Set every defense up for ``model`` on ``device``; a model-aware defense without a model is refused."""
         for d in self.defenses:
-            d.setup(device)
+            if d.needs_model and model is None:
+                raise ModelAccessError(f"defense {d.name!r} needs the served model, and none was given")
+            d.setup(device, model)
 
     def apply(
         self, outputs: torch.Tensor, inputs: torch.Tensor, ctxs: Sequence[DefenseContext]

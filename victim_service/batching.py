@@ -252,7 +252,7 @@ class ModelHost:
             self.models[model.name] = model
             for tier_name, tier in self.settings.tiers.items():
                 pipe = DefensePipeline(build_defenses([*spec.defenses, *tier.defenses]))
-                await worker.run_in_thread(pipe.setup, dev)
+                await worker.run_in_thread(pipe.setup, dev, model.handle())
                 self._pipelines[(model.name, tier_name)] = pipe
             log.info("serving %s (%s, x%d) from %s on %s, max_batch=%d (%s)", model.name, model.task, model.scale,
                      model.loaded.source, dev, model.max_batch, model.max_batch_source)

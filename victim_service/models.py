@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from defenses.base import ModelHandle
 from translators.checkpoint import LoadedModel, find_models, load_model
 from translators.codecs import ImageLimits
 from translators.device import pick_device
@@ -143,6 +144,14 @@ class ServedModel:
         m = max(self.size_multiple, 1)
         s = -(-s // m) * m
         return s, s
+
+    def handle(self) -> ModelHandle:
+        """What a model-aware defense receives at set-up (see :class:`defenses.ModelHandle`)."""
+        card = self.loaded.card
+        return ModelHandle(
+            name=self.name, module=self.loaded.module, device=self.device, card=card.model_dump(mode="json"),
+            kind=self.loaded.kind, task=self.task, scale=self.scale,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` on the model's device -> float32 ``(N, 3, sH, sW)``. Caller picks the grad mode."""

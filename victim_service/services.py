@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 from victim_service.batching import ModelHost
 from victim_service.errors import BackendUnavailableError
 from victim_service.keys import Client, KeyResolver
+from victim_service.levels import LevelStore, MemoryLevelStore, RedisLevelStore
 from victim_service.metrics import Metrics
 from victim_service.querylog import QueryLog
 from victim_service.ratelimit import Decision, Limiter, MemoryLimiter, RedisLimiter
@@ -72,6 +73,7 @@ class Services:
     log: QueryLog
     host: ModelHost
     secret: int
+    levels: LevelStore = field(default_factory=MemoryLevelStore)
     ready: bool = False
     started: float = field(default_factory=time.time)
     _ready_file: Path | None = None
@@ -89,7 +91,10 @@ class Services:
         qlog = QueryLog(settings, r)
         qlog.start()
         host = ModelHost(settings, metrics)
-        svc = cls(settings, metrics, r, limiter, KeyResolver(settings, r), qlog, host, defense_secret(settings))
+        levels: LevelStore = RedisLevelStore(r, settings.key_prefix) if r is not None else MemoryLevelStore()
+        svc = cls(
+            settings, metrics, r, limiter, KeyResolver(settings, r), qlog, host, defense_secret(settings), levels
+        )
         try:
             await host.start()
         except BaseException:

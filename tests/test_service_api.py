@@ -78,7 +78,10 @@ def as_uint8(body: bytes) -> torch.Tensor:
 
 
 def test_health_ready_and_model_list_without_architecture(srv: VictimServer) -> None:
-    assert httpx.get(f"{srv.url}/healthz").json() == {"status": "ok"}
+    health = httpx.get(f"{srv.url}/healthz").json()
+    assert health["status"] == "ok"
+    assert health["store"]["backend"] == "redis"
+    assert health["store"]["key_prefix"] == srv.key_prefix
     ready = httpx.get(f"{srv.url}/readyz")
     assert ready.status_code == 200
     assert ready.json()["redis"] == "ok"

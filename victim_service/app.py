@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,9 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import translators
 from translators.errors import HeistError
-from victim_service.routes import error_parts, error_response, router
+from victim_service.routes import document_translate_refusals, error_parts, error_response, router
 from victim_service.services import Services
-from victim_service.settings import CONFIG_ENV, Settings, SettingsError
+from victim_service.settings import Settings, SettingsError, resolve_settings
 
 log = logging.getLogger("heist.victim")
 
@@ -59,6 +60,17 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The schema, its translate route documenting what it refuses with this server's values (built on the
+        first request, after the models loaded, so their per-model limits are listed too)."""
+        if app.openapi_schema is None:
+            svc = getattr(app.state, "svc", None)
+            document_translate_refusals(base_openapi(), settings, list(svc.host.models.values()) if svc else [])
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(HeistError)
     async def _heist_error(request: Request, exc: HeistError) -> JSONResponse:
@@ -89,12 +101,12 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def create_app_from_env() -> FastAPI:
-    """The uvicorn factory: settings from the file named by ``HEIST_VICTIM_CONFIG`` (defaults if unset)."""
+    """The uvicorn factory: settings from the file named by ``HEIST_VICTIM_CONFIG`` (defaults if unset), found
+    by :func:`~victim_service.settings.resolve_settings` like every ``heist`` command."""
     logging.basicConfig(level=os.environ.get("HEIST_VICTIM_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
-    path = os.environ.get(CONFIG_ENV)
     try:
-        settings = Settings.from_file(path) if path else Settings.from_file(None)
+        settings = resolve_settings(None).settings
     except SettingsError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from None

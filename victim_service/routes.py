@@ -28,6 +28,7 @@ from victim_service.negotiation import negotiate
 from victim_service.phash import phash64
 from victim_service.querylog import LogReader, QueryLogEntry
 from victim_service.services import Services
+from victim_service.settings import Settings, StoreInfo
 
 log = logging.getLogger("heist.victim")
 router = APIRouter()
@@ -83,6 +84,48 @@ TRANSLATE_RESPONSES: dict[int | str, dict[str, Any]] = {
           "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}}},
     503: {**_ERR, "description": "overloaded or backend_unavailable; retry later"},
 }
+
+TRANSLATE_PATH = "/v1/models/{model}/translate"
+
+
+def translate_refusals_markdown(settings: Settings, models: list[ServedModel]) -> str:
+    """What the translate route refuses, with this server's values (Markdown for the OpenAPI description).
+
+    The request-body schema can say "a PNG" but not "a PNG at least 8 pixels wide", so generated clients and
+    fuzzers read the rules here: a schema-valid 1x1 PNG, or a GIF, is refused with a 4xx by design.
+    """
+    im = settings.images
+    lines = [
+        "**Refused inputs** (each a 4xx JSON error; a schema-valid body can still be refused):",
+        "",
+        "- formats: PNG, JPEG and WebP only, sent as `image/png`, `image/jpeg`, `image/webp`, "
+        "`application/octet-stream` or the multipart field `image`. Another Content-Type (`image/gif`, ...): "
+        "415 `unsupported_media_type`; GIF, BMP, TIFF or other bytes: 415 `unsupported_format`; damaged "
+        "files: 400 `corrupt_image` / `not_an_image`; an empty body: 400 `empty_body`.",
+        f"- body size: at most `max_bytes` bytes per model (default {im.max_bytes}): 413 `too_many_bytes`.",
+        "- image size: width x height at most `max_pixels` (read from the header, before decoding): "
+        "413 `too_many_pixels`; a shorter side under `min_side`: 400 `too_small` (a 1x1 image is refused by "
+        "every model); sides not multiples of `size_multiple`, or not `fixed_size`: 400 `bad_size`.",
+        f"- modes: alpha channel {'composited on white' if im.alpha == 'white' else 'refused (415)'}, "
+        f"16-bit {'converted to 8 bits' if im.bit16 == 'convert' else 'refused (415)'}, animated images "
+        f"{'use their first frame' if im.animated == 'first' else 'refused (415)'}; other modes such as "
+        "CMYK or palette are converted to RGB.",
+    ]
+    if models:
+        lines += ["", "This server's models (also `GET /v1/models`):", "",
+                  "| model | min_side | size_multiple | fixed_size | max_pixels | max_bytes |",
+                  "|---|---|---|---|---|---|"]
+        for m in models:
+            fixed = f"{m.fixed_size[1]}x{m.fixed_size[0]}" if m.fixed_size else "-"
+            lines.append(f"| {m.name} | {m.min_side} | {m.size_multiple} | {fixed} | {m.max_pixels} | {m.max_bytes} |")
+    return "\n".join(lines)
+
+
+def document_translate_refusals(schema: dict[str, Any], settings: Settings, models: list[ServedModel]) -> None:
+    """Append :func:`translate_refusals_markdown` to the translate operation of an OpenAPI ``schema`` (in place)."""
+    op = schema.get("paths", {}).get(TRANSLATE_PATH, {}).get("post")
+    if op is not None:
+        op["description"] = f"{op.get('description', '').rstrip()}\n\n{translate_refusals_markdown(settings, models)}"
 
 
 def svc_of(request: Request) -> Services:
@@ -187,7 +230,7 @@ def _encode(t: Any, fmt: str, svc: Services) -> bytes:
 
 
 @router.post(
-    "/v1/models/{model}/translate",
+    TRANSLATE_PATH,
     summary="Translate one image",
     response_class=Response,
     responses=TRANSLATE_RESPONSES,
@@ -332,7 +375,9 @@ async def list_models(request: Request) -> list[ModelInfo]:
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="ok while the process answers")
+    store: StoreInfo = Field(description="where this server keeps API keys, limits and quotas: `heist keys add` "
+                             "compares it with its own settings and warns when they differ")
 
 
 class Readiness(BaseModel):
@@ -341,9 +386,11 @@ class Readiness(BaseModel):
     redis: str = Field(description="ok, down or off")
 
 
-@router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness")
-async def healthz() -> Health:
-    return Health(status="ok")
+@router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness and the server's state store")
+async def healthz(request: Request) -> Health:
+    """Always 200 while the process runs; ``store`` names the Redis (URL without password, key prefix) or data
+    directory this server reads its API keys from."""
+    return Health(status="ok", store=svc_of(request).settings.store())
 
 
 @router.get("/readyz", response_model=Readiness, tags=["health"], summary="Readiness",

@@ -1,6 +1,8 @@
 """Victim service settings: one TOML/YAML/JSON file, overridden by ``HEIST_VICTIM_*`` environment variables.
 
-Load with :meth:`Settings.from_file`; every problem (unknown key, bad value, tier a key refers to that
+Every command that touches the victim's state finds its settings with :func:`resolve_settings`: the file
+given with ``--config``, else the file named by ``HEIST_VICTIM_CONFIG``, else the defaults. Load a given
+file with :meth:`Settings.from_file`; every problem (unknown key, bad value, tier a key refers to that
 does not exist, unreadable file) raises :class:`SettingsError` naming the file and the field. Environment
 variables win over the file: ``HEIST_VICTIM_REDIS_URL``, ``HEIST_VICTIM_ADMIN_KEY``,
 ``HEIST_VICTIM_QUERY_LOG__BACKEND=jsonl`` (nested fields use ``__``), and so on.
@@ -23,8 +25,11 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -33,7 +38,7 @@ from translators.errors import HeistError
 from translators.paths import data_dir
 
 CONFIG_ENV = "HEIST_VICTIM_CONFIG"
-"""Environment variable holding the settings file path that :func:`victim_service.app.create_app_from_env` reads."""
+"""Environment variable naming the settings file when no ``--config`` is given (see :func:`resolve_settings`)."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -327,10 +332,11 @@ class Settings(BaseSettings):
         return cls.from_mapping(data, str(p))
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any], origin: str = "settings") -> Settings:
-        """Validate a dict (plus env overrides); errors become one-line :class:`SettingsError`."""
+    def from_mapping(cls, data: dict[str, Any], origin: str = "settings", *, env: bool = True) -> Settings:
+        """Validate a dict (plus ``HEIST_VICTIM_*`` overrides unless ``env`` is false); errors become one-line
+        :class:`SettingsError`."""
         try:
-            return cls(**data)
+            return cls(**data) if env else cls(_env_prefix="HEIST_VICTIM_NO_ENV__", **data)
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(x) for x in first.get("loc", ()))
@@ -339,6 +345,14 @@ class Settings(BaseSettings):
             raise SettingsError(f"{origin}: {loc + ': ' if loc else ''}{msg}{more}") from None
 
     # ------------------------------------------------------------------ derived
+
+    def store(self) -> StoreInfo:
+        """Where API keys, limits and quotas live: Redis (URL without password + key prefix) or the data dir."""
+        d = (self.data_dir if self.data_dir is not None else data_dir() / "victim").expanduser().resolve()
+        if self.redis_url:
+            return StoreInfo(backend="redis", redis_url=redis_url_public(self.redis_url), key_prefix=self.key_prefix,
+                             data_dir=str(d))
+        return StoreInfo(backend="local", data_dir=str(d))
 
     def state_dir(self) -> Path:
         """Where the service keeps its files (key file, JSONL log, secret): created on first use."""
@@ -365,3 +379,91 @@ class Settings(BaseSettings):
         os.chmod(tmp, 0o600)
         os.replace(tmp, p)
         return p
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+
+
+class StoreInfo(BaseModel):
+    """The state a server or command reads and writes: stored API keys, rate-limit state and quotas.
+
+    ``backend = "redis"``: the hash ``{key_prefix}keys`` and the limiter keys in the Redis at ``redis_url``
+    (password removed); ``"local"``: ``keys.json`` under ``data_dir`` and an in-process limiter.
+    ``data_dir`` (absolute) also holds the defense secret and the JSONL query log.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    backend: Literal["redis", "local"]
+    redis_url: str | None = Field(None, description="Redis URL without its password (backend redis)")
+    key_prefix: str | None = Field(None, description="prefix of every Redis key (backend redis)")
+    data_dir: str = Field(description="absolute path of the service's data directory")
+
+    def same_keys_as(self, other: StoreInfo) -> bool:
+        """True when both read and write the same API keys (same Redis + prefix, or the same key file)."""
+        if self.backend != other.backend:
+            return False
+        if self.backend == "redis":
+            return (self.redis_url, self.key_prefix) == (other.redis_url, other.key_prefix)
+        return self.data_dir == other.data_dir
+
+    def describe(self) -> str:
+        """One phrase: ``Redis redis://127.0.0.1:6379/0 (prefix heist:)`` or ``the key file /d/keys.json``."""
+        if self.backend == "redis":
+            return f"Redis {self.redis_url} (prefix {self.key_prefix})"
+        return f"the key file {Path(self.data_dir) / 'keys.json'}"
+
+
+def redis_url_public(url: str) -> str:
+    """``url`` without user name or password, host lower-case, default port 6379 and database 0 spelled out.
+
+    Two spellings of the same server compare equal (``redis://:pw@LOCALHOST`` and ``redis://localhost:6379/0``).
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
+    host = (parts.hostname or "127.0.0.1").lower()
+    if host == "localhost":
+        host = "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    db = parts.path.strip("/") or "0"
+    return f"{parts.scheme}://{host}:{parts.port or 6379}/{db}"
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """Settings plus where they came from: ``origin`` is ``--config FILE``, ``HEIST_VICTIM_CONFIG=FILE`` or
+    ``defaults``; ``path`` the file read (``None`` for defaults)."""
+
+    settings: Settings
+    origin: str
+    path: Path | None
+
+
+def resolve_settings(
+    config: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> ResolvedSettings:
+    """The victim settings every command and the server use, found in one order.
+
+    1. ``config`` (the ``--config FILE`` option), else
+    2. the file named by the environment variable ``HEIST_VICTIM_CONFIG`` (when set and non-empty), else
+    3. the defaults;
+
+    then ``HEIST_VICTIM_*`` variables override single fields (``HEIST_VICTIM_REDIS_URL``,
+    ``HEIST_VICTIM_TIERS__FREE__RATE``), and last the non-``None`` ``overrides`` (command-line options such as
+    ``--redis-url``) win over both. Raises :class:`SettingsError` with one line naming the file and field.
+    """
+    env_path = os.environ.get(CONFIG_ENV, "").strip()
+    if config is not None:
+        path: Path | None = Path(config)
+        origin = f"--config {config}"
+    elif env_path:
+        path, origin = Path(env_path), f"{CONFIG_ENV}={env_path}"
+    else:
+        path, origin = None, "defaults"
+    settings = Settings.from_file(path)
+    extra = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if extra:
+        # the environment is already applied: the command line wins over it
+        settings = Settings.from_mapping({**settings.to_dict(), **extra}, f"{origin} + command line", env=False)
+    return ResolvedSettings(settings, origin, path)

@@ -1,9 +1,12 @@
-"""Shared CLI helpers: consoles, logging set-up and progress bars."""
+"""Shared CLI helpers: consoles, logging set-up, progress bars, and the victim settings every command reads."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import (
@@ -15,6 +18,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+if TYPE_CHECKING:
+    from victim_service.settings import ResolvedSettings, Settings
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -45,3 +51,53 @@ def progress(transient: bool = False) -> Progress:
         console=err_console,
         transient=transient,
     )
+
+
+def config_option() -> Any:
+    """The ``--config`` option of every command that touches the victim's state (serve, keys, log, ...)."""
+    return typer.Option(
+        None, "--config", "-c", show_envvar=False,
+        help="Victim settings file (.toml, .yaml or .json). Default: the file named by HEIST_VICTIM_CONFIG, "
+        "else the built-in defaults; HEIST_VICTIM_* variables override single settings.",
+    )
+
+
+def victim_settings(config: Path | None, **overrides: Any) -> ResolvedSettings:
+    """The victim settings of a command: ``--config``, else ``$HEIST_VICTIM_CONFIG``, else defaults (see
+    :func:`victim_service.settings.resolve_settings`); non-``None`` ``overrides`` are command-line options."""
+    from victim_service.settings import resolve_settings
+
+    resolved = resolve_settings(config, overrides)
+    logging.getLogger("heist.cli").debug("victim settings from %s", resolved.origin)
+    return resolved
+
+
+def local_server_url(settings: Settings) -> str:
+    """``http://HOST:PORT`` of the server these settings describe (a wildcard bind address -> loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.port}"
+
+
+def store_mismatch(resolved: ResolvedSettings, timeout: float = 0.5) -> str | None:
+    """A warning when the server answering at the settings' host and port keeps its API keys elsewhere.
+
+    Asks ``GET /healthz`` (``store``: backend, Redis URL without password, key prefix, data dir). No server
+    there, no answer within ``timeout`` seconds, or an answer without ``store``: ``None`` (nothing to compare).
+    """
+    import httpx
+
+    from victim_service.settings import StoreInfo
+
+    url = local_server_url(resolved.settings)
+    try:
+        r = httpx.get(f"{url}/healthz", timeout=timeout)
+        theirs = StoreInfo.model_validate(r.json()["store"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+    ours = resolved.settings.store()
+    if ours.same_keys_as(theirs):
+        return None
+    return (f"the server running at {url} keeps its keys in {theirs.describe()}, but this command used "
+            f"{ours.describe()} (settings: {resolved.origin}): that server will not see this change. "
+            "Give the server's settings file with --config FILE or HEIST_VICTIM_CONFIG=FILE.")

@@ -8,23 +8,19 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from heist.cli.common import console, err_console
+from heist.cli.common import config_option, console, err_console, store_mismatch, victim_settings
 from translators.errors import HeistError
 
 app = typer.Typer(help="API keys of the victim service (stored hashed; shown once).", no_args_is_help=True)
 
-ConfigOpt = typer.Option(None, "--config", "-c", envvar="HEIST_VICTIM_CONFIG",
-                         help="Victim settings file: where keys are stored (Redis or data dir) and which tiers exist.")
+ConfigOpt = config_option()
 RedisOpt = typer.Option(None, "--redis-url", help="Override the settings' redis_url.")
 
 
-def _settings(config: Path | None, redis_url: str | None):  # type: ignore[no-untyped-def]
-    from victim_service.settings import Settings
-
-    s = Settings.from_file(config)
-    if redis_url is not None:
-        s = Settings.from_mapping({**s.to_dict(), "redis_url": redis_url}, str(config or "command line"))
-    return s
+def _warn_other_store(resolved) -> None:  # type: ignore[no-untyped-def]
+    warning = store_mismatch(resolved)
+    if warning:
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
 
 
 @app.command("add")
@@ -38,7 +34,8 @@ def add(
     from victim_service.keys import open_key_store
     from victim_service.settings import _check_name
 
-    s = _settings(config, redis_url)
+    resolved = victim_settings(config, redis_url=redis_url)
+    s = resolved.settings
     try:
         _check_name(name, "client name")
     except ValueError as exc:
@@ -46,10 +43,10 @@ def add(
     if tier not in s.tiers:
         raise HeistError(f"unknown tier {tier!r}; the settings define: {', '.join(s.tiers)}")
     key = open_key_store(s).add(name, tier)
-    where = f"Redis {s.redis_url} (prefix {s.key_prefix})" if s.redis_url else str(s.state_dir() / "keys.json")
-    err_console.print(f"key for [bold]{name}[/bold] (tier {tier}) stored in {where}; it is shown only once:",
-                      highlight=False)
+    err_console.print(f"key for [bold]{name}[/bold] (tier {tier}) stored in {s.store().describe()} "
+                      f"(settings: {resolved.origin}); it is shown only once:", highlight=False)
     console.print(key, highlight=False, soft_wrap=True)
+    _warn_other_store(resolved)
 
 
 @app.command("list")
@@ -57,8 +54,8 @@ def list_keys(config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt)
     """List stored keys (names, tiers, creation time; never the keys) and the settings' static keys."""
     from victim_service.keys import open_key_store
 
-    s = _settings(config, redis_url)
-    table = Table(title="API keys")
+    s = victim_settings(config, redis_url=redis_url).settings
+    table = Table(title=f"API keys in {s.store().describe()}")
     for col in ("name", "tier", "kind", "created"):
         table.add_column(col)
     for r in open_key_store(s).records():
@@ -74,7 +71,9 @@ def revoke(name: str = typer.Argument(...), config: Path | None = ConfigOpt, red
     """Delete NAME's stored key. Running servers stop accepting it within key_cache_s seconds."""
     from victim_service.keys import open_key_store
 
-    s = _settings(config, redis_url)
+    resolved = victim_settings(config, redis_url=redis_url)
+    s = resolved.settings
     if not open_key_store(s).revoke(name):
-        raise HeistError(f"no stored key for client {name!r}")
-    console.print(f"revoked the key of {name}")
+        raise HeistError(f"no stored key for client {name!r} in {s.store().describe()} (settings: {resolved.origin})")
+    console.print(f"revoked the key of {name} in {s.store().describe()}", highlight=False)
+    _warn_other_store(resolved)

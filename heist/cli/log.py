@@ -10,12 +10,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from heist.cli.common import console, progress
+from heist.cli.common import config_option, console, progress, victim_settings
 from translators.errors import HeistError
 
 app = typer.Typer(help="The victim's query log: every translate request, admitted or refused.", no_args_is_help=True)
 
-ConfigOpt = typer.Option(None, "--config", "-c", envvar="HEIST_VICTIM_CONFIG", help="Victim settings file.")
+ConfigOpt = config_option()
 
 
 class ExportFormat(StrEnum):
@@ -25,12 +25,8 @@ class ExportFormat(StrEnum):
 
 def _reader(config: Path | None, redis_url: str | None):  # type: ignore[no-untyped-def]
     from victim_service.querylog import LogReader
-    from victim_service.settings import Settings
 
-    s = Settings.from_file(config)
-    if redis_url is not None:
-        s = Settings.from_mapping({**s.to_dict(), "redis_url": redis_url}, str(config or "command line"))
-    return LogReader(s)
+    return LogReader(victim_settings(config, redis_url=redis_url).settings)
 
 
 def _since(value: str | None) -> float | None:

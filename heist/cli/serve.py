@@ -9,14 +9,12 @@ from pathlib import Path
 
 import typer
 
-from heist.cli.common import console, err_console
+from heist.cli.common import config_option, console, err_console, victim_settings
 from translators.errors import HeistError
 
 
 def serve(
-    config: Path | None = typer.Option(
-        None, "--config", "-c", envvar="HEIST_VICTIM_CONFIG", help="Settings file (.toml, .yaml or .json)."
-    ),
+    config: Path | None = config_option(),
     models_dir: Path | None = typer.Option(
         None, "--models-dir", help="Serve every .safetensors (+card), .pt and .pt2 file in this folder."
     ),
@@ -30,14 +28,11 @@ def serve(
     import uvicorn
 
     from victim_service.models import model_specs, prebuild_zoo, resolve_source
-    from victim_service.settings import CONFIG_ENV, Settings
+    from victim_service.settings import CONFIG_ENV
 
-    settings = Settings.from_file(config)
-    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers, "redis_url": redis_url,
-                                   "models_dir": str(models_dir.resolve()) if models_dir else None}.items()
-                 if v is not None}
-    if overrides:
-        settings = Settings.from_mapping({**settings.to_dict(), **overrides}, str(config or "command line"))
+    resolved = victim_settings(config, host=host, port=port, workers=workers, redis_url=redis_url,
+                               models_dir=str(models_dir.resolve()) if models_dir else None)
+    settings = resolved.settings
     specs = model_specs(settings)  # fails early, with one line, when there is nothing to serve
     for spec in specs:
         if not spec.source.startswith("zoo:"):
@@ -58,7 +53,8 @@ def serve(
         names = ", ".join(s.name for s in specs)
         limiter = f"Redis {settings.redis_url}" if settings.redis_url else "in-process (embedded)"
         err_console.print(f"serving [bold]{names}[/bold] on http://{settings.host}:{settings.port} "
-                          f"({settings.workers} worker(s), limits: {limiter})", highlight=False)
+                          f"({settings.workers} worker(s), limits: {limiter}; settings: {resolved.origin}; "
+                          f"API keys in {settings.store().describe()})", highlight=False)
         uvicorn.run(
             "victim_service.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
             workers=settings.workers, log_level=log_level, timeout_graceful_shutdown=5,

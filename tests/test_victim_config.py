@@ -1,0 +1,146 @@
+"""One configuration for every command: ``--config`` > ``HEIST_VICTIM_CONFIG`` > defaults, ``HEIST_VICTIM_*`` on top;
+``heist keys add`` says where it wrote and warns when the server on the settings' port keeps its keys elsewhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from heist.cli.main import main
+from tests.conftest import free_port
+from tests.servers import image_bytes, start_victim, tiny_models
+from victim_service.settings import CONFIG_ENV, SettingsError, redis_url_public, resolve_settings
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def heist(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., Run]:
+    """The ``heist`` entry point in-process, as a user sees it (exit code, stdout, stderr)."""
+
+    def run(*args: str) -> Run:
+        monkeypatch.setattr(sys, "argv", ["heist", *args])
+        monkeypatch.setenv("COLUMNS", "400")  # one warning per line, not wrapped by rich
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main()
+        got = capsys.readouterr()
+        return Run(int(exc.value.code or 0), got.out, " ".join(got.err.split()))
+
+    return run
+
+
+def _toml(path: Path, port: int, prefix: str) -> Path:
+    path.write_text(f'port = {port}\nkey_prefix = "{prefix}"\n[tiers.gold]\nrate = 2.0\n')
+    return path
+
+
+def test_resolution_order_flag_then_env_then_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in (CONFIG_ENV, "HEIST_VICTIM_PORT", "HEIST_VICTIM_KEY_PREFIX", "HEIST_VICTIM_REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    flag = _toml(tmp_path / "flag.toml", 8101, "flag:")
+    env = _toml(tmp_path / "env.toml", 8102, "env:")
+
+    default = resolve_settings(None)
+    assert (default.origin, default.path, default.settings.port) == ("defaults", None, 8000)
+    assert set(default.settings.tiers) == {"free", "pro", "internal"}
+
+    monkeypatch.setenv(CONFIG_ENV, str(env))
+    from_env = resolve_settings(None)
+    assert from_env.origin == f"{CONFIG_ENV}={env}"
+    assert (from_env.settings.port, from_env.settings.key_prefix) == (8102, "env:")
+
+    from_flag = resolve_settings(flag)  # the flag wins over the variable
+    assert from_flag.origin == f"--config {flag}"
+    assert (from_flag.settings.port, from_flag.settings.key_prefix) == (8101, "flag:")
+
+    # HEIST_VICTIM_* variables override single fields of whichever file was chosen...
+    monkeypatch.setenv("HEIST_VICTIM_PORT", "8103")
+    monkeypatch.setenv("HEIST_VICTIM_TIERS__GOLD__RATE", "7")
+    assert resolve_settings(flag).settings.port == 8103
+    assert resolve_settings(None).settings.tiers["gold"].rate == 7.0
+    # ...and a command-line option (--port, --redis-url) wins over them
+    cli = resolve_settings(flag, {"port": 8104, "redis_url": None})
+    assert cli.settings.port == 8104
+    assert cli.settings.key_prefix == "flag:"
+
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "missing.toml"))
+    with pytest.raises(SettingsError, match="missing.toml: cannot read"):
+        resolve_settings(None)
+
+
+def test_store_names_redis_without_password_and_compares_spellings() -> None:
+    assert redis_url_public("redis://user:s3cret@LOCALHOST") == "redis://127.0.0.1:6379/0"
+    assert redis_url_public("rediss://cache.example:6380/2") == "rediss://cache.example:6380/2"
+    a = resolve_settings(None, {"redis_url": "redis://:pw@localhost:6379/0", "key_prefix": "p:"}).settings.store()
+    b = resolve_settings(None, {"redis_url": "redis://127.0.0.1:6379", "key_prefix": "p:"}).settings.store()
+    c = resolve_settings(None, {"redis_url": "redis://127.0.0.1:6379", "key_prefix": "q:"}).settings.store()
+    assert "pw" not in a.describe()
+    assert a.same_keys_as(b)
+    assert not a.same_keys_as(c)
+
+
+def test_keys_add_warns_when_the_running_server_keeps_keys_elsewhere(
+    tmp_path: Path, redis_url: str, heist: Callable[..., Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tiny_models(tmp_path / "models", ("denoise",))
+    prefix = f"heist-test:{uuid.uuid4().hex[:12]}:"
+    srv = start_victim(tmp_path, models=[{"name": "denoise", "source": str(models["denoise"]), "max_batch": 1}],
+                       tiers={"free": {"rate": None}}, keys={}, redis_url=redis_url, key_prefix=prefix)
+    try:
+        health = httpx.get(f"{srv.url}/healthz").json()
+        assert health["store"] == {"backend": "redis", "redis_url": redis_url_public(redis_url), "key_prefix": prefix,
+                                   "data_dir": str(srv.data_dir.resolve())}
+        for var in (CONFIG_ENV, "HEIST_VICTIM_REDIS_URL", "HEIST_VICTIM_KEY_PREFIX"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HEIST_DATA_DIR", str(tmp_path / "cli-data"))
+        monkeypatch.setenv("HEIST_VICTIM_PORT", str(srv.process.port))
+
+        # the tour's old mistake: no --config, so the key lands in the local key file the server never reads
+        wrong = heist("keys", "add", "alice", "--tier", "free")
+        assert wrong.rc == 0, wrong.err
+        local = tmp_path / "cli-data" / "victim" / "keys.json"
+        assert f"stored in the key file {local} (settings: defaults)" in wrong.err
+        assert f"warning: the server running at {srv.url} keeps its keys in Redis " in wrong.err
+        assert f"(prefix {prefix})" in wrong.err
+        assert "--config FILE or HEIST_VICTIM_CONFIG=FILE" in wrong.err
+        png = image_bytes(16, 16)
+        refused = httpx.post(f"{srv.url}/v1/models/denoise/translate", content=png,
+                             headers={"X-API-Key": wrong.out.strip(), "Content-Type": "image/png"})
+        assert refused.status_code == 401
+
+        # the same command with the server's settings, named by the variable: no warning, and the key works
+        monkeypatch.setenv(CONFIG_ENV, str(srv.settings_path))
+        right = heist("keys", "add", "alice", "--tier", "free")
+        assert right.rc == 0, right.err
+        assert f"stored in Redis {redis_url_public(redis_url)} (prefix {prefix})" in right.err
+        assert f"(settings: {CONFIG_ENV}={srv.settings_path})" in right.err
+        assert "warning" not in right.err
+        ok = httpx.post(f"{srv.url}/v1/models/denoise/translate", content=png,
+                        headers={"X-API-Key": right.out.strip(), "Content-Type": "image/png"})
+        assert ok.status_code == 200, ok.text
+        revoked = heist("keys", "revoke", "alice")
+        assert revoked.rc == 0, revoked.err
+        assert "warning" not in revoked.err
+        assert json.loads(local.read_text())["keys"]  # the stray key is still in the local file, untouched
+    finally:
+        srv.stop()
+
+    # no server on that port: nothing to compare, no warning
+    monkeypatch.delenv(CONFIG_ENV)
+    monkeypatch.setenv("HEIST_VICTIM_PORT", str(free_port()))
+    quiet = heist("keys", "add", "bob", "--tier", "free")
+    assert quiet.rc == 0, quiet.err
+    assert "warning" not in quiet.err

@@ -51,7 +51,10 @@ def test_compose_file_validates_and_wires_the_services() -> None:
                for v in redis["volumes"])
     assert "redis-data" in cfg["volumes"]
     victim = services["victim"]
-    assert victim["command"] == ["serve", "--config", "configs/victim-compose.toml"]
+    assert victim["command"] == ["serve"]  # settings found like every heist command: HEIST_VICTIM_CONFIG
+    assert victim["environment"]["HEIST_VICTIM_CONFIG"] == "configs/victim-compose.toml"
+    assert services["campaign"]["environment"]["HEIST_VICTIM_CONFIG"] == "configs/victim-compose.toml"
+    assert (ROOT / victim["environment"]["HEIST_VICTIM_CONFIG"]).exists()
     assert "/readyz" in " ".join(victim["healthcheck"]["test"])
     assert victim["depends_on"]["redis"]["condition"] == "service_healthy"
     assert victim["environment"]["HEIST_VICTIM_REDIS_URL"] == "redis://redis:6379/0"

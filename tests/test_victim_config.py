@@ -77,7 +77,7 @@ def test_resolution_order_flag_then_env_then_defaults(tmp_path: Path, monkeypatc
     assert cli.settings.key_prefix == "flag:"
 
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "missing.toml"))
-    with pytest.raises(SettingsError, match="missing.toml: cannot read"):
+    with pytest.raises(SettingsError, match=r"missing\.toml: cannot read"):
         resolve_settings(None)
 
 

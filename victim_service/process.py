@@ -41,7 +41,7 @@ from types import TracebackType
 import httpx
 
 from translators.errors import HeistError
-from victim_service.settings import CONFIG_ENV, Settings
+from victim_service.settings import CONFIG_ENV, resolve_settings
 
 READY_DIR_ENV = "HEIST_VICTIM_READY_DIR"
 
@@ -156,7 +156,7 @@ def _preflight(config_path: Path, env: dict[str, str], prebuild: bool) -> None:
     old = dict(os.environ)
     os.environ.update(env)  # the server will see these overrides; so must the check
     try:
-        settings = Settings.from_file(config_path)
+        settings = resolve_settings(config_path).settings  # what the workers will resolve from HEIST_VICTIM_CONFIG
         for spec in model_specs(settings):
             if not spec.source.startswith("zoo:"):
                 resolve_source(spec.source)

@@ -14,7 +14,7 @@ from tests.docsrun import ROOT, Command, docs_files, run_commands, runnable_bloc
 
 log = logging.getLogger(__name__)
 
-SMALL = {"BUDGET": "12", "STEPS": "20", "HEIST_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+SMALL = {"BUDGET": "12", "STEPS": "20"}  # the sizes README.md and docs/CONTRIBUTING.md name
 
 
 def _forget(redis_url: str, prefix: str) -> None:

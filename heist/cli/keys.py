@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -11,13 +12,17 @@ from rich.table import Table
 from heist.cli.common import config_option, console, err_console, store_mismatch, victim_settings
 from translators.errors import HeistError
 
+if TYPE_CHECKING:
+    from victim_service.settings import ResolvedSettings
+
 app = typer.Typer(help="API keys of the victim service (stored hashed; shown once).", no_args_is_help=True)
 
 ConfigOpt = config_option()
 RedisOpt = typer.Option(None, "--redis-url", help="Override the settings' redis_url.")
 
 
-def _warn_other_store(resolved) -> None:  # type: ignore[no-untyped-def]
+def _warn_other_store(resolved: ResolvedSettings) -> None:
+    """Warn (stderr) when the server on the settings' port reads its keys from another store."""
     warning = store_mismatch(resolved)
     if warning:
         err_console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -181,8 +182,13 @@ def run_commands(commands: list[Command], workdir: Path, env: dict[str, str], po
     script.write_text(_script(commands, port))
     full_env = {**env, "__DOCS_DIR": str(logs), "HEIST_VICTIM_PORT": str(port)}
     with open(logs / "session.log", "wb") as out:
-        proc = subprocess.run(["bash", str(script)], cwd=workdir, env=full_env, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        # its own process group, so that a server left behind (the session killed by a timeout) goes with it
+        proc = subprocess.Popen(["bash", str(script)], cwd=workdir, env=full_env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            _kill_group(proc)
     stamps = [float(line.split()[1]) for line in (logs / "steps.txt").read_text().splitlines()] \
         if (logs / "steps.txt").exists() else []
     result = DocsRun(commands, [b - a for a, b in itertools.pairwise(stamps)], returncode=proc.returncode,
@@ -194,6 +200,27 @@ def run_commands(commands: list[Command], workdir: Path, env: dict[str, str], po
     elif proc.returncode != 0:
         result.failed = commands[min(len(stamps) - 1, len(commands) - 1)] if stamps else commands[0]
     return result
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop whatever of the session's process group still runs: SIGTERM, then SIGKILL after 10 s."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            proc.poll()
+            time.sleep(0.1)
+        else:
+            continue
+        break
+    proc.poll()
 
 
 def docs_files(root: Path = ROOT) -> list[Path]:

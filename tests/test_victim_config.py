@@ -116,6 +116,8 @@ def test_keys_add_warns_when_the_running_server_keeps_keys_elsewhere(
         assert f"warning: the server running at {srv.url} keeps its keys in Redis " in wrong.err
         assert f"(prefix {prefix})" in wrong.err
         assert "--config FILE or HEIST_VICTIM_CONFIG=FILE" in wrong.err
+        listed = heist("keys", "list")
+        assert "warning: the server running at" in listed.err  # reading the wrong store is flagged too
         png = image_bytes(16, 16)
         refused = httpx.post(f"{srv.url}/v1/models/denoise/translate", content=png,
                              headers={"X-API-Key": wrong.out.strip(), "Content-Type": "image/png"})

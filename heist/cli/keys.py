@@ -59,7 +59,8 @@ def list_keys(config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt)
     """List stored keys (names, tiers, creation time; never the keys) and the settings' static keys."""
     from victim_service.keys import open_key_store
 
-    s = victim_settings(config, redis_url=redis_url).settings
+    resolved = victim_settings(config, redis_url=redis_url)
+    s = resolved.settings
     table = Table(title=f"API keys in {s.store().describe()}")
     for col in ("name", "tier", "kind", "created"):
         table.add_column(col)
@@ -69,6 +70,7 @@ def list_keys(config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt)
     for k in s.keys:
         table.add_row(k.name, k.tier, "static (settings)", "")
     console.print(table)
+    _warn_other_store(resolved)
 
 
 @app.command("revoke")

@@ -102,7 +102,7 @@ def error_parts(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
     if isinstance(exc, BackendUnavailableError):
         return 503, "backend_unavailable", str(exc), {"Retry-After": "1"}
     if isinstance(exc, OverloadedError):
-        return 503, "overloaded", str(exc), {"Retry-After": "1"}
+        return 503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, HeistError):
         return 400, exc.code, str(exc), {}
     return 500, "internal_error", "the server failed to handle this request; it has been logged", {}
@@ -244,8 +244,8 @@ async def translate(model: str, request: Request) -> Response:
         fmt_in, w, h = probe_image(data, served.image_limits(svc.settings.images))
         entry.width, entry.height = w, h
         entry.image_path = svc.log.save_image(digest, data, fmt_in)
-        if w * h > OFFLOAD_PIXELS:
-            x, ph = await asyncio.to_thread(_decode, data, served, svc)
+        if w * h > OFFLOAD_PIXELS and svc.codecs is not None:
+            x, ph = await svc.codecs.run(_decode, data, served, svc)
         else:
             x, ph = _decode(data, served, svc)
         entry.phash = ph
@@ -254,8 +254,8 @@ async def translate(model: str, request: Request) -> Response:
             rng=request_rng(request_seed(svc.secret, rid)), input_sha256=digest, secret=svc.secret,
         )
         result = await svc.host.infer(served, x, ctx, svc.settings.request_timeout_s)
-        if w * h * served.scale**2 > OFFLOAD_PIXELS:
-            body = await asyncio.to_thread(_encode, result.output, fmt, svc)
+        if svc.codecs is not None and (w * h * served.scale**2 > OFFLOAD_PIXELS or fmt == "jpeg"):
+            body = await svc.codecs.encode(result.output, fmt, served.device)
         else:
             body = _encode(result.output, fmt, svc)
         pipe = svc.host.pipeline(served.name, client.tier)

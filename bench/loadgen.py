@@ -3,7 +3,7 @@
     python bench/loadgen.py drive --url URL --key KEY --body in.png --concurrency 16 --requests 128 --start-at T
     python bench/loadgen.py stub --port 8123 --reply out.png        # answers every POST with reply's bytes
 
-``drive`` keeps ``concurrency`` requests in flight over keep-alive connections (warmed before ``--start-at``,
+``drive`` keeps ``concurrency`` requests in flight over keep-alive connections (opened before ``--start-at``,
 a shared wall-clock instant so all processes start together) until ``requests`` were answered 200, and
 prints one JSON line: per-request latencies of the 200s (seconds), refused (503/429, each retried after its
 ``Retry-After``, capped), other errors, and the first/last instants. A refused attempt is not a request:
@@ -40,7 +40,9 @@ async def drive(url: str, key: str, body: bytes, concurrency: int, total: int, s
         async def one() -> httpx.Response:
             return await c.post(url, content=body, headers=headers)
 
-        await asyncio.gather(*[one() for _ in range(min(concurrency, 4))])  # open (and warm) connections
+        await asyncio.gather(*[one() for _ in range(min(concurrency, 2))])  # warm the route
+        base = url.split("/v1/", 1)[0]
+        await asyncio.gather(*[c.get(f"{base}/healthz") for _ in range(concurrency)])  # open every connection
         await asyncio.sleep(max(0.0, start_at - time.time()))
 
         async def worker() -> None:

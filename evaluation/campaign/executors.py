@@ -117,6 +117,8 @@ class RayExecutor:
         self._started = False
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH"))
                                                           if p)}}
+        if address is not None and address != "auto":
+            _check_reachable(address)  # Ray itself retries an unreachable address for minutes
         try:
             if not ray.is_initialized():
                 if address is None:
@@ -182,6 +184,24 @@ class RayExecutor:
         if self._started and self.ray.is_initialized():
             self.ray.shutdown()
         self._started = False
+
+
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """Raise :class:`ExecutorError` unless ``address`` (``ray://HOST:PORT`` or ``HOST:PORT``) accepts a TCP
+    connection within ``timeout_s``."""
+    import socket
+
+    hostport = address.removeprefix("ray://").rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    default = 10001 if address.startswith("ray://") else 6379
+    if not host:
+        host, port = hostport, str(default)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ExecutorError(f"cannot reach the Ray cluster at {address} ({type(exc).__name__}: {exc}); start one with "
+                            f"`ray start --head` or leave out --address for a local Ray ({RAY_EXTRA_HINT})") from None
 
 
 def make_executor(name: str, address: str | None = None, *, cpus_per_cell: float = 1.0,

@@ -1,24 +1,27 @@
-"""Benchmark the victim service against a raw forward loop of the same model, measured in the same run.
+"""Benchmark the victim service against a raw forward loop and the codec ceiling, measured in the same run.
 
-    .venv/bin/python bench/serve.py                 # SRResNet 64 ch / 8 blocks, x4, 64x64 inputs, CPU
-    .venv/bin/python bench/serve.py --quick         # smaller model and fewer requests (a smoke run)
-    .venv/bin/python bench/serve.py --model zoo:sr4x@default --device cuda
+    .venv/bin/python bench/serve.py                    # SRResNet 64 ch / 8 blocks, x4, 64x64 inputs, CPU
+    .venv/bin/python bench/serve.py --quick --small    # smaller model and fewer requests (a smoke run)
+    .venv/bin/python bench/serve.py --device cuda --no-redis --quick --requests 512    # a GPU host, < 4 min
 
-Measures, printing JSON to stdout and writing ``bench/results/serve.json``:
+Measures, printing JSON to stdout and writing ``bench/results/serve-<cpu|cuda>.json``:
 
-- raw: images/s of ``model(x)`` in a loop at batch 1, 2, 4, 8 (``torch.inference_mode``, same thread count),
-  measured before and after the service runs and averaged (the machine may be shared);
+- client ceiling: the load generator (``--clients`` processes of ``bench/loadgen.py``, each an asyncio httpx
+  client) against stub servers that answer at once, at the top concurrency: what the client can drive;
+- codec ceiling: PNG decode of the request + PNG encode of the response, on one thread and on all cores;
+- raw: images/s of ``model(x)`` in a loop at batch 1, 2, 4, 8 (to 128 on CUDA) (``torch.inference_mode``,
+  same thread count), measured before and after the service runs and averaged (the machine may be shared);
 - service: a real uvicorn server (``victim_service.process``), ``POST /v1/models/sr4x/translate`` with a
-  64x64 PNG at concurrency 1, 8 and 32: images/s, p50/p99 latency, mean batch size. Three servers:
-  ``max_batch = "auto"`` (measured at warm-up), ``max_batch = 8`` (always batch) and ``max_batch = 1``
-  (dynamic batching off);
-- ratios: service/raw at c=32 (target >= 0.7 on CPU) and dynamic batching vs batch 1 at c=32 (Triton
-  documents about 3.7x on GPU);
+  64x64 PNG at each concurrency of ``--levels``: answered images/s, p50/p99 latency of answered requests,
+  refused attempts (503 + Retry-After, retried), mean batch size; one server per ``--configs`` entry
+  (``auto``: measured at warm-up; ``1``: dynamic batching off);
+- ratios: service / best raw and service / min(best raw, codec ceiling) per level, auto vs batch 1 and
+  c=64 vs c=32 (no collapse), client ceiling / service;
 - limiter: the Redis GCRA script per request (p50/p99, target p50 <= 1 ms) against a bare Redis PING
   round trip, and the in-process limiter.
 
-Random weights: throughput does not depend on them. The HTTP client runs on the same machine and
-competes for its cores; the ratio includes PNG decode/encode, which the raw loop does not pay.
+Random weights: throughput does not depend on them. The clients run on the same machine as the server
+and compete for its cores (the client ceiling says how much they can drive); see docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -302,7 +305,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=64, help="input side in pixels")
     ap.add_argument("--levels", default="1,8,32,64", help="client concurrencies")
-    ap.add_argument("--requests", type=int, default=128, help="answered requests per level (at least 2x c)")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="answered requests per level (at least 2x c); default 128, 64 with --quick")
     ap.add_argument("--configs", default="auto,1", help="server max_batch settings to compare (auto, integers)")
     ap.add_argument("--clients", type=int, default=0,
                     help="load-generator processes (0: max(2, cores // 4)); the client ceiling is measured with them")
@@ -318,7 +322,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.quick:
-        args.requests, args.raw_seconds = min(args.requests, 64), 1.0
+        args.raw_seconds = 1.0
+    if args.requests is None:
+        args.requests = 64 if args.quick else 128
     if args.threads:
         torch.set_num_threads(args.threads)
     else:

@@ -330,6 +330,7 @@ def main() -> None:
     else:
         args.threads = None
     cores = os.cpu_count() or 1
+    load_start = round(os.getloadavg()[0], 2)
     procs = args.clients or max(2, cores // 4)
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     out_path = args.out or ROOT / "bench" / "results" / f"serve-{kind}.json"
@@ -396,6 +397,7 @@ def main() -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(0),
         "cpu_count": cores,
+        "load_avg_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},  # a shared machine shows here
         "torch_threads": torch.get_num_threads(),
         "settings": {"levels": levels, "requests_per_level": args.requests, "configs": configs, "accept": args.accept,
                      "client_processes": procs, "redis": bool(redis_url), "quick": args.quick},

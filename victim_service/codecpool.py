@@ -7,8 +7,9 @@ form it and encodes the results of the last one.
 
 JPEG responses are encoded by nvJPEG (``torchvision.io.encode_jpeg`` on a CUDA tensor) when the model
 runs on CUDA, torchvision offers it and ``output.gpu_jpeg`` is on: about 0.15 ms per 256x256 image
-against about 8 ms for Pillow's PNG. WebP has no GPU encoder and stays on Pillow; PNG (the lossless
-default) stays on Pillow too.
+against about 8 ms for Pillow's PNG. GPU encodes are serialised per device (a lock; concurrent calls from
+several threads have produced corrupt output, pytorch/vision#9060), which still allows thousands per second.
+WebP has no GPU encoder and stays on Pillow; PNG (the lossless default) stays on Pillow too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -63,6 +65,7 @@ class CodecPool:
         self.threads = pool_size(threads)
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="heist-codec")
         self._gpu_jpeg: dict[str, bool] = {}
+        self._gpu_locks: dict[str, threading.Lock] = {}
         self.gpu_encoded = 0  # responses encoded by nvJPEG (tests and the benchmark read it)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -84,9 +87,14 @@ class CodecPool:
             from torchvision.io import encode_jpeg
 
             u8 = torch.from_numpy(to_uint8(t)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-            data = encode_jpeg(u8.to(device, non_blocking=False), quality=o.jpeg_quality)
-            self.gpu_encoded += 1
-            return bytes(data.cpu().numpy().tobytes())
+            # one encode at a time per device, input copy finished first: concurrent CUDA encode_jpeg calls
+            # from several threads have produced corrupt JPEGs (pytorch/vision#9060)
+            with self._gpu_locks.setdefault(str(device), threading.Lock()):
+                src = u8.to(device)
+                torch.cuda.current_stream(device).synchronize()
+                data = encode_jpeg(src, quality=o.jpeg_quality).cpu()
+                self.gpu_encoded += 1
+            return bytes(data.numpy().tobytes())
         quality = o.jpeg_quality if fmt == "jpeg" else o.webp_quality
         return encode_image(t, fmt, quality=quality, png_compress_level=o.png_compress_level)
 

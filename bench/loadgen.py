@@ -6,7 +6,7 @@
 ``drive`` keeps ``concurrency`` requests in flight over keep-alive connections (opened before ``--start-at``,
 a shared wall-clock instant so all processes start together) until ``requests`` were answered 200, and
 prints one JSON line: per-request latencies of the 200s (seconds), refused (503/429, each retried after its
-``Retry-After``, capped), other errors, and the first/last instants. A refused attempt is not a request:
+``Retry-After``, capped at 10 s), other errors, and the first/last instants. A refused attempt is not a request:
 throughput counts answered images.
 
 ``stub`` is a minimal HTTP/1.1 keep-alive server (``SO_REUSEPORT``: several processes share the port) that
@@ -110,7 +110,7 @@ def main() -> None:
     d.add_argument("--requests", type=int, required=True)
     d.add_argument("--start-at", type=float, default=0.0)
     d.add_argument("--accept", default="image/png")
-    d.add_argument("--max-retry-s", type=float, default=1.0)
+    d.add_argument("--max-retry-s", type=float, default=10.0)
     s = sub.add_parser("stub")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--reply", type=Path, required=True)

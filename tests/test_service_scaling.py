@@ -33,9 +33,10 @@ def test_queue_time_admission_refuses_with_retry_after_and_jpeg_from_the_pool(tm
     # a bound of 1 microsecond: once a batch was measured, any request queued behind another is refused
     spec = {"name": "sr4x", "source": str(models["sr4x"]), "max_batch": 1, "max_delay_ms": 0,
             "max_queue_wait_ms": 0.001}
-    with start_victim(tmp_path, models=[spec], extra={"codec_threads": 2}) as srv:
+    with start_victim(tmp_path, models=[spec], tiers={"q": {"rate": None, "quota_total": 100}},
+                      keys={"carol": "q"}, extra={"codec_threads": 2}) as srv:
         url = f"{srv.url}/v1/models/sr4x/translate"
-        key = srv.keys["bob"]
+        key = srv.keys["carol"]
         first = httpx.post(url, content=image_bytes(48, 48), headers={"X-API-Key": key,
                            "Content-Type": "image/png", "Accept": "image/jpeg"}, timeout=30)
         assert first.status_code == 200
@@ -51,6 +52,14 @@ def test_queue_time_admission_refuses_with_retry_after_and_jpeg_from_the_pool(tm
             assert r.json()["error"] == "overloaded"
             assert "busy" in r.json()["detail"]
             assert int(r.headers["retry-after"]) >= 1
+        # once the queue is known to be long, the check before the limiter refuses without using quota
+        while True:  # a request answered, so the model has a measured rate; now refuse behind a queued one
+            rs = asyncio.run(_flood(url, key, [image_bytes(48, 48, seed=i) for i in range(16)]))
+            quota_before = min(int(r.headers["x-quota-remaining"]) for r in rs if "x-quota-remaining" in r.headers)
+            early = [r for r in rs if r.status_code == 503 and "x-quota-remaining" not in r.headers]
+            if early or quota_before < 40:
+                break
+        assert early, "no request was refused before the rate limiter"
 
 
 def test_codec_pool_sizes_to_cores_and_encodes_like_pillow() -> None:

@@ -109,21 +109,9 @@ class DeviceWorker:
     def submit(self, job: Job) -> None:
         """Queue ``job`` or refuse it (:class:`OverloadedError`, 503 + ``Retry-After``) when the model's queue
         is full or its expected wait exceeds ``max_queue_wait_ms`` (queue-time admission)."""
-        m = job.model
-        if m.inflight >= m.spec.max_queue:
-            raise OverloadedError(
-                f"model {m.name} has {m.inflight} requests queued (limit {m.spec.max_queue}); retry later",
-                retry_after=_retry_after(m.expected_wait_s()),
-            )
-        wait = m.expected_wait_s()
-        bound = m.spec.max_queue_wait_ms
-        if bound is not None and wait is not None and wait * 1000.0 > bound:
-            raise OverloadedError(
-                f"model {m.name} is busy: about {wait:.1f} s of queued work (bound {bound / 1000:.1f} s); retry later",
-                retry_after=_retry_after(wait),
-            )
-        m.inflight += 1
-        self.metrics.queue_depth.labels(m.name).inc()
+        admit(job.model)
+        job.model.inflight += 1
+        self.metrics.queue_depth.labels(job.model.name).inc()
         self._pending.setdefault(job.key, deque()).append(job)
         self._wakeup.set()
 
@@ -251,6 +239,23 @@ def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
             cpu = dev_out.cpu()
     outs = [cpu[i : i + 1] for i in range(n)]
     return _BatchOut(outs, infer_s, time.perf_counter() - t0, timings, group_timings)
+
+
+def admit(m: ServedModel) -> None:
+    """Raise :class:`OverloadedError` (503 + ``Retry-After``) when ``m`` holds ``max_queue`` unfinished requests
+    or its expected queue wait exceeds ``max_queue_wait_ms``; routes may call it before reading a body."""
+    if m.inflight >= m.spec.max_queue:
+        raise OverloadedError(
+            f"model {m.name} has {m.inflight} requests queued (limit {m.spec.max_queue}); retry later",
+            retry_after=_retry_after(m.expected_wait_s()),
+        )
+    wait = m.expected_wait_s()
+    bound = m.spec.max_queue_wait_ms
+    if bound is not None and wait is not None and wait * 1000.0 > bound:
+        raise OverloadedError(
+            f"model {m.name} is busy: about {wait:.1f} s of queued work (bound {bound / 1000:.1f} s); retry later",
+            retry_after=_retry_after(wait),
+        )
 
 
 def _retry_after(wait_s: float | None) -> int:

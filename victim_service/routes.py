@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from defenses import DefenseContext, request_rng, request_seed
 from translators.codecs import MEDIA_TYPES, decode_image, encode_image, probe_image
 from translators.errors import HeistError, ImageError
+from victim_service.batching import admit
 from victim_service.errors import ApiError, BackendUnavailableError, ErrorBody, OverloadedError
 from victim_service.keys import hash_key, open_key_store
 from victim_service.models import ServedModel
@@ -200,7 +201,8 @@ async def translate(model: str, request: Request) -> Response:
 
     Limits are checked in this order: API key (401), model (404), ``Accept`` (406), rate limit and quota
     (429; refused requests do not use quota), body size (413), media type (415), header-declared pixels
-    (413, before decoding), decoding (400/415), model size rules (400), queue (503).
+    (413, before decoding), decoding (400/415), model size rules (400), queue (503; also checked before the
+    rate limit, so a request arriving behind a long queue is refused without using quota).
     """
     svc = svc_of(request)
     t0 = time.perf_counter()
@@ -227,6 +229,7 @@ async def translate(model: str, request: Request) -> Response:
         if served is None:
             raise ApiError(404, "unknown_model", f"no model named {model!r}; GET /v1/models lists them")
         fmt = negotiate(request.headers.get("accept"))
+        admit(served)  # queue-time admission first: refused behind a long queue, no quota or decode spent
         decision = await svc.decide(client, tier)
         headers.update(decision.headers())
         if not decision.allowed:

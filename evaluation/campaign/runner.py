@@ -358,8 +358,11 @@ def _run_grid(
         hooks.say(f"{cell.id}: {cell.status}")
         hooks.cell_done(cell)
 
+    live = {"url": url}  # a self-started victim that died is restarted on a new port before the next cell
+
     def before(task: CellTask) -> CellTask:
-        return dataclasses.replace(task, url=service.ensure(task.url))
+        live["url"] = service.ensure(live["url"])
+        return dataclasses.replace(task, url=live["url"])
 
     order = {cell_id(*g): i for i, g in enumerate(grid)}
     results.cells += executor.run(run_attack_cell, tasks, on_done=cell_finished, failed=_failed_cell, before=before,
@@ -367,7 +370,7 @@ def _run_grid(
     results.cells.sort(key=lambda c: order.get(c.id, len(order)))
 
     with timer.phase("evaluation"):
-        url = service.ensure(url)
+        url = service.ensure(live["url"])
         results.samples = _samples(cfg, out, service, url, pairs, clean_out, surrogates)
     return results
 

@@ -43,7 +43,7 @@ def _config(*files: str, env: dict[str, str] | None = None) -> dict:
 def test_compose_file_validates_and_wires_the_services() -> None:
     cfg = _config("docker-compose.yml")
     services = cfg["services"]
-    assert set(services) == {"redis", "victim", "campaign"}
+    assert set(services) == {"redis", "victim", "lb", "campaign"}
     redis = services["redis"]
     cmd = redis["command"]
     assert cmd[cmd.index("--appendonly") + 1] == "yes"  # AOF on
@@ -62,8 +62,8 @@ def test_compose_file_validates_and_wires_the_services() -> None:
     assert "deploy" not in victim  # the base file must start on hosts without GPUs
     campaign = services["campaign"]
     assert campaign["command"] == ["campaign", "run", "configs/campaigns/compose.toml", "--victim-url",
-                                   "http://victim:8000"]
-    assert campaign["depends_on"]["victim"]["condition"] == "service_healthy"
+                                   "http://lb:8000"]
+    assert campaign["depends_on"]["lb"]["condition"] == "service_healthy"
     mounts = [str(v) if isinstance(v, str) else f"{v.get('source')}:{v.get('target')}" for v in campaign["volumes"]]
     assert any(m.startswith(str(ROOT / "reports")) and ":/app/runs" in m for m in mounts)
 
@@ -79,7 +79,7 @@ def test_gpu_override_reserves_gpus_for_the_victim_only() -> None:
 
 def test_port_override_is_interpolated() -> None:
     cfg = _config("docker-compose.yml", env={"HEIST_VICTIM_PORT": "18080"})
-    ports = cfg["services"]["victim"]["ports"]
+    ports = cfg["services"]["lb"]["ports"]
     published = {str(p["published"]) if isinstance(p, dict) else p.split(":")[0] for p in ports}
     assert "18080" in published
 
@@ -111,3 +111,31 @@ def test_compose_victim_and_campaign_configs_agree() -> None:
     for d in campaign.defenses:
         assert d.api_key in tier_of, d.label
         assert victim.tiers[tier_of[d.api_key]].defenses == d.pipeline
+
+
+def test_victim_scales_behind_the_nginx_load_balancer() -> None:
+    """``docker compose up --scale victim=3``: no fixed host port or container name on the victim (replicas
+    would collide), an official nginx image publishes the port and proxies to every replica via Docker DNS."""
+    cfg = _config("docker-compose.yml")
+    victim, lb = cfg["services"]["victim"], cfg["services"]["lb"]
+    assert "ports" not in victim
+    assert "container_name" not in victim
+    assert lb["image"].startswith("nginx:")
+    assert lb["depends_on"]["victim"]["condition"] == "service_healthy"
+    assert {str(p["target"]) if isinstance(p, dict) else p.split(":")[-1] for p in lb["ports"]} == {"8000"}
+    mounts = [str(v) if isinstance(v, str) else f"{v.get('source')}:{v.get('target')}" for v in lb["volumes"]]
+    conf_mount = next(m for m in mounts if "/etc/nginx/conf.d/default.conf" in m)
+    conf = ROOT / "configs" / "nginx-victim.conf"
+    assert conf_mount.startswith(str(conf))
+    text = conf.read_text()
+    assert re.search(r"^\s*resolver 127\.0\.0\.11\b", text, re.M)  # Docker's DNS: one address per replica
+    assert re.search(r"^\s*set \$victim_upstream http://victim:8000;", text, re.M)
+    assert re.search(r"^\s*proxy_pass \$victim_upstream;", text, re.M)
+    # nginx must not give up before the victim answers its own 503: its read timeout exceeds the victim's
+    from victim_service.settings import Settings
+
+    victim_settings = Settings.from_file("configs/victim-compose.toml")
+    read_timeout = int(re.search(r"proxy_read_timeout (\d+)s;", text).group(1))
+    assert read_timeout > victim_settings.request_timeout_s
+    max_body_mb = int(re.search(r"client_max_body_size (\d+)m;", text).group(1))
+    assert max_body_mb * 2**20 > victim_settings.images.max_bytes

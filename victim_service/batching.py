@@ -1,17 +1,20 @@
 """The model host: one inference thread per device, fed by an asyncio-side dynamic batcher.
 
 Flow of a request: the route decodes the image to ``(1, 3, H, W)`` and calls :meth:`ModelHost.infer`.
-If the model already holds ``max_queue`` unfinished requests the call fails at once with
-:class:`~victim_service.errors.OverloadedError` (HTTP 503). Otherwise the job joins the device's pending groups,
-keyed by ``(model, H, W)``: only same-shaped requests of one model are stacked. The device's batcher task
-takes the group with the oldest request; if it holds fewer than the model's ``max_batch`` jobs it waits
-up to ``max_delay_ms`` (counted from that oldest request's arrival) for more, then hands the batch to
-the device's single worker thread. While the thread computes, new requests accumulate, so under load
-batches fill without any waiting (as in Triton's dynamic batcher).
+If the model already holds ``max_queue`` unfinished requests, or their expected wait (requests ahead /
+the model's measured images per second) exceeds ``max_queue_wait_ms``, the call fails at once with
+:class:`~victim_service.errors.OverloadedError` (HTTP 503 with ``Retry-After``): queue-time admission keeps
+p99 latency bounded under overload while the device stays saturated. Otherwise the job joins the device's
+pending groups, keyed by ``(model, H, W)``: only same-shaped requests of one model are stacked. The
+device's batcher task takes the group with the oldest request; if it holds fewer than the model's
+``max_batch`` jobs it waits up to ``max_delay_ms`` (counted from that oldest request's arrival) for more,
+then hands the batch to the device's single worker thread. While the thread computes, new requests
+accumulate, so under load batches fill without any waiting (as in Triton's dynamic batcher).
 
-In the worker thread: stack -> device -> forward (``torch.inference_mode``; ``no_grad`` when a defense
-needs autograd; AMP + channels_last on CUDA) -> each request's defense pipeline (requests sharing a
-pipeline are defended together) -> CPU. Timings come back for the metrics.
+In the worker thread: stack (in pinned memory on CUDA) -> device (non-blocking copy) -> forward
+(``torch.inference_mode``; ``no_grad`` when a defense needs autograd; AMP + channels_last on CUDA) -> each
+request's defense pipeline (requests sharing a pipeline are defended together) -> CPU (pinned, one copy).
+Timings come back for the metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +71,7 @@ class JobResult:
 class _BatchOut:
     outputs: list[torch.Tensor]
     infer_s: float
+    batch_s: float  # the whole batch on the device thread: copy in, forward, defenses, copy out
     timings: list[tuple[DefenseTiming, ...]]  # per job: the timings of the group it was defended in
     group_timings: list[tuple[DefenseTiming, ...]]  # once per pipeline group (what the metrics observe)
 
@@ -102,13 +107,11 @@ class DeviceWorker:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, job: Job) -> None:
-        m = job.model
-        if m.inflight >= m.spec.max_queue:
-            raise OverloadedError(
-                f"model {m.name} has {m.inflight} requests queued (limit {m.spec.max_queue}); retry later"
-            )
-        m.inflight += 1
-        self.metrics.queue_depth.labels(m.name).inc()
+        """Queue ``job`` or refuse it (:class:`OverloadedError`, 503 + ``Retry-After``) when the model's queue
+        is full or its expected wait exceeds ``max_queue_wait_ms`` (queue-time admission)."""
+        admit(job.model)
+        job.model.inflight += 1
+        self.metrics.queue_depth.labels(job.model.name).inc()
         self._pending.setdefault(job.key, deque()).append(job)
         self._wakeup.set()
 
@@ -166,6 +169,7 @@ class DeviceWorker:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            model.observe_batch(len(jobs), out.batch_s)
             self.metrics.batch_size.labels(model.name).observe(len(jobs))
             self.metrics.inference.labels(model.name).observe(out.infer_s)
             for group in out.group_timings:
@@ -180,7 +184,12 @@ class DeviceWorker:
 def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
     """Forward + defenses for same-shaped jobs of one model (runs on the device's worker thread)."""
     t0 = time.perf_counter()
-    x = torch.cat([j.x for j in jobs]).to(model.device, non_blocking=True)
+    cuda = model.device.type == "cuda"
+    if cuda:  # stage in page-locked memory (torch's caching host allocator reuses it) for an async copy
+        staged = torch.empty((len(jobs), *jobs[0].x.shape[1:]), dtype=jobs[0].x.dtype, pin_memory=True)
+        x = torch.cat([j.x for j in jobs], out=staged).to(model.device, non_blocking=True)
+    else:
+        x = torch.cat([j.x for j in jobs])
     needs_grad = any(j.pipeline.requires_grad for j in jobs)
     try:
         with torch.no_grad() if needs_grad else torch.inference_mode():
@@ -221,8 +230,37 @@ def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
             outputs[i] = sub[k : k + 1]
             timings[i] = tuple(t)
     with torch.inference_mode():
-        cpu = torch.cat([o for o in outputs if o is not None]).float().cpu()
-    return _BatchOut([cpu[i : i + 1] for i in range(n)], infer_s, timings, group_timings)
+        dev_out = torch.cat([o for o in outputs if o is not None]).float()
+        if cuda:  # one pinned, non-blocking copy for the batch, then one wait
+            cpu = torch.empty(dev_out.shape, dtype=dev_out.dtype, pin_memory=True)
+            cpu.copy_(dev_out, non_blocking=True)
+            torch.cuda.current_stream(model.device).synchronize()
+        else:
+            cpu = dev_out.cpu()
+    outs = [cpu[i : i + 1] for i in range(n)]
+    return _BatchOut(outs, infer_s, time.perf_counter() - t0, timings, group_timings)
+
+
+def admit(m: ServedModel) -> None:
+    """Raise :class:`OverloadedError` (503 + ``Retry-After``) when ``m`` holds ``max_queue`` unfinished requests
+    or its expected queue wait exceeds ``max_queue_wait_ms``; routes may call it before reading a body."""
+    if m.inflight >= m.spec.max_queue:
+        raise OverloadedError(
+            f"model {m.name} has {m.inflight} requests queued (limit {m.spec.max_queue}); retry later",
+            retry_after=_retry_after(m.expected_wait_s()),
+        )
+    wait = m.expected_wait_s()
+    bound = m.spec.max_queue_wait_ms
+    if bound is not None and wait is not None and wait * 1000.0 > bound:
+        raise OverloadedError(
+            f"model {m.name} is busy: about {wait:.1f} s of queued work (bound {bound / 1000:.1f} s); retry later",
+            retry_after=_retry_after(wait),
+        )
+
+
+def _retry_after(wait_s: float | None) -> int:
+    """Whole seconds a refused client should wait: the expected queue wait, at least 1."""
+    return max(1, math.ceil(wait_s)) if wait_s is not None else 1
 
 
 class ModelHost:

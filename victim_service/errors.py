@@ -32,6 +32,10 @@ class BackendUnavailableError(HeistError):
 
 
 class OverloadedError(HeistError):
-    """The model's queue is full; the API answers 503 ``overloaded``."""
+    """The model's queue is full; the API answers 503 ``overloaded`` with ``Retry-After: retry_after``."""
 
     code = "overloaded"
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, int(retry_after))

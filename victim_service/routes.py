@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from defenses import DefenseContext, request_rng, request_seed
 from translators.codecs import MEDIA_TYPES, decode_image, encode_image, probe_image
 from translators.errors import HeistError, ImageError
+from victim_service.batching import admit
 from victim_service.errors import ApiError, BackendUnavailableError, ErrorBody, OverloadedError
 from victim_service.keys import hash_key, open_key_store
 from victim_service.models import ServedModel
@@ -145,7 +146,7 @@ def error_parts(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
     if isinstance(exc, BackendUnavailableError):
         return 503, "backend_unavailable", str(exc), {"Retry-After": "1"}
     if isinstance(exc, OverloadedError):
-        return 503, "overloaded", str(exc), {"Retry-After": "1"}
+        return 503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, HeistError):
         return 400, exc.code, str(exc), {}
     return 500, "internal_error", "the server failed to handle this request; it has been logged", {}
@@ -243,7 +244,8 @@ async def translate(model: str, request: Request) -> Response:
 
     Limits are checked in this order: API key (401), model (404), ``Accept`` (406), rate limit and quota
     (429; refused requests do not use quota), body size (413), media type (415), header-declared pixels
-    (413, before decoding), decoding (400/415), model size rules (400), queue (503).
+    (413, before decoding), decoding (400/415), model size rules (400), queue (503; also checked before the
+    rate limit, so a request arriving behind a long queue is refused without using quota).
     """
     svc = svc_of(request)
     t0 = time.perf_counter()
@@ -270,6 +272,7 @@ async def translate(model: str, request: Request) -> Response:
         if served is None:
             raise ApiError(404, "unknown_model", f"no model named {model!r}; GET /v1/models lists them")
         fmt = negotiate(request.headers.get("accept"))
+        admit(served)  # queue-time admission first: refused behind a long queue, no quota or decode spent
         decision = await svc.decide(client, tier)
         headers.update(decision.headers())
         if not decision.allowed:
@@ -287,8 +290,8 @@ async def translate(model: str, request: Request) -> Response:
         fmt_in, w, h = probe_image(data, served.image_limits(svc.settings.images))
         entry.width, entry.height = w, h
         entry.image_path = svc.log.save_image(digest, data, fmt_in)
-        if w * h > OFFLOAD_PIXELS:
-            x, ph = await asyncio.to_thread(_decode, data, served, svc)
+        if w * h > OFFLOAD_PIXELS and svc.codecs is not None:
+            x, ph = await svc.codecs.run(_decode, data, served, svc)
         else:
             x, ph = _decode(data, served, svc)
         entry.phash = ph
@@ -297,8 +300,8 @@ async def translate(model: str, request: Request) -> Response:
             rng=request_rng(request_seed(svc.secret, rid)), input_sha256=digest, secret=svc.secret,
         )
         result = await svc.host.infer(served, x, ctx, svc.settings.request_timeout_s)
-        if w * h * served.scale**2 > OFFLOAD_PIXELS:
-            body = await asyncio.to_thread(_encode, result.output, fmt, svc)
+        if svc.codecs is not None and (w * h * served.scale**2 > OFFLOAD_PIXELS or fmt == "jpeg"):
+            body = await svc.codecs.encode(result.output, fmt, served.device)
         else:
             body = _encode(result.output, fmt, svc)
         pipe = svc.host.pipeline(served.name, client.tier)

@@ -17,6 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from victim_service.batching import ModelHost
+from victim_service.codecpool import CodecPool
 from victim_service.errors import BackendUnavailableError
 from victim_service.keys import Client, KeyResolver
 from victim_service.levels import LevelStore, MemoryLevelStore, RedisLevelStore
@@ -74,6 +75,7 @@ class Services:
     host: ModelHost
     secret: int
     levels: LevelStore = field(default_factory=MemoryLevelStore)
+    codecs: CodecPool | None = None  # set by start(); request decode/encode run on its threads
     ready: bool = False
     started: float = field(default_factory=time.time)
     _ready_file: Path | None = None
@@ -92,11 +94,15 @@ class Services:
         qlog.start()
         host = ModelHost(settings, metrics)
         levels: LevelStore = RedisLevelStore(r, settings.key_prefix) if r is not None else MemoryLevelStore()
+        codecs = CodecPool(settings.output, settings.codec_threads)
         svc = cls(
-            settings, metrics, r, limiter, KeyResolver(settings, r), qlog, host, defense_secret(settings), levels
+            settings, metrics, r, limiter, KeyResolver(settings, r), qlog, host, defense_secret(settings), levels,
+            codecs,
         )
         try:
             await host.start()
+            for m in host.models.values():
+                await host.workers[str(m.device)].run_in_thread(codecs.enable_gpu_jpeg, m.device)
         except BaseException:
             await svc.close()
             raise
@@ -105,8 +111,8 @@ class Services:
         if ready_dir:
             svc._ready_file = Path(ready_dir) / str(os.getpid())
             svc._ready_file.write_text(str(time.time()))
-        log.info("victim service ready: %d model(s), limiter=%s, query log=%s, workers pid %d",
-                 len(host.models), limiter.backend, qlog.backend, os.getpid())
+        log.info("victim service ready: %d model(s), limiter=%s, query log=%s, %d codec threads, workers pid %d",
+                 len(host.models), limiter.backend, qlog.backend, codecs.threads, os.getpid())
         return svc
 
     async def close(self) -> None:
@@ -114,6 +120,8 @@ class Services:
         if self._ready_file is not None:
             self._ready_file.unlink(missing_ok=True)
         await self.host.close()
+        if self.codecs is not None:
+            self.codecs.close()
         await self.log.close()
         if self.redis is not None:
             await self.redis.aclose()

@@ -85,6 +85,7 @@ class OutputSettings(_Strict):
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
     png_compress_level: int = Field(1, ge=0, le=9)
+    gpu_jpeg: bool = Field(True, description="encode JPEG responses with nvJPEG when the model runs on CUDA")
 
 
 class ModelSpec(_Strict):
@@ -95,16 +96,22 @@ class ModelSpec(_Strict):
     ``max_batch``: an integer, or ``"auto"`` to measure batch 1..``max_batch_limit`` at warm-up and keep
     the fastest (images per second). ``max_delay_ms``: how long the batcher waits for more same-shaped
     requests once the device is free. ``max_queue``: requests admitted to this model and not finished;
-    beyond it the API answers 503 ``overloaded``.
+    beyond it the API answers 503 ``overloaded``. ``max_queue_wait_ms``: queue-time admission: a request
+    whose expected wait (requests ahead / measured images per second) exceeds it gets 503 ``overloaded``
+    with ``Retry-After`` at once, so latency stays bounded under overload instead of every request slowing.
+    ``max_batch_limit``: the largest batch the auto probe tries; unset: 8 on CPU, 128 on CUDA.
     """
 
     name: str
     source: str
     device: str = "auto"
     max_batch: int | Literal["auto"] = "auto"
-    max_batch_limit: int = Field(8, ge=1, le=256)
+    max_batch_limit: int | None = Field(None, ge=1, le=256)
     max_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)
     max_queue: int = Field(64, ge=1)
+    max_queue_wait_ms: float | None = Field(
+        1000.0, gt=0.0, description="refuse (503) when the expected queue wait exceeds this; None: off"
+    )
     probe_size: int = Field(64, ge=1, description="input side used for warm-up and the auto batch probe")
     max_pixels: int | None = Field(None, ge=1)
     max_bytes: int | None = Field(None, ge=64)
@@ -230,6 +237,7 @@ class Settings(BaseSettings):
         None, description="keys defense randomness; default: a random secret kept in data_dir"
     )
     torch_threads: int | None = Field(None, ge=1)
+    codec_threads: int | None = Field(None, ge=1, description="image decode/encode threads; default: the cores")
     amp: bool = Field(True, description="autocast (bf16/fp16) and channels_last on CUDA")
     warmup: bool = True
     batch_probe_s: float = Field(0.25, gt=0.0, description="time per candidate batch size in the auto probe")

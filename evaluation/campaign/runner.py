@@ -12,6 +12,7 @@ the report is rendered from it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import resource
@@ -29,6 +30,7 @@ import httpx
 import torch
 
 from evaluation.campaign.config import CampaignConfig, load_campaign
+from evaluation.campaign.executors import CellExecutor, SequentialExecutor
 from evaluation.campaign.translate import padded_translator
 from evaluation.campaign.victim import HttpTranslator, VictimKeys, victim_settings
 from evaluation.defense_scoring import NO_DEFENSE, derive, surrogate_scores, utility_cost
@@ -213,11 +215,13 @@ def run_campaign(
     victim_url: str | None = None,
     out_dir: str | Path | None = None,
     hooks: CampaignHooks | None = None,
+    executor: CellExecutor | None = None,
 ) -> Path:
     """Run (or resume) the campaign in ``config_path``; returns the path of ``results.json``.
 
-    ``victim_url`` overrides ``[victim_service].url``. Raises :class:`CampaignConfigError` before
-    anything runs when the file is invalid.
+    ``victim_url`` overrides ``[victim_service].url``. ``executor`` runs the attack cells (default: one after
+    another in this process; see :mod:`evaluation.campaign.executors`). Raises :class:`CampaignConfigError`
+    before anything runs when the file is invalid.
     """
     cfg, text = load_campaign(config_path)
     if victim_url:
@@ -253,7 +257,7 @@ def run_campaign(
             hooks.say("starting the victim service" if not cfg.victim_service.url else
                       f"victim: {cfg.victim_service.url}")
             url = service.start()
-        results = _run_grid(cfg, out, service, url, grid, timer, hooks)
+        results = _run_grid(cfg, out, service, url, grid, timer, hooks, executor or SequentialExecutor())
     finally:
         service.stop()
     results.config_text = text
@@ -283,11 +287,8 @@ def _pairs_for(cfg: CampaignConfig, recipe: Any, info: dict[str, Any]) -> list[P
 
 def _run_grid(
     cfg: CampaignConfig, out: Path, service: _Service, url: str, grid: list[tuple[str, str, str, int]],
-    timer: _Timer, hooks: CampaignHooks,
+    timer: _Timer, hooks: CampaignHooks, executor: CellExecutor,
 ) -> Results:
-    from attacker.harvest import harvest
-    from attacker.train import TrainConfig, train_surrogate
-    from translators.checkpoint import load_model
     from translators.zoo import get_recipe
 
     seed = cfg.campaign.seed
@@ -334,69 +335,42 @@ def _run_grid(
                 defended.close()
             clean.close()
 
-    # Attack cells.
+    # Attack cells: one picklable CellTask each, mapped by the executor (evaluation/campaign/executors.py).
     surrogates: dict[str, Path] = {}
+    tasks: list[CellTask] = []
     for victim, label, strategy, budget in grid:
         cid = cell_id(victim, label, strategy, budget)
-        cdir = out / "cells" / cid
-        cpath = cdir / "cell.json"
-        prev = _load_cell(cpath)
+        prev = _load_cell(out / "cells" / cid / "cell.json")
         if prev is not None and prev.status == "done":
             results.cells.append(prev)
             if prev.surrogate and prev.surrogate.path:
                 surrogates[cid] = Path(prev.surrogate.path)
             hooks.cell_done(prev)
             continue
-        vcfg = next(v for v in cfg.victims if v.name == victim)
-        cell = CampaignCell(id=cid, victim=victim, defense=label, budget=budget, strategy=strategy, seed=seed,
-                            status="running", run_dir=str(cdir / "run"))
-        _save_model(cell, cpath)
-        try:
-            url = service.ensure(url)
-            hooks.say(f"{cid}: harvesting {budget} queries")
-            t0 = time.perf_counter()
-            with timer.phase("harvest"):
-                h = harvest(url, service.attack_key(cid, label), victim, cdir / "run", images=cfg.attack.images,
-                            strategy=strategy, strategy_params=cfg.attack.strategy_params, budget=budget,
-                            seed=seed, client={"max_concurrency": cfg.attack.concurrency})
-            cell.wall_times["harvest"] = round(time.perf_counter() - t0, 2)
-            answered = {str(k): int(v) for k, v in h.summary.get("responses", {}).items()}
-            cell.queries_used = sum(n for status, n in answered.items() if status.isdigit() and status != "429")
-            cell.queries_refused = int(h.summary.get("rate_limited_429", 0))
-            if h.pairs == 0:
-                raise CampaignError(f"harvest ended with no pairs ({h.stop_reason})")
-            hooks.say(f"{cid}: training a {vcfg.surrogate} surrogate on {h.pairs} pairs")
-            t0 = time.perf_counter()
-            with timer.phase("training"):
-                tr = train_surrogate(cdir / "run", config=TrainConfig(
-                    arch=vcfg.surrogate, profile=vcfg.surrogate_profile, steps=vcfg.train_steps, seed=seed,
-                    device=cfg.campaign.device, val_fraction=0.0 if h.pairs < 4 else 0.1))
-            cell.wall_times["training"] = round(time.perf_counter() - t0, 2)
-            t0 = time.perf_counter()
-            with timer.phase("evaluation"):
-                model = load_model(tr.checkpoint)
-                sur = padded_translator(model.module)
-                clean = HttpTranslator(url, victim, service.honest_key(NO_DEFENSE))
-                ps = pairs[victim][0]
-                cell.fidelity, cell.quality = surrogate_scores(
-                    sur, clean, ps, settings=settings, feature_network=network, seed=seed,
-                    victim_outputs=clean_out[victim])
-                clean.close()
-            cell.wall_times["evaluation"] = round(time.perf_counter() - t0, 2)
-            cell.surrogate = ModelRef(name=f"surrogate-{cid}", path=str(tr.checkpoint), task=model.card.task,
-                                      scale=model.card.scale, arch=model.card.arch)
-            surrogates[cid] = tr.checkpoint
-            cell.status = "done"
-        except (HeistError, httpx.HTTPError, OSError, RuntimeError, ValueError) as exc:
-            cell.status = "failed"
-            cell.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            log.error("cell %s failed: %s", cid, cell.error)
-        _save_model(cell, cpath)
-        results.cells.append(cell)
+        tasks.append(CellTask(cfg, out, cid, victim, label, strategy, budget, url, service.attack_key(cid, label),
+                              service.honest_key(NO_DEFENSE), _model_info(url, victim), clean_out[victim]))
+
+    def cell_finished(cell: CampaignCell) -> None:
+        for phase in ("harvest", "training", "evaluation"):
+            timer.totals[phase] += cell.wall_times.get(phase, 0.0)
+        if cell.surrogate is not None and cell.surrogate.path:
+            surrogates[cell.id] = Path(cell.surrogate.path)
+        hooks.say(f"{cell.id}: {cell.status}")
         hooks.cell_done(cell)
 
+    live = {"url": url}  # a self-started victim that died is restarted on a new port before the next cell
+
+    def before(task: CellTask) -> CellTask:
+        live["url"] = service.ensure(live["url"])
+        return dataclasses.replace(task, url=live["url"])
+
+    order = {cell_id(*g): i for i, g in enumerate(grid)}
+    results.cells += executor.run(run_attack_cell, tasks, on_done=cell_finished, failed=_failed_cell, before=before,
+                                  local_victim=_is_loopback(url))
+    results.cells.sort(key=lambda c: order.get(c.id, len(order)))
+
     with timer.phase("evaluation"):
-        url = service.ensure(url)
+        url = service.ensure(live["url"])
         results.samples = _samples(cfg, out, service, url, pairs, clean_out, surrogates)
     return results
 
@@ -447,3 +421,97 @@ def _samples(
                                    columns=columns, rows=rows, victim=v.name, defense=d.label, budget=budget,
                                    strategy=strategy))
     return grids
+
+
+# ---------------------------------------------------------------------------------------------- one attack cell
+# (what an executor maps over the grid; picklable, so it runs in this process or as a Ray task)
+
+
+@dataclass(frozen=True)
+class CellTask:
+    """Everything one attack cell needs, picklable: config, victim URL and keys, clean victim outputs."""
+
+    cfg: CampaignConfig
+    out: Path
+    cid: str
+    victim: str
+    label: str
+    strategy: str
+    budget: int
+    url: str
+    attack_key: str
+    honest_key: str
+    model_info: dict[str, Any]
+    clean_outputs: dict[str, torch.Tensor]
+
+
+def _failed_cell(task: CellTask, error: str) -> CampaignCell:
+    cell = CampaignCell(id=task.cid, victim=task.victim, defense=task.label, budget=task.budget,
+                        strategy=task.strategy, seed=task.cfg.campaign.seed, status="failed", error=error[:500],
+                        run_dir=str(task.out / "cells" / task.cid / "run"))
+    _save_model(cell, task.out / "cells" / task.cid / "cell.json")
+    return cell
+
+
+def _is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def run_attack_cell(task: CellTask) -> CampaignCell:
+    """Harvest ``budget`` queries through the API, train a surrogate, score it; the cell's state is saved
+    in ``OUT/cells/ID/cell.json`` (``running`` first, then ``done`` or ``failed``)."""
+    from attacker.harvest import harvest
+    from attacker.train import TrainConfig, train_surrogate
+    from translators.checkpoint import load_model
+    from translators.zoo import get_recipe
+
+    cfg, cid, victim, url = task.cfg, task.cid, task.victim, task.url
+    seed = cfg.campaign.seed
+    settings = MetricSettings()
+    cdir = task.out / "cells" / cid
+    cpath = cdir / "cell.json"
+    attempts = cdir / "attempts"
+    cdir.mkdir(parents=True, exist_ok=True)
+    attempts.write_text(str(int(attempts.read_text() or 0) + 1 if attempts.exists() else 1))
+    vcfg = next(v for v in cfg.victims if v.name == victim)
+    cell = CampaignCell(id=cid, victim=victim, defense=task.label, budget=task.budget, strategy=task.strategy,
+                        seed=seed, status="running", run_dir=str(cdir / "run"))
+    _save_model(cell, cpath)
+    try:
+        network, _ = _feature_network(cfg)
+        t0 = time.perf_counter()
+        h = harvest(url, task.attack_key, victim, cdir / "run", images=cfg.attack.images,
+                    strategy=task.strategy, strategy_params=cfg.attack.strategy_params, budget=task.budget,
+                    seed=seed, client={"max_concurrency": cfg.attack.concurrency})
+        cell.wall_times["harvest"] = round(time.perf_counter() - t0, 2)
+        answered = {str(k): int(v) for k, v in h.summary.get("responses", {}).items()}
+        cell.queries_used = sum(n for status, n in answered.items() if status.isdigit() and status != "429")
+        cell.queries_refused = int(h.summary.get("rate_limited_429", 0))
+        if h.pairs == 0:
+            raise CampaignError(f"harvest ended with no pairs ({h.stop_reason})")
+        log.info("%s: training a %s surrogate on %d pairs", cid, vcfg.surrogate, h.pairs)
+        t0 = time.perf_counter()
+        tr = train_surrogate(cdir / "run", config=TrainConfig(
+            arch=vcfg.surrogate, profile=vcfg.surrogate_profile, steps=vcfg.train_steps, seed=seed,
+            device=cfg.campaign.device, val_fraction=0.0 if h.pairs < 4 else 0.1))
+        cell.wall_times["training"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        model = load_model(tr.checkpoint)
+        sur = padded_translator(model.module)
+        clean = HttpTranslator(url, victim, task.honest_key)
+        ps = _pairs_for(cfg, get_recipe(vcfg.recipe or victim), task.model_info)[0]
+        cell.fidelity, cell.quality = surrogate_scores(
+            sur, clean, ps, settings=settings, feature_network=network, seed=seed,
+            victim_outputs=task.clean_outputs)
+        clean.close()
+        cell.wall_times["evaluation"] = round(time.perf_counter() - t0, 2)
+        cell.surrogate = ModelRef(name=f"surrogate-{cid}", path=str(tr.checkpoint), task=model.card.task,
+                                  scale=model.card.scale, arch=model.card.arch)
+        cell.status = "done"
+    except (HeistError, httpx.HTTPError, OSError, RuntimeError, ValueError) as exc:
+        cell.status = "failed"
+        cell.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        log.error("cell %s failed: %s", cid, cell.error)
+    _save_model(cell, cpath)
+    return cell

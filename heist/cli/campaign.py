@@ -27,26 +27,40 @@ def run(
     config: Path = typer.Argument(..., help="Campaign TOML file (see configs/campaigns/)."),
     victim_url: str = typer.Option(None, "--victim-url", help="Attack this running service instead of starting one."),
     out: Path = typer.Option(None, "--out", help="Output folder (default: [campaign].out_dir or runs/NAME)."),
+    executor: str = typer.Option("sequential", "--executor", help="sequential (this process) or ray (extra 'ray')."),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)."),
+    cpus_per_cell: float = typer.Option(1.0, "--cpus-per-cell", min=0.0, help="Ray: CPUs each cell declares."),
+    gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", min=0.0,
+                                        help="Ray: GPUs each cell declares (fractions share a GPU)."),
+    retries: int = typer.Option(1, "--retries", min=0, help="Ray: resubmissions of a cell that failed."),
 ) -> None:
     """Run the campaign (resuming finished cells), then write results.json, report.md and report.html."""
+    from evaluation.campaign.config import load_campaign
+    from evaluation.campaign.executors import make_executor
     from evaluation.campaign.runner import CampaignHooks, run_campaign
 
-    with progress() as bar:
-        task = bar.add_task("attack cells", total=None, info="")
-        failed: list[str] = []
+    load_campaign(config)  # a bad file is reported before a Ray cluster is contacted
+    cells = make_executor(executor, address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
+                          retries=retries)
+    failed: list[str] = []
+    try:
+        with progress() as bar:
+            task = bar.add_task("attack cells", total=None, info="")
 
-        def cell_done(cell: object) -> None:
-            status = getattr(cell, "status", "")
-            if status == "failed":
-                failed.append(f"{getattr(cell, 'id', '?')}: {getattr(cell, 'error', '')}")
-            bar.advance(task)
+            def cell_done(cell: object) -> None:
+                status = getattr(cell, "status", "")
+                if status == "failed":
+                    failed.append(f"{getattr(cell, 'id', '?')}: {getattr(cell, 'error', '')}")
+                bar.advance(task)
 
-        hooks = CampaignHooks(
-            cells=lambda total: bar.update(task, total=total),
-            cell_done=cell_done,
-            say=lambda text: bar.update(task, info=text[:70]),
-        )
-        path = run_campaign(config, victim_url=victim_url, out_dir=out, hooks=hooks)
+            hooks = CampaignHooks(
+                cells=lambda total: bar.update(task, total=total),
+                cell_done=cell_done,
+                say=lambda text: bar.update(task, info=text[:70]),
+            )
+            path = run_campaign(config, victim_url=victim_url, out_dir=out, hooks=hooks, executor=cells)
+    finally:
+        cells.close()
     for f in failed:
         console.print(f"[red]failed[/red] {f}", highlight=False)
     console.print(f"results: {path}")

@@ -1,0 +1,118 @@
+"""``heist campaign run --executor ray``: a local Ray instance (2 CPUs) on a trimmed tiny campaign gives the
+sequential executor's numbers, a SIGKILLed Ray worker's cell is retried, and a missing Ray or an unreachable
+cluster is one error line before any cell runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from evaluation.results import read_results
+
+ROOT = Path(__file__).resolve().parents[1]
+# configs/campaigns/tiny.toml with one defense, 20 training steps and no sample grids: two cells (budgets 2, 8)
+TINY2 = (ROOT / "configs" / "campaigns" / "tiny.toml").read_text().replace(
+    '[[defenses]]\nlabel = "jpeg50"\npipeline = [{ name = "jpeg", quality = 50 }]\n', "").replace(
+    "train_steps = 40", "train_steps = 20").replace("samples = 2", "samples = 0")
+PSNR_TOLERANCE_DB = 0.05  # documented in docs/evaluation.md ("Campaign grids on Ray")
+
+
+def _heist(args: list[str], env: dict[str, str] | None = None, timeout: float = 600,
+           ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "heist.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200", **(env or {})}, cwd=ROOT)
+
+
+def _ray_workers_running_a_cell() -> list[int]:
+    """Pids of Ray worker processes executing a cell (Ray titles them ``ray::_in_ray_worker``)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "cmdline").read_bytes().startswith(b"ray::_in_ray_worker"):
+                    pids.append(int(p.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_unreachable_ray_address_is_one_line_before_any_cell(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = _heist(["campaign", "run", "configs/campaigns/tiny.toml", "--out", str(out), "--executor", "ray",
+                  "--address", "127.0.0.1:1"], timeout=120)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "cannot reach the Ray cluster at 127.0.0.1:1" in lines[0]
+    assert "i2i-heist[ray]" in lines[0]
+    assert not out.exists()
+
+
+def test_missing_ray_names_the_extra(tmp_path: Path) -> None:
+    shadow = tmp_path / "noray" / "ray"  # an installation whose ray cannot be imported
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('ray is not installed here')\n")
+    out = tmp_path / "out"
+    res = _heist(["campaign", "run", "configs/campaigns/tiny.toml", "--out", str(out), "--executor", "ray"],
+                 env={"PYTHONPATH": os.pathsep.join([str(shadow.parent), str(ROOT)])}, timeout=120)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "pip install 'i2i-heist[ray]'" in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ray_matches_sequential_and_retries_a_killed_worker(tmp_path: Path) -> None:
+    cfg = tmp_path / "tiny2.toml"
+    assert all(s in TINY2 for s in ("train_steps = 20", "samples = 0"))
+    assert "jpeg50" not in TINY2
+    cfg.write_text(TINY2)
+    seq_out, ray_out = tmp_path / "seq", tmp_path / "ray"
+    t0 = time.perf_counter()
+    res = _heist(["campaign", "run", str(cfg), "--out", str(seq_out)])
+    seq_s = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    killed: list[int] = []
+
+    def kill_first_worker() -> None:  # SIGKILL the first Ray worker seen running a cell
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not killed:
+            for pid in _ray_workers_running_a_cell():
+                if any(ray_out.glob("cells/*/attempts")):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    t0 = time.perf_counter()
+    res = _heist(["campaign", "run", str(cfg), "--out", str(ray_out), "--executor", "ray"])
+    ray_s = time.perf_counter() - t0
+    killer.join(timeout=5)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert killed, "no Ray worker was seen running a cell"
+    attempts = {p.parent.name: int(p.read_text()) for p in ray_out.glob("cells/*/attempts")}
+    assert max(attempts.values()) >= 2, attempts  # the killed worker's cell ran again
+    seq, ray = read_results(seq_out / "results.json"), read_results(ray_out / "results.json")
+    assert [c.id for c in ray.cells] == [c.id for c in seq.cells]
+    assert [c.status for c in ray.cells] == ["done", "done"]
+    for a, b in zip(seq.cells, ray.cells, strict=True):
+        assert a.queries_used == b.queries_used
+        for m in ("psnr", "ssim"):
+            sa, sb = a.fidelity.metrics[m].summary.mean, b.fidelity.metrics[m].summary.mean
+            tol = PSNR_TOLERANCE_DB if m == "psnr" else 1e-3
+            assert abs(sa - sb) <= tol, (a.id, m, sa, sb)
+    assert (ray_out / "report.html").exists()
+    assert ray.wall_times["training"] > 0  # the cells' phase times are summed into the campaign's
+    print(json.dumps({"sequential_s": round(seq_s, 1), "ray_s": round(ray_s, 1), "attempts": attempts}))  # noqa: T201

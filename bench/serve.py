@@ -223,7 +223,7 @@ def metric(text: str, name: str) -> float:
 
 def run_server(model: Path, max_batch: int | str, device: str, redis_url: str | None, tmp: Path,
                levels: list[int], per_level: int, body: Path, threads: int | None, procs: int,
-               accept: str) -> dict[str, Any]:
+               accept: str, workers: int = 1) -> dict[str, Any]:
     key = "hk_bench_key_0123456789abcdef"
     settings = Settings.from_mapping({
         "models": [{"name": "sr4x", "source": str(model), "device": device, "max_batch": max_batch,
@@ -237,9 +237,10 @@ def run_server(model: Path, max_batch: int | str, device: str, redis_url: str | 
         "query_log": {"backend": "redis" if redis_url else "jsonl"},
     })
     cfg = settings.to_json_file(tmp / f"victim-{max_batch}.json")
-    with start_service(cfg, workers=1, log_path=tmp / f"server-{max_batch}.log", ready_timeout=300) as svc:
+    with start_service(cfg, workers=workers, log_path=tmp / f"server-{max_batch}.log", ready_timeout=300) as svc:
         info = httpx.get(f"{svc.url}/v1/models").json()[0]
-        result: dict[str, Any] = {"max_batch": info["max_batch"], "max_batch_source": info["max_batch_source"]}
+        result: dict[str, Any] = {"max_batch": info["max_batch"], "max_batch_source": info["max_batch_source"],
+                                  "workers": workers}
         for c in levels:
             before = httpx.get(f"{svc.url}/metrics").text
             res = load(f"{svc.url}/v1/models/sr4x/translate", key, body, c, max(per_level, 2 * c), procs, accept)
@@ -317,6 +318,9 @@ def main() -> None:
     ap.add_argument("--redis-url", default=os.environ.get("HEIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--no-redis", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer requests and shorter raw loops (< 4 min on a GPU)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="uvicorn worker processes of the server (each loads the model; >1 without Redis: the bench "
+                         "tier is unlimited, so per-worker limiters change nothing)")
     ap.add_argument("--out", type=Path, help="default: bench/results/serve-<cpu|cuda>.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -370,7 +374,7 @@ def main() -> None:
         log.info("raw forward img/s by batch (before): %s", raw_before)
         service = {
             str(mb): run_server(model, mb, args.device, redis_url, tmp, levels, args.requests, body_path, args.threads,
-                                procs, args.accept)
+                                procs, args.accept, args.workers)
             for mb in configs
         }
         raw_after = raw_throughput(model, args.device, args.size, batches, args.raw_seconds)
@@ -400,7 +404,8 @@ def main() -> None:
         "load_avg_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},  # a shared machine shows here
         "torch_threads": torch.get_num_threads(),
         "settings": {"levels": levels, "requests_per_level": args.requests, "configs": configs, "accept": args.accept,
-                     "client_processes": procs, "redis": bool(redis_url), "quick": args.quick},
+                     "client_processes": procs, "redis": bool(redis_url), "quick": args.quick,
+                     "workers": args.workers},
         "model": {"source": args.model or f"random srresnet {'16ch/2' if args.small else '64ch/8'} blocks",
                   "input": f"{args.size}x{args.size}", "scale": 4},
         "client_ceiling": ceiling,

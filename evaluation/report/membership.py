@@ -111,3 +111,19 @@ def kind_sections(kind: str, results: Results, builder: Any) -> list[Section]:
     if kind == "membership":
         return membership_sections(results, builder)
     return []
+
+
+def roc_png(curves: dict[str, tuple[list[float], list[float], float]], path: Path) -> Path:
+    """ROC curves ``{label: (fpr, tpr, auc)}`` on log-free axes, as a PNG."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

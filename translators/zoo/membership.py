@@ -93,6 +93,8 @@ class MembershipRecipe(Recipe):
         root = checkpoint.with_suffix(".membership")
         fields: dict[str, Any] = {"root": root.name, "pair_layout": "inputs/NAME.png -> targets/NAME.png"}
         for label, crops in (("members", members), ("non_members", non_members)):
+            (root / label / "inputs").mkdir(parents=True, exist_ok=True)
+            (root / label / "targets").mkdir(parents=True, exist_ok=True)
             for i, c in enumerate(crops):
                 x, y = self.make_pair(c)
                 write_image(x, root / label / "inputs" / f"{label[:3]}{i:04d}.png")

@@ -8,7 +8,8 @@ the ``mia-edges`` tiny architecture. The bench writes members/non-members pair f
 crops, runs :func:`attacker.mia.run_mia` (concurrency 1 and 4) and times it; then it trains an AKD student
 (:func:`defenses.model_level.akd.distill`) for ``--akd-steps`` steps at batch 8 against the same teacher
 and reports images/s (proxy set and teacher labelling included), next to plain L1 distillation (DMP)
-in the same run as the baseline (``akd_over_dmp`` = the discriminator's cost). Prints JSON and writes ``bench/results/mia.json``.
+in the same run as the baseline (``akd_over_dmp`` = the discriminator's cost). Prints JSON and writes
+``bench/results/mia.json``.
 """
 
 from __future__ import annotations

@@ -96,9 +96,11 @@ def membership_sections(results: Results, builder: Any) -> list[Section]:
                 rows, caption="results.json: cells[kind=membership]"))
     done = [c for c in cells if c.status == "done"]
     if done:
-        f = builder.figure(_roc_figure(done, builder.fig_dir / "membership_roc.png"), "ROC per defense")
-        if f:
-            s.add(f)
+        for c in done:
+            f = builder.figure(_roc_figure([c], builder.fig_dir / f"membership_roc_{c.id}.png"),
+                               f"ROC: model {c.model_defense}, output defense {c.defense} ({c.headline} score)")
+            if f:
+                s.add(f)
         f = builder.figure(_scatter(done, builder.fig_dir / "membership_privacy_utility.png"),
                            "Privacy-utility: attack AUC vs utility loss (closer to the bottom left is better)")
         if f:

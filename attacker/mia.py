@@ -182,23 +182,12 @@ def write_scores(result: MiaResult, out: Path) -> Path:
 
 def public_pairs(images: str, side: int, n: int, seed: int = 0) -> list[Candidate]:
     """``n`` public edge -> photo pairs (``side`` crops of ``images``): the attacker knows the public task."""
-    import random
+    from translators.zoo.membership import edge_pairs
 
-    from translators.corpus import load_images
-    from translators.zoo.membership import edge_map
-
-    ims = [im.image for im in load_images(images, max_side=512) if min(im.image.shape[-2:]) >= side]
-    if not ims:
-        raise ConfigError(f"{images}: no image of at least {side}x{side} for the reference model")
-    rng = random.Random(f"reference:{seed}")
-    out = []
-    for i in range(n):
-        im = ims[rng.randrange(len(ims))]
-        h, w = im.shape[-2:]
-        top, left = rng.randint(0, h - side), rng.randint(0, w - side)
-        y = im[..., top : top + side, left : left + side].contiguous()
-        out.append(Candidate(f"pub{i:04d}", edge_map(y), y))
-    return out
+    try:
+        return [Candidate(f"pub{i:04d}", x, y) for i, (x, y) in enumerate(edge_pairs(images, side, n, seed))]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def train_reference(images: str, side: int, steps: int, out: Path, seed: int = 0, n_pairs: int = 256,

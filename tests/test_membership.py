@@ -153,10 +153,10 @@ def test_akd_student_lowers_the_auc_and_its_proxy_set_is_checked(victim_path: Pa
     with pytest.raises(ModelDefenseError, match="overlap the victim's private split"):
         proxy_inputs("corpus:victim", 16, 4, set(), seed=0)
     digests = set(split["members"]["digests"])  # type: ignore[arg-type]
-    from attacker.mia import public_pairs
     from translators.corpus import image_digest
+    from translators.zoo.membership import edge_pairs
 
-    leak = {image_digest(p.y) for p in public_pairs("corpus:attacker", 16, 4, seed=7919)}
+    leak = {image_digest(y) for _, y in edge_pairs("corpus:attacker", 16, 4, seed=7919)}
     with pytest.raises(ModelDefenseError, match="disjoint from the private set"):
         proxy_inputs("corpus:attacker", 16, 4, digests | leak, seed=0)
 

@@ -37,18 +37,21 @@ def proxy_inputs(images: str, side: int, n: int, private_digests: set[str], seed
     The paper's proxy-set condition: no private pair may be in the proxy set. Raises
     :class:`ModelDefenseError` if the proxy images come from the victim split or a crop matches one.
     """
-    from attacker.mia import public_pairs  # the same public-pair maker the attacker uses
     from translators.corpus import image_digest
+    from translators.zoo.membership import edge_pairs
 
     if images.strip() in ("corpus:victim", "corpus:all"):
         raise ModelDefenseError(f"proxy images {images!r} overlap the victim's private split; use public images "
                                 "such as corpus:attacker")
-    pairs = public_pairs(images, side, n, seed=seed + 7919)
-    leaked = [p.name for p in pairs if image_digest(p.y) in private_digests]
+    try:
+        pairs = edge_pairs(images, side, n, seed=seed + 7919)
+    except ValueError as exc:
+        raise ModelDefenseError(str(exc)) from None
+    leaked = [i for i, (_, y) in enumerate(pairs) if image_digest(y) in private_digests]
     if leaked:
         raise ModelDefenseError(f"{len(leaked)} proxy images are private training pairs; the proxy set must be "
                                 "disjoint from the private set")
-    return [p.x for p in pairs]
+    return [x for x, _ in pairs]
 
 
 def save_student(module: torch.nn.Module, teacher: LoadedModel, out: Path, name: str, method: str,

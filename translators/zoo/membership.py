@@ -34,6 +34,23 @@ def edge_map(photo: torch.Tensor) -> torch.Tensor:
     return edges.expand(-1, 3, -1, -1).mul(255).round().div(255).contiguous()
 
 
+def edge_pairs(images: str, side: int, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` (edge map, photo) pairs from random ``side`` crops of ``images`` (public data: attacker's
+    reference model, defenders' proxy sets). Raises ``ValueError`` when no image is large enough."""
+    ims = [im.image for im in load_images(images, max_side=512) if min(im.image.shape[-2:]) >= side]
+    if not ims:
+        raise ValueError(f"{images}: no image of at least {side}x{side}")
+    rng = random.Random(f"reference:{seed}")
+    out = []
+    for _ in range(n):
+        im = ims[rng.randrange(len(ims))]
+        h, w = im.shape[-2:]
+        top, left = rng.randint(0, h - side), rng.randint(0, w - side)
+        y = im[..., top : top + side, left : left + side].contiguous()
+        out.append((edge_map(y), y))
+    return out
+
+
 class _FixedSetSampler:
     """Batches drawn (with replacement, seeded) from a fixed list of ``(1, 3, s, s)`` crops, no flips."""
 

@@ -142,7 +142,7 @@ def fidelity_curves(results: Results, metric: str = "psnr") -> list[FidelityCurv
     The x value is the queries the attack actually used (``queries_used``), else its budget.
     """
     groups: dict[tuple[str, str, str], list[CurvePoint]] = defaultdict(list)
-    for cell in results.cells:
+    for cell in results.extraction_cells:
         mean, lo, hi = _cell_value(cell, metric)
         if mean is None:
             continue
@@ -180,7 +180,7 @@ def _defense_rows(
 ) -> tuple[list[DefenseRow], ParetoFront | None]:
     util = {u.defense: u for u in results.utility if u.victim == victim}
     fidelity: dict[tuple[str, int], float | None] = {}
-    for cell in results.cells:
+    for cell in results.extraction_cells:
         if cell.victim == victim and cell.strategy == strategy:
             fidelity[(cell.defense, cell.budget)] = _cell_value(cell, metric)[0]
     labels = [d.label for d in results.defenses] or sorted({d for d, _ in fidelity} | set(util))
@@ -228,7 +228,7 @@ def derive(
     ``reference_budget`` picks the budget of the Pareto front (default: the largest budget).
     """
     curves = fidelity_curves(results, metric)
-    budgets = results.budgets or sorted({c.budget for c in results.cells})
+    budgets = results.budgets or sorted({c.budget for c in results.extraction_cells})
     qtt = []
     for c in curves:
         q = queries_to_target([(p.queries, p.value) for p in c.points], target)
@@ -243,8 +243,8 @@ def derive(
         ref = reference_budget if reference_budget is not None else max(budgets)
         if ref not in budgets:
             raise EvaluationError(f"reference budget {ref} is not one of the campaign's budgets {budgets}")
-        victims = [v.name for v in results.victims] or sorted({c.victim for c in results.cells})
-        strategies = results.strategies or sorted({c.strategy for c in results.cells})
+        victims = [v.name for v in results.victims] or sorted({c.victim for c in results.extraction_cells})
+        strategies = results.strategies or sorted({c.strategy for c in results.extraction_cells})
         for victim in victims:
             for strategy in strategies:
                 rows, front = _defense_rows(results, victim, strategy, metric, ref)

@@ -24,7 +24,7 @@ import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,7 +34,7 @@ from evaluation.fid import FIDResult, KIDResult, NKIDResult
 from evaluation.metrics import MetricSettings
 from evaluation.stats import ScoreSummary, TOSTResult, WelchResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cells carry a ``kind`` (extraction, membership); version-1 files are upgraded on read
 CellStatus = Literal["pending", "running", "done", "failed"]
 ExtractionCellName = Literal["A", "B", "C"]
 
@@ -199,12 +199,13 @@ class DefenseEntry(_Model):
 
 
 class CampaignCell(_Model):
-    """One attack: victim x defense x budget x strategy.
+    """One extraction attack: victim x defense x budget x strategy (cell kind ``extraction``).
 
     ``fidelity``: surrogate vs the *clean* (undefended) victim on the benchmark images (the attack's
     success). ``quality``: surrogate vs ground truth. ``id`` is ``victim/defense/budget/strategy``.
     """
 
+    kind: Literal["extraction"] = "extraction"
     id: str
     victim: str
     defense: str
@@ -220,6 +221,83 @@ class CampaignCell(_Model):
     run_dir: str | None = None
     fidelity: Comparison | None = None
     quality: Comparison | None = None
+
+
+ExtractionCell = CampaignCell
+
+
+class RocCurve(_Model):
+    """A ROC curve: false- and true-positive rates at every threshold (both ascending, from (0, 0))."""
+
+    fpr: list[float]
+    tpr: list[float]
+
+
+class MembershipScores(_Model):
+    """One membership-inference score (higher = more likely a member) over all candidates.
+
+    ``auc``: area under the ROC curve (0.5 = guessing); ``tpr_at_fpr``: TPR at FPR ``"0.01"`` and
+    ``"0.001"`` (the largest TPR whose FPR does not exceed the level; Carlini et al. 2022 "from first
+    principles"); ``per_candidate``: candidate name -> score.
+    """
+
+    score: str
+    auc: float
+    tpr_at_fpr: dict[str, float]
+    n_members: int
+    n_non_members: int
+    roc: RocCurve
+    per_candidate: dict[str, float] = Field(default_factory=dict)
+
+
+class MembershipUtility(_Model):
+    """Served output vs ground truth on members (training pairs) and non-members (held-out pairs).
+
+    ``gap_psnr_db``: member PSNR minus non-member PSNR; ``generalisation_gap_nkid``: the
+    akd-membership-privacy paper's eq. 6 with Q = NKID, ``NKID(train) - NKID(test)`` (needs a feature
+    network). NKID in percent of the KID of black images.
+    """
+
+    psnr_members: float
+    psnr_non_members: float
+    ssim_members: float
+    ssim_non_members: float
+    gap_psnr_db: float
+    nkid_non_members: NKIDResult | None = None
+    nkid_members: NKIDResult | None = None
+    generalisation_gap_nkid: float | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class MembershipCell(_Model):
+    """One membership-inference attack on one served model (cell kind ``membership``).
+
+    ``model_defense``: the model-level defense that produced the served checkpoint (``none`` = the
+    victim itself, ``akd``, ``dmp``, ``dpsgd-...``); ``defense``: the output-defense label (tier).
+    ``scores``: one entry per attack score (``l1``, ``l2``, ``calibrated``).
+    """
+
+    kind: Literal["membership"] = "membership"
+    id: str
+    victim: str
+    model: str
+    model_defense: str = "none"
+    defense: str = "none"
+    seed: int = 0
+    status: CellStatus = "pending"
+    error: str | None = None
+    queries_used: int | None = None
+    wall_times: dict[str, float] = Field(default_factory=dict)
+    run_dir: str | None = None
+    headline: str = "calibrated"
+    scores: dict[str, MembershipScores] = Field(default_factory=dict)
+    utility: MembershipUtility | None = None
+
+    def headline_scores(self) -> MembershipScores | None:
+        return self.scores.get(self.headline) or next(iter(self.scores.values()), None)
+
+
+AnyCell = Annotated[CampaignCell | MembershipCell, Field(discriminator="kind")]
 
 
 class DefenseUtility(_Model):
@@ -343,10 +421,27 @@ class Results(_Model):
     defenses: list[DefenseEntry] = Field(default_factory=list)
     budgets: list[int] = Field(default_factory=list)
     strategies: list[str] = Field(default_factory=list)
-    cells: list[CampaignCell] = Field(default_factory=list)
+    cells: list[AnyCell] = Field(default_factory=list)
     utility: list[DefenseUtility] = Field(default_factory=list)
     samples: list[ImageGrid] = Field(default_factory=list)
     derived: Derived | None = None
+
+    @property
+    def extraction_cells(self) -> list[CampaignCell]:
+        return [c for c in self.cells if isinstance(c, CampaignCell)]
+
+    @property
+    def membership_cells(self) -> list[MembershipCell]:
+        return [c for c in self.cells if isinstance(c, MembershipCell)]
+
+
+def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older ``results.json`` document up to :data:`SCHEMA_VERSION` (version 1: cells had no kind)."""
+    version = int(raw.get("schema_version", 1))
+    if version < 2:
+        raw = {**raw, "cells": [{"kind": "extraction", **c} if isinstance(c, dict) else c
+                                for c in raw.get("cells", [])], "schema_version": SCHEMA_VERSION}
+    return raw
 
 
 def write_results(results: Results, path: str | os.PathLike[str]) -> Path:
@@ -377,6 +472,8 @@ def read_results(path: str | os.PathLike[str]) -> Results:
     if isinstance(raw, dict) and raw.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
         raise ResultsError(f"{p}: schema version {raw['schema_version']} is newer than this Heist "
                            f"({SCHEMA_VERSION}); upgrade Heist")
+    if isinstance(raw, dict):
+        raw = upgrade(raw)
     try:
         return Results.model_validate(raw)
     except ValidationError as exc:

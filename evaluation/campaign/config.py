@@ -20,19 +20,28 @@ Example (``configs/campaigns/demo.toml`` is the full one)::
     label = "jpeg75"
     pipeline = [{ name = "jpeg", quality = 75 }]
 
-    [attack]
+    [attack]                 # shorthand for one [[cells]] entry of kind "extraction"
     budgets = [4, 16, 64]
     strategies = ["crops"]
+
+    [[cells]]                # any cell kind (evaluation/campaign/kinds); its keys are checked per kind
+    kind = "membership"
+    victim = "mia-edges"
+
+Cell kinds: ``[[cells]]`` entries are validated by the schema of their ``kind``
+(:data:`evaluation.campaign.kinds.CELL_KINDS`); a key of another kind is reported at its line.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evaluation.campaign.kinds import CELL_KINDS, owner_of
+from evaluation.campaign.kinds.extraction import AttackSection
 from evaluation.campaign.tomlpos import locate
 from translators.errors import HeistError
 
@@ -129,38 +138,6 @@ class DefenseSection(_Strict):
         return v
 
 
-class AttackSection(_Strict):
-    """Query budgets (ascending; one harvest per victim/defense/strategy serves all of them), strategies."""
-
-    budgets: list[int] = Field(min_length=1)
-    strategies: list[str] = Field(default_factory=lambda: ["crops"], min_length=1)
-    strategy_params: dict[str, Any] = Field(default_factory=dict)
-    images: str = "corpus:attacker"
-    concurrency: int = Field(4, ge=1, le=64)
-
-    @field_validator("budgets")
-    @classmethod
-    def _budgets(cls, v: list[int]) -> list[int]:
-        if any(b < 1 for b in v):
-            raise ValueError("budgets must be positive query counts")
-        if v != sorted(set(v)):
-            raise ValueError("budgets must be strictly increasing")
-        return v
-
-    @field_validator("strategies")
-    @classmethod
-    def _strategies(cls, v: list[str]) -> list[str]:
-        import attacker.strategies  # noqa: F401 - registers the built-in strategies
-        from attacker.strategies.base import STRATEGY_REGISTRY
-
-        for name in v:
-            if name not in STRATEGY_REGISTRY:
-                raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGY_REGISTRY.names())})")
-        if len(set(v)) != len(v):
-            raise ValueError("strategies must not repeat")
-        return v
-
-
 class EvaluationSection(_Strict):
     """How surrogates and defenses are scored.
 
@@ -177,6 +154,10 @@ class EvaluationSection(_Strict):
     d_bound: float = Field(0.3, gt=0)
 
 
+CellEntry = Annotated[Union[tuple(k.Params for k in CELL_KINDS.values())],  # noqa: UP007 - from the registry
+                      Field(discriminator="kind")]
+
+
 class CampaignConfig(_Strict):
     """A whole campaign file."""
 
@@ -185,11 +166,19 @@ class CampaignConfig(_Strict):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     victims: list[VictimSection] = Field(min_length=1)
     defenses: list[DefenseSection] = Field(min_length=1)
-    attack: AttackSection
+    attack: AttackSection | None = None
+    cells: list[CellEntry] = Field(default_factory=list)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> CampaignConfig:
+        extraction = [c for c in self.cells if c.kind == "extraction"]
+        if len(extraction) + (self.attack is not None) > 1:
+            raise ValueError("one extraction entry at most ([attack] or one [[cells]] with kind = \"extraction\")")
+        if self.attack is None and not self.cells:
+            raise ValueError("nothing to run: give [attack] (extraction) or [[cells]] entries")
+        for entry in self.cells:
+            entry.check(self)
         labels = [d.label for d in self.defenses]
         if len(set(labels)) != len(labels):
             raise ValueError("defense labels must be unique")
@@ -201,7 +190,7 @@ class CampaignConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("victim names must be unique")
         quota = self.limits.quota_total
-        need = self.attack.budgets[-1]
+        need = self.extraction.budgets[-1] if self.extraction else 0
         if quota is not None and need > quota:
             raise ValueError(f"the largest budget ({need} queries) exceeds the tier's quota_total ({quota}): "
                              "it could never be spent")
@@ -218,6 +207,18 @@ class CampaignConfig(_Strict):
         return self
 
     @property
+    def extraction(self) -> AttackSection | None:
+        """The extraction entry (``[attack]`` or a ``[[cells]]`` of kind extraction), if any."""
+        if self.attack is not None:
+            return self.attack
+        return next((c for c in self.cells if isinstance(c, AttackSection)), None)
+
+    def entries(self) -> list[Any]:
+        """Every cell-kind entry in run order: extraction first, then ``[[cells]]`` as written."""
+        ext = self.extraction
+        return ([ext] if ext is not None else []) + [c for c in self.cells if c is not ext]
+
+    @property
     def out_dir(self) -> Path:
         return self.campaign.out_dir or Path("runs") / self.campaign.name
 
@@ -226,11 +227,21 @@ def _format_error(path: Path, text: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors()[:5]:
         loc = tuple(err.get("loc", ()))
+        kind = None
+        if len(loc) >= 3 and loc[0] == "cells" and loc[2] in CELL_KINDS:  # drop the union's tag from the path
+            kind, loc = str(loc[2]), loc[:2] + loc[3:]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found") and loc[:1] == ("cells",):
+            loc = (*loc, "kind")
+            tag = (err.get("ctx") or {}).get("tag", "")
+            msg = (f"unknown cell kind {tag!r} (known: {', '.join(CELL_KINDS)})" if tag else
+                   f"a [[cells]] entry needs kind = one of {', '.join(CELL_KINDS)}")
         line = locate(text, loc) or 1
         where = ".".join(str(x) for x in loc) or "(file)"
-        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            owner = owner_of(str(loc[-1])) if kind else None
+            msg = (f"unknown key for a {kind} cell (it belongs to {', '.join(owner)} cells)" if owner else
+                   f"unknown key for a {kind} cell" if kind else "unknown key")
         lines.append(f"{path}:{line}: {where}: {msg}")
     return "\n".join(lines)
 

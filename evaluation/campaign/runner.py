@@ -1,20 +1,18 @@
-"""Run a campaign: zoo -> victim service -> honest-user cost -> attacks (harvest, train, score) -> report.
+"""Run a campaign: zoo (+ model-level defenses) -> victim service -> every entry's cells -> report.
 
-Every attack cell is victim x defense x strategy x budget. A cell harvests ``budget`` queries through
-the real HTTP API with its own API key (a fresh client with the tier's limits and quota), trains a
-surrogate on them (:func:`attacker.train.train_surrogate`), and scores it against the *clean* victim
-and against ground truth on the evaluation image sets. Cell state lives in ``OUT/cells/ID/cell.json``;
-a rerun skips finished cells, retries failed ones, and the harvest and training inside a cell resume
-where a kill left them. ``results.json`` is rebuilt from the cell files at the end of every run, and
-the report is rendered from it.
+Each entry of the campaign file (``[attack]`` = extraction, ``[[cells]]`` of any kind) is handled by its
+:class:`~evaluation.campaign.kinds.base.CellKind`: the runner builds the models the kinds ask to serve,
+starts (or targets) the victim service with one API key per cell, then runs each entry's cells through
+the kind. Cell state lives in ``OUT/cells/ID/cell.json``; a rerun skips finished cells, retries failed
+ones, and the work inside a cell resumes where a kill left it. ``results.json`` is rebuilt from the cell
+files at the end of every run, and the report is rendered from it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import json
 import logging
-import re
 import resource
 import shlex
 import sys
@@ -27,34 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
+from pydantic import TypeAdapter
 
 from evaluation.campaign.config import CampaignConfig, load_campaign
-from evaluation.campaign.executors import CellExecutor, SequentialExecutor
-from evaluation.campaign.translate import padded_translator
-from evaluation.campaign.victim import HttpTranslator, VictimKeys, victim_settings
-from evaluation.defense_scoring import NO_DEFENSE, derive, surrogate_scores, utility_cost
-from evaluation.extraction import PairSet, recipe_pairs
+from evaluation.campaign.kinds import CELL_KINDS
+from evaluation.campaign.kinds.base import CellPaths, CellPlan, RunContext, cell_error
+from evaluation.campaign.kinds.extraction import cell_id, save_record
+from evaluation.campaign.victim import VictimKeys, victim_settings
+from evaluation.defense_scoring import derive
 from evaluation.metrics import MetricSettings
 from evaluation.report import render_report
-from evaluation.results import (
-    CampaignCell,
-    DefenseEntry,
-    DefenseUtility,
-    Environment,
-    GridRow,
-    ImageGrid,
-    ModelRef,
-    Results,
-    VictimEntry,
-    write_results,
-)
-from translators.codecs import write_image
+from evaluation.results import AnyCell, Environment, Results, write_results
 from translators.device import pick_device
 from translators.errors import HeistError
 
+__all__ = ["CampaignError", "CampaignHooks", "cell_id", "run_campaign"]
+
 log = logging.getLogger(__name__)
-PHASES = ("zoo", "service", "utility", "harvest", "training", "evaluation", "report")
+PHASES = ("zoo", "service", "utility", "harvest+training", "membership", "evaluation", "report")
 
 
 class CampaignError(HeistError):
@@ -66,7 +54,7 @@ class CampaignHooks:
     """Optional callbacks for a progress display: ``cells(total)``, ``cell_done(cell)``, ``say(text)``."""
 
     cells: Callable[[int], None] = lambda total: None
-    cell_done: Callable[[CampaignCell], None] = lambda cell: None
+    cell_done: Callable[[AnyCell], None] = lambda cell: None
     say: Callable[[str], None] = lambda text: log.info(text)
 
 
@@ -81,10 +69,6 @@ class _Timer:
             yield
         finally:
             self.totals[name] += time.perf_counter() - t0
-
-
-def cell_id(victim: str, defense: str, strategy: str, budget: int) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{victim}.{defense}.{strategy}.b{budget}")
 
 
 def _peak_memory_mb() -> float:
@@ -163,50 +147,14 @@ def _kill_stale_server(pid_file: Path, settings_path: Path) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-class _Memo:
-    """Remembers a translator's outputs by input content, so the clean victim answers each image once."""
-
-    def __init__(self, inner: HttpTranslator) -> None:
-        self.inner = inner
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import hashlib
-
-        key = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-        if key not in self.cache:
-            self.cache[key] = self.inner(x)
-        return self.cache[key]
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def _model_info(url: str, name: str) -> dict[str, Any]:
-    r = httpx.get(f"{url}/v1/models", timeout=30)
-    r.raise_for_status()
-    body = r.json()
-    items = body.get("models", body) if isinstance(body, dict) else body
-    for m in items:
-        if m.get("name") == name:
-            return dict(m)
-    raise CampaignError(f"the victim service does not serve model {name!r}")
-
-
-def _load_cell(path: Path) -> CampaignCell | None:
+def _load_cell(path: Path) -> AnyCell | None:
     if not path.exists():
         return None
     try:
-        return CampaignCell.model_validate_json(path.read_text())
+        raw = json.loads(path.read_text())
+        return TypeAdapter(AnyCell).validate_python({"kind": "extraction", **raw})  # v1 cells had no kind
     except ValueError:
         return None
-
-
-def _save_model(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(obj.model_dump_json(indent=2))
-    tmp.replace(path)
 
 
 def run_campaign(
@@ -215,13 +163,11 @@ def run_campaign(
     victim_url: str | None = None,
     out_dir: str | Path | None = None,
     hooks: CampaignHooks | None = None,
-    executor: CellExecutor | None = None,
 ) -> Path:
     """Run (or resume) the campaign in ``config_path``; returns the path of ``results.json``.
 
-    ``victim_url`` overrides ``[victim_service].url``. ``executor`` runs the attack cells (default: one after
-    another in this process; see :mod:`evaluation.campaign.executors`). Raises :class:`CampaignConfigError`
-    before anything runs when the file is invalid.
+    ``victim_url`` overrides ``[victim_service].url``. Raises :class:`CampaignConfigError` before
+    anything runs when the file is invalid.
     """
     cfg, text = load_campaign(config_path)
     if victim_url:
@@ -247,17 +193,22 @@ def run_campaign(
             hooks.say(f"zoo: {recipe_name} ({cfg.campaign.zoo_profile})")
             models[v.name] = str(build(recipe_name, cfg.campaign.zoo_profile, seed=seed, device=cfg.campaign.device))
 
-    grid = [(v.name, d.label, s, b) for v in cfg.victims for d in cfg.defenses for s in cfg.attack.strategies
-            for b in cfg.attack.budgets]
-    cell_labels = {cell_id(*g): g[1] for g in grid}
-    service = _Service(cfg, out, cfg.victim_service.url, models, cell_labels)
-    hooks.cells(len(grid))
+        served = dict(models)
+        plans = []
+        for params in cfg.entries():
+            kind = CELL_KINDS[params.kind]
+            if not cfg.victim_service.url:
+                served.update(kind.models(cfg, params, out, models))
+            plans.append((kind, params, kind.plan(cfg, params)))
+    cell_labels = {p.id: p.defense for _, _, cells in plans for p in cells}
+    service = _Service(cfg, out, cfg.victim_service.url, served, cell_labels)
+    hooks.cells(len(cell_labels))
     try:
         with timer.phase("service"):
             hooks.say("starting the victim service" if not cfg.victim_service.url else
                       f"victim: {cfg.victim_service.url}")
             url = service.start()
-        results = _run_grid(cfg, out, service, url, grid, timer, hooks, executor or SequentialExecutor())
+        results = _run_cells(cfg, out, service, url, plans, served, timer, hooks)
     finally:
         service.stop()
     results.config_text = text
@@ -267,7 +218,8 @@ def run_campaign(
     results.wall_times = {k: round(v, 2) for k, v in timer.totals.items()}
     results.peak_memory_mb = _peak_memory_mb()
     results.finished_at = Results(kind="campaign", name="x").created_at
-    results.derived = derive(results, target=cfg.evaluation.target_psnr, on_warning=hooks.say)
+    if results.extraction_cells:
+        results.derived = derive(results, target=cfg.evaluation.target_psnr, on_warning=hooks.say)
     path = write_results(results, out / "results.json")
     with timer.phase("report"):
         render_report(path)
@@ -276,102 +228,45 @@ def run_campaign(
     return path
 
 
-def _pairs_for(cfg: CampaignConfig, recipe: Any, info: dict[str, Any]) -> list[PairSet]:
-    multiple = int(info.get("size_multiple") or 1)
-    return [
-        recipe_pairs(label, spec, recipe.make_pair, scale=int(info.get("scale") or 1), input_multiple=multiple,
-                     seed=cfg.campaign.seed, max_side=cfg.evaluation.max_side)
-        for label, spec in cfg.evaluation.image_sets.items()
-    ]
-
-
-def _run_grid(
-    cfg: CampaignConfig, out: Path, service: _Service, url: str, grid: list[tuple[str, str, str, int]],
-    timer: _Timer, hooks: CampaignHooks, executor: CellExecutor,
+def _run_cells(
+    cfg: CampaignConfig, out: Path, service: _Service, url: str, plans: list[tuple[Any, Any, list[CellPlan]]],
+    served: dict[str, str], timer: _Timer, hooks: CampaignHooks,
 ) -> Results:
-    from translators.zoo import get_recipe
-
-    seed = cfg.campaign.seed
-    settings = MetricSettings()
+    """Run every entry's cells through its kind: prepare, each cell (skipping finished ones), finish."""
     network, net_note = _feature_network(cfg)
     results = Results(kind="campaign", name=cfg.campaign.name, config=cfg.model_dump(mode="json"),
-                      environment=Environment.capture(str(pick_device(cfg.campaign.device))), seeds={"campaign": seed},
-                      metric_settings=settings, budgets=list(cfg.attack.budgets),
-                      strategies=list(cfg.attack.strategies),
+                      environment=Environment.capture(str(pick_device(cfg.campaign.device))),
+                      seeds={"campaign": cfg.campaign.seed}, metric_settings=MetricSettings(),
                       feature_network=network.info if network else None, feature_network_note=net_note)
-    for d in cfg.defenses:
-        names = "+".join(str(s["name"]) for s in d.pipeline) or NO_DEFENSE
-        results.defenses.append(DefenseEntry(label=d.label, name=names, params={"pipeline": d.pipeline}))
+    live = {"url": url}
 
-    # Ground-truth pairs and clean victim outputs, per victim (first image set is the headline one).
-    pairs: dict[str, list[PairSet]] = {}
-    clean_out: dict[str, dict[str, torch.Tensor]] = {}
-    for v in cfg.victims:
-        info = _model_info(url, v.name)
-        recipe = get_recipe(v.recipe or v.name)
-        pairs[v.name] = _pairs_for(cfg, recipe, info)
-        results.victims.append(VictimEntry(
-            name=v.name, recipe=recipe.name,
-            model=ModelRef(name=v.name, path=service.models.get(v.name), url=url, task=str(info.get("task")),
-                           scale=int(info.get("scale") or 1))))
-
-    # Honest-user cost of every defense (through the API, unlimited honest tiers).
-    with timer.phase("utility"):
-        for v in cfg.victims:
-            clean = _Memo(HttpTranslator(url, v.name, service.honest_key(NO_DEFENSE)))
-            ps = pairs[v.name][0]
-            clean_out[v.name] = {p.name: clean(p.input) for p in ps.pairs()}
-            for d in cfg.defenses:
-                upath = out / "utility" / f"{v.name}.{d.label}.json"
-                if upath.exists():
-                    results.utility.append(DefenseUtility.model_validate_json(upath.read_text()))
-                    continue
-                hooks.say(f"honest-user cost: {v.name} / {d.label}")
-                defended = HttpTranslator(url, v.name, service.honest_key(d.label))
-                u = utility_cost(clean, defended, ps, v.name, d.label, settings=settings, feature_network=network,
-                                 seed=seed)
-                _save_model(u, upath)
-                results.utility.append(u)
-                defended.close()
-            clean.close()
-
-    # Attack cells: one picklable CellTask each, mapped by the executor (evaluation/campaign/executors.py).
-    surrogates: dict[str, Path] = {}
-    tasks: list[CellTask] = []
-    for victim, label, strategy, budget in grid:
-        cid = cell_id(victim, label, strategy, budget)
-        prev = _load_cell(out / "cells" / cid / "cell.json")
-        if prev is not None and prev.status == "done":
-            results.cells.append(prev)
-            if prev.surrogate and prev.surrogate.path:
-                surrogates[cid] = Path(prev.surrogate.path)
-            hooks.cell_done(prev)
-            continue
-        tasks.append(CellTask(cfg, out, cid, victim, label, strategy, budget, url, service.attack_key(cid, label),
-                              service.honest_key(NO_DEFENSE), _model_info(url, victim), clean_out[victim]))
-
-    def cell_finished(cell: CampaignCell) -> None:
-        for phase in ("harvest", "training", "evaluation"):
-            timer.totals[phase] += cell.wall_times.get(phase, 0.0)
-        if cell.surrogate is not None and cell.surrogate.path:
-            surrogates[cell.id] = Path(cell.surrogate.path)
-        hooks.say(f"{cell.id}: {cell.status}")
-        hooks.cell_done(cell)
-
-    live = {"url": url}  # a self-started victim that died is restarted on a new port before the next cell
-
-    def before(task: CellTask) -> CellTask:
+    def current_url() -> str:
         live["url"] = service.ensure(live["url"])
-        return dataclasses.replace(task, url=live["url"])
+        return live["url"]
 
-    order = {cell_id(*g): i for i, g in enumerate(grid)}
-    results.cells += executor.run(run_attack_cell, tasks, on_done=cell_finished, failed=_failed_cell, before=before,
-                                  local_victim=_is_loopback(url))
-    results.cells.sort(key=lambda c: order.get(c.id, len(order)))
-
-    with timer.phase("evaluation"):
-        url = service.ensure(live["url"])
-        results.samples = _samples(cfg, out, service, url, pairs, clean_out, surrogates)
+    ctx = RunContext(cfg=cfg, out=out, results=results, url=current_url, attack_key=service.attack_key,
+                     honest_key=service.honest_key, served=served, say=hooks.say, phase=timer.phase,
+                     shared={"feature_network": network})
+    for kind, params, cells in plans:
+        kind.prepare(ctx, params)
+        for plan in cells:
+            paths = CellPaths(out / "cells" / plan.id)
+            prev = _load_cell(paths.record)
+            if prev is not None and prev.status == "done":
+                results.cells.append(prev)
+                hooks.cell_done(prev)
+                continue
+            cell = kind.pending(cfg, params, plan, paths)
+            save_record(cell, paths.record)
+            try:
+                cell = kind.run(ctx, params, plan, paths)
+            except (HeistError, httpx.HTTPError, OSError, RuntimeError, ValueError) as exc:
+                cell.status, cell.error = "failed", cell_error(exc)
+                log.error("cell %s failed: %s", plan.id, cell.error)
+            save_record(cell, paths.record)
+            results.cells.append(cell)
+            hooks.cell_done(cell)
+        kind.finish(ctx, params)
     return results
 
 
@@ -385,133 +280,3 @@ def _feature_network(cfg: CampaignConfig) -> tuple[Any, str | None]:
     return net, None
 
 
-def _samples(
-    cfg: CampaignConfig, out: Path, service: _Service, url: str, pairs: dict[str, list[PairSet]],
-    clean_out: dict[str, dict[str, torch.Tensor]], surrogates: dict[str, Path],
-) -> list[ImageGrid]:
-    """Image grids input | clean victim | defended victim | surrogate (largest budget) | ground truth."""
-    from translators.checkpoint import load_model
-
-    if cfg.evaluation.samples == 0:
-        return []
-    grids: list[ImageGrid] = []
-    strategy, budget = cfg.attack.strategies[0], cfg.attack.budgets[-1]
-    columns = ["input", "victim (clean)", "victim (defended)", f"surrogate ({budget} queries)", "ground truth"]
-    for v in cfg.victims:
-        chosen = list(pairs[v.name][0].pairs())[: cfg.evaluation.samples]
-        for d in cfg.defenses:
-            cid = cell_id(v.name, d.label, strategy, budget)
-            if cid not in surrogates:
-                continue
-            sur = padded_translator(load_model(surrogates[cid]).module)
-            defended = HttpTranslator(url, v.name, service.honest_key(d.label))
-            rows = []
-            for p in chosen:
-                imgs = {"input": p.input, "victim (clean)": clean_out[v.name][p.name],
-                        "victim (defended)": defended(p.input), columns[3]: sur(p.input), "ground truth": p.target}
-                paths = {}
-                for col, img in imgs.items():
-                    rel = Path("samples") / v.name / d.label / f"{p.name}.{re.sub(r'[^a-z]+', '_', col)}.png"
-                    (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                    write_image(img, out / rel)
-                    paths[col] = str(rel)
-                rows.append(GridRow(name=p.name, images=paths))
-            defended.close()
-            grids.append(ImageGrid(title=f"{v.name}, defense {d.label}: {strategy} attack, {budget} queries",
-                                   columns=columns, rows=rows, victim=v.name, defense=d.label, budget=budget,
-                                   strategy=strategy))
-    return grids
-
-
-# ---------------------------------------------------------------------------------------------- one attack cell
-# (what an executor maps over the grid; picklable, so it runs in this process or as a Ray task)
-
-
-@dataclass(frozen=True)
-class CellTask:
-    """Everything one attack cell needs, picklable: config, victim URL and keys, clean victim outputs."""
-
-    cfg: CampaignConfig
-    out: Path
-    cid: str
-    victim: str
-    label: str
-    strategy: str
-    budget: int
-    url: str
-    attack_key: str
-    honest_key: str
-    model_info: dict[str, Any]
-    clean_outputs: dict[str, torch.Tensor]
-
-
-def _failed_cell(task: CellTask, error: str) -> CampaignCell:
-    cell = CampaignCell(id=task.cid, victim=task.victim, defense=task.label, budget=task.budget,
-                        strategy=task.strategy, seed=task.cfg.campaign.seed, status="failed", error=error[:500],
-                        run_dir=str(task.out / "cells" / task.cid / "run"))
-    _save_model(cell, task.out / "cells" / task.cid / "cell.json")
-    return cell
-
-
-def _is_loopback(url: str) -> bool:
-    host = httpx.URL(url).host
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def run_attack_cell(task: CellTask) -> CampaignCell:
-    """Harvest ``budget`` queries through the API, train a surrogate, score it; the cell's state is saved
-    in ``OUT/cells/ID/cell.json`` (``running`` first, then ``done`` or ``failed``)."""
-    from attacker.harvest import harvest
-    from attacker.train import TrainConfig, train_surrogate
-    from translators.checkpoint import load_model
-    from translators.zoo import get_recipe
-
-    cfg, cid, victim, url = task.cfg, task.cid, task.victim, task.url
-    seed = cfg.campaign.seed
-    settings = MetricSettings()
-    cdir = task.out / "cells" / cid
-    cpath = cdir / "cell.json"
-    attempts = cdir / "attempts"
-    cdir.mkdir(parents=True, exist_ok=True)
-    attempts.write_text(str(int(attempts.read_text() or 0) + 1 if attempts.exists() else 1))
-    vcfg = next(v for v in cfg.victims if v.name == victim)
-    cell = CampaignCell(id=cid, victim=victim, defense=task.label, budget=task.budget, strategy=task.strategy,
-                        seed=seed, status="running", run_dir=str(cdir / "run"))
-    _save_model(cell, cpath)
-    try:
-        network, _ = _feature_network(cfg)
-        t0 = time.perf_counter()
-        h = harvest(url, task.attack_key, victim, cdir / "run", images=cfg.attack.images,
-                    strategy=task.strategy, strategy_params=cfg.attack.strategy_params, budget=task.budget,
-                    seed=seed, client={"max_concurrency": cfg.attack.concurrency})
-        cell.wall_times["harvest"] = round(time.perf_counter() - t0, 2)
-        answered = {str(k): int(v) for k, v in h.summary.get("responses", {}).items()}
-        cell.queries_used = sum(n for status, n in answered.items() if status.isdigit() and status != "429")
-        cell.queries_refused = int(h.summary.get("rate_limited_429", 0))
-        if h.pairs == 0:
-            raise CampaignError(f"harvest ended with no pairs ({h.stop_reason})")
-        log.info("%s: training a %s surrogate on %d pairs", cid, vcfg.surrogate, h.pairs)
-        t0 = time.perf_counter()
-        tr = train_surrogate(cdir / "run", config=TrainConfig(
-            arch=vcfg.surrogate, profile=vcfg.surrogate_profile, steps=vcfg.train_steps, seed=seed,
-            device=cfg.campaign.device, val_fraction=0.0 if h.pairs < 4 else 0.1))
-        cell.wall_times["training"] = round(time.perf_counter() - t0, 2)
-        t0 = time.perf_counter()
-        model = load_model(tr.checkpoint)
-        sur = padded_translator(model.module)
-        clean = HttpTranslator(url, victim, task.honest_key)
-        ps = _pairs_for(cfg, get_recipe(vcfg.recipe or victim), task.model_info)[0]
-        cell.fidelity, cell.quality = surrogate_scores(
-            sur, clean, ps, settings=settings, feature_network=network, seed=seed,
-            victim_outputs=task.clean_outputs)
-        clean.close()
-        cell.wall_times["evaluation"] = round(time.perf_counter() - t0, 2)
-        cell.surrogate = ModelRef(name=f"surrogate-{cid}", path=str(tr.checkpoint), task=model.card.task,
-                                  scale=model.card.scale, arch=model.card.arch)
-        cell.status = "done"
-    except (HeistError, httpx.HTTPError, OSError, RuntimeError, ValueError) as exc:
-        cell.status = "failed"
-        cell.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        log.error("cell %s failed: %s", cid, cell.error)
-    _save_model(cell, cpath)
-    return cell

@@ -12,17 +12,19 @@ scores are exactly what clients received.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
+from attacker.victim_info import ModelInfo
 from evaluation.campaign.config import CampaignConfig
 from translators.codecs import decode_image, encode_image
 from translators.device import default_threads
@@ -107,35 +109,64 @@ def victim_settings(
 class HttpTranslator:
     """``(1, 3, h, w)`` -> the victim's ``(1, 3, s*h, s*w)`` output, through ``POST /v1/models/M/translate``.
 
-    Retries 429 (honouring ``Retry-After``) and 5xx a few times; other errors raise :class:`VictimError`.
+    Built on the attacker's HTTP client (:class:`attacker.client.VictimClient`), driven from a private
+    event loop so evaluation code can call it synchronously. Retries 429 (honouring ``Retry-After``),
+    5xx and transport errors a few times; other errors raise :class:`VictimError`. A context manager:
+    ``with HttpTranslator(url, model, key) as victim: y = victim(x)``.
     """
 
     def __init__(self, url: str, model: str, key: str, timeout: float = 120.0, retries: int = 5) -> None:
+        from attacker.client import ClientConfig, VictimClient
+
+        self.model, self.key, self.retries = model, key, retries
         self.endpoint = f"{url.rstrip('/')}/v1/models/{model}/translate"
-        self.client = httpx.Client(timeout=timeout, headers={"X-API-Key": key, "Content-Type": "image/png"})
-        self.retries = retries
+        self._loop = asyncio.new_event_loop()
+        self._client = VictimClient(url, ClientConfig(max_concurrency=1, read_timeout_s=timeout, max_retries=retries))
+        self._loop.run_until_complete(self._client.__aenter__())
+        self.requests = 0
+
+    def __enter__(self) -> HttpTranslator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import time
-
         body = encode_image(x[:1].float().clamp(0, 1))
         last = ""
         for attempt in range(self.retries + 1):
-            try:
-                r = self.client.post(self.endpoint, content=body)
-            except httpx.TransportError as exc:
-                last = f"transport error: {exc}"
+            out = self._loop.run_until_complete(self._client.translate(self.model, self.key, body))
+            self.requests += 1
+            if out.ok:
+                return decode_image(out.body)
+            if out.status is None:
+                last = f"transport error: {out.error}"
                 time.sleep(min(2.0**attempt * 0.2, 5.0))
                 continue
-            if r.status_code == 200:
-                return decode_image(r.content)
-            last = f"HTTP {r.status_code}: {r.text[:200]}"
-            if r.status_code == 429 or r.status_code >= 500:
-                wait = float(r.headers.get("Retry-After", 0.2 * 2**attempt))
-                time.sleep(min(wait, 10.0))
+            last = f"HTTP {out.status}: {out.code or ''} {out.detail}".strip()
+            if out.status == 429 or out.status >= 500:
+                wait = out.headers.retry_after_s if out.headers.retry_after_s is not None else 0.2 * 2**attempt
+                time.sleep(min(float(wait), 10.0))
                 continue
             break
         raise VictimError(f"{self.endpoint}: {last}")
 
     def close(self) -> None:
-        self.client.close()
+        """Close the connection pool and the loop; safe to call twice."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._loop.run_until_complete(self._client.__aexit__(None, None, None))
+        finally:
+            self._loop.close()
+
+
+def model_info(url: str, name: str) -> ModelInfo:
+    """The public ``GET /v1/models`` entry of ``name`` (through the attacker's client)."""
+    from attacker.client import VictimClient
+
+    async def fetch() -> ModelInfo:
+        async with VictimClient(url) as client:
+            return await client.model_info(name)
+
+    return asyncio.run(fetch())

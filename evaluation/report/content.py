@@ -13,6 +13,7 @@ from pathlib import Path
 from evaluation.report import figures
 from evaluation.report.document import Bullets, Code, Document, Figure, Paragraph, Section, Table
 from evaluation.report.format import DASH, METRIC_LABELS, mean_ci, median_iqr, num, pvalue, seconds
+from evaluation.report.membership import kind_sections
 from evaluation.results import ExtractionTable, ExtractionTestSet, ModelRef, QueriesToTarget, Results, ScoreTests
 
 CELL_TEXT = {
@@ -57,20 +58,22 @@ class _Builder:
 
     def build(self) -> Document:
         r = self.r
-        done = sum(c.status == "done" for c in r.cells)
+        done = sum(c.status == "done" for c in r.cells)  # every kind
         failed = sum(c.status == "failed" for c in r.cells)
         sub = f"{r.kind} `{r.name}` · created {r.created_at} · Heist {r.environment.heist or DASH}"
         if r.cells:
             sub += f" · {len(r.cells)} cells ({done} done, {failed} failed)"
         doc = Document(title=f"Heist report: {r.name}", subtitle=sub)
         doc.sections.append(self.about())
-        if r.cells:
+        if r.extraction_cells:
             doc.sections.extend(self.efficiency())
             doc.sections.extend(self.defenses())
         for i, table in enumerate(r.extraction):
             doc.sections.extend(self.extraction(table, i))
-        if r.cells:
+        if r.extraction_cells:
             doc.sections.append(self.cells())
+        for kind in dict.fromkeys(c.kind for c in r.cells if c.kind != "extraction"):
+            doc.sections.extend(kind_sections(kind, r, self))
         if r.samples:
             doc.sections.extend(self.samples())
         doc.sections.extend(self.reproducibility())
@@ -234,7 +237,7 @@ class _Builder:
                            "and degradation relative to no defense). A defense is Pareto-optimal when no other "
                            "defense has both a lower utility cost and a higher degradation."))
         out.append(head)
-        budgets = [str(b) for b in (self.r.budgets or sorted({c.budget for c in self.r.cells}))]
+        budgets = [str(b) for b in (self.r.budgets or sorted({c.budget for c in self.r.extraction_cells}))]
         groups = list(dict.fromkeys((row.victim, row.strategy) for row in d.defense_table))
         for victim, strategy in groups:
             rows_src = [row for row in d.defense_table if row.victim == victim and row.strategy == strategy]
@@ -269,7 +272,7 @@ class _Builder:
     def cells(self) -> Section:
         s = self.section("Campaign cells")
         rows = []
-        for c in self.r.cells:
+        for c in self.r.extraction_cells:
             fid = c.fidelity.metrics.get("psnr") if c.fidelity else None
             ssim = c.fidelity.metrics.get("ssim") if c.fidelity else None
             qual = c.quality.metrics.get("psnr") if c.quality else None

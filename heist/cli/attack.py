@@ -239,3 +239,54 @@ def status_cmd(run: Path = typer.Argument(..., help="Run folder.")) -> None:
     if "harvest" in slim:
         slim["harvest"]["sessions"] = f"{len(slim['harvest'].get('sessions', []))} session(s)"
     console.print_json(json.dumps(slim))
+
+
+@app.command("mia")
+def mia_cmd(
+    url: str = typer.Option(..., "--url", help="Victim API base URL."),
+    api_key: str = typer.Option(..., "--api-key", envvar="HEIST_API_KEY", help="API key."),
+    model: str = typer.Option(..., "--model", help="Model name as listed by GET /v1/models (same-size)."),
+    members: Path = typer.Option(..., "--members", help="Candidate members: inputs/NAME.png + targets/NAME.png."),
+    non_members: Path = typer.Option(..., "--non-members", help="Candidate non-members (same layout)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: scores.json, mia.json, roc.png."),
+    reference: Path | None = typer.Option(None, "--reference", help="Reference checkpoint for the calibrated "
+                                                                    "score (heist attack mia-reference)."),
+    concurrency: int = typer.Option(4, min=1, help="Most requests in flight."),
+) -> None:
+    """Membership inference: score each (x, y) by the API output's reconstruction loss; AUC, TPR@FPR, ROC."""
+    from attacker.mia import load_candidates, run_mia, write_scores
+    from evaluation.privacy import membership_scores
+    from evaluation.report.membership import roc_png
+    from translators.checkpoint import load_model
+
+    _quiet_http()
+    m = load_candidates(members, "members")
+    n = load_candidates(non_members, "non-members")
+    ref = load_model(reference).module if reference else None
+    with progress(transient=True) as bar:
+        task = bar.add_task("membership queries", total=len(m) + len(n), info="")
+        res = run_mia(url, api_key, model, m, n, reference=ref, concurrency=concurrency,
+                      on_done=lambda: bar.advance(task))
+    write_scores(res, out)
+    scores = membership_scores(res.names, res.labels, res.scores)
+    (out / "mia.json").write_text(json.dumps({k: v.model_dump(exclude={"per_candidate"}) for k, v in scores.items()},
+                                             indent=1))
+    roc_png({k: (v.roc.fpr, v.roc.tpr, v.auc) for k, v in scores.items()}, out / "roc.png")
+    for k, v in scores.items():
+        console.print(f"{k:>10}: AUC {v.auc:.3f} · TPR@1%FPR {v.tpr_at_fpr['0.01']:.3f} · "
+                      f"TPR@0.1%FPR {v.tpr_at_fpr['0.001']:.3f}")
+    console.print(f"{res.queries} queries · scores in {out / 'scores.json'} · ROC {out / 'roc.png'}")
+
+
+@app.command("mia-reference")
+def mia_reference_cmd(
+    out: Path = typer.Option(..., "--out", help="Checkpoint to write (.safetensors)."),
+    images: str = typer.Option("corpus:attacker", help="Public images (never the victim's)."),
+    side: int = typer.Option(32, min=8, help="Crop side (the candidates' size)."),
+    steps: int = typer.Option(300, min=1, help="Training steps."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the attacker's reference model on public edge -> photo pairs (difficulty calibration)."""
+    from attacker.mia import train_reference
+
+    console.print(f"reference model: {train_reference(images, side, steps, out, seed=seed)}")

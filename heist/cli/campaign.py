@@ -16,10 +16,12 @@ app = typer.Typer(help="Attack/defense campaigns: a grid of victims x defenses x
 def validate(config: Path = typer.Argument(..., help="Campaign TOML file.")) -> None:
     """Check a campaign file without running anything (mistakes are reported with their line)."""
     from evaluation.campaign.config import load_campaign
+    from evaluation.campaign.kinds import CELL_KINDS
 
     cfg, _ = load_campaign(config)
-    n = len(cfg.victims) * len(cfg.defenses) * len(cfg.attack.budgets) * len(cfg.attack.strategies)
-    console.print(f"{config}: ok: {n} attack cells -> {cfg.out_dir}")
+    counts = {e.kind: len(CELL_KINDS[e.kind].plan(cfg, e)) for e in cfg.entries()}
+    kinds = ", ".join(f"{n} {k}" for k, n in counts.items())
+    console.print(f"{config}: ok: {sum(counts.values())} cells ({kinds}) -> {cfg.out_dir}")
 
 
 @app.command("run")

@@ -21,3 +21,5 @@ __all__ = [
     "train_recipe",
     "zoo_checkpoint",
 ]
+
+import translators.zoo.membership  # noqa: F401 - registers the membership-inference victims

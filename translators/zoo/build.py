@@ -102,7 +102,7 @@ def train_recipe(
     torch.manual_seed(seed)
     model = build_arch(recipe.arch, spec.arch_kwargs).to(dev)
     images = [im.image for im in load_images("corpus:victim", max_side=512)]
-    sampler = PatchSampler(images, spec.patch, seed=seed)
+    sampler = recipe.training_sampler(images, spec, seed)
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / spec.steps)))
     loss_fn = F.l1_loss if recipe.loss == "l1" else F.mse_loss
@@ -172,6 +172,7 @@ def build(
             description=recipe.description,
             training=provenance,
             metrics=metrics,
+            **recipe.card_extras(profile, path, seed),
         )
         save_checkpoint(model, path, card)
         log.info("zoo model %s: PSNR %.2f dB (baseline %s %.2f dB)", name, metrics["psnr"], recipe.baseline,

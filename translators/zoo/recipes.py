@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from translators.corpus import PatchSampler
 from translators.images import crop_to_multiple, downscale, upscale
 from translators.registry import Registry
 from translators.zoo.stylizers import STYLIZERS
 
-Task = Literal["sr", "denoise", "style"]
+Task = Literal["sr", "denoise", "style", "edges2photo"]
 Profile = Literal["tiny", "default", "full"]
 PROFILES: tuple[Profile, ...] = ("tiny", "default", "full")
 
@@ -82,6 +84,14 @@ class Recipe:
         if self.task != "style":
             raise ValueError(f"{self.name} has no stylizer; its ground truth is the clean image")
         return STYLIZERS[self.style](x)
+
+    def training_sampler(self, images: list[torch.Tensor], spec: TrainSpec, seed: int) -> PatchSampler:
+        """Where training crops come from: random crops of the victim split (membership recipes override)."""
+        return PatchSampler(images, spec.patch, seed=seed)
+
+    def card_extras(self, profile: str, checkpoint: Path, seed: int) -> dict[str, Any]:
+        """Extra model-card fields written beside the checkpoint (membership recipes: the member split)."""
+        return {}
 
     def baseline_output(self, inp: torch.Tensor) -> torch.Tensor:
         """The trivial baseline a victim must beat: bicubic upscaling for SR, identity otherwise."""

@@ -1,0 +1,216 @@
+"""Membership inference through the victim API (akd-membership-privacy, section II-B; eq. 3).
+
+A candidate is a pair ``(x, y)``: an input and its true output. The attacker sends ``x`` through the
+API and scores the reconstruction error of the answer ``G(x)`` against ``y``: members (training pairs)
+are reproduced better than non-members. Scores are "higher = member":
+
+- ``l1``: ``-mean |G(x) - y|``; ``l2``: ``-mean (G(x) - y)^2`` (the paper's attack, eq. 3);
+- ``calibrated``: difficulty calibration (Watson et al., ICLR 2022): ``L2_ref(x, y) - L2_victim(x, y)``
+  with a reference model the attacker trained on *public* pairs, so candidates that are simply easy
+  do not look like members.
+
+Candidate folders hold ``inputs/NAME.png`` and ``targets/NAME.png`` with the same names and sizes.
+Every request goes through :class:`attacker.client.VictimClient`, so output defenses and rate limits
+apply; a 429 is waited out (``Retry-After``) and retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attacker.client import ClientConfig, VictimClient
+from attacker.errors import ConfigError
+from attacker.victim_info import ModelInfo
+from translators.codecs import decode_image, encode_image, read_image
+
+log = logging.getLogger(__name__)
+SCORES = ("l1", "l2", "calibrated")
+FPR_LEVELS = (0.01, 0.001)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate pair; ``x`` and ``y`` are ``(1, 3, H, W)`` in [0, 1]."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def load_candidates(folder: str | Path, what: str) -> list[Candidate]:
+    """The pairs in ``folder`` (``inputs/`` + ``targets/``); raises :class:`ConfigError` (one line) if they
+    do not pair up, differ in size, or there are none."""
+    root = Path(folder)
+    ins, outs = root / "inputs", root / "targets"
+    if not ins.is_dir() or not outs.is_dir():
+        raise ConfigError(f"{what} {root}: needs subfolders inputs/ and targets/ with one PNG per pair name")
+    a = {p.stem: p for p in sorted(ins.iterdir()) if p.suffix.lower() == ".png"}
+    b = {p.stem: p for p in sorted(outs.iterdir()) if p.suffix.lower() == ".png"}
+    if not a:
+        raise ConfigError(f"{what} {root}: no pairs (inputs/ holds no PNG)")
+    if a.keys() != b.keys():
+        odd = sorted(a.keys() ^ b.keys())
+        raise ConfigError(f"{what} {root}: inputs/ and targets/ do not pair up ({len(odd)} unmatched, e.g. {odd[0]!r})")
+    out = []
+    for name in a:
+        x, y = read_image(a[name]), read_image(b[name])
+        if x.shape != y.shape:
+            raise ConfigError(f"{what} {root}: pair {name!r} has input {tuple(x.shape[-2:])} but target "
+                              f"{tuple(y.shape[-2:])}; a membership candidate needs a same-size pair")
+        out.append(Candidate(name, x, y))
+    return out
+
+
+def check_candidates(info: ModelInfo, members: list[Candidate], non_members: list[Candidate]) -> None:
+    """One-line errors before any query: same-size model, sizes it accepts, name clashes."""
+    if info.scale != 1:
+        raise ConfigError(f"model {info.name!r} is not a same-size translator (scale {info.scale}); the "
+                          "reconstruction-loss attack compares G(x) with y pixel by pixel")
+    for c in (*members, *non_members):
+        why = info.accepts(*c.x.shape[-2:])
+        if why:
+            raise ConfigError(f"candidate {c.name!r}: model {info.name!r} refuses its size ({why})")
+    clash = {c.name for c in members} & {c.name for c in non_members}
+    if clash:
+        raise ConfigError(f"members and non-members share pair names (e.g. {sorted(clash)[0]!r})")
+
+
+async def _query_all(url: str, key: str, model: str, cands: list[Candidate], concurrency: int,
+                     on_done: Callable[[], None] | None) -> tuple[dict[str, torch.Tensor], int]:
+    sem = asyncio.Semaphore(concurrency)
+    outputs: dict[str, torch.Tensor] = {}
+    sent = 0
+
+    async with VictimClient(url, ClientConfig(max_concurrency=concurrency)) as client:
+        await client.model_info(model)
+
+        async def one(c: Candidate) -> None:
+            nonlocal sent
+            body = encode_image(c.x)
+            async with sem:
+                for attempt in range(client.config.max_retries + 1):
+                    out = await client.translate(model, key, body)
+                    sent += 1
+                    if out.ok:
+                        outputs[c.name] = decode_image(out.body)
+                        break
+                    if out.status is None or out.status == 429 or out.status >= 500:
+                        wait = out.headers.retry_after_s or min(0.25 * 2**attempt, 15.0)
+                        await asyncio.sleep(wait)
+                        continue
+                    raise ConfigError(f"the victim refused candidate {c.name!r}: HTTP {out.status} "
+                                      f"{out.code or ''} {out.detail}".strip())
+                else:
+                    raise ConfigError(f"candidate {c.name!r}: no answer after {client.config.max_retries + 1} tries")
+            if on_done:
+                on_done()
+
+        await asyncio.gather(*(one(c) for c in cands))
+    return outputs, sent
+
+
+def fetch_model_info(url: str, model: str) -> ModelInfo:
+    async def go() -> ModelInfo:
+        async with VictimClient(url) as client:
+            return await client.model_info(model)
+
+    return asyncio.run(go())
+
+
+def reconstruction_scores(out: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """``{"l1": -mean|out-y|, "l2": -mean (out-y)^2}`` for one pair (higher = more member-like)."""
+    d = out.float() - y.float()
+    return {"l1": -float(d.abs().mean()), "l2": -float(d.square().mean())}
+
+
+@dataclass
+class MiaResult:
+    """Per-candidate scores and labels (1 = member); written to ``OUT/scores.json``."""
+
+    names: list[str]
+    labels: list[int]
+    scores: dict[str, list[float]]
+    queries: int
+    outputs: dict[str, torch.Tensor]
+    seconds: float
+
+
+def run_mia(
+    url: str, key: str, model: str, members: list[Candidate], non_members: list[Candidate],
+    reference: torch.nn.Module | None = None, concurrency: int = 4, on_done: Callable[[], None] | None = None,
+) -> MiaResult:
+    """Query every candidate once through the API and score it (see the module docstring)."""
+    if not members or not non_members:
+        raise ConfigError("membership inference needs at least one member and one non-member")
+    info = fetch_model_info(url, model)
+    check_candidates(info, members, non_members)
+    cands = [*members, *non_members]
+    t0 = time.perf_counter()
+    outputs, sent = asyncio.run(_query_all(url, key, model, cands, concurrency, on_done))
+    seconds = time.perf_counter() - t0
+    scores: dict[str, list[float]] = {s: [] for s in SCORES if s != "calibrated" or reference is not None}
+    for c in cands:
+        s = reconstruction_scores(outputs[c.name], c.y)
+        scores["l1"].append(s["l1"])
+        scores["l2"].append(s["l2"])
+        if reference is not None:
+            with torch.no_grad():
+                ref = reconstruction_scores(reference(c.x).clamp(0, 1), c.y)
+            scores["calibrated"].append(s["l2"] - ref["l2"])
+    labels = [1] * len(members) + [0] * len(non_members)
+    return MiaResult([c.name for c in cands], labels, scores, sent, outputs, seconds)
+
+
+def write_scores(result: MiaResult, out: Path) -> Path:
+    """``OUT/scores.json``: per-candidate scores and labels (atomic write)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "scores.json"
+    tmp = path.with_name(".scores.json.tmp")
+    tmp.write_text(json.dumps({"names": result.names, "labels": result.labels, "scores": result.scores,
+                               "queries": result.queries, "seconds": round(result.seconds, 3)}, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def public_pairs(images: str, side: int, n: int, seed: int = 0) -> list[Candidate]:
+    """``n`` public edge -> photo pairs (``side`` crops of ``images``): the attacker knows the public task."""
+    from translators.zoo.membership import edge_pairs
+
+    try:
+        return [Candidate(f"pub{i:04d}", x, y) for i, (x, y) in enumerate(edge_pairs(images, side, n, seed))]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def train_reference(images: str, side: int, steps: int, out: Path, seed: int = 0, n_pairs: int = 256,
+                    arch_kwargs: dict[str, object] | None = None) -> Path:
+    """Train the attacker's reference model (U-Net, L1) on public pairs; save it as a checkpoint."""
+    from translators.archs import build_arch
+    from translators.checkpoint import ModelCard, save_checkpoint
+    from translators.training import fit
+
+    kwargs = arch_kwargs or {"base": 24, "depth": 4, "max_channels": 96, "norm": "none", "residual": False}
+    torch.manual_seed(seed)
+    model = build_arch("unet", kwargs)
+    pairs = public_pairs(images, side, n_pairs, seed)
+    g = torch.Generator().manual_seed(seed)
+
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(pairs), (8,), generator=g).tolist()
+        return torch.cat([pairs[i].x for i in idx]), torch.cat([pairs[i].y for i in idx])
+
+    fit(model, batches, steps, lr=2e-3, loss="l1")
+    card = ModelCard(name="mia-reference", arch="unet", kwargs=kwargs, task="edges2photo",
+                     size_multiple=int(model.size_multiple), min_side=int(model.size_multiple),
+                     description="attacker's reference model for difficulty calibration (public pairs)",
+                     training={"images": images, "pairs": n_pairs, "steps": steps, "seed": seed})
+    save_checkpoint(model, out, card)
+    return out

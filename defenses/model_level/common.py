@@ -1,0 +1,64 @@
+"""Shared pieces of the model-level defenses: the victim's private split, proxy sets, saving students."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from translators.checkpoint import LoadedModel, ModelCard, load_model, read_card, save_checkpoint
+from translators.errors import HeistError
+
+
+class ModelDefenseError(HeistError):
+    code = "bad_model_defense"
+
+
+def private_split(card: ModelCard) -> dict[str, Any]:
+    """The ``membership`` field of a memorising victim's card (members/non-members dirs and digests)."""
+    split = (card.model_extra or {}).get("membership")
+    if not split:
+        raise ModelDefenseError(f"model {card.name!r} records no membership split (train it with a membership "
+                                "recipe such as mia-edges)")
+    return split
+
+
+def load_teacher(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
+    teacher = load_model(path)
+    if teacher.card.scale != 1:
+        raise ModelDefenseError(f"{path}: the model-level defenses need a same-size translator")
+    return teacher, private_split(read_card(path))
+
+
+def proxy_inputs(images: str, side: int, n: int, private_digests: set[str], seed: int) -> list[torch.Tensor]:
+    """``n`` proxy inputs (edge maps of ``side`` crops of ``images``), checked disjoint from the private set.
+
+    The paper's proxy-set condition: no private pair may be in the proxy set. Raises
+    :class:`ModelDefenseError` if the proxy images come from the victim split or a crop matches one.
+    """
+    from translators.corpus import image_digest
+    from translators.zoo.membership import edge_pairs
+
+    if images.strip() in ("corpus:victim", "corpus:all"):
+        raise ModelDefenseError(f"proxy images {images!r} overlap the victim's private split; use public images "
+                                "such as corpus:attacker")
+    try:
+        pairs = edge_pairs(images, side, n, seed=seed + 7919)
+    except ValueError as exc:
+        raise ModelDefenseError(str(exc)) from None
+    leaked = [i for i, (_, y) in enumerate(pairs) if image_digest(y) in private_digests]
+    if leaked:
+        raise ModelDefenseError(f"{len(leaked)} proxy images are private training pairs; the proxy set must be "
+                                "disjoint from the private set")
+    return [x for x, _ in pairs]
+
+
+def save_student(module: torch.nn.Module, teacher: LoadedModel, out: Path, name: str, method: str,
+                 training: dict[str, Any]) -> Path:
+    """Save ``module`` with the teacher's architecture card (and its membership split, for evaluation)."""
+    card = teacher.card.model_copy(update={
+        "name": name, "description": f"{method} of {teacher.card.name}: {teacher.card.description}",
+        "training": {"method": method, "teacher": teacher.card.name, **training}, "metrics": {}})
+    save_checkpoint(module.cpu().eval(), out, card)
+    return out

@@ -1,0 +1,304 @@
+"""Cell kind ``extraction``: harvest queries through the API, train a surrogate, score it.
+
+Every cell is victim x defense x strategy x budget. :func:`harvest_and_train` is the heavy, resumable
+part (a plain function of an :class:`ExtractionSpec` and :class:`CellPaths`); scoring against the clean
+victim and ground truth happens in :meth:`ExtractionKind.run` with the campaign's shared image sets.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator
+
+from evaluation.campaign.kinds.base import CellKind, CellPaths, CellPlan, RunContext, StrictParams
+
+if TYPE_CHECKING:
+    from evaluation.campaign.config import CampaignConfig
+    from evaluation.results import CampaignCell
+
+
+class AttackSection(StrictParams):
+    """The ``extraction`` cell kind: query budgets (ascending; one harvest per victim/defense/strategy
+    serves all of them) and strategies."""
+
+    kind: Literal["extraction"] = "extraction"
+    budgets: list[int] = Field(min_length=1)
+    strategies: list[str] = Field(default_factory=lambda: ["crops"], min_length=1)
+    strategy_params: dict[str, Any] = Field(default_factory=dict)
+    images: str = "corpus:attacker"
+    concurrency: int = Field(4, ge=1, le=64)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("budgets must be positive query counts")
+        if v != sorted(set(v)):
+            raise ValueError("budgets must be strictly increasing")
+        return v
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, v: list[str]) -> list[str]:
+        import attacker.strategies  # noqa: F401 - registers the built-in strategies
+        from attacker.strategies.base import STRATEGY_REGISTRY
+
+        for name in v:
+            if name not in STRATEGY_REGISTRY:
+                raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGY_REGISTRY.names())})")
+        if len(set(v)) != len(v):
+            raise ValueError("strategies must not repeat")
+        return v
+
+
+def cell_id(victim: str, defense: str, strategy: str, budget: int) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{victim}.{defense}.{strategy}.b{budget}")
+
+
+@dataclass(frozen=True)
+class ExtractionSpec:
+    """Everything one extraction cell needs, as plain data (picklable for a remote executor)."""
+
+    url: str
+    api_key: str
+    victim: str
+    images: str
+    strategy: str
+    strategy_params: dict[str, Any]
+    budget: int
+    concurrency: int
+    seed: int
+    surrogate: str
+    surrogate_profile: str
+    train_steps: int | None
+    device: str
+
+
+@dataclass(frozen=True)
+class ExtractionRun:
+    """What :func:`harvest_and_train` produced: the surrogate checkpoint and the harvest's accounting."""
+
+    checkpoint: Path
+    pairs: int
+    queries_used: int
+    queries_refused: int
+    wall_times: dict[str, float]
+
+
+def harvest_and_train(spec: ExtractionSpec, paths: CellPaths) -> ExtractionRun:
+    """Harvest ``spec.budget`` queries into ``paths.run`` and train a surrogate on them (both resume)."""
+    from attacker.harvest import harvest
+    from attacker.train import TrainConfig, train_surrogate
+    from evaluation.campaign.runner import CampaignError
+
+    t0 = time.perf_counter()
+    h = harvest(spec.url, spec.api_key, spec.victim, paths.run, images=spec.images, strategy=spec.strategy,
+                strategy_params=spec.strategy_params, budget=spec.budget, seed=spec.seed,
+                client={"max_concurrency": spec.concurrency})
+    times = {"harvest": round(time.perf_counter() - t0, 2)}
+    answered = {str(k): int(v) for k, v in h.summary.get("responses", {}).items()}
+    used = sum(n for status, n in answered.items() if status.isdigit() and status != "429")
+    refused = int(h.summary.get("rate_limited_429", 0))
+    if h.pairs == 0:
+        raise CampaignError(f"harvest ended with no pairs ({h.stop_reason})")
+    t0 = time.perf_counter()
+    tr = train_surrogate(paths.run, config=TrainConfig(
+        arch=spec.surrogate, profile=spec.surrogate_profile, steps=spec.train_steps, seed=spec.seed,
+        device=spec.device, val_fraction=0.0 if h.pairs < 4 else 0.1))
+    times["training"] = round(time.perf_counter() - t0, 2)
+    return ExtractionRun(tr.checkpoint, h.pairs, used, refused, times)
+
+
+class ExtractionKind(CellKind):
+    """The extraction campaign grid (``[attack]``); see the module docstring."""
+
+    name = "extraction"
+    Params = AttackSection
+
+    def plan(self, cfg: CampaignConfig, params: AttackSection) -> list[CellPlan]:
+        return [CellPlan(cell_id(v.name, d.label, s, b), d.label) for v in cfg.victims for d in cfg.defenses
+                for s in params.strategies for b in params.budgets]
+
+    @staticmethod
+    def _coords(cfg: CampaignConfig, params: AttackSection, plan: CellPlan) -> tuple[str, str, int]:
+        for v in cfg.victims:
+            for s in params.strategies:
+                for b in params.budgets:
+                    if cell_id(v.name, plan.defense, s, b) == plan.id:
+                        return v.name, s, b
+        raise KeyError(plan.id)
+
+    def pending(self, cfg: CampaignConfig, params: AttackSection, plan: CellPlan, paths: CellPaths) -> CampaignCell:
+        from evaluation.results import CampaignCell
+
+        victim, strategy, budget = self._coords(cfg, params, plan)
+        return CampaignCell(id=plan.id, victim=victim, defense=plan.defense, budget=budget, strategy=strategy,
+                            seed=cfg.campaign.seed, status="running", run_dir=str(paths.run))
+
+    def prepare(self, ctx: RunContext, params: AttackSection) -> None:
+        """Ground-truth pairs, the clean victim's outputs and every defense's honest-user cost."""
+        from evaluation.campaign.victim import HttpTranslator, model_info
+        from evaluation.defense_scoring import NO_DEFENSE, utility_cost
+        from evaluation.extraction import recipe_pairs
+        from evaluation.metrics import MetricSettings
+        from evaluation.results import DefenseEntry, DefenseUtility, ModelRef, VictimEntry
+        from translators.zoo import get_recipe
+
+        cfg, results = ctx.cfg, ctx.results
+        settings = MetricSettings()
+        network = ctx.shared.get("feature_network")
+        results.budgets, results.strategies = list(params.budgets), list(params.strategies)
+        for d in cfg.defenses:
+            names = "+".join(str(s["name"]) for s in d.pipeline) or NO_DEFENSE
+            if not any(e.label == d.label for e in results.defenses):
+                results.defenses.append(DefenseEntry(label=d.label, name=names, params={"pipeline": d.pipeline}))
+        pairs: dict[str, Any] = {}
+        clean_out: dict[str, dict[str, Any]] = {}
+        url = ctx.url()
+        for v in cfg.victims:
+            info = model_info(url, v.name)
+            recipe = get_recipe(v.recipe or v.name)
+            pairs[v.name] = [
+                recipe_pairs(label, spec, recipe.make_pair, scale=info.scale, input_multiple=info.size_multiple,
+                             seed=cfg.campaign.seed, max_side=cfg.evaluation.max_side)
+                for label, spec in cfg.evaluation.image_sets.items()
+            ]
+            if not any(e.name == v.name for e in results.victims):
+                results.victims.append(VictimEntry(
+                    name=v.name, recipe=recipe.name,
+                    model=ModelRef(name=v.name, path=ctx.served.get(v.name), url=url, task=info.task,
+                                   scale=info.scale)))
+        with ctx.phase("utility"):
+            for v in cfg.victims:
+                ps = pairs[v.name][0]
+                with HttpTranslator(url, v.name, ctx.honest_key(NO_DEFENSE)) as clean:
+                    clean_out[v.name] = {p.name: clean(p.input) for p in ps.pairs()}
+                    memo = _Memo(clean, clean_out[v.name], ps)
+                    for d in cfg.defenses:
+                        upath = ctx.out / "utility" / f"{v.name}.{d.label}.json"
+                        if upath.exists():
+                            results.utility.append(DefenseUtility.model_validate_json(upath.read_text()))
+                            continue
+                        ctx.say(f"honest-user cost: {v.name} / {d.label}")
+                        with HttpTranslator(url, v.name, ctx.honest_key(d.label)) as defended:
+                            u = utility_cost(memo, defended, ps, v.name, d.label, settings=settings,
+                                             feature_network=network, seed=cfg.campaign.seed)
+                        save_record(u, upath)
+                        results.utility.append(u)
+        ctx.shared["extraction"] = {"pairs": pairs, "clean_out": clean_out, "settings": settings,
+                                    "surrogates": {}}
+
+    def run(self, ctx: RunContext, params: AttackSection, plan: CellPlan, paths: CellPaths) -> CampaignCell:
+        from evaluation.campaign.translate import padded_translator
+        from evaluation.campaign.victim import HttpTranslator
+        from evaluation.defense_scoring import NO_DEFENSE, surrogate_scores
+        from evaluation.results import ModelRef
+        from translators.checkpoint import load_model
+
+        cfg = ctx.cfg
+        state = ctx.shared["extraction"]
+        cell = self.pending(cfg, params, plan, paths)
+        vcfg = next(v for v in cfg.victims if v.name == cell.victim)
+        spec = ExtractionSpec(
+            url=ctx.url(), api_key=ctx.attack_key(plan.id, plan.defense), victim=cell.victim, images=params.images,
+            strategy=cell.strategy, strategy_params=params.strategy_params, budget=cell.budget,
+            concurrency=params.concurrency, seed=cfg.campaign.seed, surrogate=vcfg.surrogate,
+            surrogate_profile=vcfg.surrogate_profile, train_steps=vcfg.train_steps, device=cfg.campaign.device)
+        ctx.say(f"{plan.id}: harvesting {cell.budget} queries and training a {vcfg.surrogate} surrogate")
+        with ctx.phase("harvest+training"):
+            r = harvest_and_train(spec, paths)
+        cell.wall_times.update(r.wall_times)
+        cell.queries_used, cell.queries_refused = r.queries_used, r.queries_refused
+        t0 = time.perf_counter()
+        with ctx.phase("evaluation"):
+            model = load_model(r.checkpoint)
+            sur = padded_translator(model.module)
+            with HttpTranslator(ctx.url(), cell.victim, ctx.honest_key(NO_DEFENSE)) as clean:
+                cell.fidelity, cell.quality = surrogate_scores(
+                    sur, clean, state["pairs"][cell.victim][0], settings=state["settings"],
+                    feature_network=ctx.shared.get("feature_network"), seed=cfg.campaign.seed,
+                    victim_outputs=state["clean_out"][cell.victim])
+        cell.wall_times["evaluation"] = round(time.perf_counter() - t0, 2)
+        cell.surrogate = ModelRef(name=f"surrogate-{plan.id}", path=str(r.checkpoint), task=model.card.task,
+                                  scale=model.card.scale, arch=model.card.arch)
+        cell.status = "done"
+        return cell
+
+    def finish(self, ctx: RunContext, params: AttackSection) -> None:
+        with ctx.phase("evaluation"):
+            ctx.results.samples = _samples(ctx, params)
+
+
+class _Memo:
+    """The clean victim, answering the benchmark images from outputs already fetched."""
+
+    def __init__(self, inner: Any, outputs: dict[str, Any], pairs: Any) -> None:
+        import hashlib
+
+        self.inner = inner
+        self.cache = {hashlib.sha256(p.input.detach().cpu().contiguous().numpy().tobytes()).hexdigest(): outputs[p.name]
+                      for p in pairs.pairs()}
+
+    def __call__(self, x: Any) -> Any:
+        import hashlib
+
+        key = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        if key not in self.cache:
+            self.cache[key] = self.inner(x)
+        return self.cache[key]
+
+
+def save_record(obj: Any, path: Path) -> None:
+    """Write a pydantic record as JSON atomically (temp file + replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(obj.model_dump_json(indent=2))
+    tmp.replace(path)
+
+
+def _samples(ctx: RunContext, params: AttackSection) -> list[Any]:
+    """Image grids input | clean victim | defended victim | surrogate (largest budget) | ground truth."""
+    from evaluation.campaign.translate import padded_translator
+    from evaluation.campaign.victim import HttpTranslator
+    from evaluation.results import GridRow, ImageGrid
+    from translators.checkpoint import load_model
+    from translators.codecs import write_image
+
+    cfg, out = ctx.cfg, ctx.out
+    if cfg.evaluation.samples == 0:
+        return []
+    state = ctx.shared["extraction"]
+    surrogates = {c.id: Path(c.surrogate.path) for c in ctx.results.extraction_cells
+                  if c.status == "done" and c.surrogate and c.surrogate.path}
+    grids: list[ImageGrid] = []
+    strategy, budget = params.strategies[0], params.budgets[-1]
+    columns = ["input", "victim (clean)", "victim (defended)", f"surrogate ({budget} queries)", "ground truth"]
+    for v in cfg.victims:
+        chosen = list(state["pairs"][v.name][0].pairs())[: cfg.evaluation.samples]
+        for d in cfg.defenses:
+            cid = cell_id(v.name, d.label, strategy, budget)
+            if cid not in surrogates:
+                continue
+            sur = padded_translator(load_model(surrogates[cid]).module)
+            rows = []
+            with HttpTranslator(ctx.url(), v.name, ctx.honest_key(d.label)) as defended:
+                for p in chosen:
+                    imgs = {"input": p.input, "victim (clean)": state["clean_out"][v.name][p.name],
+                            "victim (defended)": defended(p.input), columns[3]: sur(p.input),
+                            "ground truth": p.target}
+                    paths = {}
+                    for col, img in imgs.items():
+                        rel = Path("samples") / v.name / d.label / f"{p.name}.{re.sub(r'[^a-z]+', '_', col)}.png"
+                        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                        write_image(img, out / rel)
+                        paths[col] = str(rel)
+                    rows.append(GridRow(name=p.name, images=paths))
+            grids.append(ImageGrid(title=f"{v.name}, defense {d.label}: {strategy} attack, {budget} queries",
+                                   columns=columns, rows=rows, victim=v.name, defense=d.label, budget=budget,
+                                   strategy=strategy))
+    return grids

@@ -1,0 +1,131 @@
+"""Report section of ``membership`` cells: table beside the paper's numbers, ROC curves, privacy-utility.
+
+Paper numbers: akd-membership-privacy, Table II (CMP Facades, pix2pix; AUCROC and NKID in percent,
+means of five runs). The paper reports no TPR at low FPR and no PSNR.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from evaluation.report.document import Paragraph, Section, Table
+from evaluation.report.format import DASH
+from evaluation.results import MembershipCell, Results
+
+# model_defense -> (AUCROC %, NKID %) of Table II (facades). Gauss = output noise.
+PAPER_TABLE_II: dict[str, tuple[str, float, float]] = {
+    "none": ("Regular training", 96.46, 5.93),
+    "gauss": ("Gauss defence", 96.40, 6.49),
+    "dpsgd-lo": ("DP-SGD (sigma = 2.02e-3)", 89.20, 8.21),
+    "dpsgd-hi": ("DP-SGD (sigma = 1.69e-2)", 58.06, 12.57),
+    "dmp": ("DMP", 57.73, 13.64),
+    "akd": ("AKD", 57.56, 7.80),
+}
+
+
+def row_key(c: MembershipCell) -> str:
+    """The paper row a cell matches: its model defense, or ``gauss`` for an output-noise tier."""
+    return c.model_defense if c.model_defense != "none" else ("none" if c.defense == "none" else "gauss")
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return DASH if v is None else f"{v:.{digits}f}"
+
+
+def _roc_figure(cells: list[MembershipCell], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for c in cells:
+        s = c.headline_scores()
+        if s:
+            ax.plot(s.roc.fpr, s.roc.tpr, label=f"{c.model_defense}/{c.defense} (AUC {s.auc:.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _scatter(cells: list[MembershipCell], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for c in cells:
+        s = c.headline_scores()
+        if s and c.utility:
+            x = (c.utility.nkid_non_members.nkid_percent if c.utility.nkid_non_members else
+                 -c.utility.psnr_non_members)
+            ax.scatter([x], [s.auc])
+            ax.annotate(f"{c.model_defense}/{c.defense}", (x, s.auc), fontsize=7)
+    nkid = any(c.utility and c.utility.nkid_non_members for c in cells)
+    ax.set_xlabel("NKID on non-members (%)" if nkid else "- PSNR on non-members (dB, lower = better)")
+    ax.set_ylabel("attack AUC")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def membership_sections(results: Results, builder: Any) -> list[Section]:
+    """The membership-inference section: table (ours beside the paper's), ROC per defense, scatter."""
+    cells = [c for c in results.membership_cells]
+    s = builder.section("Membership inference")
+    s.add(Paragraph("Reconstruction-loss attack through the API on members (training pairs) and non-members "
+                    "(held-out pairs). AUC and TPR at 0.1% FPR of the headline score (calibrated when a reference "
+                    "model was trained); PSNR of the served outputs vs ground truth on non-members. Paper: "
+                    "akd-membership-privacy Table II (facades), AUCROC and NKID in percent."))
+    rows = []
+    for c in cells:
+        sc = c.headline_scores()
+        u = c.utility
+        paper = PAPER_TABLE_II.get(row_key(c))
+        rows.append([c.model_defense, c.defense, c.status, sc.score if sc else DASH, _fmt(sc.auc if sc else None),
+                     _fmt(sc.tpr_at_fpr.get("0.001") if sc else None),
+                     _fmt(u.nkid_non_members.nkid_percent if u and u.nkid_non_members else None, 2),
+                     _fmt(u.psnr_non_members if u else None, 2), _fmt(u.gap_psnr_db if u else None, 2),
+                     f"{paper[1]:.2f}" if paper else DASH, f"{paper[2]:.2f}" if paper else DASH])
+    s.add(Table(["Model defense", "Output defense", "Status", "Score", "AUC", "TPR@0.1%FPR", "NKID (%)",
+                 "PSNR non-members (dB)", "PSNR gap members-non (dB)", "Paper AUCROC (%)", "Paper NKID (%)"],
+                rows, caption="results.json: cells[kind=membership]"))
+    done = [c for c in cells if c.status == "done"]
+    if done:
+        for c in done:
+            f = builder.figure(_roc_figure([c], builder.fig_dir / f"membership_roc_{c.id}.png"),
+                               f"ROC: model {c.model_defense}, output defense {c.defense} ({c.headline} score)")
+            if f:
+                s.add(f)
+        f = builder.figure(_scatter(done, builder.fig_dir / "membership_privacy_utility.png"),
+                           "Privacy-utility: attack AUC vs utility loss (closer to the bottom left is better)")
+        if f:
+            s.add(f)
+    return [s]
+
+
+def kind_sections(kind: str, results: Results, builder: Any) -> list[Section]:
+    """Report sections of cells of ``kind`` (extraction has its own sections in the main document)."""
+    if kind == "membership":
+        return membership_sections(results, builder)
+    return []
+
+
+def roc_png(curves: dict[str, tuple[list[float], list[float], float]], path: Path) -> Path:
+    """ROC curves ``{label: (fpr, tpr, auc)}`` on log-free axes, as a PNG."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

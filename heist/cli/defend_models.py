@@ -1,0 +1,59 @@
+"""``heist defend akd|dmp|dpsgd``: model-level membership defenses; each writes a new checkpoint to serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from heist.cli.common import console
+
+app = typer.Typer(help="Defenses that retrain or replace the victim (served like any other model).",
+                  no_args_is_help=True)
+
+_VICTIM = typer.Option(..., "--victim", help="The private victim checkpoint (.safetensors with a membership card).")
+_OUT = typer.Option(..., "--out", help="Checkpoint to write (.safetensors + .json card).")
+
+
+@app.command("akd")
+def akd(
+    victim: Path = _VICTIM, out: Path = _OUT,
+    proxy: str = typer.Option("corpus:attacker", help="Public proxy images (checked disjoint from the private set)."),
+    steps: int | None = typer.Option(None, min=1, help="Training steps (default: the victim's)."),
+    seed: int = typer.Option(0), device: str = typer.Option("auto"),
+) -> None:
+    """Adversarial Knowledge Distillation: student + PatchGAN, 100 x L1 to the teacher, on a proxy set."""
+    from defenses.model_level.akd import distill
+
+    path = distill(victim, out, name=out.stem, adversarial=True, steps=steps, seed=seed, device=device,
+                   proxy_images=proxy)
+    console.print(f"AKD student: {path}")
+
+
+@app.command("dmp")
+def dmp(
+    victim: Path = _VICTIM, out: Path = _OUT,
+    proxy: str = typer.Option("corpus:attacker", help="Public proxy images (checked disjoint from the private set)."),
+    steps: int | None = typer.Option(None, min=1), seed: int = typer.Option(0), device: str = typer.Option("auto"),
+) -> None:
+    """DMP-style distillation: the student learns the teacher's outputs on the proxy set (L1, no discriminator)."""
+    from defenses.model_level.akd import distill
+
+    path = distill(victim, out, name=out.stem, adversarial=False, steps=steps, seed=seed, device=device,
+                   proxy_images=proxy)
+    console.print(f"DMP student: {path}")
+
+
+@app.command("dpsgd")
+def dpsgd(
+    victim: Path = _VICTIM, out: Path = _OUT,
+    noise_multiplier: float = typer.Option(..., "--noise-multiplier", min=0.0, help="DP-SGD noise sigma."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", min=0.0, help="Per-sample clipping norm."),
+    steps: int | None = typer.Option(None, min=1), seed: int = typer.Option(0), device: str = typer.Option("auto"),
+) -> None:
+    """Retrain the victim on its private pairs with DP-SGD (opacus; pip install 'i2i-heist[privacy]')."""
+    from defenses.model_level.dpsgd import train_dpsgd
+
+    path = train_dpsgd(victim, out, name=out.stem, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                       steps=steps, seed=seed, device=device)
+    console.print(f"DP-SGD model: {path}")

@@ -1,0 +1,68 @@
+"""Membership-inference metrics against scikit-learn on fixed scores (ties included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+from evaluation.errors import EvaluationError
+from evaluation.privacy import membership_scores, roc_auc, roc_curve, tpr_at_fpr
+
+
+def _fixed(n: int = 400, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    labels = np.r_[np.ones(n // 2, int), np.zeros(n // 2, int)]
+    scores = rng.normal(size=n) + 1.2 * labels
+    if ties:
+        scores = np.round(scores, 1)
+    return scores, labels
+
+
+def _sk_tpr_at(scores: np.ndarray, labels: np.ndarray, level: float) -> float:
+    fpr, tpr, _ = sk_roc_curve(labels, scores, drop_intermediate=False)
+    return float(tpr[fpr <= level].max())
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_auc_and_roc_match_sklearn(ties: bool) -> None:
+    s, y = _fixed(ties=ties)
+    assert roc_auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    fpr, tpr, _ = roc_curve(s, y)
+    sk_fpr, sk_tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+
+
+@pytest.mark.parametrize("level", [0.01, 0.001, 0.1])
+@pytest.mark.parametrize("ties", [False, True])
+def test_tpr_at_fpr_matches_sklearn_curve(level: float, ties: bool) -> None:
+    s, y = _fixed(n=4000, ties=ties)
+    assert tpr_at_fpr(s, y, level) == pytest.approx(_sk_tpr_at(s, y, level))
+
+
+def test_perfect_guessing_and_inverted_scores() -> None:
+    y = [1, 1, 0, 0]
+    assert roc_auc([4, 3, 2, 1], y) == 1.0
+    assert tpr_at_fpr([4, 3, 2, 1], y, 0.0) == 1.0
+    assert roc_auc([1, 2, 3, 4], y) == 0.0
+    assert roc_auc([1, 1, 1, 1], y) == 0.5
+
+
+def test_bad_inputs_are_errors() -> None:
+    with pytest.raises(EvaluationError):
+        roc_auc([1.0, 2.0], [1, 1])
+    with pytest.raises(EvaluationError):
+        roc_auc([1.0, float("nan")], [1, 0])
+    with pytest.raises(EvaluationError):
+        roc_auc([1.0, 2.0, 3.0], [1, 0])
+
+
+def test_membership_scores_record_everything() -> None:
+    s, y = _fixed(n=20)
+    out = membership_scores([f"c{i}" for i in range(20)], y.tolist(), {"l2": s.tolist()})["l2"]
+    assert out.auc == pytest.approx(roc_auc_score(y, s))
+    assert set(out.tpr_at_fpr) == {"0.01", "0.001"}
+    assert out.n_members == 10
+    assert len(out.per_candidate) == 20

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import translators
 from translators.errors import HeistError
+from victim_service.monitor_routes import router as monitor_router
 from victim_service.routes import error_parts, error_response, router
 from victim_service.services import Services
 from victim_service.settings import CONFIG_ENV, Settings, SettingsError
@@ -59,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(monitor_router)
 
     @app.exception_handler(HeistError)
     async def _heist_error(request: Request, exc: HeistError) -> JSONResponse:

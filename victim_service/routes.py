@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defenses import DefenseContext, request_rng, request_seed
+from defenses.monitor.embedding import embed_for_log
 from translators.codecs import MEDIA_TYPES, decode_image, encode_image, probe_image
 from translators.errors import HeistError, ImageError
 from victim_service.errors import ApiError, BackendUnavailableError, ErrorBody, OverloadedError
@@ -249,6 +250,7 @@ async def translate(model: str, request: Request) -> Response:
         else:
             x, ph = _decode(data, served, svc)
         entry.phash = ph
+        entry.embedding = embed_for_log(x)  # the query monitor's source descriptor (docs/monitor.md)
         ctx = DefenseContext(
             client_id=client.name, request_id=rid, model=served.name, tier=client.tier,
             rng=request_rng(request_seed(svc.secret, rid)), input_sha256=digest, secret=svc.secret,

@@ -21,6 +21,7 @@ from victim_service.errors import BackendUnavailableError
 from victim_service.keys import Client, KeyResolver
 from victim_service.levels import LevelStore, MemoryLevelStore, RedisLevelStore
 from victim_service.metrics import Metrics
+from victim_service.monitor import QueryMonitor
 from victim_service.querylog import QueryLog
 from victim_service.ratelimit import Decision, Limiter, MemoryLimiter, RedisLimiter
 from victim_service.settings import Settings, TierSpec
@@ -74,6 +75,7 @@ class Services:
     host: ModelHost
     secret: int
     levels: LevelStore = field(default_factory=MemoryLevelStore)
+    monitor: QueryMonitor | None = None
     ready: bool = False
     started: float = field(default_factory=time.time)
     _ready_file: Path | None = None
@@ -92,6 +94,7 @@ class Services:
         qlog.start()
         host = ModelHost(settings, metrics)
         levels: LevelStore = RedisLevelStore(r, settings.key_prefix) if r is not None else MemoryLevelStore()
+        levels.fail_safe_level = settings.monitor.fail_safe_level
         svc = cls(
             settings, metrics, r, limiter, KeyResolver(settings, r), qlog, host, defense_secret(settings), levels
         )
@@ -100,6 +103,9 @@ class Services:
         except BaseException:
             await svc.close()
             raise
+        if QueryMonitor.wanted(settings):
+            svc.monitor = QueryMonitor(settings, r, levels, metrics)
+            svc.monitor.start()
         svc.ready = True
         ready_dir = os.environ.get(READY_DIR_ENV)
         if ready_dir:
@@ -113,6 +119,8 @@ class Services:
         self.ready = False
         if self._ready_file is not None:
             self._ready_file.unlink(missing_ok=True)
+        if self.monitor is not None:
+            await self.monitor.close()
         await self.host.close()
         await self.log.close()
         if self.redis is not None:

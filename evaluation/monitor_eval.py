@@ -189,7 +189,7 @@ def evaluate_offline(benign_images: Sequence[NamedImage], attacker_images: Seque
 # ------------------------------------------------------------------------------------------------- live
 
 
-async def _make_keys(url: str, admin_key: str, names: list[str], tier: str) -> dict[str, str]:
+async def make_keys(url: str, admin_key: str, names: list[str], tier: str) -> dict[str, str]:
     out = {}
     async with httpx.AsyncClient(base_url=url, timeout=30) as h:
         for n in names:
@@ -236,12 +236,12 @@ async def evaluate_live(url: str, admin_key: str, model: str, benign_images: Seq
     async with VictimClient(url) as vc:
         info = await vc.model_info(model)
     plan = plan_benign(benign_images, info, benign, seed, prefix=f"{run_id}-benign")
-    bkeys = await _make_keys(url, admin_key, [c.name for c in plan], tier)
+    bkeys = await make_keys(url, admin_key, [c.name for c in plan], tier)
     jobs = [run_benign(url, model, bkeys, plan, time_scale)]
     specs = [s.model_copy(update={"name": f"{run_id}-{s.name}"}) for s in attackers]
     for i, spec in enumerate(specs):
         names = [f"{spec.name}-k{j}" for j in range(spec.keys)]
-        keys = await _make_keys(url, admin_key, names, tier)
+        keys = await make_keys(url, admin_key, names, tier)
         bodies = attacker_bodies(spec, attacker_images, info, seed + i)
         jobs.append(_run_attacker(url, model, spec, [keys[n] for n in names], bodies, tier_rate))
     await asyncio.gather(*jobs)

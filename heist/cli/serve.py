@@ -25,6 +25,7 @@ def serve(
     workers: int | None = typer.Option(None, help="uvicorn worker processes (need redis_url when > 1)."),
     redis_url: str | None = typer.Option(None, "--redis-url", help="Redis for limits, keys and the query log."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    no_monitor: bool = typer.Option(False, "--no-monitor", help="Do not run the query monitor (docs/monitor.md)."),
 ) -> None:
     """Serve translation models over HTTP (see docs/victim-service.md)."""
     import uvicorn
@@ -36,6 +37,8 @@ def serve(
     overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers, "redis_url": redis_url,
                                    "models_dir": str(models_dir.resolve()) if models_dir else None}.items()
                  if v is not None}
+    if no_monitor:
+        overrides["monitor"] = {**settings.monitor.model_dump(), "enabled": False}
     if overrides:
         settings = Settings.from_mapping({**settings.to_dict(), **overrides}, str(config or "command line"))
     specs = model_specs(settings)  # fails early, with one line, when there is nothing to serve

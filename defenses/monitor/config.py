@@ -42,7 +42,7 @@ class SignalParams(_Frozen):
     reuse_floor: float = Field(0.2, ge=0.0, le=1.0)
     reuse_span: float = Field(0.25, gt=0.0, le=1.0)
     k: int = Field(4, ge=1, le=64)
-    knn_threshold: float = Field(0.364, gt=0.0, le=2.0)
+    knn_threshold: float = Field(0.356, gt=0.0, le=2.0)
     knn_hits: int = Field(4, ge=1)
     prada_min: int = Field(20, ge=8)
     prada_max: int = Field(100, ge=8)

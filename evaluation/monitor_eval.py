@@ -172,18 +172,23 @@ def _benign_summary(engine: MonitorEngine, names: list[str]) -> dict[str, Any]:
 def evaluate_offline(benign_images: Sequence[NamedImage], attacker_images: Sequence[NamedImage], info: ModelInfo,
                      config: MonitorConfig, attackers: Sequence[AttackerSpec], benign: BenignParams,
                      seed: int = 0, tier_rate: float = 1.0) -> dict[str, Any]:
-    """Benign population and attackers interleaved in time through one engine (see the module doc)."""
-    obs = benign_observations(benign_images, info, benign, seed, prefix="benign")
+    """The benign population alone, then the benign population plus one attacker at a time (each attacker in
+    its own engine: attackers drawing on one photo pool would otherwise link to each other)."""
+    ben = benign_observations(benign_images, info, benign, seed, prefix="benign")
+    names = sorted({o.client for o in ben})
+
+    def run(obs: list[Observation]) -> MonitorEngine:
+        engine = MonitorEngine(config, {"free": tier_rate})
+        for o in sorted(obs, key=lambda o: o.ts):
+            engine.process(o)
+        return engine
+
+    rows = []
     for i, spec in enumerate(attackers):
-        obs += attacker_observations(spec, attacker_images, info, seed + i, tier_rate)
-    obs.sort(key=lambda o: o.ts)
-    engine = MonitorEngine(config, {"free": tier_rate})
-    for o in obs:
-        engine.process(o)
-    names = sorted({o.client for o in obs if o.client.startswith("benign-")})
+        engine = run(ben + attacker_observations(spec, attacker_images, info, seed + i, tier_rate))
+        rows.append(_detection(engine, spec) | {"benign_flagged_alongside": _benign_summary(engine, names)["flagged"]})
     return {"mode": "offline", "seed": seed, "task": info.task, "scale": info.scale, "tier_rate": tier_rate,
-            "benign_params": benign.model_dump(), "benign": _benign_summary(engine, names),
-            "attackers": [_detection(engine, s) for s in attackers]}
+            "benign_params": benign.model_dump(), "benign": _benign_summary(run(ben), names), "attackers": rows}
 
 
 # ------------------------------------------------------------------------------------------------- live

@@ -92,16 +92,19 @@ class MonitorEngine:
         novel = obs.ok and obs.embedding is not None and not (obs.sha is not None and obs.sha in s.shas)
         observe(s, obs, p)
         changed = {s.client}
+        rescore_these = [s.client]
         if novel:
             e = s.embs[-1]
             for other in self.index.matches(s.client, e, p.dup_distance):
                 s.links[other] = s.links.get(other, 0) + 1
                 o = self.state(other)
                 o.links[s.client] = o.links.get(s.client, 0) + 1
-                changed.add(other)
+                changed.add(other)  # its link counts must be persisted too
+                if o.links[s.client] == p.link_shared:  # its link signal just changed
+                    rescore_these.append(other)
             self.index.add(s.client, e)
         ups: list[LevelChange] = []
-        for c in changed:
+        for c in rescore_these:
             st = self.clients[c]
             if rescore(st, self.tier_rates.get(st.tier or "", None), self.config):
                 top = ", ".join(f"{k}={v:.2f}" for k, v in sorted(st.signals.items()) if k != "prada_w" and v > 0)

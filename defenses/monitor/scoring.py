@@ -34,6 +34,8 @@ from defenses.monitor.config import MonitorConfig, SignalParams, SignalWeights
 from defenses.monitor.embedding import DIM
 
 TIMES_KEPT = 64
+PRADA_EVERY = 4
+"""Shapiro-Wilk W is recomputed every this many new minimum distances."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class ClientState:
     reuse_flags: list[int] = field(default_factory=list)
     knn_flags: list[int] = field(default_factory=list)
     knn_values: list[float] = field(default_factory=list)
+    prada_w: float | None = None
+    n_dmins: int = 0
     links: dict[str, int] = field(default_factory=dict)
     risk: float = 0.0
     signals: dict[str, float] = field(default_factory=dict)
@@ -127,9 +131,13 @@ def observe(state: ClientState, obs: Observation, p: SignalParams) -> float | No
     e = np.asarray(obs.embedding, np.float32).reshape(1, DIM)
     dmin: float | None = None
     if len(state.embs):
-        d = np.linalg.norm(state.embs - e, axis=1)
+        d = np.sqrt(np.maximum(2.0 - 2.0 * (state.embs @ e[0]), 0.0))  # unit vectors
         dmin = float(d.min())
         _push(state.dmins, dmin, p.prada_max)
+        state.n_dmins += 1
+        n = state.n_dmins
+        if n >= p.prada_min and (n - p.prada_min) % PRADA_EVERY == 0:
+            state.prada_w = shapiro_w(state.dmins)  # every few queries: the test costs ~0.5 ms
         _push(state.reuse_flags, int(dmin < p.dup_distance), p.window)
         if len(d) >= p.k:
             m = float(np.partition(d, p.k - 1)[: p.k].mean())
@@ -164,7 +172,7 @@ def signals(state: ClientState, tier_rate: float | None, p: SignalParams) -> dic
     if novel >= p.min_queries and state.knn_flags:
         out["knn"] = min(1.0, sum(state.knn_flags) / p.knn_hits)
     if len(state.dmins) >= p.prada_min:
-        w = shapiro_w(state.dmins)
+        w = state.prada_w
         if w is not None:
             out["prada_w"] = w
             out["prada"] = float(np.clip((p.prada_delta + p.prada_margin - w) / p.prada_margin, 0.0, 1.0))

@@ -318,3 +318,28 @@ def benign_customers_fpr(images: Sequence[NamedImage], info: ModelInfo, config: 
         queries += s.queries
     return {"customers": customers, "queries": queries, "flagged": flagged, "fpr": round(flagged / customers, 4),
             "risk_p50": round(float(np.median(risks)), 4), "risk_p99": round(float(np.percentile(risks, 99)), 4)}
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: attacker -> queries to detection per task (``results``: task -> an evaluation's JSON)."""
+    tasks = list(results)
+    head = "| attacker | keys | rate (x tier) | " + " | ".join(f"{t}: queries to detection" for t in tasks) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(tasks)]
+    first = results[tasks[0]]["attackers"]
+    for i, a in enumerate(first):
+        cells = []
+        for t in tasks:
+            b = results[t]["attackers"][i]
+            q = b["queries_to_detection"]
+            link = f", {b['linked_fraction']:.0%} keys linked" if b.get("linked_fraction") is not None else ""
+            cells.append(f"{q if q is not None else 'not flagged'} / {b['queries']}{link}")
+        row = f"| {a['name']} ({a['strategy']}) | {a['keys']} | {a['rate_fraction']} | "
+        lines.append(row + " | ".join(cells) + " |")
+    fprs = []
+    for t in tasks:
+        r = results[t]
+        c = r.get("benign_customers")
+        extra = f"; long customers {c['flagged']}/{c['customers']} flagged ({c['queries']} queries)" if c else ""
+        fprs.append(f"{t}: population {r['benign']['flagged']}/{r['benign']['clients']} flagged, "
+                    f"{r['benign']['linked']} linked{extra}")
+    return "\n".join(lines) + "\n\nBenign false positives: " + "; ".join(fprs) + "."

@@ -68,6 +68,7 @@ def _metric(srv: VictimServer, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+@pytest.mark.slow
 def test_attackers_flagged_benign_not_two_workers_share_one_score(
         tmp_path: Path, models: dict[str, Path], redis_url: str, key_prefix: str) -> None:
     srv = start_victim(tmp_path, models=[{"name": "sr4x", "source": str(models["sr4x"]), "max_batch": 4}],

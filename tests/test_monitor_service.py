@@ -183,6 +183,15 @@ def test_embedded_mode_replays_the_jsonl_log(tmp_path: Path, models: dict[str, P
         assert again["flagged_at_query"] == first["flagged_at_query"]
         assert _metric(srv, "heist_monitor_malformed_total") == 1.0
         assert httpx.get(f"{srv.url}/v1/admin/clients/nobody/risk", headers=srv.admin_headers).status_code == 404
+        # benign customers through the CLI: keys made through the admin API, photos sent, nobody flagged
+        out = CliRunner().invoke(cli, ["traffic", "benign", "--url", srv.url, "--model", "sr4x", "--admin-key",
+                                       srv.admin_key, "--clients", "2", "--photos", "3", "--tier", "open",
+                                       "--time-scale", "0", "--images", "corpus:benchmark"])
+        assert out.exit_code == 0, out.output
+        assert "2 customers sent" in out.output
+        cust = _wait_queries(srv, "benign-001", 3)
+        assert cust["queries"] >= 3
+        assert not cust["flagged"]
     finally:
         srv.stop()
 

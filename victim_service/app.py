@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import translators
 from translators.errors import HeistError
+from victim_service.monitor_routes import router as monitor_router
 from victim_service.routes import document_translate_refusals, error_parts, error_response, router
 from victim_service.services import Services
 from victim_service.settings import Settings, SettingsError, resolve_settings
@@ -71,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.include_router(monitor_router)
 
     @app.exception_handler(HeistError)
     async def _heist_error(request: Request, exc: HeistError) -> JSONResponse:

@@ -44,6 +44,8 @@ class QueryLogEntry(BaseModel):
     code: str = Field(description="'ok' or the error code returned")
     input_sha256: str | None = None
     phash: str | None = Field(None, description="64-bit DCT perceptual hash of the decoded input, hex")
+    embedding: str | None = Field(None, description="crop-tolerant source descriptor of the decoded input "
+                                  "(defenses.monitor.embedding, base64 float16) for the query monitor")
     width: int | None = None
     height: int | None = None
     bytes_in: int = 0
@@ -285,7 +287,8 @@ def export_entries(entries: Iterator[QueryLogEntry], out: Path, fmt: str) -> int
         schema = pa.schema([
             ("ts", pa.float64()), ("request_id", pa.string()), ("client", pa.string()), ("tier", pa.string()),
             ("key_id", pa.string()), ("model", pa.string()), ("status", pa.int32()), ("code", pa.string()),
-            ("input_sha256", pa.string()), ("phash", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+            ("input_sha256", pa.string()), ("phash", pa.string()),
+            ("embedding", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
             ("bytes_in", pa.int64()), ("bytes_out", pa.int64()), ("content_type", pa.string()),
             ("latency_ms", pa.float64()), ("queue_ms", pa.float64()), ("batch_size", pa.int32()),
             ("defenses", pa.list_(pa.string())), ("ip", pa.string()), ("worker", pa.int32()),

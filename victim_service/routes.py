@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defenses import DefenseContext, request_rng, request_seed
+from defenses.monitor.embedding import embed_for_log
 from translators.codecs import MEDIA_TYPES, decode_image, encode_image, probe_image
 from translators.errors import HeistError, ImageError
 from victim_service.batching import admit
@@ -218,10 +219,12 @@ async def _image_bytes(request: Request, max_bytes: int) -> bytes:
     return data
 
 
-def _decode(data: bytes, model: ServedModel, svc: Services) -> tuple[Any, str]:
+def _decode(data: bytes, model: ServedModel, svc: Services) -> tuple[Any, str, str | None]:
+    """Pixels, perceptual hash and (when the query monitor runs) its source descriptor, on one thread."""
     x = decode_image(data, model.image_limits(svc.settings.images))
     model.check_size(int(x.shape[-2]), int(x.shape[-1]))
-    return x, phash64(x)
+    emb = embed_for_log(x) if svc.settings.monitor.enabled else None  # docs/monitor.md
+    return x, phash64(x), emb
 
 
 def _encode(t: Any, fmt: str, svc: Services) -> bytes:
@@ -291,10 +294,10 @@ async def translate(model: str, request: Request) -> Response:
         entry.width, entry.height = w, h
         entry.image_path = svc.log.save_image(digest, data, fmt_in)
         if w * h > OFFLOAD_PIXELS and svc.codecs is not None:
-            x, ph = await svc.codecs.run(_decode, data, served, svc)
+            x, ph, emb = await svc.codecs.run(_decode, data, served, svc)
         else:
-            x, ph = _decode(data, served, svc)
-        entry.phash = ph
+            x, ph, emb = _decode(data, served, svc)
+        entry.phash, entry.embedding = ph, emb
         ctx = DefenseContext(
             client_id=client.name, request_id=rid, model=served.name, tier=client.tier,
             rng=request_rng(request_seed(svc.secret, rid)), input_sha256=digest, secret=svc.secret,

@@ -22,6 +22,7 @@ from victim_service.errors import BackendUnavailableError
 from victim_service.keys import Client, KeyResolver
 from victim_service.levels import LevelStore, MemoryLevelStore, RedisLevelStore
 from victim_service.metrics import Metrics
+from victim_service.monitor import QueryMonitor
 from victim_service.querylog import QueryLog
 from victim_service.ratelimit import Decision, Limiter, MemoryLimiter, RedisLimiter
 from victim_service.settings import Settings, TierSpec
@@ -76,6 +77,7 @@ class Services:
     secret: int
     levels: LevelStore = field(default_factory=MemoryLevelStore)
     codecs: CodecPool | None = None  # set by start(); request decode/encode run on its threads
+    monitor: QueryMonitor | None = None
     ready: bool = False
     started: float = field(default_factory=time.time)
     _ready_file: Path | None = None
@@ -95,6 +97,7 @@ class Services:
         host = ModelHost(settings, metrics)
         levels: LevelStore = RedisLevelStore(r, settings.key_prefix) if r is not None else MemoryLevelStore()
         codecs = CodecPool(settings.output, settings.codec_threads)
+        levels.fail_safe_level = settings.monitor.fail_safe_level
         svc = cls(
             settings, metrics, r, limiter, KeyResolver(settings, r), qlog, host, defense_secret(settings), levels,
             codecs,
@@ -106,6 +109,9 @@ class Services:
         except BaseException:
             await svc.close()
             raise
+        if QueryMonitor.wanted(settings):
+            svc.monitor = QueryMonitor(settings, r, levels, metrics)
+            svc.monitor.start()
         svc.ready = True
         ready_dir = os.environ.get(READY_DIR_ENV)
         if ready_dir:
@@ -119,6 +125,8 @@ class Services:
         self.ready = False
         if self._ready_file is not None:
             self._ready_file.unlink(missing_ok=True)
+        if self.monitor is not None:
+            await self.monitor.close()
         await self.host.close()
         if self.codecs is not None:
             self.codecs.close()

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from defenses.monitor.config import MonitorConfig
 from translators.errors import HeistError
 from translators.paths import data_dir
 
@@ -231,6 +232,7 @@ class Settings(BaseSettings):
     )
     key_cache_s: float = Field(10.0, ge=0.0, description="how long a looked-up stored key stays cached")
     query_log: QueryLogSettings = Field(default_factory=QueryLogSettings)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="the query monitor (docs/monitor.md)")
     images: ImageSettings = Field(default_factory=ImageSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     defense_secret: SecretStr | None = Field(

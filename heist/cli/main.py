@@ -6,7 +6,20 @@ import sys
 
 import typer
 
-from heist.cli import attack, campaign, corpus, data, defend_models, evaluate, keys, log, serve, zoo
+from heist.cli import (
+    attack,
+    campaign,
+    corpus,
+    data,
+    defend_models,
+    evaluate,
+    keys,
+    log,
+    monitor,
+    serve,
+    traffic,
+    zoo,
+)
 from heist.cli.common import err_console, setup_logging
 from translators.errors import HeistError
 
@@ -26,6 +39,8 @@ app.add_typer(attack.app, name="attack")
 app.add_typer(evaluate.app, name="eval")
 app.add_typer(campaign.app, name="campaign")
 app.add_typer(defend_models.app, name="defend")
+app.add_typer(monitor.app, name="monitor")
+app.add_typer(traffic.app, name="traffic")
 app.command("serve")(serve.serve)
 
 

@@ -23,6 +23,7 @@ def serve(
     workers: int | None = typer.Option(None, help="uvicorn worker processes (need redis_url when > 1)."),
     redis_url: str | None = typer.Option(None, "--redis-url", help="Redis for limits, keys and the query log."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    no_monitor: bool = typer.Option(False, "--no-monitor", help="Do not run the query monitor (docs/monitor.md)."),
 ) -> None:
     """Serve translation models over HTTP (see docs/victim-service.md)."""
     import uvicorn
@@ -33,6 +34,8 @@ def serve(
     resolved = victim_settings(config, host=host, port=port, workers=workers, redis_url=redis_url,
                                models_dir=str(models_dir.resolve()) if models_dir else None)
     settings = resolved.settings
+    if no_monitor:
+        settings = settings.model_copy(update={"monitor": settings.monitor.model_copy(update={"enabled": False})})
     specs = model_specs(settings)  # fails early, with one line, when there is nothing to serve
     for spec in specs:
         if not spec.source.startswith("zoo:"):

@@ -1,0 +1,156 @@
+"""Benchmark the query monitor: scoring throughput on one core, and what it costs the translate path.
+
+    .venv/bin/python bench/monitor.py            # 4000 log entries, 300 requests per server round
+    .venv/bin/python bench/monitor.py --quick    # a smoke run
+
+Prints JSON and writes ``bench/results/monitor.json``:
+
+- ``scoring``: query-log entries per second the monitor engine folds in (JSON parse, embedding decode,
+  k-NN/PRADA/reuse/link signals, risk and level), one thread, ``clients`` clients, entries built from
+  corpus crops and whole photos the way the service logs them;
+- ``embedding``: microseconds per call of the descriptor the translate route adds to each log entry,
+  for a 64x64 and a 512x512 input (the one line of the route the monitor adds);
+- ``latency``: two real servers on the same Redis, monitor on vs off (``monitor.enabled``), the same
+  tiny x4 model; sequential requests with a 64x64 PNG, rounds alternating between the servers so both
+  see the same machine load; p50 and mean, and the ratio on/off (same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from attacker.strategies import build_strategy  # noqa: E402
+from attacker.victim_info import ModelInfo  # noqa: E402
+from defenses.monitor.config import MonitorConfig  # noqa: E402
+from defenses.monitor.embedding import embed_for_log  # noqa: E402
+from defenses.monitor.engine import MonitorEngine, observation_from_entry  # noqa: E402
+from translators.archs.registry import build_arch  # noqa: E402
+from translators.checkpoint import ModelCard, save_checkpoint  # noqa: E402
+from translators.codecs import encode_image  # noqa: E402
+from translators.corpus import load_images  # noqa: E402
+from victim_service.phash import phash64  # noqa: E402
+from victim_service.process import start_service  # noqa: E402
+from victim_service.settings import Settings  # noqa: E402
+
+log = logging.getLogger("bench.monitor")
+
+
+def bench_scoring(n: int, clients: int) -> dict[str, Any]:
+    info = ModelInfo(name="m", task="sr", scale=4, min_side=8)
+    photos = load_images("corpus:all")
+    per = max(1, n // clients)
+    lines = []
+    for c in range(clients):  # each client its own crops (a different seed); entries interleaved in time below
+        st = build_strategy("crops", photos, info, seed=c)
+        for j in range(per):
+            i = j * clients + c
+            lines.append((i, json.dumps({"client": f"c{c}", "tier": "free", "ts": 1000.0 + i * 0.05, "status": 200,
+                                         "input_sha256": f"{i:064x}", "embedding": embed_for_log(st.make(j).image)})))
+    lines = [t for _, t in sorted(lines)]
+    eng = MonitorEngine(MonitorConfig(), {"free": 1.0})
+    t0 = time.perf_counter()
+    for i, line in enumerate(lines):  # what the consumer does per entry: parse, decode, score
+        obs = observation_from_entry(json.loads(line), (i + 1, 0))
+        if obs is not None:
+            eng.process(obs)
+    dt = time.perf_counter() - t0
+    return {"entries": n, "clients": clients, "seconds": round(dt, 3), "entries_per_s": round(n / dt, 1)}
+
+
+def bench_embedding(reps: int) -> dict[str, Any]:
+    """Descriptor cost per call, and the same for the pHash the route already computes (baseline)."""
+    out: dict[str, Any] = {}
+    for side in (64, 512):
+        x = torch.rand(1, 3, side, side)
+        for name, fn in (("embedding", embed_for_log), ("phash", phash64)):
+            fn(x)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn(x)
+            out[f"{name}_us_{side}"] = round((time.perf_counter() - t0) / reps * 1e6, 1)
+        out[f"ratio_embedding_phash_{side}"] = round(out[f"embedding_us_{side}"] / out[f"phash_us_{side}"], 3)
+    return out
+
+
+def _server(tmp: Path, name: str, model: Path, key: str, prefix: str, monitor: bool, redis_url: str):  # type: ignore[no-untyped-def]
+    data = {"models": [{"name": "sr4x", "source": str(model), "max_batch": 1}],
+            "tiers": {"open": {"rate": None}}, "keys": [{"name": "bench", "tier": "open", "key": key}],
+            "redis_url": redis_url, "key_prefix": prefix, "data_dir": str(tmp / name), "torch_threads": 1,
+            "batch_probe_s": 0.03, "monitor": {"enabled": monitor}}
+    Settings.from_mapping(data).to_json_file(tmp / f"{name}.json")
+    return start_service(tmp / f"{name}.json", log_path=tmp / f"{name}.log")
+
+
+def bench_latency(requests: int, rounds: int, redis_url: str) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="heist-bench-monitor-"))
+    torch.manual_seed(0)
+    kw = {"scale": 4, "channels": 16, "n_blocks": 2}
+    card = ModelCard(name="sr4x", arch="srresnet", kwargs=kw, task="sr", scale=4, min_side=8)
+    model = tmp / "sr4x.safetensors"
+    save_checkpoint(build_arch("srresnet", kw).eval(), model, card)
+    key = f"hk_bench_{secrets.token_hex(8)}"
+    body = encode_image(torch.rand(1, 3, 64, 64), "png")
+    tag = secrets.token_hex(4)
+    servers = {"on": _server(tmp, "on", model, key, f"heist-bench:{tag}:on:", True, redis_url),
+               "off": _server(tmp, "off", model, key, f"heist-bench:{tag}:off:", False, redis_url)}
+    lat: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for _ in range(rounds):
+            for name, srv in servers.items():
+                with httpx.Client(base_url=srv.url, timeout=30) as h:
+                    for _ in range(requests // rounds):
+                        t0 = time.perf_counter()
+                        r = h.post("/v1/models/sr4x/translate", content=body,
+                                   headers={"X-API-Key": key, "Content-Type": "image/png"})
+                        lat[name].append(time.perf_counter() - t0)
+                        r.raise_for_status()
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    res: dict[str, Any] = {"requests_each": len(lat["on"]), "input": "64x64 PNG", "model": "srresnet 16ch/2 blocks x4"}
+    for name, xs in lat.items():
+        res[name] = {"p50_ms": round(statistics.median(xs) * 1000, 3), "mean_ms": round(statistics.fmean(xs) * 1000, 3)}
+    res["ratio_p50_on_off"] = round(res["on"]["p50_ms"] / res["off"]["p50_ms"], 3)
+    res["ratio_mean_on_off"] = round(res["on"]["mean_ms"] / res["off"]["mean_ms"], 3)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "monitor.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    n = 800 if args.quick else 4000
+    result = {
+        "settings": {"quick": args.quick, "torch_threads": 1},
+        "scoring": bench_scoring(n, clients=50),
+        "embedding": bench_embedding(20 if args.quick else 200),
+        "latency": bench_latency(60 if args.quick else 300, 3, args.redis_url),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)  # noqa: T201 - the benchmark's output
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The monitor engine: folds query-log entries into per-client state, risk and escalation levels.
+
+Pure and single-threaded: the service (``victim_service.monitor``) feeds it entries in log order and
+persists the states it returns. Entries at or before a client's ``last_seq`` are skipped, so replaying a
+batch after a crash never counts an entry twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from defenses.monitor.config import MonitorConfig
+from defenses.monitor.embedding import decode_embedding
+from defenses.monitor.linking import SybilIndex
+from defenses.monitor.scoring import ClientState, Observation, observe, rescore
+
+
+class MalformedEntryError(ValueError):
+    """A log entry the monitor cannot use (not JSON, wrong types, bad embedding)."""
+
+
+def observation_from_entry(d: Mapping[str, Any], seq: tuple[int, int] = (0, 0)) -> Observation | None:
+    """A query-log entry (``QueryLogEntry`` as a dict) -> :class:`Observation`; None for entries without a
+    client (bad keys are not a client's queries). Raises :class:`MalformedEntryError`."""
+    try:
+        client = d.get("client")
+        if client is None:
+            return None
+        ts = float(d["ts"])
+        status = int(d["status"])
+        if not isinstance(client, str) or not math.isfinite(ts):
+            raise MalformedEntryError("client must be a string and ts a finite number")
+        raw = d.get("embedding")
+        emb: np.ndarray | None = decode_embedding(raw) if isinstance(raw, str) and status == 200 else None
+        sha = d.get("input_sha256")
+        tier = d.get("tier")
+        return Observation(client, str(tier) if tier is not None else None, ts, status == 200,
+                           str(sha) if sha else None, emb, seq)
+    except MalformedEntryError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedEntryError(f"{type(exc).__name__}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class LevelChange:
+    """A client whose escalation level went up: the monitor writes it to the level store."""
+
+    client: str
+    level: int
+    risk: float
+    reason: str
+
+
+class MonitorEngine:
+    """State of every client seen. ``tier_rates``: requests/s per tier (None = unlimited)."""
+
+    def __init__(self, config: MonitorConfig, tier_rates: Mapping[str, float | None] | None = None) -> None:
+        self.config = config
+        self.tier_rates = dict(tier_rates or {})
+        self.clients: dict[str, ClientState] = {}
+        self.index = SybilIndex()
+        self.processed = 0
+        self.skipped = 0
+
+    def load(self, states: Iterable[ClientState]) -> None:
+        """Start from persisted states (after a restart or a lease change); rebuilds the cross-key index."""
+        self.clients = {s.client: s for s in states}
+        for s in self.clients.values():
+            for e in s.embs:
+                self.index.add(s.client, e)
+
+    def state(self, client: str) -> ClientState:
+        s = self.clients.get(client)
+        if s is None:
+            s = self.clients[client] = ClientState(client)
+        return s
+
+    def process(self, obs: Observation) -> tuple[set[str], list[LevelChange]]:
+        """Fold one observation in. Returns the clients whose state changed and any level increases."""
+        p = self.config.signals
+        s = self.state(obs.client)
+        if obs.seq != (0, 0) and obs.seq <= s.last_seq:
+            self.skipped += 1
+            return set(), []
+        self.processed += 1
+        novel = obs.ok and obs.embedding is not None and not (obs.sha is not None and obs.sha in s.shas)
+        observe(s, obs, p)
+        changed = {s.client}
+        rescore_these = [s.client]
+        if novel:
+            e = s.embs[-1]
+            for other in self.index.matches(s.client, e, p.dup_distance):
+                s.links[other] = s.links.get(other, 0) + 1
+                o = self.state(other)
+                o.links[s.client] = o.links.get(s.client, 0) + 1
+                changed.add(other)  # its link counts must be persisted too
+                if o.links[s.client] == p.link_shared:  # its link signal just changed
+                    rescore_these.append(other)
+            self.index.add(s.client, e)
+        ups: list[LevelChange] = []
+        for c in rescore_these:
+            st = self.clients[c]
+            if rescore(st, self.tier_rates.get(st.tier or "", None), self.config):
+                top = ", ".join(f"{k}={v:.2f}" for k, v in sorted(st.signals.items()) if k != "prada_w" and v > 0)
+                ups.append(LevelChange(c, st.level, st.risk, f"risk {st.risk:.2f} ({top})"))
+        return changed, ups

@@ -1,0 +1,345 @@
+"""Evaluate the query monitor: benign customers vs attackers (plain and evasive), offline and live.
+
+* :func:`calibrate` sets the monitor's benign-percentile thresholds (k-NN distance, PRADA's delta) from
+  benign traffic only: customers sending distinct photos (:func:`attacker.benign.plan_benign`).
+* :func:`evaluate_offline` replays benign and attacker streams through the monitor engine (the same code
+  the service runs, without HTTP): queries to detection per attacker, benign false-positive rate, Sybil
+  linking. Cheap, so it can afford hundreds of benign customers.
+* :func:`evaluate_live` runs the same traffic against a live victim URL with the monitor on (keys created
+  through the admin API), waits for the monitor to catch up and reads ``GET /v1/admin/clients``: this is
+  the function a ``monitor`` campaign cell calls. Both return JSON-able dicts.
+
+Attacker streams: query ``i`` of strategy ``strategy`` goes to key ``i % keys`` (Sybil spreading) at
+``rate_fraction`` of the tier's rate (slowing down). Queries to detection is the attacker's total query
+count when its first key is flagged (None: not flagged within its queries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from attacker.benign import BenignParams, plan_benign, run_benign
+from attacker.client import VictimClient
+from attacker.strategies import build_strategy
+from attacker.victim_info import ModelInfo
+from defenses.monitor.config import MonitorConfig, SignalParams
+from defenses.monitor.embedding import source_embedding
+from defenses.monitor.engine import MonitorEngine
+from defenses.monitor.scoring import Observation, shapiro_w
+from translators.codecs import decode_image, encode_image
+from translators.corpus import NamedImage
+
+
+class AttackerSpec(BaseModel):
+    """One attacker: a query strategy, how many keys it spreads over and how fast it goes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    strategy: str = "crops"
+    params: dict[str, Any] = Field(default_factory=dict)
+    keys: int = Field(1, ge=1, le=1000)
+    rate_fraction: float = Field(1.0, gt=0.0, le=10.0)
+    queries: int = Field(50, ge=1)
+
+
+def default_attackers(queries: int = 50) -> list[AttackerSpec]:
+    """Every built-in strategy plus the evasions (Sybil spreading, slow rate, interleaving, novel crops)."""
+    plain = [AttackerSpec(name=s, strategy=s, queries=queries) for s in ("random", "crops", "tiles", "augment",
+                                                                          "diversity")]
+    return [
+        *plain,
+        AttackerSpec(name="sybil4-crops", strategy="crops", keys=4, queries=queries),
+        AttackerSpec(name="slow-crops", strategy="crops", rate_fraction=0.1, queries=queries),
+        AttackerSpec(name="interleave", strategy="interleave", queries=queries),
+        AttackerSpec(name="novel", strategy="novel", queries=queries),
+        AttackerSpec(name="sybil4-slow-novel", strategy="novel", keys=4, rate_fraction=0.1, queries=queries),
+    ]
+
+
+def _obs(client: str, tier: str, ts: float, body: bytes, seq: int) -> Observation:
+    x = decode_image(body)
+    return Observation(client, tier, ts, True, hashlib.sha256(body).hexdigest(), source_embedding(x), (seq, 0))
+
+
+def benign_observations(images: Sequence[NamedImage], info: ModelInfo, params: BenignParams, seed: int,
+                        tier: str = "free", t0: float = 0.0, prefix: str = "benign") -> list[Observation]:
+    """The benign plan as the monitor would see it (time = the plan's delays)."""
+    out = []
+    for c in plan_benign(images, info, params, seed, prefix):
+        t = t0
+        for r in c.requests:
+            t += r.delay_s
+            out.append(_obs(c.name, tier, t, r.body, 0))
+    return out
+
+
+def attacker_bodies(spec: AttackerSpec, images: Sequence[NamedImage], info: ModelInfo, seed: int) -> list[bytes]:
+    st = build_strategy(spec.strategy, images, info, spec.params or None, seed)
+    return [encode_image(st.make(i).image, "png") for i in range(spec.queries)]
+
+
+def attacker_observations(spec: AttackerSpec, images: Sequence[NamedImage], info: ModelInfo, seed: int,
+                          tier_rate: float, tier: str = "free", t0: float = 0.0) -> list[Observation]:
+    dt = 1.0 / (tier_rate * spec.rate_fraction)
+    return [_obs(f"{spec.name}-k{i % spec.keys}", tier, t0 + i * dt, b, 0)
+            for i, b in enumerate(attacker_bodies(spec, images, info, seed))]
+
+
+def _knn_and_w(stream: list[Observation], p: SignalParams) -> tuple[list[float], list[float]]:
+    knn: list[float] = []
+    ws: list[float] = []
+    embs: list[np.ndarray] = []
+    dmins: list[float] = []
+    seen: set[str | None] = set()
+    for o in stream:
+        if o.embedding is None or o.sha in seen:
+            continue
+        seen.add(o.sha)
+        if embs:
+            d = np.linalg.norm(np.stack(embs) - o.embedding, axis=1)
+            dmins.append(float(d.min()))
+            if len(d) >= p.k:
+                knn.append(float(np.sort(d)[: p.k].mean()))
+            if len(dmins) >= p.prada_min:
+                w = shapiro_w(dmins[-p.prada_max:])
+                if w is not None:
+                    ws.append(w)
+        embs.append(o.embedding)
+    return knn, ws
+
+
+def calibrate(images: Sequence[NamedImage], info: ModelInfo, seeds: int = 20, percentile: float = 1.0,
+              base: SignalParams | None = None) -> dict[str, Any]:
+    """Benign-only thresholds: each seed is one long customer sending every photo once at random sizes.
+
+    Returns ``{"params": SignalParams dict, "knn_values": n, "w_values": n, "percentile": p}`` with
+    ``knn_threshold`` = the ``percentile`` of benign per-query k-NN distances and ``prada_delta`` = the
+    ``percentile`` of benign Shapiro-Wilk W (Chen et al. and Juuti et al. both set them on benign queries).
+    """
+    p = base or SignalParams()
+    bp = BenignParams(clients=1, photos_per_client=len(images), retry_p=0.0, reupload_p=0.0)
+    knn: list[float] = []
+    ws: list[float] = []
+    for s in range(seeds):
+        k, w = _knn_and_w(benign_observations(images, info, bp, seed=10_000 + s), p)
+        knn += k
+        ws += w
+    upd: dict[str, Any] = {}
+    if knn:
+        upd["knn_threshold"] = round(float(np.percentile(knn, percentile)), 4)
+    if ws:
+        upd["prada_delta"] = round(float(min(0.99, np.percentile(ws, percentile))), 4)
+    params = p.model_copy(update=upd)
+    return {"params": params.model_dump(), "knn_values": len(knn), "w_values": len(ws), "percentile": percentile}
+
+
+def _detection(engine: MonitorEngine, spec: AttackerSpec) -> dict[str, Any]:
+    keys = [f"{spec.name}-k{i}" for i in range(spec.keys)]
+    states = [engine.clients.get(k) for k in keys]
+    at = [s.flagged_at_query for s in states if s is not None and s.flagged_at_query is not None]
+    # key j's n-th query is the attacker's ((n - 1) * keys + j + 1)-th (round robin)
+    total = [((s.flagged_at_query - 1) * spec.keys + j + 1) for j, s in enumerate(states)
+             if s is not None and s.flagged_at_query is not None]
+    linked = [k for k, s in zip(keys, states, strict=True) if s is not None
+              and any(o in keys for o in s.linked_keys_at(engine.config.signals.link_shared))]
+    return {"name": spec.name, "strategy": spec.strategy, "keys": spec.keys, "rate_fraction": spec.rate_fraction,
+            "queries": spec.queries, "flagged_keys": len(at), "queries_to_detection": min(total) if total else None,
+            "max_risk": round(max((s.risk for s in states if s is not None), default=0.0), 4),
+            "linked_fraction": round(len(linked) / len(keys), 3) if spec.keys > 1 else None}
+
+
+def _benign_summary(engine: MonitorEngine, names: list[str]) -> dict[str, Any]:
+    states = [engine.clients[n] for n in names if n in engine.clients]
+    flagged = [s.client for s in states if s.flagged]
+    linked = [s.client for s in states if s.linked_keys_at(engine.config.signals.link_shared)]
+    risks = sorted(s.risk for s in states)
+    return {"clients": len(states), "queries": sum(s.queries for s in states), "flagged": len(flagged),
+            "fpr": round(len(flagged) / max(1, len(states)), 4), "linked": len(linked),
+            "link_fpr": round(len(linked) / max(1, len(states)), 4), "escalated": sum(s.level > 0 for s in states),
+            "risk_p50": round(risks[len(risks) // 2], 4) if risks else None,
+            "risk_max": round(risks[-1], 4) if risks else None, "flagged_names": flagged[:20]}
+
+
+def evaluate_offline(benign_images: Sequence[NamedImage], attacker_images: Sequence[NamedImage], info: ModelInfo,
+                     config: MonitorConfig, attackers: Sequence[AttackerSpec], benign: BenignParams,
+                     seed: int = 0, tier_rate: float = 1.0) -> dict[str, Any]:
+    """The benign population alone, then the benign population plus one attacker at a time (each attacker in
+    its own engine: attackers drawing on one photo pool would otherwise link to each other)."""
+    ben = benign_observations(benign_images, info, benign, seed, prefix="benign")
+    names = sorted({o.client for o in ben})
+
+    def run(obs: list[Observation]) -> MonitorEngine:
+        engine = MonitorEngine(config, {"free": tier_rate})
+        for o in sorted(obs, key=lambda o: o.ts):
+            engine.process(o)
+        return engine
+
+    rows = []
+    for i, spec in enumerate(attackers):
+        engine = run(ben + attacker_observations(spec, attacker_images, info, seed + i, tier_rate))
+        rows.append(_detection(engine, spec) | {"benign_flagged_alongside": _benign_summary(engine, names)["flagged"]})
+    return {"mode": "offline", "seed": seed, "task": info.task, "scale": info.scale, "tier_rate": tier_rate,
+            "benign_params": benign.model_dump(), "benign": _benign_summary(run(ben), names), "attackers": rows}
+
+
+# ------------------------------------------------------------------------------------------------- live
+
+
+async def make_keys(url: str, admin_key: str, names: list[str], tier: str) -> dict[str, str]:
+    out = {}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as h:
+        for n in names:
+            r = await h.post("/v1/admin/keys", json={"name": n, "tier": tier}, headers={"X-API-Key": admin_key})
+            r.raise_for_status()
+            out[n] = r.json()["key"]
+    return out
+
+
+async def _run_attacker(url: str, model: str, spec: AttackerSpec, keys: list[str], bodies: list[bytes],
+                        tier_rate: float | None) -> int:
+    dt = 1.0 / (tier_rate * spec.rate_fraction) if tier_rate else 0.0
+    sent = 0
+    async with VictimClient(url) as vc:
+        for i, body in enumerate(bodies):
+            t = time.monotonic()
+            for _ in range(50):
+                o = await vc.translate(model, keys[i % len(keys)], body)
+                if o.status != 429 or o.code == "quota_exhausted":
+                    break
+                await asyncio.sleep(o.headers.retry_after_s or 0.2)
+            sent += 1
+            if dt:
+                await asyncio.sleep(max(0.0, dt - (time.monotonic() - t)))
+    return sent
+
+
+async def _monitor_view(url: str, admin_key: str) -> dict[str, dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as h:
+        r = await h.get("/v1/admin/clients", headers={"X-API-Key": admin_key})
+        r.raise_for_status()
+        return {c["client"]: c for c in r.json()["clients"]}
+
+
+async def evaluate_live(url: str, admin_key: str, model: str, benign_images: Sequence[NamedImage],
+                        attacker_images: Sequence[NamedImage], attackers: Sequence[AttackerSpec],
+                        benign: BenignParams, seed: int = 0, tier: str = "free", tier_rate: float | None = None,
+                        time_scale: float = 0.05, run_id: str = "m", settle_s: float = 30.0) -> dict[str, Any]:
+    """Run benign customers and attackers concurrently against ``url`` (monitor on) and report detection.
+
+    Keys ``{run_id}-benign-NNN`` and ``{run_id}-ATTACKER-kJ`` are created on ``tier`` through the admin API.
+    ``tier_rate``: requests/s the attackers pace at (None = as fast as answered).
+    """
+    async with VictimClient(url) as vc:
+        info = await vc.model_info(model)
+    plan = plan_benign(benign_images, info, benign, seed, prefix=f"{run_id}-benign")
+    bkeys = await make_keys(url, admin_key, [c.name for c in plan], tier)
+    jobs = [run_benign(url, model, bkeys, plan, time_scale)]
+    specs = [s.model_copy(update={"name": f"{run_id}-{s.name}"}) for s in attackers]
+    for i, spec in enumerate(specs):
+        names = [f"{spec.name}-k{j}" for j in range(spec.keys)]
+        keys = await make_keys(url, admin_key, names, tier)
+        bodies = attacker_bodies(spec, attacker_images, info, seed + i)
+        jobs.append(_run_attacker(url, model, spec, [keys[n] for n in names], bodies, tier_rate))
+    await asyncio.gather(*jobs)
+    expected = {c.name: len(c.requests) for c in plan}
+    for spec in specs:
+        for j in range(spec.keys):
+            expected[f"{spec.name}-k{j}"] = len(range(j, spec.queries, spec.keys))
+    deadline = time.monotonic() + settle_s
+    while True:
+        view = await _monitor_view(url, admin_key)
+        if all(view.get(n, {}).get("queries", 0) >= q for n, q in expected.items()) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    engine_like = _ViewEngine(view, MonitorConfig().signals.link_shared)
+    benign_names = [c.name for c in plan]
+    return {"mode": "live", "url": url, "model": model, "seed": seed, "tier": tier, "tier_rate": tier_rate,
+            "benign_params": benign.model_dump(), "benign": engine_like.benign(benign_names),
+            "attackers": [engine_like.attacker(s) for s in specs],
+            "caught_up": all(view.get(n, {}).get("queries", 0) >= q for n, q in expected.items())}
+
+
+class _ViewEngine:
+    """The admin view (``GET /v1/admin/clients``) summarised like :func:`_benign_summary`/:func:`_detection`."""
+
+    def __init__(self, view: dict[str, dict[str, Any]], link_shared: int) -> None:
+        self.view = view
+        self.link_shared = link_shared
+
+    def benign(self, names: list[str]) -> dict[str, Any]:
+        rows = [self.view[n] for n in names if n in self.view]
+        flagged = [r["client"] for r in rows if r["flagged"]]
+        linked = [r["client"] for r in rows if r["signals"].get("link", 0) > 0]
+        return {"clients": len(rows), "queries": sum(r["queries"] for r in rows), "flagged": len(flagged),
+                "fpr": round(len(flagged) / max(1, len(rows)), 4), "linked": len(linked),
+                "link_fpr": round(len(linked) / max(1, len(rows)), 4),
+                "escalated": sum(r["level"] > 0 for r in rows), "flagged_names": flagged[:20]}
+
+    def attacker(self, spec: AttackerSpec) -> dict[str, Any]:
+        keys = [f"{spec.name}-k{j}" for j in range(spec.keys)]
+        rows = [self.view.get(k) for k in keys]
+        total = [((r["flagged_at_query"] - 1) * spec.keys + j + 1) for j, r in enumerate(rows)
+                 if r is not None and r["flagged_at_query"] is not None]
+        linked = [k for k, r in zip(keys, rows, strict=True) if r is not None and any(o in keys for o in r["linked"])]
+        return {"name": spec.name, "strategy": spec.strategy, "keys": spec.keys, "rate_fraction": spec.rate_fraction,
+                "queries": spec.queries, "flagged_keys": len(total),
+                "queries_to_detection": min(total) if total else None,
+                "max_risk": max((r["risk"] for r in rows if r is not None), default=0.0),
+                "levels": [r["level"] if r else None for r in rows],
+                "linked_fraction": round(len(linked) / len(keys), 3) if spec.keys > 1 else None}
+
+
+def benign_customers_fpr(images: Sequence[NamedImage], info: ModelInfo, config: MonitorConfig, customers: int = 100,
+                         seed: int = 0, tier_rate: float = 1.0) -> dict[str, Any]:
+    """False-positive rate over ``customers`` independent long customers, each sending every photo of
+    ``images`` (at random sizes, with retries and re-uploads), scored alone (no cross-key linking: they
+    share the photo pool by construction). The null: a customer sending its own distinct photos."""
+    bp = BenignParams(clients=1, photos_per_client=len(images))
+    flagged = 0
+    risks: list[float] = []
+    queries = 0
+    for c in range(customers):
+        engine = MonitorEngine(config, {"free": tier_rate})
+        obs = benign_observations(images, info, bp, seed=seed + 1 + c, prefix=f"cust{c}")
+        for o in obs:
+            engine.process(o)
+        s = next(iter(engine.clients.values()))
+        flagged += s.flagged
+        risks.append(s.risk)
+        queries += s.queries
+    return {"customers": customers, "queries": queries, "flagged": flagged, "fpr": round(flagged / customers, 4),
+            "risk_p50": round(float(np.median(risks)), 4), "risk_p99": round(float(np.percentile(risks, 99)), 4)}
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: attacker -> queries to detection per task (``results``: task -> an evaluation's JSON)."""
+    tasks = list(results)
+    head = "| attacker | keys | rate (x tier) | " + " | ".join(f"{t}: queries to detection" for t in tasks) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(tasks)]
+    first = results[tasks[0]]["attackers"]
+    for i, a in enumerate(first):
+        cells = []
+        for t in tasks:
+            b = results[t]["attackers"][i]
+            q = b["queries_to_detection"]
+            link = f", {b['linked_fraction']:.0%} keys linked" if b.get("linked_fraction") is not None else ""
+            cells.append(f"{q if q is not None else 'not flagged'} / {b['queries']}{link}")
+        row = f"| {a['name']} ({a['strategy']}) | {a['keys']} | {a['rate_fraction']} | "
+        lines.append(row + " | ".join(cells) + " |")
+    fprs = []
+    for t in tasks:
+        r = results[t]
+        c = r.get("benign_customers")
+        extra = f"; long customers {c['flagged']}/{c['customers']} flagged ({c['queries']} queries)" if c else ""
+        fprs.append(f"{t}: population {r['benign']['flagged']}/{r['benign']['clients']} flagged, "
+                    f"{r['benign']['linked']} linked{extra}")
+    return "\n".join(lines) + "\n\nBenign false positives: " + "; ".join(fprs) + "."

@@ -1,0 +1,121 @@
+"""``heist monitor``: the query monitor's view of clients (risk, flag, level, signals), and its evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from heist.cli.common import console
+from translators.errors import HeistError
+
+app = typer.Typer(help="The victim's query monitor: per-client extraction risk and escalation.",
+                  no_args_is_help=True)
+
+UrlOpt = typer.Option(..., "--url", help="Victim API base URL, e.g. http://127.0.0.1:8000.")
+AdminOpt = typer.Option(..., "--admin-key", envvar="HEIST_ADMIN_KEY", help="The victim's admin key.")
+
+
+def _get(url: str, admin_key: str, path: str) -> Any:
+    import httpx
+
+    from attacker.client import check_url
+
+    try:
+        r = httpx.get(f"{check_url(url)}{path}", headers={"X-API-Key": admin_key}, timeout=30)
+    except httpx.HTTPError as exc:
+        raise HeistError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+    if r.status_code != 200:
+        try:
+            body = r.json()
+            msg = f"{body.get('error')}: {body.get('detail')}"
+        except ValueError:
+            msg = r.text[:200]
+        raise HeistError(f"{url}{path} answered {r.status_code} ({msg})")
+    return r.json()
+
+
+@app.command("status")
+def status(
+    url: str = UrlOpt,
+    admin_key: str = AdminOpt,
+    client: str | None = typer.Option(None, "--client", help="Only this client, with all its signals."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON the service returned."),
+) -> None:
+    """Risk, flag, level, queries and signals per client (GET /v1/admin/clients, or /v1/admin/clients/NAME/risk)."""
+    from urllib.parse import quote
+
+    data = _get(url, admin_key, f"/v1/admin/clients/{quote(client, safe='')}/risk" if client else "/v1/admin/clients")
+    if as_json:
+        print(json.dumps(data, indent=2))  # noqa: T201 - machine-readable output on stdout
+        return
+    rows = [data] if client else data["clients"]
+    table = Table()
+    for col in ("client", "tier", "risk", "flagged", "level", "queries", "flagged at", "signals", "linked"):
+        table.add_column(col)
+    for c in rows:
+        sig = ", ".join(f"{k}={v:.2f}" for k, v in sorted(c["signals"].items()) if v)
+        table.add_row(c["client"], c.get("tier") or "-", f"{c['risk']:.3f}", "yes" if c["flagged"] else "no",
+                      str(c["level"]), str(c["queries"]), str(c["flagged_at_query"] or "-"), sig,
+                      ", ".join(c.get("linked", [])))
+    console.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    out: Path = typer.Option(..., "--out", help="JSON file to write (atomically)."),
+    task: str = typer.Option("sr", help="Task of the victim the traffic is shaped for: sr, denoise or style."),
+    scale: int = typer.Option(4, min=1, help="The victim's scale."),
+    url: str | None = typer.Option(None, "--url", help="Live victim (monitor on); default: offline engine."),
+    admin_key: str | None = typer.Option(None, "--admin-key", envvar="HEIST_ADMIN_KEY"),
+    model: str | None = typer.Option(None, "--model", help="Model name (live runs)."),
+    benign_images: str = typer.Option("corpus:victim", help="Photos of benign customers (spec or folder)."),
+    extra_benign: str | None = typer.Option("corpus:benchmark", help="More benign photos (spec or folder)."),
+    attacker_images: str = typer.Option("corpus:attacker", help="The attackers' photos."),
+    queries: int = typer.Option(50, min=1, help="Queries per attacker."),
+    customers: int = typer.Option(100, min=1, help="Independent long benign customers for the FPR (offline)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Calibrate on benign traffic, then benign population vs every attacker (plain and evasive)."""
+    import asyncio
+    import os
+
+    from attacker.benign import BenignParams
+    from attacker.victim_info import ModelInfo
+    from defenses.monitor.config import MonitorConfig, SignalParams
+    from evaluation.monitor_eval import (
+        benign_customers_fpr,
+        calibrate,
+        default_attackers,
+        evaluate_live,
+        evaluate_offline,
+    )
+    from translators.corpus import load_images
+
+    ben = load_images(benign_images) + (load_images(extra_benign) if extra_benign else [])
+    att = load_images(attacker_images)
+    bp = BenignParams(clients=max(1, len(ben) // 3), photos_per_client=3)
+    if url:
+        if not admin_key or not model:
+            raise HeistError("--url needs --admin-key and --model")
+        result = asyncio.run(evaluate_live(url, admin_key, model, ben, att, default_attackers(queries), bp, seed,
+                                           time_scale=0.02, run_id=f"eval{seed}"))
+    else:
+        info = ModelInfo(name="offline", task=task, scale=scale, min_side=8)
+        cal = calibrate(ben, info, seeds=30, percentile=0.5)
+        cfg = MonitorConfig(signals=SignalParams(**cal["params"]))
+        result = evaluate_offline(ben, att, info, cfg, default_attackers(queries), bp, seed)
+        result["calibration"] = cal
+        result["benign_customers"] = benign_customers_fpr(ben, info, cfg, customers=customers, seed=seed + 1000)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out)
+    for a in result["attackers"]:
+        console.print(f"{a['name']:>20}: detected after {a['queries_to_detection']} queries "
+                      f"(keys flagged {a['flagged_keys']}/{a['keys']})", highlight=False)
+    console.print(f"benign: {result['benign']['flagged']}/{result['benign']['clients']} flagged -> {out}",
+                  highlight=False)

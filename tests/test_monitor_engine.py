@@ -1,0 +1,108 @@
+"""The monitor's pure logic: embedding invariances, signals, engine exactly-once, malformed entries, policy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attacker.benign import BenignParams
+from attacker.victim_info import ModelInfo
+from defenses.monitor.config import EscalationStep, MonitorConfig
+from defenses.monitor.embedding import decode_embedding, embed_for_log, source_embedding
+from defenses.monitor.engine import MalformedEntryError, MonitorEngine, observation_from_entry
+from defenses.monitor.scoring import ClientState, Observation
+from evaluation.monitor_eval import AttackerSpec, calibrate, evaluate_offline
+from translators.corpus import load_images
+from translators.images import bicubic_resize
+
+
+def test_embedding_is_stable_under_rescale_and_separates_photos() -> None:
+    ims = load_images("corpus:victim")
+    a, b = ims[0].image, ims[1].image
+    ea = source_embedding(a)
+    small = bicubic_resize(a, (a.shape[-2] // 3, a.shape[-1] // 3))
+    assert float(np.linalg.norm(ea - source_embedding(small))) < 0.12  # same photo, a third of the size
+    assert float(np.linalg.norm(ea - source_embedding(b))) > 0.12  # another photo
+    assert float(np.linalg.norm(ea - source_embedding(torch.flip(a, dims=(-1,))))) < 0.05  # mirrored
+    v = decode_embedding(embed_for_log(a))
+    assert v.shape == (80,)
+    assert abs(float(np.linalg.norm(v)) - 1) < 0.01
+    with pytest.raises(ValueError, match="bytes"):
+        decode_embedding("AAAA")
+
+
+def _entry(client: str, ts: float, emb: np.ndarray | None, sha: str, status: int = 200) -> dict:
+    from defenses.monitor.embedding import encode_embedding
+
+    return {"client": client, "tier": "free", "ts": ts, "status": status, "input_sha256": sha,
+            "embedding": encode_embedding(emb) if emb is not None else None}
+
+
+def test_malformed_entries_raise_and_anonymous_entries_are_ignored() -> None:
+    with pytest.raises(MalformedEntryError):
+        observation_from_entry({"client": "a", "ts": "yesterday", "status": 200})
+    with pytest.raises(MalformedEntryError):
+        observation_from_entry({"client": "a", "ts": 1.0, "status": 200, "embedding": "not base64!"})
+    with pytest.raises(MalformedEntryError):
+        observation_from_entry({"client": "a", "status": 200})
+    assert observation_from_entry({"client": None, "ts": 1.0, "status": 401}) is None
+
+
+def test_engine_skips_replayed_entries_and_resends() -> None:
+    eng = MonitorEngine(MonitorConfig(), {"free": 1.0})
+    x = source_embedding(load_images("corpus:victim")[0].image)
+    for i in range(3):
+        eng.process(observation_from_entry(_entry("c", float(i), x, "same"), (100, i)))
+    eng.process(observation_from_entry(_entry("c", 9.0, x, "same"), (100, 1)))  # replay of an old entry
+    s = eng.clients["c"]
+    assert s.queries == 3
+    assert s.admitted == 3
+    assert s.resends == 2
+    assert len(s.embs) == 1
+    back = ClientState.from_json(s.to_json())
+    assert back.queries == 3
+    assert back.last_seq == (100, 2)
+    assert np.allclose(back.embs, s.embs, atol=1e-3)
+    assert json.loads(s.to_json())["client"] == "c"
+
+
+def test_policy_levels_per_tier_and_validation() -> None:
+    cfg = MonitorConfig(escalation={"default": [EscalationStep(risk=0.5, level=1)],
+                                    "pro": [EscalationStep(risk=0.9, level=2)]})
+    assert cfg.level_for("free", 0.6) == 1
+    assert cfg.level_for("pro", 0.6) == 0
+    assert cfg.level_for("pro", 0.95) == 2
+    with pytest.raises(ValueError, match="default"):
+        MonitorConfig(escalation={"pro": [EscalationStep(risk=0.9, level=2)]})
+    with pytest.raises(ValueError, match="increasing"):
+        MonitorConfig(escalation={"default": [EscalationStep(risk=0.9, level=2), EscalationStep(risk=0.5, level=1)]})
+
+
+def test_offline_crops_flagged_and_distinct_photos_not() -> None:
+    ben = load_images("corpus:victim") + load_images("corpus:benchmark")
+    att = load_images("corpus:attacker")
+    info = ModelInfo(name="m", task="sr", scale=4, min_side=8)
+    cal = calibrate(ben, info, seeds=3)
+    assert cal["knn_values"] > 20
+    assert 0 < cal["params"]["knn_threshold"] < 1
+    res = evaluate_offline(ben, att, info, MonitorConfig(), [AttackerSpec(name="crops", strategy="crops"),
+                                                              AttackerSpec(name="sy", strategy="tiles", keys=3)],
+                           BenignParams(clients=5, photos_per_client=3), seed=0)
+    assert res["benign"]["flagged"] == 0
+    assert res["benign"]["linked"] == 0
+    crops, sybil = res["attackers"]
+    assert crops["queries_to_detection"] is not None
+    assert crops["queries_to_detection"] <= 50
+    assert sybil["flagged_keys"] >= 1
+
+
+def test_observation_without_embedding_counts_volume_only() -> None:
+    eng = MonitorEngine(MonitorConfig(), {"free": 1.0})
+    eng.process(Observation("r", "free", 0.0, False, None, None, (1, 0)))
+    s = eng.clients["r"]
+    assert s.queries == 1
+    assert s.admitted == 0
+    assert not s.flagged

@@ -1,0 +1,221 @@
+"""The query monitor inside a real victim service with real Redis: detection, shared state across workers,
+resume after a crash, malformed log entries, the embedded JSONL mode, the admin routes and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from attacker.benign import BenignParams
+from attacker.strategies import build_strategy
+from attacker.victim_info import ModelInfo
+from evaluation.monitor_eval import AttackerSpec, evaluate_live
+from heist.cli.main import app as cli
+from tests.servers import VictimServer, start_victim, tiny_models
+from translators.codecs import encode_image
+from translators.corpus import load_images
+from victim_service.monitor import QueryMonitor
+from victim_service.settings import Settings
+
+TIERS = {"open": {"rate": None}}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return tiny_models(tmp_path_factory.mktemp("models"), ("sr4x",))
+
+
+def _crops(n: int, seed: int = 0) -> list[bytes]:
+    info = ModelInfo(name="sr4x", task="sr", scale=4, min_side=8)
+    st = build_strategy("crops", load_images("corpus:attacker"), info, seed=seed)
+    return [encode_image(st.make(i).image, "png") for i in range(n)]
+
+
+def _send(srv: VictimServer, client: str, bodies: list[bytes], fresh: bool = False) -> None:
+    with httpx.Client(base_url=srv.url, timeout=30) as h:
+        for b in bodies:
+            hdr = {**srv.headers(client), "Content-Type": "image/png"}
+            r = (httpx.post(f"{srv.url}/v1/models/sr4x/translate", content=b, headers=hdr, timeout=30) if fresh
+                 else h.post("/v1/models/sr4x/translate", content=b, headers=hdr))
+            assert r.status_code == 200, r.text
+
+
+def _risk(srv: VictimServer, client: str) -> dict:
+    r = httpx.get(f"{srv.url}/v1/admin/clients/{client}/risk", headers=srv.admin_headers, timeout=10)
+    return r.json() if r.status_code == 200 else {"queries": 0, "status": r.status_code}
+
+
+def _wait_queries(srv: VictimServer, client: str, n: int, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        risk = _risk(srv, client)
+        if risk["queries"] >= n or time.monotonic() > deadline:
+            return risk
+        time.sleep(0.1)
+
+
+def _metric(srv: VictimServer, name: str) -> float | None:
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+@pytest.mark.slow
+def test_attackers_flagged_benign_not_two_workers_share_one_score(
+        tmp_path: Path, models: dict[str, Path], redis_url: str, key_prefix: str) -> None:
+    srv = start_victim(tmp_path, models=[{"name": "sr4x", "source": str(models["sr4x"]), "max_batch": 4}],
+                       tiers=TIERS, keys={"alice": "open"}, redis_url=redis_url, key_prefix=key_prefix, workers=2)
+    try:
+        ben = load_images("corpus:victim") + load_images("corpus:benchmark")
+        res = asyncio.run(evaluate_live(
+            srv.url, srv.admin_key, "sr4x", ben, load_images("corpus:attacker"),
+            [AttackerSpec(name="crops", strategy="crops", queries=40),
+             AttackerSpec(name="sybil", strategy="tiles", keys=3, queries=45)],
+            BenignParams(clients=4, photos_per_client=3, max_side=64, think_s=(0.0, 0.3)), seed=0, tier="open",
+            time_scale=1.0, run_id="t"))
+        assert res["caught_up"], res
+        crops, sybil = res["attackers"]
+        assert crops["queries_to_detection"] is not None, crops
+        assert crops["queries_to_detection"] <= 50, crops
+        assert crops["levels"][0] >= 1
+        assert sybil["flagged_keys"] >= 1, sybil
+        assert sybil["queries_to_detection"] <= 50, sybil
+        assert res["benign"]["clients"] == 4
+        assert res["benign"]["flagged"] == 0, res["benign"]
+        # the escalation went through the shared level store
+        levels = redis.Redis.from_url(redis_url).hgetall(f"{key_prefix}levels")
+        rec = json.loads(levels[b"t-crops-k0"])
+        assert rec["level"] >= 1
+        assert rec["source"] == "monitor"
+        # one client's queries served by both workers are counted in one score
+        _send(srv, "alice", _crops(30, seed=5), fresh=True)
+        log = httpx.get(f"{srv.url}/v1/admin/log", params={"client": "alice", "limit": 100},
+                        headers=srv.admin_headers).json()
+        assert len({e["worker"] for e in log}) == 2
+        assert all(e["embedding"] for e in log)
+        risk = _wait_queries(srv, "alice", 30)
+        assert risk["queries"] == 30, risk
+        assert risk["flagged"], risk
+        assert {k for k in risk["signals"]} >= {"knn", "reuse"}
+        views = {json.dumps(_risk(srv, "alice"), sort_keys=True) for _ in range(6)}
+        assert len(views) == 1  # whichever worker answers
+        listed = httpx.get(f"{srv.url}/v1/admin/clients", headers=srv.admin_headers).json()["clients"]
+        assert listed[0]["risk"] >= listed[-1]["risk"]
+        assert {c["client"] for c in listed} >= {"alice", "t-crops-k0"}
+        assert _metric(srv, "heist_monitor_up") == 1.0
+        # the CLI prints the same thing
+        out = CliRunner().invoke(cli, ["monitor", "status", "--url", srv.url, "--admin-key", srv.admin_key,
+                                       "--client", "alice", "--json"])
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.output)["queries"] == 30
+        bad = CliRunner().invoke(cli, ["monitor", "status", "--url", srv.url, "--admin-key", "wrong-key-123456",
+                                       "--client", "alice"])
+        assert bad.exit_code != 0
+    finally:
+        srv.stop()
+
+
+def test_restart_resumes_without_loss_or_double_count_and_skips_malformed(
+        tmp_path: Path, models: dict[str, Path], redis_url: str, key_prefix: str) -> None:
+    spec = [{"name": "sr4x", "source": str(models["sr4x"]), "max_batch": 4}]
+    r = redis.Redis.from_url(redis_url)
+    bodies = _crops(30, seed=1)
+    srv = start_victim(tmp_path, models=spec, tiers=TIERS, keys={"alice": "open"}, redis_url=redis_url,
+                       key_prefix=key_prefix)
+    try:
+        _send(srv, "alice", bodies[:12])
+        assert _wait_queries(srv, "alice", 12)["queries"] == 12
+        stream = f"{key_prefix}querylog"
+        r.xadd(stream, {"e": b"{not json"})
+        r.xadd(stream, {"e": json.dumps({"client": "alice", "ts": "noon", "status": 200})})
+        r.xadd(stream, {"junk": b"1"})
+        deadline = time.monotonic() + 10
+        while (_metric(srv, "heist_monitor_malformed_total") or 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _metric(srv, "heist_monitor_malformed_total") == 3.0
+        _send(srv, "alice", bodies[12:24])
+        deadline = time.monotonic() + 10
+        while r.xlen(stream) < 27 and time.monotonic() < deadline:  # logged; maybe not yet scored
+            time.sleep(0.02)
+        srv.process.kill()  # SIGKILL: no shutdown, the lease and pending entries stay behind
+    finally:
+        srv.process.kill()
+    srv2 = start_victim(tmp_path, models=spec, tiers=TIERS, keys={"alice": "open"}, redis_url=redis_url,
+                        key_prefix=key_prefix, name="victim2")
+    try:
+        _send(srv2, "alice", bodies[24:])
+        risk = _wait_queries(srv2, "alice", 30, timeout=40)
+        time.sleep(1.0)  # anything counted twice would show up now
+        risk = _risk(srv2, "alice")
+        assert risk["queries"] == 30, risk
+        assert risk["admitted"] == 30, risk
+        assert risk["flagged"]
+        pending = r.xpending(f"{key_prefix}querylog", "monitor")
+        assert pending["pending"] == 0
+    finally:
+        srv2.stop()
+
+
+def test_embedded_mode_replays_the_jsonl_log(tmp_path: Path, models: dict[str, Path]) -> None:
+    spec = [{"name": "sr4x", "source": str(models["sr4x"]), "max_batch": 4}]
+    srv = start_victim(tmp_path, models=spec, tiers=TIERS, keys={"alice": "open"})
+    try:
+        _send(srv, "alice", _crops(25, seed=2))
+        first = _wait_queries(srv, "alice", 25)
+        assert first["queries"] == 25
+        assert first["flagged"]
+        with open(srv.data_dir / "querylog.jsonl", "a") as fh:
+            fh.write("this is not json\n")
+    finally:
+        srv.stop()
+    srv = start_victim(tmp_path, models=spec, tiers=TIERS, keys={"alice": "open"})  # same data dir
+    try:
+        again = _wait_queries(srv, "alice", 25)
+        assert again["queries"] == 25
+        assert again["flagged_at_query"] == first["flagged_at_query"]
+        assert _metric(srv, "heist_monitor_malformed_total") == 1.0
+        assert httpx.get(f"{srv.url}/v1/admin/clients/nobody/risk", headers=srv.admin_headers).status_code == 404
+        # benign customers through the CLI: keys made through the admin API, photos sent, nobody flagged
+        out = CliRunner().invoke(cli, ["traffic", "benign", "--url", srv.url, "--model", "sr4x", "--admin-key",
+                                       srv.admin_key, "--clients", "2", "--photos", "3", "--tier", "open",
+                                       "--time-scale", "0", "--images", "corpus:benchmark"])
+        assert out.exit_code == 0, out.output
+        assert "2 customers sent" in out.output
+        cust = _wait_queries(srv, "benign-001", 3)
+        assert cust["queries"] >= 3
+        assert not cust["flagged"]
+    finally:
+        srv.stop()
+
+
+def test_monitor_switch_and_redis_down(tmp_path: Path, models: dict[str, Path], private_redis) -> None:  # type: ignore[no-untyped-def]
+    spec = [{"name": "sr4x", "source": str(models["sr4x"]), "max_batch": 4}]
+    base = {"tiers": TIERS, "redis_url": private_redis.url}
+    assert QueryMonitor.wanted(Settings.from_mapping(base))
+    assert not QueryMonitor.wanted(Settings.from_mapping({**base, "monitor": {"enabled": False}}))
+    assert not QueryMonitor.wanted(Settings.from_mapping({**base, "query_log": {"backend": "off"}}))
+    srv = start_victim(tmp_path, models=spec, tiers=TIERS, keys={"alice": "open"}, redis_url=private_redis.url,
+                       extra={"redis_timeout_s": 0.3, "on_redis_error": "open", "monitor": {"fail_safe_level": 1}})
+    try:
+        _send(srv, "alice", _crops(3))
+        private_redis.stop()
+        deadline = time.monotonic() + 10
+        while _metric(srv, "heist_monitor_up") != 0.0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _metric(srv, "heist_monitor_up") == 0.0
+        assert (_metric(srv, "heist_monitor_errors_total") or 0) >= 1
+        private_redis.start()
+        deadline = time.monotonic() + 15
+        while _metric(srv, "heist_monitor_up") != 1.0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _metric(srv, "heist_monitor_up") == 1.0
+    finally:
+        srv.stop()

@@ -23,7 +23,7 @@ _ACTIVATIONS = (nn.ReLU, nn.PReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Ta
 TORCHVISION_ARCHS = ("resnet18", "vgg11", "squeezenet1_1", "mobilenet_v3_small", "alexnet")
 
 
-class _Stop(Exception):
+class _StopForwardError(Exception):
     """Raised by a tap's hook to end the forward once the tapped activation is captured."""
 
 
@@ -72,12 +72,12 @@ class LayerTap:
 
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
             captured.append(out[0] if isinstance(out, tuple) else out)
-            raise _Stop
+            raise _StopForwardError
 
         handle = self.target.register_forward_hook(hook)
         try:
             self.module(x)
-        except _Stop:
+        except _StopForwardError:
             pass
         finally:
             handle.remove()

@@ -104,9 +104,9 @@ class FmdDefense(OutputDefense):
             self._tap = LayerTap(model.module, layer, f"{owner} on model {model.name!r}")
             self._normalise = None
         else:
-            assert p.weights is not None and p.layer is not None  # checked by FmdParams
-            net = load_torchvision_features(p.arch, p.weights, device, owner)
-            self._tap = LayerTap(net, p.layer, f"{owner} ({p.arch})")
+            weights, layer = p.weights or "", p.layer or ""  # both required by FmdParams for torchvision
+            net = load_torchvision_features(p.arch, weights, device, owner)
+            self._tap = LayerTap(net, layer, f"{owner} ({p.arch})")
             mean = torch.tensor(_IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
             std = torch.tensor(_IMAGENET_STD, device=device).view(1, 3, 1, 1)
             self._normalise = (mean, std)

@@ -40,12 +40,14 @@ log = logging.getLogger(__name__)
 
 class PoisonParams(DefenseParams):
     """``psnr``: honest-user PSNR floor in dB, [25, 80]. ``proxy_steps``: Adam steps training the proxy,
-    10..20000. ``proxy_channels``: proxy width, 4..64. ``proxy_dir``: cache folder (default DATA/defenses/poison).
+    10..20000. ``proxy_channels``: proxy width, 4..64. ``proxy_side``: input side of its training images,
+    8..256. ``proxy_dir``: cache folder (default DATA/defenses/poison).
     ``proxy_seed``: seed of the proxy's training."""
 
     psnr: float = Field(40.0, ge=25.0, le=80.0)
     proxy_steps: int = Field(300, ge=10, le=20000)
     proxy_channels: int = Field(16, ge=4, le=64)
+    proxy_side: int = Field(32, ge=8, le=256)
     proxy_dir: str | None = None
     proxy_seed: int = 0
 
@@ -66,14 +68,14 @@ def proxy_arch(scale: int, channels: int) -> tuple[str, dict[str, object]]:
     return "dncnn", {"channels": channels, "depth": 4, "batch_norm": False}
 
 
-def train_proxy(model: ModelHandle, params: PoisonParams, side: int = 32, batch: int = 8) -> nn.Module:
+def train_proxy(model: ModelHandle, params: PoisonParams, batch: int = 8) -> nn.Module:
     """Train a proxy surrogate on the victim's own outputs (MSE, Adam 2e-3) for ``params.proxy_steps`` steps.
 
-    Inputs are :func:`synthetic_images` of ``side`` px (rounded to the model's size multiple); returns the
+    Inputs are :func:`synthetic_images` of ``params.proxy_side`` px (rounded to the model's size multiple); returns the
     proxy in ``eval()`` mode on the CPU.
     """
     mult = int(model.card.get("size_multiple", 1) or 1)
-    side = max(mult, (side // mult) * mult)
+    side = max(mult, (params.proxy_side // mult) * mult)
     arch, kwargs = proxy_arch(model.scale, params.proxy_channels)
     g = torch.Generator().manual_seed(params.proxy_seed)
     torch.manual_seed(params.proxy_seed)
@@ -94,7 +96,8 @@ def proxy_path(model: ModelHandle, params: PoisonParams) -> Path:
     """Cache file of the proxy for ``model`` and ``params``: keyed by the model card and the proxy settings."""
     folder = Path(params.proxy_dir).expanduser() if params.proxy_dir else data_dir() / "defenses" / "poison"
     key = json.dumps(
-        {"card": model.card, "steps": params.proxy_steps, "ch": params.proxy_channels, "seed": params.proxy_seed},
+        {"card": model.card, "steps": params.proxy_steps, "ch": params.proxy_channels, "seed": params.proxy_seed,
+         "side": params.proxy_side},
         sort_keys=True, default=str,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -115,7 +118,8 @@ def load_or_train_proxy(model: ModelHandle, params: PoisonParams) -> nn.Module:
     card = ModelCard(
         name=path.stem, arch=arch, kwargs=dict(kwargs), task=model.task, scale=model.scale,
         description=f"poison-defense proxy surrogate of {model.name}",
-        training={"steps": params.proxy_steps, "seed": params.proxy_seed, "data": "synthetic smooth images"},
+        training={"steps": params.proxy_steps, "seed": params.proxy_seed, "side": params.proxy_side,
+                  "data": "synthetic smooth images"},
     )
     save_checkpoint(proxy, path, card)
     return proxy

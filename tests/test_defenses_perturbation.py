@@ -216,3 +216,12 @@ def test_poison_sits_on_the_psnr_floor_turns_the_proxy_gradient_and_caches_its_p
     cos_poison = F.cosine_similarity(grad(z), g0, dim=0).item()
     cos_random = F.cosine_similarity(grad(rnd), g0, dim=0).item()
     assert cos_poison < cos_random - 0.05, (cos_poison, cos_random)
+
+
+def test_the_perturbation_campaign_file_validates_every_defense() -> None:
+    from evaluation.campaign.config import load_campaign
+
+    cfg, _ = load_campaign(Path(__file__).resolve().parents[1] / "configs" / "campaigns" / "perturbation.toml")
+    names = {spec["name"] for d in cfg.defenses for spec in d.pipeline}
+    assert {"fmd", "feature_amplify", "poison", "jpeg", "noise"} <= names
+    assert [v.name for v in cfg.victims] == ["sr4x", "denoise25", "style-teal"]

@@ -103,3 +103,21 @@ def test_cli_train_refuses_a_bad_counter_measure_with_one_line(tmp_path: Path) -
     assert cp.returncode == 2
     assert "bad counter-measure 'wavelet'" in cp.stderr + cp.stdout
     assert "Traceback" not in cp.stderr
+
+
+def test_train_applies_the_counter_measure_records_it_and_refuses_to_resume_with_another(tmp_path: Path) -> None:
+    from attacker.errors import TrainingError
+    from attacker.train import train_surrogate
+    from tests.test_attack_train import colour_blur, make_run
+
+    torch.set_num_threads(1)
+    run = make_run(tmp_path / "run", colour_blur, 1, n=3, side=32, task="style")
+    kw = {"arch": "unet-l2", "profile": "tiny", "steps": 3, "arch_kwargs": {"base": 8, "depth": 3}}
+    r = train_surrogate(run, counter="aware", **kw)
+    assert r.summary["counter"] == "aware"
+    assert 0.0 < r.summary["counter_amplitude"] < 0.05
+    with pytest.raises(TrainingError, match="--restart"):
+        train_surrogate(run, counter="median", **kw)
+    plain = train_surrogate(run, tmp_path / "plain", **kw)
+    assert plain.summary["counter"] == "none"
+    assert plain.fidelity["psnr"] != r.fidelity["psnr"], "the held-out targets were filtered too"

@@ -119,24 +119,31 @@ class FmdDefense(OutputDefense):
             y = (y - self._normalise[0]) / self._normalise[1]
         return self._tap(y)
 
+    def _rng(self, ctx: DefenseContext, row: str) -> torch.Generator:
+        if self.params.per_input:
+            return ctx.derived_rng("fmd", ctx.client_id, ctx.input_sha256, row)
+        return ctx.rng
+
     def apply(self, outputs: torch.Tensor, inputs: torch.Tensor, ctx: DefenseContext) -> torch.Tensor:
-        return self.apply_batch(outputs, inputs, [ctx] * outputs.shape[0])
+        """All rows of one request (row ``i`` keyed by ``i`` as well, so rows get different starts)."""
+        return self._pgd(outputs, [self._rng(ctx, str(i)) for i in range(outputs.shape[0])])
 
     def apply_batch(
         self, outputs: torch.Tensor, inputs: torch.Tensor, ctxs: Sequence[DefenseContext]
     ) -> torch.Tensor:
         """One PGD run for the whole batch; each row's loss is separate, so rows do not interact."""
-        p = self.params
         if len(ctxs) != outputs.shape[0]:
             raise ValueError(f"{len(ctxs)} contexts for a batch of {outputs.shape[0]}")
+        return self._pgd(outputs, [self._rng(c, "0") for c in ctxs])
+
+    def _pgd(self, outputs: torch.Tensor, rngs: Sequence[torch.Generator]) -> torch.Tensor:
+        """PGD on ``outputs (N, 3, H, W)``; ``rngs[i]`` draws row ``i``'s random start."""
+        p = self.params
         clean = outputs.detach().float()
         with torch.no_grad():
             target = self.features(clean).detach()
         if p.random_start:
-            rows = []
-            for i, c in enumerate(ctxs):
-                rng = c.derived_rng("fmd", c.client_id, c.input_sha256) if p.per_input else c.rng
-                rows.append(start_noise(clean[i : i + 1].shape, p.eps, rng))
+            rows = [start_noise(clean[i : i + 1].shape, p.eps, g) for i, g in enumerate(rngs)]
             y = (clean + torch.cat(rows, 0).to(clean.device)).clamp_(0.0, 1.0)
         else:
             y = clean.clone()

@@ -24,7 +24,8 @@ Measured, per victim:
   fidelity here. ``best_adaptive`` picks, per defense and budget, the attacker with the highest fidelity
   (an oracle choice: the attacker could only approximate it on its own held-out pairs).
 
-Prints JSON and writes ``bench/results/perturbation.json`` (``--out``).
+Prints JSON and writes ``bench/results/perturbation.json`` (``--out``). ``--render FILE...`` prints the
+Markdown table of each results file (docs/defenses.md).
 """
 
 from __future__ import annotations
@@ -229,7 +230,35 @@ def bench_victim(name: str, args: argparse.Namespace, device: torch.device, prox
     return result
 
 
+def markdown_table(results: dict[str, Any]) -> str:
+    """Victim x defense -> honest PSNR, fidelity loss (dB) per budget for plain and best adaptive attacker,
+    defense cost (ms/image at the largest side), from a results JSON written by this script."""
+    budgets = results["settings"]["budgets"]
+    side = str(max(results["settings"]["sides"]))
+    head = ["victim", "defense", "honest PSNR dB"]
+    for b in budgets:
+        head += [f"loss@{b} plain", f"loss@{b} adaptive (best)"]
+    head.append(f"ms/img @{side}px")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for victim, v in results["victims"].items():
+        for label, d in v["defenses"].items():
+            row = [victim, label, "-" if d["honest_psnr_db"] is None else f"{d['honest_psnr_db']:.2f}"]
+            for b in budgets:
+                a = d["attack"].get(str(b), {})
+                if label == "none":
+                    row += [f"fid {a['fidelity_db']['plain']:.2f}", "-"]
+                    continue
+                row += [f"{a['loss_db_plain']:+.2f}", f"{a['loss_db_adaptive']:+.2f} ({a['best_adaptive']})"]
+            row.append(f"{d['cost'][side]['defense_ms']:.1f}")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) >= 3 and sys.argv[1] == "--render":
+        for path in sys.argv[2:]:
+            print(markdown_table(json.loads(Path(path).read_text())))  # noqa: T201
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--victims", default="sr4x,denoise25")
     ap.add_argument("--zoo-profile", default="tiny")

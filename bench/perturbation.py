@@ -208,7 +208,7 @@ def bench_victim(name: str, args: argparse.Namespace, device: torch.device, prox
         for b in budgets:
             xb, yb = qx[:b], qy[:b]
             per: dict[str, float] = {}
-            attackers = ("plain", *COUNTERS) if (spec or args.counters_on_none) else ("plain",)
+            attackers = ("plain", *args.counters) if (spec or args.counters_on_none) else ("plain",)
             for who in attackers:
                 target = yb if who == "plain" else build_counter(who).fit([yb])(yb)
                 sur = train_surrogate(xb, target, scale, task, args.steps, device, args.seed)
@@ -269,6 +269,7 @@ def main() -> None:
     ap.add_argument("--cost-batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--counters", default=";".join(COUNTERS), help="adaptive attackers, ';'-separated specs")
     ap.add_argument("--counters-on-none", action="store_true", help="also train adaptive attackers undefended")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -277,6 +278,7 @@ def main() -> None:
     args.budgets = [int(b) for b in args.budgets.split(",")]
     args.sides = [int(s) for s in args.sides.split(",")]
     args.defenses = args.defenses.split(",")
+    args.counters = [c for c in args.counters.split(";") if c]
     if "none" not in args.defenses:
         args.defenses.insert(0, "none")
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s %(message)s")
@@ -290,7 +292,8 @@ def main() -> None:
         "settings": {"device": str(device), "zoo_profile": args.zoo_profile, "budgets": args.budgets,
                      "steps": args.steps, "sides": args.sides, "cost_batch": args.cost_batch,
                      "repeats": args.repeats, "seed": args.seed, "threads": args.threads,
-                     "counters": list(COUNTERS), "surrogate_profile": "tiny", "data_range": 1.0},
+                     "counters": args.counters, "defenses": {k: DEFENSES[k] for k in args.defenses},
+                     "surrogate_profile": "tiny", "data_range": 1.0},
         "victims": victims,
         "wall_s": r4(time.perf_counter() - t0),
     }

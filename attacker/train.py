@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.utils.data import DataLoader, Dataset
 
+from attacker.countermeasures import build_counter
 from attacker.errors import ConfigError, TrainingError
 from attacker.fidelity import baseline, psnr_ssim_l2, translate
 from attacker.files import folder_lock
@@ -55,6 +56,8 @@ class TrainConfig(BaseModel):
         threads: ``torch.set_num_threads`` for this process (None = torch's default). On a loaded
             machine fewer threads than cores can be many times faster (OpenMP threads spin-wait).
         val_max_side: held-out pairs are centre-cropped to this many input pixels a side.
+        counter: counter-measure spec applied to every harvested output before training
+            (:mod:`attacker.countermeasures`, e.g. ``lowpass:sigma=1.5``, ``aware``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -79,6 +82,7 @@ class TrainConfig(BaseModel):
     checkpoint_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     restart: bool = False
+    counter: str = "none"
 
 
 @dataclass
@@ -304,11 +308,14 @@ def train_surrogate(
         first = exc.errors()[0]
         raise ConfigError(f"bad training option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     progress = progress or NO_PROGRESS
+    counter = build_counter(cfg.counter)  # a bad spec fails before any pair is read
     pairs_dir, run_dir = resolve_pairs_dir(pairs)
     out_dir = Path(out) if out is not None else (run_dir or pairs_dir.parent) / "surrogate"
     target = read_run(run_dir).get("target", {}) if run_dir else {}
     info = target.get("info", {})
     ps = load_pairs(pairs_dir)
+    counter.fit(ps.outputs)
+    ps = PairSet(ps.ids, ps.inputs, counter.apply_uint8(ps.outputs), ps.scale)
     task = str(info.get("task", "translation"))
     if info.get("scale") not in (None, ps.scale):
         log.warning("victim reports scale %s but the pairs show %d; using %d", info.get("scale"), ps.scale, ps.scale)
@@ -337,7 +344,8 @@ def train_surrogate(
     ckpt_every = cfg.checkpoint_every or max(1, steps // 10)
     fp = fingerprint({"kind": kind_name, "profile": profile.model_dump(exclude={"steps"}), "scale": ps.scale,
                       "pairs": hashlib.sha256(",".join(ps.ids).encode()).hexdigest(), "patch": patch,
-                      "val": split.val_ids, "seed": cfg.seed, "augment": cfg.augment})
+                      "val": split.val_ids, "seed": cfg.seed, "augment": cfg.augment}
+                     | ({"counter": counter.spec.describe()} if counter.spec.kind != "none" else {}))
     state_dir = out_dir / "train_state"
     with folder_lock(out_dir, "surrogate folder"):
         start, loss_curve, val_curve, prior_s, prior_train_s = 0, [], [], 0.0, 0.0
@@ -400,7 +408,8 @@ def train_surrogate(
         summary: dict[str, Any] = {
             "kind": kind_name, "arch": sur.arch, "profile": cfg.profile, "steps": steps, "batch": profile.batch,
             "patch": patch, "lr": profile.lr, "seed": cfg.seed, "device": str(device),
-            "amp": sur.amp, "pairs_train": len(split.train), "pairs_val": len(split.val_ids),
+            "amp": sur.amp, "counter": counter.spec.describe(), "counter_amplitude": counter.amplitude,
+            "pairs_train": len(split.train), "pairs_val": len(split.val_ids),
             "held_out": split.held_out, "loss_curve": loss_curve, "val_curve": val_curve,
             "fidelity": fidelity, "baseline": base_scores,
             "baseline_name": "bicubic" if ps.scale > 1 else "identity", "wall_s": wall,

@@ -22,8 +22,11 @@ class DefenseConfigError(HeistError):
 
 def _register_builtins() -> None:
     # Importing the modules registers their classes (kept here so the registry has no import cycle).
+    import defenses.feature_amplify
+    import defenses.fmd
     import defenses.jpeg
-    import defenses.noise  # noqa: F401
+    import defenses.noise
+    import defenses.poison  # noqa: F401
 
 
 def build_defense(spec: Mapping[str, Any]) -> OutputDefense:

@@ -177,6 +177,8 @@ def train_cmd(
     val_every: int | None = typer.Option(None, min=1, help="Validate every N steps (default steps/10)."),
     checkpoint_every: int | None = typer.Option(None, min=1, help="Save resumable state every N steps."),
     restart: bool = typer.Option(False, help="Discard saved training state and start over."),
+    counter: str = typer.Option("none", help="Counter-measure on harvested outputs: none, lowpass[:sigma=S], "
+                                             "jpeg[:quality=Q], median[:size=K], aware[:amp=A]."),
 ) -> None:
     """Train a surrogate on harvested pairs (checkpoint + card), validating on held-out pairs; resumable."""
     from attacker.train import train_surrogate
@@ -185,7 +187,7 @@ def train_cmd(
         r = train_surrogate(pairs, out, progress=RichProgressHook(bar), **_train_options(
             arch=arch, profile=profile, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
             device=device, workers=workers, threads=threads, val_every=val_every, checkpoint_every=checkpoint_every,
-            restart=restart))
+            restart=restart, counter=counter))
     f, b = r.fidelity, r.baseline
     console.print(f"surrogate {r.card.arch} ({r.summary['kind']}) -> {r.checkpoint}")
     console.print(f"held-out ({r.held_out}) vs victim: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f} · "

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from translators.errors import HeistError
+from translators.errors import HeistError, ImageError
 
 
 class ErrorBody(BaseModel):
@@ -35,3 +36,23 @@ class OverloadedError(HeistError):
     """The model's queue is full; the API answers 503 ``overloaded``."""
 
     code = "overloaded"
+
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error response ``{"error": code, "detail": detail}``."""
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def error_parts(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
+    """(status, code, detail, headers) of an exception raised while handling a request."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code, exc.detail, exc.headers
+    if isinstance(exc, ImageError):
+        return exc.status, exc.code, str(exc), {}
+    if isinstance(exc, BackendUnavailableError):
+        return 503, "backend_unavailable", str(exc), {"Retry-After": "1"}
+    if isinstance(exc, OverloadedError):
+        return 503, "overloaded", str(exc), {"Retry-After": "1"}
+    if isinstance(exc, HeistError):
+        return 400, exc.code, str(exc), {}
+    return 500, "internal_error", "the server failed to handle this request; it has been logged", {}

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from victim_service.errors import ApiError, BackendUnavailableError, ErrorBody, error_parts, error_response
 from victim_service.keys import open_key_store
@@ -251,6 +251,8 @@ async def admin_add_key(request: Request, body: KeyCreate) -> KeyCreated:
 
 
 class LevelSet(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     level: int = Field(ge=0, description="0 = the tier's pipeline; higher levels add or strengthen defenses")
     reason: str = Field("", max_length=500, description="why (kept with the level)")
 

@@ -108,13 +108,8 @@ class CarrierReading:
     sync_z: float
 
 
-def coefficients(carrier: Carrier, image: torch.Tensor, axes: tuple[int, ...] = (0, 1, 2)) -> torch.Tensor:
-    """Weighted least-squares estimates of the tile coefficients at every cyclic shift: ``(K, T*T)``.
-
-    ``image``: ``(1, 3, H, W)`` or ``(3, H, W)`` in [0, 1], ``H, W >= T``. Units: the amplitude ``c_k`` of a
-    tile ``sum_k c_k B_k`` repeated over the image, so a watermark embedded with coefficients ``c`` reads
-    back as about ``c`` at shift 0 (index 0), plus the image's own projection.
-    """
+def _fold(carrier: Carrier, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(FFT of the folded tile ``(3, T, T)``, per-tile host power ``(3, T, T)`` scaled to the fold, tile count)."""
     t = carrier.tile
     x = image.detach().reshape(-1, *image.shape[-3:])[0].double().cpu()
     h, w = x.shape[-2:]
@@ -124,23 +119,54 @@ def coefficients(carrier: Carrier, image: torch.Tensor, axes: tuple[int, ...] = 
     res = y - y.mean(dim=(1, 2), keepdim=True)
     ph, pw = math.ceil(h / t) * t, math.ceil(w / t) * t
     padded = F.pad(res, (0, pw - w, 0, ph - h))
-    folded = padded.view(3, ph // t, t, pw // t, t).sum(dim=(1, 3))  # (3, T, T)
+    folded = padded.view(3, ph // t, t, pw // t, t).sum(dim=(1, 3))  # every pixel into its (y mod T, x mod T)
     nh, nw = h // t, w // t
     tiles = res[:, : nh * t, : nw * t].reshape(3, nh, t, nw, t).permute(0, 1, 3, 2, 4).reshape(3, -1, t, t)
     count = h * w / (t * t)  # tiles summed into the fold (fractional for partial tiles)
-    power = (torch.fft.fft2(tiles).abs() ** 2).mean(1) * count  # (3, T, T) host power of the fold
+    power = (torch.fft.fft2(tiles).abs() ** 2).mean(1) * count
+    return torch.fft.fft2(folded), power, count
+
+
+def _weights(carrier: Carrier, power: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
+    """Matched-filter weights ``(3, T, T)``: 1 / host power in the band on ``axes``, 0 elsewhere."""
     band = carrier.band_mask
-    floor = power[:, band].mean() * 1e-2
-    weight = band.double() / (power + floor)  # (3, T, T)
+    weight = band.double() / (power + power[:, band].mean() * 1e-2)
     keep = torch.zeros(3, 1, 1, dtype=torch.float64)
     keep[list(axes)] = 1.0
-    weight = weight * keep
-    spec = torch.fft.fft2(folded)
+    return weight * keep
+
+
+def _gram(carrier: Carrier, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted Gram matrix ``(K, K)`` of the patterns (band bins only, real arithmetic)."""
+    t, band = carrier.tile, carrier.band_mask
+    b = carrier.spectra[:, :, band]  # (K, 3, nb) complex
+    w = weight[:, band].sqrt()
+    bw = torch.cat([(b.real * w).flatten(1), (b.imag * w).flatten(1)], dim=1)
+    return bw @ bw.T / (t * t)
+
+
+def _origin_corr(carrier: Carrier, spec: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted correlation of the fold with every pattern at shift 0: ``(K,)``."""
+    band = carrier.band_mask
+    b = carrier.spectra[:, :, band]
+    g = (spec * weight)[:, band]
+    t = carrier.tile
+    return (g.real[None] * b.real + g.imag[None] * b.imag).sum(dim=(1, 2)) / (t * t)
+
+
+def coefficients(carrier: Carrier, image: torch.Tensor, axes: tuple[int, ...] = (0, 1, 2)) -> torch.Tensor:
+    """Weighted least-squares estimates of the tile coefficients at every cyclic shift: ``(K, T*T)``.
+
+    ``image``: ``(1, 3, H, W)`` or ``(3, H, W)`` in [0, 1], ``H, W >= T``. ``axes``: the colour axes used.
+    Units: the amplitude ``c_k`` of a tile ``sum_k c_k B_k`` repeated over the image, so a watermark
+    embedded with coefficients ``c`` reads back as about ``c`` at shift 0 (index 0), plus the image's own
+    projection.
+    """
+    spec, power, count = _fold(carrier, image)
+    weight = _weights(carrier, power, axes)
     k = carrier.n_bits
-    bspec = carrier.spectra
-    corr = torch.fft.ifft2((spec * weight)[None] * bspec.conj()).real.sum(1).reshape(k, -1)  # (K, T*T)
-    gram = torch.einsum("kf,jf->kj", (bspec * weight).reshape(k, -1).conj(), bspec.reshape(k, -1)).real / (t * t)
-    return torch.linalg.solve(gram, corr) / count
+    corr = torch.fft.ifft2((spec * weight)[None] * carrier.spectra.conj()).real.sum(1).reshape(k, -1)  # (K, T*T)
+    return torch.linalg.solve(_gram(carrier, weight), corr) / count
 
 
 SHIFT0_Z = 2.5
@@ -169,8 +195,17 @@ def embed(carrier: Carrier, image: torch.Tensor, signs: torch.Tensor, strength: 
     s = signs.double()
     c = s * a
     out = image
+    _, power, count = _fold(carrier, image)
+    readers = []  # per decoder: weights and the Cholesky factor of its Gram matrix (from the clean image)
+    for axes in DECODERS:
+        weight = _weights(carrier, power, axes)
+        readers.append((weight, torch.linalg.cholesky(_gram(carrier, weight))))
     for _ in range(iters + 1):
-        got = torch.stack([coefficients(carrier, out, axes)[:, 0] for axes in DECODERS])  # (D, K)
+        spec = _fold(carrier, out)[0]
+        got = torch.stack([
+            torch.cholesky_solve(_origin_corr(carrier, spec, wt)[:, None], chol)[:, 0] / count
+            for wt, chol in readers
+        ])  # (D, K): what each decoder reads at shift 0
         deficit = (a - s * got).max(dim=0).values
         c = s * torch.clamp(s * c + deficit, min=floor * a, max=3 * a)
         tile = to_rgb_delta(torch.einsum("k,kchw->chw", c.float(), carrier.bases))

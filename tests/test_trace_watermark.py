@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from defenses import DefenseContext, request_rng
 from defenses.watermark import codes
 from defenses.watermark.trace import TraceWatermark, client_signs, identify, read_trace
 from evaluation.metrics import psnr, ssim
+from heist.cli.main import app
 from tests.servers import start_victim, tiny_models
 from translators.codecs import decode_image, encode_image, write_image
 from translators.corpus import load_images
@@ -86,9 +88,16 @@ def test_payload_round_trip_and_null_on_unmarked_images() -> None:
 
 
 def _trace_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``heist defend trace ARGS`` as a user runs it (a subprocess: exit code, stdout, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HEIST_TORCH_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "heist.cli.main", "defend", "trace", *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=180)
+
+
+def _trace_inproc(*args: str) -> tuple[int, str]:
+    """The same command in this process (no interpreter start-up): (exit code, stdout)."""
+    res = CliRunner().invoke(app, ["defend", "trace", *args])
+    return res.exit_code, res.stdout
 
 
 def test_served_outputs_name_their_key(tmp_path: Path, redis_url: str, key_prefix: str) -> None:

@@ -29,7 +29,7 @@ PILOT_BITS = 24
 N_BITS = codes.CODE_BITS + PILOT_BITS
 TILE = 32
 BAND = (2.0, 9.0)  # cycles per tile: 0.06..0.28 cycles/pixel
-LUMA_SHARE = 0.75  # share of the carrier's energy on the luma axis (the rest on the two chroma axes)
+LUMA_SHARE = 0.6  # share of the carrier's energy on the luma axis (the rest on the two chroma axes)
 MIN_SIDE = TILE
 
 

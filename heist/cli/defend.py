@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from heist.cli.common import console, err_console
+from heist.cli.common import err_console
 from translators.errors import HeistError
 
 app = typer.Typer(help="Defender tools: trace leaked outputs back to the API key that received them.",
@@ -86,10 +86,10 @@ def trace(
         if as_json:
             typer.echo(json.dumps(row))
         elif "error" in row:
-            console.print(f"{path}: none ({row['error']})", highlight=False)
+            typer.echo(f"{path}: none ({row['error']})")
         elif row["client"] is None:
-            console.print(f"{path}: none (nearest {row['nearest']} at {row['distance']}/56 bits, "
-                          f"p_false_match {float(row['p_false_match']):.2g})", highlight=False)
+            typer.echo(f"{path}: none (nearest {row['nearest']} at {row['distance']}/56 bits, "
+                       f"p_false_match {float(row['p_false_match']):.2g})")
         else:
-            console.print(f"{path}: {row['client']} ({row['distance']}/56 bits off, "
-                          f"p_false_match {float(row['p_false_match']):.2g})", highlight=False)
+            typer.echo(f"{path}: {row['client']} ({row['distance']}/56 bits off, "
+                       f"p_false_match {float(row['p_false_match']):.2g})")

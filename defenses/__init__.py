@@ -9,6 +9,8 @@ list of them and checks the contract (shape, dtype, range) after each one.
 This package knows tensors and a request context, never HTTP.
 """
 
+# Importing the built-in defenses registers them: the registry is complete after ``import defenses``.
+from defenses import feature_amplify, fmd, jpeg, noise, poison  # noqa: F401
 from defenses.base import (
     DefenseContext,
     DefenseParams,
@@ -19,7 +21,14 @@ from defenses.base import (
     request_seed,
 )
 from defenses.pipeline import DefensePipeline, DefenseTiming
-from defenses.registry import DEFENSE_REGISTRY, DefenseConfigError, build_defense, build_defenses
+from defenses.registry import (
+    DEFENSE_REGISTRY,
+    DefenseConfigError,
+    build_defense,
+    build_defenses,
+    parse_defense_spec,
+)
+from defenses.watermark import trace  # noqa: F401
 
 __all__ = [
     "DEFENSE_REGISTRY",
@@ -33,6 +42,7 @@ __all__ = [
     "OutputDefense",
     "build_defense",
     "build_defenses",
+    "parse_defense_spec",
     "request_rng",
     "request_seed",
 ]

@@ -1,4 +1,8 @@
-"""The defense registry and builders from config dicts (``{"name": "jpeg", "quality": 75}``)."""
+"""The defense registry and builders from config dicts (``{"name": "jpeg", "quality": 75}``).
+
+The registry is complete once the ``defenses`` package is imported: ``defenses/__init__.py`` imports every
+built-in defense module (each registers its class), and this module imports none of them (no cycle).
+"""
 
 from __future__ import annotations
 
@@ -20,18 +24,8 @@ class DefenseConfigError(HeistError):
     code = "bad_defense"
 
 
-def _register_builtins() -> None:
-    # Importing the modules registers their classes (kept here so the registry has no import cycle).
-    import defenses.feature_amplify
-    import defenses.fmd
-    import defenses.jpeg
-    import defenses.noise
-    import defenses.poison  # noqa: F401
-
-
 def build_defense(spec: Mapping[str, Any]) -> OutputDefense:
     """Build one defense from ``{"name": NAME, **params}``; raises :class:`DefenseConfigError` with the reason."""
-    _register_builtins()
     if not isinstance(spec, Mapping) or "name" not in spec:
         raise DefenseConfigError(f"a defense must be a table with a 'name' key, got {spec!r}")
     params = {k: v for k, v in spec.items() if k != "name"}
@@ -45,9 +39,41 @@ def build_defense(spec: Mapping[str, Any]) -> OutputDefense:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise DefenseConfigError(f"defense {name!r}: {loc + ': ' if loc else ''}{first['msg']}") from None
+        valid = ", ".join(cls.Params.model_fields) or "none"
+        raise DefenseConfigError(
+            f"defense {name!r}: {loc + ': ' if loc else ''}{first['msg']} (valid parameters: {valid})"
+        ) from None
 
 
 def build_defenses(specs: Iterable[Mapping[str, Any]]) -> list[OutputDefense]:
     """Build an ordered list of defenses (see :func:`build_defense`)."""
     return [build_defense(s) for s in specs]
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_defense_spec(text: str) -> dict[str, Any]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> a validated spec dict (values read as int, float, bool
+    or str). Raises :class:`DefenseConfigError` naming the valid defenses or parameters."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name:
+        raise DefenseConfigError(f"defense spec {text!r} has no name; write NAME or NAME:key=value,...")
+    spec: dict[str, Any] = {"name": name}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise DefenseConfigError(f"defense spec {text!r}: {item!r} is not key=value")
+        spec[key.strip()] = _parse_value(value)
+    build_defense(spec)
+    return spec

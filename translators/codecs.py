@@ -10,6 +10,9 @@ before a single pixel is allocated. Mode policy (documented for API users):
   16-bit colour PNGs as 8-bit ``RGB``/``RGBA``.
 - CMYK / YCbCr: converted to RGB. Anything else: refused.
 - Animated images: first frame (``animated="first"``, default) or refused.
+- EXIF orientation (JPEG, WebP, PNG ``eXIf``): applied, so the image is decoded upright as browsers and
+  phones display it (a photo stored sideways with "rotate 90" comes out portrait); sizes reported by
+  :func:`probe_image` are those of the upright image.
 
 Pillow's own ``DecompressionBombWarning`` is silenced (process-wide) because :class:`ImageLimits`
 applies a stricter pixel limit of its own; Pillow still raises ``DecompressionBombError`` above twice
@@ -30,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from translators.errors import ImageError
 from translators.images import from_uint8, to_uint8
@@ -104,6 +107,19 @@ def probe_image(data: bytes, limits: ImageLimits | None = None) -> tuple[ImageFo
     return fmt, w, h
 
 
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = {5, 6, 7, 8}  # transpose, rotate 270, transverse, rotate 90
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8) of a lazily opened image; 1 (upright) when absent or unreadable."""
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError):
+        return 1
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def _open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, ImageFormat, int, int]:
     """Pillow's lazy open (header only) plus every check that needs no pixel: the image is not decoded."""
     if not data:
@@ -131,6 +147,8 @@ def _open_checked(data: bytes, limits: ImageLimits) -> tuple[Image.Image, ImageF
         )
     if min(w, h) < limits.min_side:
         raise ImageError("too_small", f"image is {w}x{h}; the shorter side must be at least {limits.min_side}")
+    if exif_orientation(img) in _SWAPS_SIDES:
+        w, h = h, w
     return img, fmt, w, h
 
 
@@ -144,6 +162,8 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> torch.Tensor
         if getattr(img, "is_animated", False) and limits.animated == "refuse":
             raise ImageError("unsupported_mode", "animated images are refused by this server", 415)
         img.load()
+        if exif_orientation(img) != 1:
+            img = ImageOps.exif_transpose(img)
         arr = _to_rgb(img, limits)
     except ImageError:
         raise

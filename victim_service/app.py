@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 import translators
 from translators.errors import HeistError
@@ -85,7 +86,13 @@ def create_app(settings: Settings) -> FastAPI:
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path}"
-        return error_response(exc.status_code, code, detail, dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # several routes may share a path (GET and POST .../level): list them all
+            methods = {m for r in router.routes if isinstance(r, Route)
+                       and r.matches(request.scope)[0] != Match.NONE for m in (r.methods or ())}
+            if methods:
+                headers["Allow"] = ", ".join(sorted(methods))
+        return error_response(exc.status_code, code, detail, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from defenses import DefenseContext, DefensePipeline, DefenseTiming, build_defenses
+from defenses import DefenseContext, DefensePipeline, DefenseTiming
 from translators.errors import ImageError
 from victim_service.errors import OverloadedError
 from victim_service.metrics import Metrics
 from victim_service.models import ServedModel, load_served_model, model_specs, warm_up
+from victim_service.policy import DefensePolicy
 from victim_service.settings import Settings
 
 log = logging.getLogger("heist.victim.host")
@@ -58,13 +59,15 @@ class Job:
 
 @dataclass(frozen=True)
 class JobResult:
-    """``output``: ``(1, 3, sH, sW)`` float32 on CPU in [0, 1]; times in seconds."""
+    """``output``: ``(1, 3, sH, sW)`` float32 on CPU in [0, 1]; times in seconds; ``defenses``: ``describe()``
+    (name and parameters) of each defense actually applied to this output, in order."""
 
     output: torch.Tensor
     queue_s: float
     infer_s: float
     batch_size: int
     defense_timings: tuple[DefenseTiming, ...]
+    defenses: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class _BatchOut:
     infer_s: float
     batch_s: float  # the whole batch on the device thread: copy in, forward, defenses, copy out
     timings: list[tuple[DefenseTiming, ...]]  # per job: the timings of the group it was defended in
+    applied: list[tuple[str, ...]]  # per job: describe() of the defenses that ran on its output
     group_timings: list[tuple[DefenseTiming, ...]]  # once per pipeline group (what the metrics observe)
 
 
@@ -175,10 +179,12 @@ class DeviceWorker:
             for group in out.group_timings:
                 for t in group:
                     self.metrics.defense.labels(model.name, t.name).observe(t.seconds)
-            for job, y, timings in zip(jobs, out.outputs, out.timings):
+            for job, y, timings, applied in zip(jobs, out.outputs, out.timings, out.applied):
                 self._finish(job)
                 if not job.future.done():
-                    job.future.set_result(JobResult(y, started - job.enqueued, out.infer_s, len(jobs), timings))
+                    job.future.set_result(
+                        JobResult(y, started - job.enqueued, out.infer_s, len(jobs), timings, applied)
+                    )
 
 
 def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
@@ -211,6 +217,7 @@ def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
     infer_s = time.perf_counter() - t0
     outputs: list[torch.Tensor | None] = [None] * n
     timings: list[tuple[DefenseTiming, ...]] = [()] * n
+    applied: list[tuple[str, ...]] = [()] * n
     group_timings: list[tuple[DefenseTiming, ...]] = []
     by_pipe: dict[int, list[int]] = {}
     for i, j in enumerate(jobs):
@@ -226,9 +233,11 @@ def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
         with mode:
             sub, t = pipe.apply(y.index_select(0, sel), x.index_select(0, sel), [jobs[i].ctx for i in idx])
         group_timings.append(tuple(t))
+        names = tuple(pipe.names)
         for k, i in enumerate(idx):
             outputs[i] = sub[k : k + 1]
             timings[i] = tuple(t)
+            applied[i] = names
     with torch.inference_mode():
         dev_out = torch.cat([o for o in outputs if o is not None]).float()
         if cuda:  # one pinned, non-blocking copy for the batch, then one wait
@@ -238,7 +247,7 @@ def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
         else:
             cpu = dev_out.cpu()
     outs = [cpu[i : i + 1] for i in range(n)]
-    return _BatchOut(outs, infer_s, time.perf_counter() - t0, timings, group_timings)
+    return _BatchOut(outs, infer_s, time.perf_counter() - t0, timings, applied, group_timings)
 
 
 def admit(m: ServedModel) -> None:
@@ -264,14 +273,14 @@ def _retry_after(wait_s: float | None) -> int:
 
 
 class ModelHost:
-    """Loads the served models, builds their defense pipelines per tier, and runs inference."""
+    """Loads the served models, sets up their defense pipelines (:class:`DefensePolicy`), and runs inference."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.models: dict[str, ServedModel] = {}
         self.workers: dict[str, DeviceWorker] = {}
-        self._pipelines: dict[tuple[str, str], DefensePipeline] = {}
+        self.policy = DefensePolicy(settings)
 
     async def start(self) -> None:
         """Load every model on its device's thread, warm up (and probe batch sizes), set up defenses."""
@@ -288,23 +297,25 @@ class ModelHost:
             else:
                 model.max_batch = int(spec.max_batch)
             self.models[model.name] = model
-            for tier_name, tier in self.settings.tiers.items():
-                pipe = DefensePipeline(build_defenses([*spec.defenses, *tier.defenses]))
-                await worker.run_in_thread(pipe.setup, dev, model.handle())
-                self._pipelines[(model.name, tier_name)] = pipe
+            await self.policy.setup_model(model, worker.run_in_thread)
             log.info("serving %s (%s, x%d) from %s on %s, max_batch=%d (%s)", model.name, model.task, model.scale,
                      model.loaded.source, dev, model.max_batch, model.max_batch_source)
         for w in self.workers.values():
             w.start()
 
-    def pipeline(self, model: str, tier: str) -> DefensePipeline:
-        """The defenses for (model, tier): the model's list, then the tier's."""
-        return self._pipelines.get((model, tier)) or DefensePipeline()
+    def pipeline(self, model: str, tier: str, level: int = 0) -> DefensePipeline:
+        """The defenses for (model, tier) at ``level`` (see :class:`DefensePolicy`)."""
+        return self.policy.resolve(model, tier, level).pipeline
 
-    async def infer(self, model: ServedModel, x: torch.Tensor, ctx: DefenseContext, timeout_s: float) -> JobResult:
-        """Queue ``x (1, 3, H, W)`` for ``model``; raises :class:`OverloadedError` when its queue is full."""
+    async def infer(
+        self, model: ServedModel, x: torch.Tensor, ctx: DefenseContext, timeout_s: float,
+        pipeline: DefensePipeline | None = None,
+    ) -> JobResult:
+        """Queue ``x (1, 3, H, W)`` for ``model``, defended by ``pipeline`` (default: the one of ``ctx``'s tier
+        and level); raises :class:`OverloadedError` when the model's queue is full."""
         loop = asyncio.get_running_loop()
-        job = Job(model, x, ctx, self.pipeline(model.name, ctx.tier), loop.create_future())
+        pipe = pipeline if pipeline is not None else self.pipeline(model.name, ctx.tier, ctx.level)
+        job = Job(model, x, ctx, pipe, loop.create_future())
         self.workers[str(model.device)].submit(job)
         try:
             return await asyncio.wait_for(job.future, timeout_s)

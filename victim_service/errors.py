@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from translators.errors import HeistError
+from translators.errors import HeistError, ImageError
 
 
 class ErrorBody(BaseModel):
@@ -39,3 +40,22 @@ class OverloadedError(HeistError):
     def __init__(self, detail: str, retry_after: int = 1) -> None:
         super().__init__(detail)
         self.retry_after = max(1, int(retry_after))
+
+def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error response ``{"error": code, "detail": detail}``."""
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def error_parts(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
+    """(status, code, detail, headers) of an exception raised while handling a request."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code, exc.detail, exc.headers
+    if isinstance(exc, ImageError):
+        return exc.status, exc.code, str(exc), {}
+    if isinstance(exc, BackendUnavailableError):
+        return 503, "backend_unavailable", str(exc), {"Retry-After": "1"}
+    if isinstance(exc, OverloadedError):
+        return 503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, HeistError):
+        return 400, exc.code, str(exc), {}
+    return 500, "internal_error", "the server failed to handle this request; it has been logged", {}

@@ -54,7 +54,8 @@ class QueryLogEntry(BaseModel):
     latency_ms: float = 0.0
     queue_ms: float | None = None
     batch_size: int | None = None
-    defenses: list[str] = Field(default_factory=list)
+    defenses: list[str] = Field(default_factory=list, description="the defenses applied, with parameters")
+    level: int | None = Field(None, description="the client's escalation level that chose the defenses")
     ip: str | None = None
     worker: int = Field(default_factory=os.getpid)
     image_path: str | None = None
@@ -291,7 +292,7 @@ def export_entries(entries: Iterator[QueryLogEntry], out: Path, fmt: str) -> int
             ("embedding", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
             ("bytes_in", pa.int64()), ("bytes_out", pa.int64()), ("content_type", pa.string()),
             ("latency_ms", pa.float64()), ("queue_ms", pa.float64()), ("batch_size", pa.int32()),
-            ("defenses", pa.list_(pa.string())), ("ip", pa.string()), ("worker", pa.int32()),
+            ("defenses", pa.list_(pa.string())), ("level", pa.int32()), ("ip", pa.string()), ("worker", pa.int32()),
             ("image_path", pa.string()),
         ])
         with pq.ParquetWriter(str(tmp), schema) as writer:

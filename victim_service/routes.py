@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import time
-import uuid
 from typing import Any
 
 import redis
@@ -14,38 +11,31 @@ from fastapi import APIRouter, Query, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, Field
 
-from defenses import DefenseContext, request_rng, request_seed
-from defenses.monitor.embedding import embed_for_log
-from translators.codecs import MEDIA_TYPES, decode_image, encode_image, probe_image
-from translators.errors import HeistError, ImageError
-from victim_service.batching import admit
-from victim_service.errors import ApiError, BackendUnavailableError, ErrorBody, OverloadedError
-from victim_service.keys import hash_key, open_key_store
+from victim_service.errors import ApiError, BackendUnavailableError, ErrorBody, error_parts, error_response
+from victim_service.keys import open_key_store
+from victim_service.levels import LevelError
 from victim_service.models import ServedModel
-from victim_service.negotiation import negotiate
-from victim_service.phash import phash64
 from victim_service.querylog import LogReader, QueryLogEntry
 from victim_service.services import Services
 from victim_service.settings import Settings, StoreInfo
+from victim_service.translate import TranslateService, presented_key
+
+__all__ = ["error_parts", "error_response", "presented_key", "router"]
 
 log = logging.getLogger("heist.victim")
 router = APIRouter()
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
 bearer_scheme = HTTPBearer(auto_error=False, description="the API key as a bearer token")
 
-RAW_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "application/octet-stream"}
-MULTIPART_SLACK = 64 * 1024  # multipart framing allowed on top of max_bytes
-OFFLOAD_PIXELS = 128 * 128  # decode/encode larger images on a thread, not on the event loop
-
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 TRANSLATE_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": "The image: a raw body with an image Content-Type, or multipart field `image`.",
+        "description": "The image: a raw body with an image Content-Type, or multipart field `image`. "
+                       "A JPEG's EXIF orientation is applied when decoding (the photo is processed upright, "
+                       "as browsers and phones display it); the output carries no EXIF.",
         "content": {
             "image/png": _BINARY,
             "image/jpeg": _BINARY,
@@ -134,105 +124,6 @@ def svc_of(request: Request) -> Services:
     return request.app.state.svc  # type: ignore[no-any-return]
 
 
-def error_response(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
-
-
-def error_parts(exc: BaseException) -> tuple[int, str, str, dict[str, str]]:
-    """(status, code, detail, headers) of an exception raised while handling a request."""
-    if isinstance(exc, ApiError):
-        return exc.status, exc.code, exc.detail, exc.headers
-    if isinstance(exc, ImageError):
-        return exc.status, exc.code, str(exc), {}
-    if isinstance(exc, BackendUnavailableError):
-        return 503, "backend_unavailable", str(exc), {"Retry-After": "1"}
-    if isinstance(exc, OverloadedError):
-        return 503, "overloaded", str(exc), {"Retry-After": str(exc.retry_after)}
-    if isinstance(exc, HeistError):
-        return 400, exc.code, str(exc), {}
-    return 500, "internal_error", "the server failed to handle this request; it has been logged", {}
-
-
-def presented_key(request: Request) -> str | None:
-    """The key from ``X-API-Key`` or ``Authorization: Bearer KEY``."""
-    key = request.headers.get("x-api-key")
-    if key and key.strip():
-        return key.strip()
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer " and auth[7:].strip():
-        return auth[7:].strip()
-    return None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (Content-Length checked first)."""
-    cl = request.headers.get("content-length", "")
-    if cl.isdigit() and int(cl) > limit:
-        raise ImageError("too_many_bytes", f"the body is {int(cl)} bytes; the limit is {limit}", 413)
-    chunks: list[bytes] = []
-    n = 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > limit:
-            raise ImageError("too_many_bytes", f"the body is over {limit} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _image_bytes(request: Request, max_bytes: int) -> bytes:
-    """The image of a raw-body or multipart request. Raises :class:`ImageError` (400/413/415)."""
-    ctype = request.headers.get("content-type", "")
-    main = ctype.split(";")[0].strip().lower()
-    is_multipart = main == "multipart/form-data"
-    body = await _read_body(request, max_bytes + (MULTIPART_SLACK if is_multipart else 0))
-    if not body:
-        raise ImageError("empty_body", "the request body is empty; send the image bytes")
-    if main in RAW_TYPES:
-        return body
-    if not is_multipart:
-        raise ImageError(
-            "unsupported_media_type",
-            f"Content-Type {main or '(none)'!r} is not accepted; send image/png, image/jpeg or image/webp "
-            "bytes, or multipart/form-data with an 'image' field",
-            415,
-        )
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=2, max_fields=10)
-    except (StarletteHTTPException, ValueError, AssertionError, KeyError) as exc:
-        detail = getattr(exc, "detail", None) or str(exc) or "malformed multipart body"
-        raise ImageError("bad_multipart", f"could not parse the multipart body: {detail}") from None
-    try:
-        part = form.get("image")
-        if part is None:
-            raise ImageError("bad_multipart", "the multipart body has no 'image' field")
-        data = await part.read() if isinstance(part, UploadFile) else str(part).encode()
-    finally:
-        await form.close()
-    if not data:
-        raise ImageError("empty_body", "the 'image' field is empty")
-    if len(data) > max_bytes:
-        raise ImageError("too_many_bytes", f"image is {len(data)} bytes; the limit is {max_bytes}", 413)
-    return data
-
-
-def _decode(data: bytes, model: ServedModel, svc: Services) -> tuple[Any, str, str | None]:
-    """Pixels, perceptual hash and (when the query monitor runs) its source descriptor, on one thread."""
-    x = decode_image(data, model.image_limits(svc.settings.images))
-    model.check_size(int(x.shape[-2]), int(x.shape[-1]))
-    emb = embed_for_log(x) if svc.settings.monitor.enabled else None  # docs/monitor.md
-    return x, phash64(x), emb
-
-
-def _encode(t: Any, fmt: str, svc: Services) -> bytes:
-    o = svc.settings.output
-    quality = o.jpeg_quality if fmt == "jpeg" else o.webp_quality
-    return encode_image(t, fmt, quality=quality, png_compress_level=o.png_compress_level)  # type: ignore[arg-type]
-
-
 @router.post(
     TRANSLATE_PATH,
     summary="Translate one image",
@@ -249,99 +140,11 @@ async def translate(model: str, request: Request) -> Response:
     (429; refused requests do not use quota), body size (413), media type (415), header-declared pixels
     (413, before decoding), decoding (400/415), model size rules (400), queue (503; also checked before the
     rate limit, so a request arriving behind a long queue is refused without using quota).
+
+    The image is decoded as browsers and phones display it: a JPEG's EXIF orientation tag is applied
+    (a photo stored sideways with "rotate 90" is turned upright) before the model sees it.
     """
-    svc = svc_of(request)
-    t0 = time.perf_counter()
-    rid = uuid.uuid4().hex
-    entry = QueryLogEntry(
-        ts=time.time(), request_id=rid, status=500, code="internal_error", model=model,
-        ip=request.client.host if request.client else None, content_type=request.headers.get("content-type"),
-    )
-    headers: dict[str, str] = {"X-Request-Id": rid}
-    served: ServedModel | None = None
-    try:
-        key = presented_key(request)
-        if key is None:
-            raise ApiError(401, "unauthorized", "missing API key: send 'X-API-Key: KEY' or 'Authorization: Bearer KEY'")
-        entry.key_id = hash_key(key)[:12]
-        client = await svc.authenticate(key)
-        if client is None:
-            raise ApiError(401, "unauthorized", "invalid API key")
-        tier = svc.settings.tiers.get(client.tier)
-        if tier is None:
-            raise ApiError(401, "unauthorized", f"this key's tier {client.tier!r} is no longer offered")
-        entry.client, entry.tier = client.name, client.tier
-        served = svc.host.models.get(model)
-        if served is None:
-            raise ApiError(404, "unknown_model", f"no model named {model!r}; GET /v1/models lists them")
-        fmt = negotiate(request.headers.get("accept"))
-        admit(served)  # queue-time admission first: refused behind a long queue, no quota or decode spent
-        decision = await svc.decide(client, tier)
-        headers.update(decision.headers())
-        if not decision.allowed:
-            svc.metrics.refusals.labels(client.tier, decision.quota or decision.reason).inc()
-            await _hash_refused_body(request, served, entry)
-            if decision.reason == "rate_limited":
-                raise ApiError(429, "rate_limited", f"rate limit of tier {client.tier!r} reached; retry after "
-                               f"{headers.get('Retry-After', '1')} s", headers)
-            which = "daily" if decision.quota == "daily" else "total"
-            raise ApiError(429, "quota_exhausted", f"the {which} query quota of this key is used up", headers)
-        data = await _image_bytes(request, served.max_bytes)
-        entry.bytes_in = len(data)
-        digest = hashlib.sha256(data).hexdigest()
-        entry.input_sha256 = digest
-        fmt_in, w, h = probe_image(data, served.image_limits(svc.settings.images))
-        entry.width, entry.height = w, h
-        entry.image_path = svc.log.save_image(digest, data, fmt_in)
-        if w * h > OFFLOAD_PIXELS and svc.codecs is not None:
-            x, ph, emb = await svc.codecs.run(_decode, data, served, svc)
-        else:
-            x, ph, emb = _decode(data, served, svc)
-        entry.phash, entry.embedding = ph, emb
-        ctx = DefenseContext(
-            client_id=client.name, request_id=rid, model=served.name, tier=client.tier,
-            rng=request_rng(request_seed(svc.secret, rid)), input_sha256=digest, secret=svc.secret,
-        )
-        result = await svc.host.infer(served, x, ctx, svc.settings.request_timeout_s)
-        if svc.codecs is not None and (w * h * served.scale**2 > OFFLOAD_PIXELS or fmt == "jpeg"):
-            body = await svc.codecs.encode(result.output, fmt, served.device)
-        else:
-            body = _encode(result.output, fmt, svc)
-        pipe = svc.host.pipeline(served.name, client.tier)
-        entry.defenses = pipe.names
-        entry.queue_ms = round(result.queue_s * 1000, 3)
-        entry.batch_size = result.batch_size
-        entry.bytes_out = len(body)
-        entry.status, entry.code = 200, "ok"
-        svc.metrics.queue_wait.labels(served.name).observe(result.queue_s)
-        return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
-    except asyncio.CancelledError:
-        entry.status, entry.code = 499, "client_closed"  # nginx's code for a client that hung up
-        raise
-    except Exception as exc:
-        status, code, detail, extra = error_parts(exc)
-        if status >= 500 and code == "internal_error":
-            log.exception("translate %s failed (request %s)", model, rid)
-        entry.status, entry.code = status, code
-        return error_response(status, code, detail, {**headers, **extra})
-    finally:
-        elapsed = time.perf_counter() - t0
-        entry.latency_ms = round(elapsed * 1000, 3)
-        svc.log.submit(entry)
-        label = served.name if served is not None else "unknown"
-        svc.metrics.requests.labels(label, str(entry.status), entry.tier or "none").inc()
-        svc.metrics.latency.labels(label).observe(elapsed)
-
-
-async def _hash_refused_body(request: Request, served: ServedModel, entry: QueryLogEntry) -> None:
-    """For the log: SHA-256 and size of a refused request's body (read up to the model's byte limit)."""
-    try:
-        data = await _read_body(request, served.max_bytes + MULTIPART_SLACK)
-    except (ImageError, OSError, RuntimeError):
-        return
-    entry.bytes_in = len(data)
-    if data:
-        entry.input_sha256 = hashlib.sha256(data).hexdigest()
+    return await TranslateService(svc_of(request)).handle(model, request)
 
 
 # ---------------------------------------------------------------------------------------------- model list
@@ -493,3 +296,64 @@ async def admin_add_key(request: Request, body: KeyCreate) -> KeyCreated:
     store = open_key_store(svc.settings)
     key = await asyncio.to_thread(store.add, body.name, body.tier)
     return KeyCreated(name=body.name, tier=body.tier, key=key)
+
+
+class LevelSet(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    level: int = Field(ge=0, description="0 = the tier's pipeline; higher levels add or strengthen defenses")
+    reason: str = Field("", max_length=500, description="why (kept with the level)")
+
+
+class LevelInfo(BaseModel):
+    client: str
+    level: int
+    reason: str = ""
+    source: str = Field("admin", description="admin or monitor")
+    set_at: float = Field(0.0, description="Unix seconds; 0 when never set")
+    max_level: int = Field(description="highest level configured on this server")
+
+
+_CLIENT_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+@router.get("/v1/admin/clients/{name}/level", tags=["admin"], summary="A client's escalation level",
+            response_model=LevelInfo, responses=_ADMIN_RESPONSES,
+            dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
+async def admin_get_level(request: Request, name: str) -> LevelInfo:
+    """The level that chooses this client's defenses (0 when never set)."""
+    svc = _require_admin(request)
+    try:
+        rec = await svc.levels.record(name)
+    except (redis.RedisError, OSError) as exc:
+        raise BackendUnavailableError(f"the level store cannot be read: {type(exc).__name__}") from None
+    top = svc.host.policy.max_level
+    if rec is None:
+        return LevelInfo(client=name, level=0, max_level=top)
+    return LevelInfo(client=name, level=rec.level, reason=rec.reason, source=rec.source, set_at=rec.set_at,
+                     max_level=top)
+
+
+@router.post("/v1/admin/clients/{name}/level", tags=["admin"], summary="Set a client's escalation level",
+             response_model=LevelInfo,
+             responses={**_ADMIN_RESPONSES, 400: {**_ERR, "description": "bad_level or bad client name"}},
+             dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
+async def admin_set_level(request: Request, name: str, body: LevelSet) -> LevelInfo:
+    """Set the level by hand; every worker applies it within its level cache time (about a second)."""
+    import re
+
+    svc = _require_admin(request)
+    if not re.match(_CLIENT_RE, name):
+        raise ApiError(400, "bad_level", f"{name!r} is not a client name")
+    top = svc.host.policy.max_level
+    if body.level > top:
+        raise ApiError(400, "bad_level", f"level {body.level} is above the highest configured level ({top})")
+    try:
+        rec = await svc.levels.set(name, body.level, reason=body.reason, source="admin")
+    except LevelError as exc:
+        raise ApiError(400, "bad_level", str(exc)) from None
+    except (redis.RedisError, OSError) as exc:
+        raise BackendUnavailableError(f"the level store cannot be written: {type(exc).__name__}") from None
+    log.info("admin set client %s to level %d (%s)", name, rec.level, body.reason or "no reason given")
+    return LevelInfo(client=name, level=rec.level, reason=rec.reason, source=rec.source, set_at=rec.set_at,
+                     max_level=top)

@@ -44,15 +44,32 @@ def make_redis(settings: Settings) -> aioredis.Redis:
     )
 
 
+def secret_from_text(raw: bytes) -> int:
+    """The 64-bit defense secret derived from its text (the settings value, or a secret file's stripped contents)."""
+    return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big")
+
+
+def defense_secret_path(settings: Settings) -> Path:
+    """Where the server keeps its generated defense secret (when the settings give none)."""
+    return settings.state_dir() / "defense-secret"
+
+
+def read_defense_secret(settings: Settings) -> int | None:
+    """The server's defense secret without creating one: from the settings, else the data-dir file, else None."""
+    if settings.defense_secret is not None:
+        return secret_from_text(settings.defense_secret.get_secret_value().encode())
+    path = defense_secret_path(settings)
+    return secret_from_text(path.read_bytes().strip()) if path.exists() else None
+
+
 def defense_secret(settings: Settings) -> int:
     """The secret keying defense randomness: from the settings, else a random one kept in the data dir.
 
     Several workers race to create the file; ``os.link`` makes exactly one win, the others read it.
     """
     if settings.defense_secret is not None:
-        raw = settings.defense_secret.get_secret_value().encode()
-        return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big")
-    path = settings.state_dir() / "defense-secret"
+        return secret_from_text(settings.defense_secret.get_secret_value().encode())
+    path = defense_secret_path(settings)
     if not path.exists():
         tmp = path.with_name(f".defense-secret.{os.getpid()}.tmp")
         tmp.write_text(secrets.token_hex(32))
@@ -60,7 +77,7 @@ def defense_secret(settings: Settings) -> int:
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
         tmp.unlink(missing_ok=True)
-    return int.from_bytes(hashlib.sha256(path.read_bytes().strip()).digest()[:8], "big")
+    return secret_from_text(path.read_bytes().strip())
 
 
 @dataclass

@@ -70,6 +70,15 @@ def _validate_defenses(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return specs
 
 
+def _validate_levels(levels: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+    for i, specs in enumerate(levels, start=1):
+        try:
+            _validate_defenses(specs)
+        except ValueError as exc:
+            raise ValueError(f"level {i}: {exc}") from None
+    return levels
+
+
 class ImageSettings(_Strict):
     """Input limits and mode policy (see :mod:`translators.codecs`). Per-model values override these."""
 
@@ -118,6 +127,9 @@ class ModelSpec(_Strict):
     max_bytes: int | None = Field(None, ge=64)
     min_side: int | None = Field(None, ge=1)
     defenses: list[dict[str, Any]] = Field(default_factory=list)
+    levels: list[list[dict[str, Any]]] = Field(
+        default_factory=list, description="escalation levels 1, 2, ...: defenses each level adds or strengthens"
+    )
 
     @field_validator("name")
     @classmethod
@@ -136,6 +148,11 @@ class ModelSpec(_Strict):
     def _defenses(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return _validate_defenses(v)
 
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+        return _validate_levels(v)
+
 
 class TierSpec(_Strict):
     """Limits for every client of a tier.
@@ -143,6 +160,8 @@ class TierSpec(_Strict):
     ``rate``: sustained requests per second (``None`` or ``"unlimited"`` = no rate limit); ``burst``: how many requests
     may arrive at once (GCRA tolerance, ``RateLimit-Limit``). ``quota_total`` / ``quota_daily``: admitted
     requests over the key's life / per UTC day (``None`` = unlimited). ``defenses`` run after the model's.
+    ``levels``: escalation levels 1, 2, ... (see :mod:`victim_service.policy`); each is a list of defenses
+    that level adds, or strengthens when a defense of the same name is already in the pipeline.
     """
 
     rate: float | None = Field(1.0, gt=0.0)
@@ -150,11 +169,17 @@ class TierSpec(_Strict):
     quota_total: int | None = Field(None, ge=0)
     quota_daily: int | None = Field(None, ge=0)
     defenses: list[dict[str, Any]] = Field(default_factory=list)
+    levels: list[list[dict[str, Any]]] = Field(default_factory=list)
 
     @field_validator("defenses")
     @classmethod
     def _defenses(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return _validate_defenses(v)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+        return _validate_levels(v)
 
     @field_validator("rate", mode="before")
     @classmethod

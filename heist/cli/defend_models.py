@@ -8,14 +8,17 @@ import typer
 
 from heist.cli.common import console
 
-app = typer.Typer(help="Defenses that retrain or replace the victim (served like any other model).",
-                  no_args_is_help=True)
+
+def register(app: typer.Typer) -> None:
+    """Add ``akd``, ``dmp`` and ``dpsgd`` to the ``heist defend`` group (heist/cli/defend.py)."""
+    app.command("akd")(akd)
+    app.command("dmp")(dmp)
+    app.command("dpsgd")(dpsgd)
 
 _VICTIM = typer.Option(..., "--victim", help="The private victim checkpoint (.safetensors with a membership card).")
 _OUT = typer.Option(..., "--out", help="Checkpoint to write (.safetensors + .json card).")
 
 
-@app.command("akd")
 def akd(
     victim: Path = _VICTIM, out: Path = _OUT,
     proxy: str = typer.Option("corpus:attacker", help="Public proxy images (checked disjoint from the private set)."),
@@ -30,7 +33,6 @@ def akd(
     console.print(f"AKD student: {path}")
 
 
-@app.command("dmp")
 def dmp(
     victim: Path = _VICTIM, out: Path = _OUT,
     proxy: str = typer.Option("corpus:attacker", help="Public proxy images (checked disjoint from the private set)."),
@@ -44,7 +46,6 @@ def dmp(
     console.print(f"DMP student: {path}")
 
 
-@app.command("dpsgd")
 def dpsgd(
     victim: Path = _VICTIM, out: Path = _OUT,
     noise_multiplier: float = typer.Option(..., "--noise-multiplier", min=0.0, help="DP-SGD noise sigma."),

@@ -11,7 +11,7 @@ from heist.cli import (
     campaign,
     corpus,
     data,
-    defend_models,
+    defend,
     evaluate,
     keys,
     log,
@@ -38,7 +38,7 @@ app.add_typer(log.app, name="log")
 app.add_typer(attack.app, name="attack")
 app.add_typer(evaluate.app, name="eval")
 app.add_typer(campaign.app, name="campaign")
-app.add_typer(defend_models.app, name="defend")
+app.add_typer(defend.app, name="defend")
 app.add_typer(monitor.app, name="monitor")
 app.add_typer(traffic.app, name="traffic")
 app.command("serve")(serve.serve)

@@ -24,18 +24,32 @@ def serve(
     redis_url: str | None = typer.Option(None, "--redis-url", help="Redis for limits, keys and the query log."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     no_monitor: bool = typer.Option(False, "--no-monitor", help="Do not run the query monitor (docs/monitor.md)."),
+    defense: list[str] = typer.Option(
+        [], "--defense", help="Defense for every model of --models-dir: NAME or NAME:key=value,... (repeatable, "
+        "applied in order), e.g. --defense trace_watermark --defense jpeg:quality=75."
+    ),
 ) -> None:
     """Serve translation models over HTTP (see docs/victim-service.md)."""
     import uvicorn
 
+    from defenses import parse_defense_spec
     from victim_service.models import model_specs, prebuild_zoo, resolve_source
-    from victim_service.settings import CONFIG_ENV
+    from victim_service.settings import CONFIG_ENV, Settings
 
     resolved = victim_settings(config, host=host, port=port, workers=workers, redis_url=redis_url,
                                models_dir=str(models_dir.resolve()) if models_dir else None)
     settings = resolved.settings
     if no_monitor:
         settings = settings.model_copy(update={"monitor": settings.monitor.model_copy(update={"enabled": False})})
+    specs_cli = [parse_defense_spec(d) for d in defense]  # one-line error (exit 2) naming the valid choices
+    if specs_cli:
+        if models_dir is None and settings.models_dir is None:
+            raise HeistError("--defense applies to the models of --models-dir; pass --models-dir DIR, or list "
+                             "defenses per model in the settings file")
+        dflt = settings.models_dir_defaults
+        base = dflt.model_dump() if dflt is not None else {"name": "models-dir", "source": "models-dir"}
+        defaults = {**base, "defenses": [*base.get("defenses", []), *specs_cli]}
+        settings = Settings.from_mapping({**settings.to_dict(), "models_dir_defaults": defaults}, resolved.origin)
     specs = model_specs(settings)  # fails early, with one line, when there is nothing to serve
     for spec in specs:
         if not spec.source.startswith("zoo:"):

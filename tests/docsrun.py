@@ -223,6 +223,18 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.poll()
 
 
+def forget_prefix(redis_url: str, prefix: str) -> int:
+    """Delete the session's Redis keys (``prefix*``); returns how many. Redis down: 0."""
+    import redis
+
+    try:
+        r = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
+        keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
+        return int(r.delete(*keys)) if keys else 0
+    except redis.RedisError:
+        return 0
+
+
 def docs_files(root: Path = ROOT) -> list[Path]:
     """The README, then every docs/*.md in name order."""
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
@@ -257,8 +269,11 @@ def main(argv: list[str]) -> int:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     t0 = time.monotonic()
-    result = run_commands(commands, scratch_clone(work / "clone"), session_env(
-        work / "data", f"heist-docs:{uuid.uuid4().hex[:8]}:"), port)
+    prefix = f"heist-docs:{uuid.uuid4().hex[:8]}:"
+    try:
+        result = run_commands(commands, scratch_clone(work / "clone"), session_env(work / "data", prefix), port)
+    finally:
+        forget_prefix(os.environ.get("HEIST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"), prefix)
     print(result.report())  # noqa: T201 - a command-line report
     print(json.dumps({"commands": len(commands), "seconds": round(time.monotonic() - t0, 1),  # noqa: T201
                       "failed": result.failed.where if result.failed else None, "workdir": str(work)}))

@@ -10,20 +10,20 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.docsrun import ROOT, Command, docs_files, run_commands, runnable_blocks, scratch_clone, session_env
+from tests.docsrun import (
+    ROOT,
+    Command,
+    docs_files,
+    forget_prefix,
+    run_commands,
+    runnable_blocks,
+    scratch_clone,
+    session_env,
+)
 
 log = logging.getLogger(__name__)
 
 SMALL = {"BUDGET": "12", "STEPS": "20"}  # the sizes README.md and docs/CONTRIBUTING.md name
-
-
-def _forget(redis_url: str, prefix: str) -> None:
-    import redis
-
-    r = redis.Redis.from_url(redis_url)
-    keys = list(r.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        r.delete(*keys)
 
 
 def test_runnable_blocks_are_found_with_their_lines(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_readme_tour_and_runnable_docs_blocks_run(tmp_path: Path, redis_url: str
     try:
         res = run_commands(commands, work, session_env(tmp_path / "data", prefix, SMALL), free_port())
     finally:
-        _forget(redis_url, prefix)
+        forget_prefix(redis_url, prefix)
     log.info("executed blocks, seconds per command:\n%s", res.report())
     assert res.failed is None, f"{res.report()}\n--- session output (tail) ---\n{res.log[-6000:]}"
     assert "warning: the server running at" not in res.log  # every key went where the server reads them

@@ -23,7 +23,8 @@ class DefenseConfigError(HeistError):
 def _register_builtins() -> None:
     # Importing the modules registers their classes (kept here so the registry has no import cycle).
     import defenses.jpeg
-    import defenses.noise  # noqa: F401
+    import defenses.noise
+    import defenses.watermark.ownership  # noqa: F401
 
 
 def build_defense(spec: Mapping[str, Any]) -> OutputDefense:

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from heist.cli import attack, campaign, corpus, data, evaluate, keys, log, serve, zoo
+from heist.cli import attack, campaign, corpus, data, defend, evaluate, keys, log, serve, zoo
 from heist.cli.common import err_console, setup_logging
 from translators.errors import HeistError
 
@@ -25,6 +25,7 @@ app.add_typer(log.app, name="log")
 app.add_typer(attack.app, name="attack")
 app.add_typer(evaluate.app, name="eval")
 app.add_typer(campaign.app, name="campaign")
+app.add_typer(defend.app, name="defend")
 app.command("serve")(serve.serve)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.watermark.ownership import OwnershipParams, OwnershipTest, ownership_key
+from defenses.watermark.ownership import OwnershipParams, OwnershipTest, feature_source, ownership_key
 from translators.codecs import decode_image, encode_image
 from translators.corpus import NamedImage, load_images
 from translators.errors import HeistError, ImageError
@@ -161,9 +161,10 @@ def verify_ownership(
         with torch.no_grad():
             clean = victim(pr.image).float().cpu()
         out = suspect_outputs(pr.image) if callable(suspect_outputs) else suspect_outputs[i]
-        test.add(clean, _match(out.float().cpu(), clean, pr.name), pr.name)
+        test.add(clean, _match(out.float().cpu(), clean, pr.name), pr.name,
+                 basis=feature_source(clean, pr.image.float(), p.source))
     res = test.result()
-    res.update({"null": NULL_DESCRIPTION, "key_id": p.key_id, "radius": p.radius,
+    res.update({"null": NULL_DESCRIPTION, "key_id": p.key_id, "radius": p.radius, "source": p.source,
                 "per_probe": test.per_probe, "seconds": time.perf_counter() - t0,
                 "probe_side": int(probes[0].image.shape[-1]) if probes else 0})
     return res

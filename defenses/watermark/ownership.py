@@ -1,31 +1,35 @@
 """Ownership watermark: a keyed, content-dependent mark that a surrogate trained on our outputs learns.
 
-The mark (Heist's own design; docs/defenses.md, "Ownership watermark") is a keyed linear filter of the
-clean output ``y`` ``(N, 3, H, W)``:
+The mark (Heist's own design; docs/defenses.md, "Ownership watermark") adds to the clean output ``y``
+``(N, 3, sH, sW)`` a keyed linear filter of the request's input ``x`` (bicubic-resized to the output's
+size; ``source = "output"`` filters ``y`` instead):
 
-    w_k(y)[c] = sum_{c', o} k[c, c', o] * R_o(y[c'])          mark(y) = y + g(y) * w_k(y)
+    w_k(x)[c] = sum_{c', o} k[c, c', o] * R_o(x[c'])          mark = clamp(y + g * w_k(x))
 
-``R_o`` are ring differences: ``R_o(y)(p) = mean_{t in orbit o} y(p + t) - y(p)`` over the orbits ``o`` of
+``R_o`` are ring differences: ``R_o(x)(p) = mean_{t in orbit o} x(p + t) - x(p)`` over the orbits ``o`` of
 the 8 dihedral symmetries acting on the offsets ``t`` of a ``(2r+1)^2`` window (radius ``r``). Each ``R_o``
 is zero-mean (no colour shift) and commutes with flips and 90-degree rotations, so a thief's dihedral
 augmentation maps the mark onto itself instead of averaging it away (the known break of fixed-pattern
 and oriented marks). Because the mark is a function of content, a convolutional surrogate trained on
-random crops learns it as part of the translation. ``k`` has ``d = 3 * 3 * n_orbits`` entries drawn
-i.i.d. N(0, 1) from the server secret and ``key_id``; ``g(y) = min(gain, amplitude / rms(w_k(y)))`` keeps
-every output's mark at RMS ``amplitude = 10^(-psnr/20)`` or less (honest-user PSNR >= ``psnr`` before
-8-bit rounding).
+random crops learns it as part of the translation (a linear filter of its own input is the easiest
+thing a CNN learns). The key ``k (3, 3 * n_orbits)`` is a standard Gaussian on the *grey-free* subspace
+(:func:`grey_free`: no "same filter on every channel" component, where innocent surrogates' own blur
+and sharpening errors live), drawn from the server secret and ``key_id``. The gain
+``g = min(gain, amplitude / rms(w_k))`` keeps every output's mark at RMS ``amplitude = 10^(-psnr/20)``
+or less (honest-user PSNR >= ``psnr`` before 8-bit rounding).
 
-The test (:func:`ownership_test`) regresses the suspect's residual ``r = suspect(x) - clean_victim(x)`` on
-the ``d`` feature responses ``Phi`` of the clean outputs: ``u = (Phi^T Phi)^{-1} Phi^T r`` estimates the
-filter the suspect adds to our outputs, and the statistic is
+The test (:class:`OwnershipTest`) regresses the suspect's residual ``r = suspect(x) - clean_victim(x)`` on
+the feature responses ``Phi`` of the probes: ``u = grey_free((Phi^T Phi)^{-1} Phi^T r)`` estimates the
+filter the suspect adds to our clean outputs, and the statistic is
 
     z = <k, u> / |u|
 
 Exactness: if the key ``k`` is independent of ``(r, Phi)`` -- the suspect, the probes and the clean
-victim were never influenced by outputs marked with ``k`` -- then ``k ~ N(0, I_d)`` given ``u`` and
-``<k, u> / |u| ~ N(0, 1)`` exactly, whatever the suspect does (however its residual correlates with
-high-pass filters). So ``p = P(N(0,1) >= z)`` is exact (not asymptotic) under H0, with one probe or many.
-Under H1 the surrogate reproduces ``w_k``, ``u`` points along ``k`` and ``z`` approaches ``|k| ~ sqrt(d)``.
+victim were never influenced by outputs marked with ``k`` -- then, given ``u``, ``<k, u>`` is
+N(0, |u|^2) (``u`` lies in the key's subspace) and ``z ~ N(0, 1)`` exactly, whatever the suspect does
+(however its residual correlates with high-pass filters). So ``p = P(N(0,1) >= z)`` is exact (not
+asymptotic) under H0, with one probe or many. Under H1 the surrogate reproduces ``w_k``, ``u`` points
+along ``k`` and ``z`` approaches ``|k| ~ sqrt(key_dim)``, the largest value the test can reach.
 """
 
 from __future__ import annotations
@@ -102,10 +106,26 @@ def ring_features(y: torch.Tensor, radius: int) -> torch.Tensor:
     return F.conv2d(pad, ker).reshape(n, c * ker.shape[0], h, w)
 
 
+def grey_free(u: torch.Tensor) -> torch.Tensor:
+    """Project a filter ``u (3, 3 * n)`` off the "same filter on every channel" subspace.
+
+    For each feature ``o``, the mean over ``c`` of the diagonal entries ``u[c, c*n + o]`` is subtracted from
+    them. That subspace (a grey-level blur or sharpening) is where an innocent surrogate's own errors
+    concentrate; the key lives in the orthogonal complement, and the test looks only there.
+    """
+    n = u.shape[1] // 3
+    v = u.reshape(3, 3, n).clone()
+    mean = torch.stack([v[c, c] for c in range(3)]).mean(0)
+    for c in range(3):
+        v[c, c] -= mean
+    return v.reshape(3, 3 * n)
+
+
 def ownership_key(secret: int, key_id: str, radius: int) -> torch.Tensor:
-    """The secret key ``k (3, 3 * n_orbits)`` float64: i.i.d. N(0, 1), from (server secret, key_id, radius)."""
+    """The secret key ``k (3, 3 * n_orbits)`` float64: ``grey_free(g)`` with ``g`` i.i.d. N(0, 1) drawn from
+    (server secret, key_id, radius); ``k`` is then a standard Gaussian on the grey-free subspace."""
     g = request_rng(request_seed(secret, "ownership_watermark", key_id, str(radius)))
-    return torch.randn(3, n_features(radius), generator=g, dtype=torch.float64)
+    return grey_free(torch.randn(3, n_features(radius), generator=g, dtype=torch.float64))
 
 
 def mark_signal(y: torch.Tensor, key: torch.Tensor, radius: int) -> torch.Tensor:
@@ -125,7 +145,7 @@ class OwnershipParams(DefenseParams):
     gain: float = Field(0.5, gt=0.0, le=100.0)
     radius: int = Field(4, ge=0, le=8)
     key_id: str = Field("k1", min_length=1, max_length=64)
-    source: Literal["output", "input"] = "output"
+    source: Literal["output", "input"] = "input"
 
 
 @DEFENSE_REGISTRY.register("ownership_watermark")
@@ -191,7 +211,9 @@ class OwnershipTest:
         self.gram = torch.zeros(d, d, dtype=torch.float64)
         self.cross = torch.zeros(d, 3, dtype=torch.float64)
 
-    def add(self, clean: torch.Tensor, suspect: torch.Tensor, name: str = "", basis: torch.Tensor | None = None) -> None:
+    def add(
+        self, clean: torch.Tensor, suspect: torch.Tensor, name: str = "", basis: torch.Tensor | None = None
+    ) -> None:
         phi = ring_features((clean if basis is None else basis).double(), self.radius)  # (1, F, H, W)
         res = (suspect.double() - clean.double())  # (1, 3, H, W)
         phi_m = phi.flatten(2)[0]  # (F, P)
@@ -203,17 +225,22 @@ class OwnershipTest:
         self.per_probe.append({"probe": name, "z": z, "residual_rms": float(res.pow(2).mean().sqrt()),
                                "pixels": int(phi_m.shape[1])})
 
+    def z_for(self, key: torch.Tensor) -> float:
+        """The statistic for another key on the same probes (for calibration checks)."""
+        return _z(key, self.gram, self.cross)
+
     def result(self) -> dict[str, Any]:
         z = _z(self.key, self.gram, self.cross)
+        dim = int(self.key.numel() - self.key.shape[1] // 3)  # the grey-free subspace
         return {"statistic": "z", "z": z, "p_value": normal_sf(z), "probes": len(self.per_probe),
-                "key_dim": int(self.key.numel()), "max_z": math.sqrt(float(self.key.pow(2).sum()))}
+                "key_dim": dim, "max_z": math.sqrt(float(self.key.pow(2).sum()))}
 
 
 def _z(key: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
-    """``<k, u> / |u|`` with ``u`` the least-squares filter estimate (0 when the residual is 0)."""
+    """``<k, u> / |u|`` with ``u`` the grey-free least-squares filter estimate (0 when the residual is 0)."""
     d = gram.shape[0]
     ridge = 1e-9 * float(torch.trace(gram)) / d + 1e-30
-    u = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype), cross).T  # (3, F)
+    u = grey_free(torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype), cross).T)  # (3, F)
     norm = float(u.norm())
     if norm == 0.0 or not math.isfinite(norm):
         return 0.0

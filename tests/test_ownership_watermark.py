@@ -52,7 +52,8 @@ def test_defense_is_registered_keyed_and_costs_at_most_the_psnr_bound() -> None:
     y = x.flip(1)  # any "clean output"
     ctx = DefenseContext("alice", "r1", "m", "free", request_rng(0), secret=1234)
     marked = d.apply_batch(y, x, [ctx] * len(x))
-    assert marked.shape == y.shape and marked.dtype == y.dtype
+    assert marked.shape == y.shape
+    assert marked.dtype == y.dtype
     assert float(psnr(_q(marked), _q(y), reduction="none").min()) >= 40.0
     again = build_defense({"name": "ownership_watermark", "psnr": 40.5}).apply(y[:1], x[:1], ctx)
     assert torch.equal(again, marked[:1])  # same secret, same key, same mark for every client

@@ -52,7 +52,7 @@ from attacker.train import train_surrogate
 from defenses import DefenseContext, build_defense, request_rng
 from defenses.watermark.ownership import OwnershipParams, embed, ownership_key
 from evaluation.metrics import psnr, ssim
-from evaluation.watermark import load_probes, module_translator, verify_ownership
+from evaluation.watermark import Probe, load_probes, module_translator, verify_ownership
 from translators.checkpoint import load_model
 from translators.codecs import decode_image, encode_image
 from translators.corpus import load_images
@@ -197,11 +197,13 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     scale = recipe.scale
     params = OwnershipParams()
     key = ownership_key(SECRET, params.key_id, params.radius)
-    xs = [_q(x) for x in _crops(args.pairs, args.crop // scale)]
+    # in-domain inputs, as the victim's users send them (noisy photos for a denoiser, small ones for SR)
+    xs = [_q(recipe.make_pair(c, seed=i)[0]) for i, c in enumerate(_crops(args.pairs, args.crop))]
     with torch.no_grad():
         clean = [_q(victim(x)) for x in xs]
         marked = [_q(embed(victim(x), key, params, x)) for x in xs]
-    probes = load_probes("corpus:benchmark", args.queries, args.side // scale, 16)
+    probes = [Probe(p.name, _q(recipe.make_pair(p.image, seed=100 + i, multiple=16)[0]))
+              for i, p in enumerate(load_probes("corpus:benchmark", args.queries, args.side, 16 * scale))]
     vic = module_translator(victim)
 
     def score(model: nn.Module) -> dict[str, Any]:

@@ -3,7 +3,8 @@ ownership watermark on the thief's tier, thieves that harvest over HTTP and trai
 train`` (unet-l2, pix2pix) or with a plain loop written here, and a set of innocent models.
 
 Everything trains for a few hundred steps on 64 pairs: the point is the decision (p < 1e-6 stolen,
-p > 0.01 innocent), not the fidelity.
+p > 0.01 innocent), not the fidelity. The thief and the verifier both send in-domain photos (noisy photos
+to a denoiser, as its users do): folders written by :func:`noisy_folder`.
 """
 
 from __future__ import annotations
@@ -53,12 +54,26 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def noisy_folder(split: str, folder: Path, max_side: int = 384) -> Path:
+    """The photos of ``corpus:SPLIT`` with the denoiser's noise (sigma 25/255, 8-bit), as PNG files."""
+    from translators.codecs import write_image
+    from translators.corpus import load_images
+    from translators.zoo import get_recipe
+
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = get_recipe(MODEL)
+    for i, im in enumerate(load_images(f"corpus:{split}", max_side=max_side)):
+        write_image(recipe.make_pair(im.image, seed=i)[0], folder / f"{im.name}.png")
+    return folder
+
+
 @dataclass
 class Theft:
     victim: VictimServer
     marked_run: Path
     clean_run: Path
     root: Path
+    probes: Path
 
     @property
     def secret(self) -> int:
@@ -83,13 +98,14 @@ def theft(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     )
     try:
         marked, clean = root / "marked", root / "clean"
+        photos = str(noisy_folder("attacker", root / "noisy-attacker"))
         cp = _cli("attack", "harvest", "--url", srv.url, "--api-key", srv.keys["thief"], "--model", MODEL,
-                  "--images", "corpus:attacker", "--budget", str(PAIRS), "--crop-size", str(CROP), "--out", str(marked))
+                  "--images", photos, "--budget", str(PAIRS), "--crop-size", str(CROP), "--out", str(marked))
         assert cp.returncode == 0, cp.stderr
-        res = harvest(srv.url, srv.keys["clean-thief"], MODEL, clean, images="corpus:attacker", budget=PAIRS,
+        res = harvest(srv.url, srv.keys["clean-thief"], MODEL, clean, images=photos, budget=PAIRS,
                       strategy_params={"crop_size": CROP})
         assert res.status == "complete"
-        yield Theft(srv, marked, clean, root)
+        yield Theft(srv, marked, clean, root, noisy_folder("benchmark", root / "noisy-benchmark"))
     finally:
         srv.stop()
 
@@ -139,17 +155,24 @@ def plain_loop(x: torch.Tensor, y: torch.Tensor, steps: int = STEPS, seed: int =
 
 
 def _score(theft: Theft, model: nn.Module) -> dict:
-    return ownership_pvalue(model, theft.clean_victim(), theft.secret, OwnershipParams(), queries=QUERIES,
-                            side=SIDE)
+    return ownership_pvalue(model, theft.clean_victim(), theft.secret, OwnershipParams(), images=str(theft.probes),
+                            queries=QUERIES, side=SIDE)
+
+
+def _stolen_unet(theft: Theft) -> Path:
+    """The thief's `heist attack train --arch unet-l2` surrogate (trained once per module)."""
+    ckpt = theft.marked_run / "surrogate" / "model.safetensors"
+    if not ckpt.exists():
+        cp = _cli("attack", "train", "--pairs", str(theft.marked_run), "--profile", "tiny", "--steps", str(STEPS),
+                  "--arch", "unet-l2")
+        assert cp.returncode == 0, cp.stderr
+    return ckpt
 
 
 def test_verify_catches_attacker_surrogates_and_a_plain_loop(theft: Theft) -> None:
-    cp = _cli("attack", "train", "--pairs", str(theft.marked_run), "--profile", "tiny", "--steps", str(STEPS),
-              "--arch", "unet-l2")
-    assert cp.returncode == 0, cp.stderr
-    ckpt = theft.marked_run / "surrogate" / "model.safetensors"
+    ckpt = _stolen_unet(theft)
     cp = _cli("defend", "verify", "--suspect", str(ckpt), "--model", MODEL, "--config", str(theft.victim.settings_path),
-              "--queries", str(QUERIES), "--json")
+              "--queries", str(QUERIES), "--images", str(theft.probes), "--json")
     assert cp.returncode == 0, cp.stderr
     out = json.loads(cp.stdout)
     log.info("unet-l2 surrogate: p=%.3g z=%.2f", out["p_value"], out["z"])
@@ -167,7 +190,7 @@ def test_verify_catches_attacker_surrogates_and_a_plain_loop(theft: Theft) -> No
     ts = theft.root / "plain.pt"
     torch.jit.script(plain_loop(x, y)).save(str(ts))
     cp = _cli("defend", "verify", "--suspect", str(ts), "--model", MODEL, "--config", str(theft.victim.settings_path),
-              "--queries", str(QUERIES))
+              "--queries", str(QUERIES), "--images", str(theft.probes))
     assert cp.returncode == 0, cp.stderr
     assert "THEFT PROVABLE" in cp.stdout, cp.stdout
 
@@ -177,13 +200,15 @@ def test_innocent_models_get_no_false_claims(theft: Theft) -> None:
     each p is uniform, so about 1 in 100 innocent models falls below 0.01 by chance)."""
     models: dict[str, nn.Module] = {"clean victim": theft.clean_victim()}
     x, y = _pairs(theft.clean_run)
-    models["plain loop on the clean victim"] = plain_loop(x, y, steps=150, seed=1)
-    sur = train_surrogate(theft.clean_run, theft.root / "clean-unet", arch="unet-l2", profile="tiny", steps=150)
+    models["plain loop on the clean victim"] = plain_loop(x, y, steps=100, seed=1)
+    sur = train_surrogate(theft.clean_run, theft.root / "clean-unet", arch="unet-l2", profile="tiny", steps=100)
     models["unet-l2 on the clean victim"] = load_model(sur.checkpoint).module
+    from translators.corpus import load_images
     from translators.zoo import get_recipe
 
-    noisy, clean = get_recipe(MODEL).make_pair(x, seed=3)
-    models["plain loop on ground truth"] = plain_loop(noisy, clean, steps=150, seed=2)
+    photos = torch.cat([im.image[..., :CROP, :CROP] for im in load_images("corpus:victim")])
+    noisy, clean = get_recipe(MODEL).make_pair(photos, seed=3)
+    models["plain loop on ground truth"] = plain_loop(noisy, clean, steps=100, seed=2)
     for seed in range(8):
         for name in ("denoise", "unet8"):
             path = tiny_models(theft.root / f"tiny-{seed}", (name,), seed=seed)[name]
@@ -198,23 +223,22 @@ def test_innocent_models_get_no_false_claims(theft: Theft) -> None:
 
 
 def test_verify_through_a_url_serving_the_stolen_model(theft: Theft, redis_url: str) -> None:
-    sur = train_surrogate(theft.marked_run, theft.root / "served", arch="unet-l2", profile="tiny", steps=STEPS)
     thief_api = start_victim(
-        theft.root, name="thief-api", models=[{"name": "knockoff", "source": str(sur.checkpoint)}],
+        theft.root, name="thief-api", models=[{"name": "knockoff", "source": str(_stolen_unet(theft))}],
         tiers={"open": {"rate": None}}, keys={"buyer": "open"}, redis_url=redis_url,
         key_prefix=f"heist-test:{uuid.uuid4().hex[:12]}:",
     )
     try:
         cp = _cli("defend", "verify", "--suspect", thief_api.url, "--suspect-model", "knockoff", "--suspect-api-key",
                   thief_api.keys["buyer"], "--model", MODEL, "--config", str(theft.victim.settings_path),
-                  "--queries", str(QUERIES), "--json")
+                  "--queries", str(QUERIES), "--images", str(theft.probes), "--json")
         assert cp.returncode == 0, cp.stderr
         out = json.loads(cp.stdout)
         assert out["p_value"] < 1e-6, out
         # the victim itself on its clean tier is innocent of copying itself
         cp = _cli("defend", "verify", "--suspect", theft.victim.url, "--suspect-model", MODEL, "--suspect-api-key",
                   theft.victim.keys["clean-thief"], "--model", MODEL, "--config", str(theft.victim.settings_path),
-                  "--queries", "4", "--json")
+                  "--queries", "4", "--images", str(theft.probes), "--json")
         assert cp.returncode == 0, cp.stderr
         assert json.loads(cp.stdout)["p_value"] > 0.01
     finally:

@@ -143,7 +143,7 @@ class OwnershipParams(DefenseParams):
 
     psnr: float = Field(40.5, ge=20.0, le=80.0)
     gain: float = Field(0.5, gt=0.0, le=100.0)
-    radius: int = Field(4, ge=0, le=8)
+    radius: int = Field(2, ge=0, le=8)
     key_id: str = Field("k1", min_length=1, max_length=64)
     source: Literal["output", "input"] = "input"
 

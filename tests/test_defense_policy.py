@@ -34,7 +34,7 @@ def test_registry_is_complete_after_import_and_specs_parse() -> None:
     assert parse_defense_spec("jpeg:quality=60,subsampling=4:4:4") == {
         "name": "jpeg", "quality": 60, "subsampling": "4:4:4"}
     assert parse_defense_spec("noise:sigma=0.1,per_input=true")["per_input"] is True
-    with pytest.raises(DefenseConfigError, match=r"known: .*jpeg, noise, poison, trace_watermark"):
+    with pytest.raises(DefenseConfigError, match=r"known: .*jpeg, noise, ownership_watermark, poison, trace_watermark"):
         parse_defense_spec("blur")
     with pytest.raises(DefenseConfigError, match="valid parameters: quality, subsampling"):
         parse_defense_spec("jpeg:qualty=3")
@@ -46,7 +46,7 @@ def test_unknown_defense_in_a_level_is_refused_with_its_place_and_the_choices() 
         Settings.from_mapping(bad, "victim.toml")
     msg = str(exc.value)
     assert "victim.toml: tiers.free.levels: level 2" in msg
-    assert "known: feature_amplify, fmd, jpeg, noise, poison, trace_watermark" in msg
+    assert "known: feature_amplify, fmd, jpeg, noise, ownership_watermark, poison, trace_watermark" in msg
     with pytest.raises(SettingsError, match="valid parameters: sigma, kind, per_input"):
         Settings.from_mapping({"models": [{"name": "m", "source": "zoo:sr4x", "levels": [[{"name": "noise",
                                                                                               "sgma": 1}]]}]})

@@ -1,0 +1,252 @@
+"""Ownership watermark: a keyed, content-dependent mark that a surrogate trained on our outputs learns.
+
+The mark (Heist's own design; docs/defenses.md, "Ownership watermark") adds to the clean output ``y``
+``(N, 3, sH, sW)`` a keyed linear filter of the request's input ``x`` (bicubic-resized to the output's
+size; ``source = "output"`` filters ``y`` instead):
+
+    w_k(x)[c] = sum_{c', o} k[c, c', o] * R_o(x[c'])          mark = clamp(y + g * w_k(x))
+
+``R_o`` are ring differences: ``R_o(x)(p) = mean_{t in orbit o} x(p + t) - x(p)`` over the orbits ``o`` of
+the 8 dihedral symmetries acting on the offsets ``t`` of a ``(2r+1)^2`` window (radius ``r``). Each ``R_o``
+is zero-mean (no colour shift) and commutes with flips and 90-degree rotations, so a thief's dihedral
+augmentation maps the mark onto itself instead of averaging it away (the known break of fixed-pattern
+and oriented marks). Because the mark is a function of content, a convolutional surrogate trained on
+random crops learns it as part of the translation (a linear filter of its own input is the easiest
+thing a CNN learns). The key ``k (3, 3 * n_orbits)`` is a standard Gaussian on the *grey-free* subspace
+(:func:`grey_free`: no "same filter on every channel" component, where innocent surrogates' own blur
+and sharpening errors live), drawn from the server secret and ``key_id``. The gain
+``g = min(gain, amplitude / rms(w_k))`` keeps every output's mark at RMS ``amplitude = 10^(-psnr/20)``
+or less (honest-user PSNR >= ``psnr`` before 8-bit rounding).
+
+The test (:class:`OwnershipTest`) regresses the suspect's residual ``r = suspect(x) - clean_victim(x)`` on
+the feature responses ``Phi`` of the probes: ``u = grey_free((Phi^T Phi)^{-1} Phi^T r)`` estimates the
+filter the suspect adds to our clean outputs, and the statistic is
+
+    z = <k, u> / |u|
+
+Exactness: if the key ``k`` is independent of ``(r, Phi)`` -- the suspect, the probes and the clean
+victim were never influenced by outputs marked with ``k`` -- then, given ``u``, ``<k, u>`` is
+N(0, |u|^2) (``u`` lies in the key's subspace) and ``z ~ N(0, 1)`` exactly, whatever the suspect does
+(however its residual correlates with high-pass filters). So ``p = P(N(0,1) >= z)`` is exact (not
+asymptotic) under H0, with one probe or many. Under H1 the surrogate reproduces ``w_k``, ``u`` points
+along ``k`` and ``z`` approaches ``|k| ~ sqrt(key_dim)``, the largest value the test can reach.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from defenses.base import DefenseContext, DefenseParams, OutputDefense, request_rng, request_seed
+from defenses.registry import DEFENSE_REGISTRY
+
+#: Offsets smaller than this many pixels from the image border use reflected content.
+_PAD_MODE = "reflect"
+
+
+@lru_cache(maxsize=8)
+def ring_kernels(radius: int) -> torch.Tensor:
+    """The ``n_orbits`` ring-difference kernels ``(n_orbits, 1, 2r+1, 2r+1)`` (float64, each sums to 0).
+
+    Orbits of the dihedral group D4 on the offsets ``(i, j)``, ``0 < max(|i|, |j|) <= r``: an orbit is the
+    set of offsets with the same ``(max(|i|,|j|), min(|i|,|j|))``. Kernel ``o`` = (indicator of the orbit) /
+    (orbit size) minus a unit impulse at the centre.
+    """
+    if radius < 1:
+        raise ValueError("radius must be >= 1")
+    side = 2 * radius + 1
+    orbits: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i in range(-radius, radius + 1):
+        for j in range(-radius, radius + 1):
+            if i == 0 and j == 0:
+                continue
+            a, b = abs(i), abs(j)
+            orbits.setdefault((max(a, b), min(a, b)), []).append((i, j))
+    kernels = []
+    for key in sorted(orbits):
+        k = torch.zeros(side, side, dtype=torch.float64)
+        for i, j in orbits[key]:
+            k[i + radius, j + radius] = 1.0 / len(orbits[key])
+        k[radius, radius] -= 1.0
+        kernels.append(k)
+    return torch.stack(kernels).unsqueeze(1)
+
+
+TONE_FREQS = 4
+
+
+def n_features(radius: int) -> int:
+    """Feature maps per image: 3 input channels x (ring orbits + 2 * TONE_FREQS)."""
+    return 3 * (ring_kernels(radius).shape[0] if radius > 0 else 2 * TONE_FREQS)
+
+
+def key_dim(radius: int) -> int:
+    """Entries of the key: 3 output channels x :func:`n_features`."""
+    return 3 * n_features(radius)
+
+
+def ring_features(y: torch.Tensor, radius: int) -> torch.Tensor:
+    """``y (N, 3, H, W)`` -> ``(N, 3 * n_orbits, H, W)``: every ring difference of every colour channel.
+
+    Feature index ``c' * n_orbits + o``. Borders are reflect-padded (H, W > radius required).
+    """
+    if radius <= 0:
+        m = torch.arange(1, TONE_FREQS + 1, device=y.device, dtype=y.dtype).view(1, 1, -1, 1, 1)
+        a = 2 * math.pi * m * y.unsqueeze(2)
+        return torch.cat([a.sin(), a.cos()], 2).flatten(1, 2)
+    ker = ring_kernels(radius).to(device=y.device, dtype=y.dtype)
+    n, c, h, w = y.shape
+    pad = F.pad(y.reshape(n * c, 1, h, w), (radius,) * 4, mode=_PAD_MODE)
+    return F.conv2d(pad, ker).reshape(n, c * ker.shape[0], h, w)
+
+
+def grey_free(u: torch.Tensor) -> torch.Tensor:
+    """Project a filter ``u (3, 3 * n)`` off the "same filter on every channel" subspace.
+
+    For each feature ``o``, the mean over ``c`` of the diagonal entries ``u[c, c*n + o]`` is subtracted from
+    them. That subspace (a grey-level blur or sharpening) is where an innocent surrogate's own errors
+    concentrate; the key lives in the orthogonal complement, and the test looks only there.
+    """
+    n = u.shape[1] // 3
+    v = u.reshape(3, 3, n).clone()
+    mean = torch.stack([v[c, c] for c in range(3)]).mean(0)
+    for c in range(3):
+        v[c, c] -= mean
+    return v.reshape(3, 3 * n)
+
+
+def ownership_key(secret: int, key_id: str, radius: int) -> torch.Tensor:
+    """The secret key ``k (3, 3 * n_orbits)`` float64: ``grey_free(g)`` with ``g`` i.i.d. N(0, 1) drawn from
+    (server secret, key_id, radius); ``k`` is then a standard Gaussian on the grey-free subspace."""
+    g = request_rng(request_seed(secret, "ownership_watermark", key_id, str(radius)))
+    return grey_free(torch.randn(3, n_features(radius), generator=g, dtype=torch.float64))
+
+
+def mark_signal(y: torch.Tensor, key: torch.Tensor, radius: int) -> torch.Tensor:
+    """``w_k(y)``: ``y (N, 3, H, W)`` -> ``(N, 3, H, W)``, the keyed filter response (unscaled)."""
+    feats = ring_features(y, radius)
+    return torch.einsum("cf,nfhw->nchw", key.to(device=y.device, dtype=y.dtype), feats)
+
+
+class OwnershipParams(DefenseParams):
+    """``psnr``: bound (dB) on each output's PSNR to the clean one before 8-bit rounding (mark RMS =
+    10^(-psnr/20)). ``gain``: the filter's gain on typical photos before the per-image cap (the mark is
+    the pure linear filter ``gain * w_k`` where that stays under the bound). ``radius``: ring radius in
+    output pixels (larger reaches lower frequencies, which survive JPEG). ``key_id``: names the key
+    (rotate it to start a new key; verification must use the same id)."""
+
+    psnr: float = Field(40.5, ge=20.0, le=80.0)
+    gain: float = Field(0.5, gt=0.0, le=100.0)
+    radius: int = Field(2, ge=0, le=8)
+    key_id: str = Field("k1", min_length=1, max_length=64)
+    source: Literal["output", "input"] = "input"
+
+
+@DEFENSE_REGISTRY.register("ownership_watermark")
+class OwnershipWatermark(OutputDefense):
+    """``y -> clamp(y + g(y) * w_k(y))``, ``(N, 3, H, W) -> (N, 3, H, W)``; ``k`` from ``ctx.secret``."""
+
+    name = "ownership_watermark"
+    Params = OwnershipParams
+    params: OwnershipParams
+
+    def __init__(self, params: DefenseParams | None = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self._keys: dict[int, torch.Tensor] = {}
+
+    def key(self, secret: int) -> torch.Tensor:
+        """The key for ``secret`` (cached per secret)."""
+        if secret not in self._keys:
+            self._keys[secret] = ownership_key(secret, self.params.key_id, self.params.radius)
+        return self._keys[secret]
+
+    def apply(self, outputs: torch.Tensor, inputs: torch.Tensor, ctx: DefenseContext) -> torch.Tensor:
+        return embed(outputs, self.key(ctx.secret), self.params, inputs)
+
+
+def feature_source(y: torch.Tensor, x: torch.Tensor | None, source: str) -> torch.Tensor:
+    """The image the keyed features are computed on: the clean output ``y``, or the input ``x`` resized
+    (bicubic) to the output's size."""
+    if source == "output" or x is None:
+        return y
+    if x.shape[-2:] != y.shape[-2:]:
+        x = F.interpolate(x.float(), size=y.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    return x.to(y.dtype)
+
+
+def embed(y: torch.Tensor, key: torch.Tensor, p: OwnershipParams, x: torch.Tensor | None = None) -> torch.Tensor:
+    """Marked outputs for clean ``y (N, 3, H, W)`` in [0, 1] (same shape, dtype, device); ``x`` the inputs."""
+    r = p.radius
+    if min(y.shape[-2:]) <= max(r, 1):
+        return y
+    w = mark_signal(feature_source(y, x, p.source).float(), key, r)
+    amp = 10.0 ** (-p.psnr / 20.0)
+    rms = w.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    g = torch.minimum(torch.full_like(rms, p.gain), amp / rms.clamp_min(1e-12))
+    return (y.float() + g * w).clamp_(0.0, 1.0).to(y.dtype)
+
+
+@dataclass
+class OwnershipTest:
+    """Running sums of the regression of residuals on ring features; :meth:`result` gives the test.
+
+    ``add(clean, suspect)`` takes one probe's clean victim output and the suspect's output, both
+    ``(1, 3, H, W)`` in [0, 1] (resized beforehand if the suspect's size differs).
+    """
+
+    key: torch.Tensor
+    radius: int
+    gram: torch.Tensor = field(init=False)
+    cross: torch.Tensor = field(init=False)
+    per_probe: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        d = n_features(self.radius)
+        self.gram = torch.zeros(d, d, dtype=torch.float64)
+        self.cross = torch.zeros(d, 3, dtype=torch.float64)
+
+    def add(
+        self, clean: torch.Tensor, suspect: torch.Tensor, name: str = "", basis: torch.Tensor | None = None
+    ) -> None:
+        phi = ring_features((clean if basis is None else basis).double(), self.radius)  # (1, F, H, W)
+        res = (suspect.double() - clean.double())  # (1, 3, H, W)
+        phi_m = phi.flatten(2)[0]  # (F, P)
+        g = phi_m @ phi_m.T
+        c = phi_m @ res.flatten(2)[0].T  # (F, 3)
+        self.gram += g
+        self.cross += c
+        z = _z(self.key, g, c)
+        self.per_probe.append({"probe": name, "z": z, "residual_rms": float(res.pow(2).mean().sqrt()),
+                               "pixels": int(phi_m.shape[1])})
+
+    def z_for(self, key: torch.Tensor) -> float:
+        """The statistic for another key on the same probes (for calibration checks)."""
+        return _z(key, self.gram, self.cross)
+
+    def result(self) -> dict[str, Any]:
+        z = _z(self.key, self.gram, self.cross)
+        dim = int(self.key.numel() - self.key.shape[1] // 3)  # the grey-free subspace
+        return {"statistic": "z", "z": z, "p_value": normal_sf(z), "probes": len(self.per_probe),
+                "key_dim": dim, "max_z": math.sqrt(float(self.key.pow(2).sum()))}
+
+
+def _z(key: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
+    """``<k, u> / |u|`` with ``u`` the grey-free least-squares filter estimate (0 when the residual is 0)."""
+    d = gram.shape[0]
+    ridge = 1e-9 * float(torch.trace(gram)) / d + 1e-30
+    u = grey_free(torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype), cross).T)  # (3, F)
+    norm = float(u.norm())
+    if norm == 0.0 or not math.isfinite(norm):
+        return 0.0
+    return float((key * u).sum()) / norm
+
+
+def normal_sf(z: float) -> float:
+    """``P(N(0, 1) >= z)`` (accurate far in the tail)."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))

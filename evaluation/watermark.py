@@ -1,0 +1,197 @@
+"""Ownership verification: was a suspect model trained on outputs carrying our ownership watermark?
+
+:func:`verify_ownership` sends probe images to a suspect (a local model or a Heist-compatible HTTP API,
+queried with the attacker's client), computes the clean victim's outputs locally, and runs the exact
+test of :mod:`defenses.watermark.ownership`: ``z = <k, u> / |u|`` with ``u`` the least-squares filter
+that maps the clean outputs' keyed features onto the suspect's residual. Under H0 ("the suspect, the
+probes and the clean victim are independent of our key") ``z ~ N(0, 1)`` exactly, so
+``p = P(N(0, 1) >= z)``. The result is a JSON-able dict (what ``heist defend verify --json`` prints and
+what a campaign cell stores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defenses.watermark.ownership import OwnershipParams, OwnershipTest, feature_source, ownership_key
+from translators.codecs import decode_image, encode_image
+from translators.corpus import NamedImage, load_images
+from translators.errors import HeistError, ImageError
+from translators.images import center_crop
+
+log = logging.getLogger(__name__)
+
+#: ``(input (1, 3, H, W)) -> output (1, 3, sH, sW)`` in [0, 1].
+Translator = Callable[[torch.Tensor], torch.Tensor]
+
+NULL_DESCRIPTION = (
+    "z = <k, u>/|u|, u = least-squares filter from the clean outputs' keyed features to the suspect's "
+    "residual (suspect - clean victim). H0: the suspect never saw outputs marked with key k (k independent "
+    "of suspect, probes and clean victim) => z ~ N(0, 1) exactly; p = P(N(0,1) >= z), one-sided."
+)
+
+
+class VerifyError(HeistError):
+    """The suspect cannot be queried or answered something that is not an image."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe: ``image (1, 3, H, W)`` in [0, 1], 8-bit exact."""
+
+    name: str
+    image: torch.Tensor
+
+
+def make_probes(images: Sequence[NamedImage], n: int, side: int, multiple: int = 1) -> list[Probe]:
+    """``n`` probes of ``side`` x ``side`` pixels (rounded down to ``multiple``): non-overlapping tiles of
+    the images, taken round-robin (image 0 tile 0, image 1 tile 0, ...). Smaller images give one centre
+    crop of their largest multiple-of-``multiple`` square."""
+    tiles: list[list[Probe]] = []
+    side = max(multiple, side - side % multiple)
+    for im in images:
+        x = im.image
+        h, w = x.shape[-2:]
+        s = min(side, h - h % multiple, w - w % multiple)
+        if s < max(16, multiple):
+            continue
+        own = [Probe(f"{im.name}@{t}:{left}", x[..., t : t + s, left : left + s].contiguous())
+               for t in range(0, h - s + 1, s) for left in range(0, w - s + 1, s)]
+        tiles.append(own or [Probe(im.name, center_crop(x, s))])
+    out: list[Probe] = []
+    depth = 0
+    while len(out) < n and any(depth < len(t) for t in tiles):
+        out.extend(t[depth] for t in tiles if depth < len(t))
+        depth += 1
+    if not out:
+        raise VerifyError(f"no probe image is at least {max(16, multiple)} pixels a side")
+    return out[:n]
+
+
+def load_probes(spec: str, n: int, side: int, multiple: int = 1) -> list[Probe]:
+    """Probes from an image spec (``corpus:benchmark``, a folder, ``dataset:NAME``; see ``load_images``)."""
+    return make_probes(load_images(spec, max_side=max(side * 4, 512)), n, side, multiple)
+
+
+def _quantise(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0, 1).mul(255).round().div(255)
+
+
+def module_translator(module: nn.Module) -> Translator:
+    """A local suspect: its outputs rounded to 8 bits, as an API would serve them."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            y = module(x)
+        if not isinstance(y, torch.Tensor) or y.dim() != 4 or y.shape[1] != 3:
+            raise VerifyError(f"the suspect model returned {type(y).__name__} "
+                              f"{tuple(y.shape) if isinstance(y, torch.Tensor) else ''}, not an image batch")
+        return _quantise(y.float().cpu())
+
+    return run
+
+
+async def query_url(url: str, model: str, api_key: str, probes: Sequence[Probe],
+                    timeout_s: float = 120.0) -> list[torch.Tensor]:
+    """Each probe sent once (PNG) to a Heist-compatible API with the attacker's client; decoded outputs."""
+    from attacker.client import ClientConfig, VictimClient
+    from attacker.errors import AttackError
+
+    outs: list[torch.Tensor] = []
+    try:
+        async with VictimClient(url, ClientConfig(max_concurrency=1, max_retries=2, read_timeout_s=timeout_s)) as c:
+            await c.model_info(model)
+            for p in probes:
+                r = await c.translate(model, api_key, encode_image(p.image, "png"), "image/png")
+                if not r.ok:
+                    why = r.error or f"HTTP {r.status} {r.code or ''} {r.detail}".strip()
+                    raise VerifyError(f"suspect {url} model {model!r} refused probe {p.name}: {why}")
+                try:
+                    outs.append(decode_image(r.body))
+                except ImageError as exc:
+                    raise VerifyError(f"suspect {url} answered probe {p.name} with a non-image ({exc})") from None
+    except AttackError as exc:
+        raise VerifyError(str(exc)) from None
+    return outs
+
+
+def _match(suspect: torch.Tensor, clean: torch.Tensor, name: str) -> torch.Tensor:
+    if suspect.dim() == 3:
+        suspect = suspect.unsqueeze(0)
+    if suspect.shape[1] != 3:
+        raise VerifyError(f"suspect output for probe {name} has {suspect.shape[1]} channels, not 3")
+    if suspect.shape[-2:] != clean.shape[-2:]:
+        suspect = F.interpolate(suspect, size=clean.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    return suspect
+
+
+def verify_ownership(
+    suspect_outputs: Sequence[torch.Tensor] | Translator,
+    victim: Translator,
+    probes: Sequence[Probe],
+    secret: int,
+    params: OwnershipParams | None = None,
+) -> dict[str, Any]:
+    """The ownership test on ``probes``.
+
+    Args:
+        suspect_outputs: the suspect's output per probe (``(1, 3, sH, sW)`` in [0, 1]), or a translator
+            that computes them; outputs of another size are resized (bicubic) to the victim's.
+        victim: the clean victim (no defenses) ``(1, 3, H, W) -> (1, 3, sH, sW)``.
+        probes: the probe images (sent to the suspect as they are).
+        secret: the server's defense secret (``victim_service.services.defense_secret``).
+        params: the ``ownership_watermark`` parameters the victim serves with (key id, radius).
+
+    Returns:
+        ``{"p_value", "z", "statistic", "null", "probes", "key_dim", "max_z", "per_probe": [...], ...}``.
+    """
+    p = params or OwnershipParams()
+    test = OwnershipTest(ownership_key(secret, p.key_id, p.radius), p.radius)
+    t0 = time.perf_counter()
+    for i, pr in enumerate(probes):
+        with torch.no_grad():
+            clean = victim(pr.image).float().cpu()
+        out = suspect_outputs(pr.image) if callable(suspect_outputs) else suspect_outputs[i]
+        test.add(clean, _match(out.float().cpu(), clean, pr.name), pr.name,
+                 basis=feature_source(clean, pr.image.float(), p.source))
+    res = test.result()
+    res.update({"null": NULL_DESCRIPTION, "key_id": p.key_id, "radius": p.radius, "source": p.source,
+                "per_probe": test.per_probe, "seconds": time.perf_counter() - t0,
+                "probe_side": int(probes[0].image.shape[-1]) if probes else 0})
+    return res
+
+
+def ownership_pvalue(
+    surrogate: nn.Module | Translator,
+    victim: nn.Module | Translator,
+    secret: int,
+    params: OwnershipParams | None = None,
+    images: str = "corpus:benchmark",
+    queries: int = 32,
+    side: int = 256,
+    multiple: int = 16,
+) -> dict[str, Any]:
+    """Campaign scoring: the verify result (JSON-able dict) of a trained surrogate against our clean victim.
+
+    ``multiple``: probe sides are multiples of it (U-Nets need ``2**depth``).
+    """
+    probes = load_probes(images, queries, side, multiple)
+    sur = module_translator(surrogate) if isinstance(surrogate, nn.Module) else surrogate
+    vic = module_translator(victim) if isinstance(victim, nn.Module) else victim
+    return verify_ownership(sur, vic, probes, secret, params)
+
+
+def verify_url(url: str, model: str, api_key: str, victim: Translator, probes: Sequence[Probe], secret: int,
+               params: OwnershipParams | None = None) -> dict[str, Any]:
+    """:func:`verify_ownership` against a suspect served over HTTP."""
+    outs = asyncio.run(query_url(url, model, api_key, probes))
+    return verify_ownership(outs, victim, probes, secret, params)

@@ -96,7 +96,7 @@ class TrainConfig(BaseModel):
     patience: int = Field(4, ge=1)
     min_delta_db: float = Field(0.02, ge=0)
     lr_drops: int = Field(2, ge=0)
-    auto_trial: float = Field(0.15, gt=0, le=0.5)
+    auto_trial: float = Field(0.1, gt=0, le=0.5)
     checkpoint_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     restart: bool = False

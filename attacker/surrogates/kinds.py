@@ -184,9 +184,9 @@ class ResUNetL2(Surrogate):
     profiles: ClassVar[dict[str, SurrogateProfile]] = {
         "tiny": SurrogateProfile(arch_kwargs={"base": 16, "levels": 2, "convs": 1, "max_channels": 32}, steps=300,
                                  batch=8, patch=32, lr=2e-3),
-        "small": SurrogateProfile(arch_kwargs={"base": 32, "levels": 3, "convs": 2, "max_channels": 128},
-                                  steps=20000, batch=8, patch=64, lr=1e-3),
-        "default": SurrogateProfile(arch_kwargs={"base": 32, "levels": 3, "convs": 2, "max_channels": 128},
+        "small": SurrogateProfile(arch_kwargs={"base": 16, "levels": 3, "convs": 1, "max_channels": 64},
+                                  steps=20000, batch=8, patch=64, lr=2e-3),
+        "default": SurrogateProfile(arch_kwargs={"base": 32, "levels": 3, "convs": 1, "max_channels": 128},
                                     steps=50000, batch=8, patch=64, lr=1e-3),
         "full": SurrogateProfile(arch_kwargs={"base": 64, "levels": 4, "convs": 2, "max_channels": 256},
                                  steps=200000, batch=16, patch=128, lr=5e-4),

@@ -29,6 +29,7 @@ import httpx
 import torch
 
 from evaluation.campaign.config import CampaignConfig, load_campaign
+from evaluation.campaign.paper import extraction_tables, paper_rows, receptive_field
 from evaluation.campaign.translate import padded_translator
 from evaluation.campaign.victim import HttpTranslator, VictimKeys, victim_settings
 from evaluation.defense_scoring import NO_DEFENSE, derive, surrogate_scores, utility_cost
@@ -213,13 +214,14 @@ def run_campaign(
     victim_url: str | None = None,
     out_dir: str | Path | None = None,
     hooks: CampaignHooks | None = None,
+    profile: str | None = None,
 ) -> Path:
     """Run (or resume) the campaign in ``config_path``; returns the path of ``results.json``.
 
-    ``victim_url`` overrides ``[victim_service].url``. Raises :class:`CampaignConfigError` before
-    anything runs when the file is invalid.
+    ``victim_url`` overrides ``[victim_service].url``; ``profile`` applies ``[profiles.NAME]``. Raises
+    :class:`CampaignConfigError` before anything runs when the file is invalid.
     """
-    cfg, text = load_campaign(config_path)
+    cfg, text = load_campaign(config_path, profile)
     if victim_url:
         cfg = CampaignConfig.model_validate({**cfg.model_dump(), "victim_service": {
             **cfg.victim_service.model_dump(), "url": victim_url}})
@@ -370,7 +372,10 @@ def _run_grid(
             with timer.phase("training"):
                 tr = train_surrogate(cdir / "run", config=TrainConfig(
                     arch=vcfg.surrogate, profile=vcfg.surrogate_profile, steps=vcfg.train_steps, seed=seed,
-                    device=cfg.campaign.device, val_fraction=0.0 if h.pairs < 4 else 0.1))
+                    device=cfg.campaign.device, val_fraction=0.0 if h.pairs < 4 else 0.1,
+                    arch_kwargs=vcfg.surrogate_kwargs, time_budget=vcfg.train_time_s or 300.0))
+            cell.input_pixels = int(h.summary.get("input_pixels") or 0)
+            cell.surrogate_kind = str(tr.summary["kind"])
             cell.wall_times["training"] = round(time.perf_counter() - t0, 2)
             t0 = time.perf_counter()
             with timer.phase("evaluation"):
@@ -383,6 +388,7 @@ def _run_grid(
                     victim_outputs=clean_out[victim])
                 clean.close()
             cell.wall_times["evaluation"] = round(time.perf_counter() - t0, 2)
+            cell.receptive_field = receptive_field(model.module, model.card.scale)
             cell.surrogate = ModelRef(name=f"surrogate-{cid}", path=str(tr.checkpoint), task=model.card.task,
                                       scale=model.card.scale, arch=model.card.arch)
             surrogates[cid] = tr.checkpoint
@@ -398,7 +404,33 @@ def _run_grid(
     with timer.phase("evaluation"):
         url = service.ensure(url)
         results.samples = _samples(cfg, out, service, url, pairs, clean_out, surrogates)
+        if cfg.paper is not None:
+            _paper(cfg, out, service, url, pairs, network, results)
     return results
+
+
+def _paper(cfg: CampaignConfig, out: Path, service: _Service, url: str, pairs: dict[str, list[PairSet]],
+           network: Any, results: Results) -> None:
+    """The source paper's numbers beside ours, and its A/B/C tables (see :mod:`.paper`)."""
+    from translators.checkpoint import load_model
+
+    opened: list[HttpTranslator] = []
+
+    def victim(name: str) -> HttpTranslator:
+        opened.append(HttpTranslator(url, name, service.honest_key(NO_DEFENSE)))
+        return opened[-1]
+
+    def surrogate(path: str) -> Any:
+        return padded_translator(load_model(path).module)
+
+    try:
+        tables, _ = extraction_tables(cfg, results, pairs, victim, surrogate, network, out)
+    finally:
+        for t in opened:
+            t.close()
+    results.extraction.extend(tables)
+    results.paper_source = cfg.paper.source if cfg.paper else None
+    results.paper = paper_rows(cfg, results)
 
 
 def _feature_network(cfg: CampaignConfig) -> tuple[Any, str | None]:

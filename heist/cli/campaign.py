@@ -27,6 +27,7 @@ def run(
     config: Path = typer.Argument(..., help="Campaign TOML file (see configs/campaigns/)."),
     victim_url: str = typer.Option(None, "--victim-url", help="Attack this running service instead of starting one."),
     out: Path = typer.Option(None, "--out", help="Output folder (default: [campaign].out_dir or runs/NAME)."),
+    profile: str = typer.Option(None, "--profile", help="Apply the file's [profiles.NAME] overrides (e.g. full)."),
 ) -> None:
     """Run the campaign (resuming finished cells), then write results.json, report.md and report.html."""
     from evaluation.campaign.runner import CampaignHooks, run_campaign
@@ -46,7 +47,7 @@ def run(
             cell_done=cell_done,
             say=lambda text: bar.update(task, info=text[:70]),
         )
-        path = run_campaign(config, victim_url=victim_url, out_dir=out, hooks=hooks)
+        path = run_campaign(config, victim_url=victim_url, out_dir=out, hooks=hooks, profile=profile)
     for f in failed:
         console.print(f"[red]failed[/red] {f}", highlight=False)
     console.print(f"results: {path}")

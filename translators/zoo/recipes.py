@@ -201,7 +201,7 @@ _add(Recipe(
     loss="l1",
     description="bicubic x2 super-resolution (SRResNet, pixel shuffle, bicubic skip)",
     specs={
-        "tiny": TrainSpec({"scale": 2, "channels": 16, "n_blocks": 2}, steps=600, batch=8, patch=48, lr=2e-3),
+        "tiny": TrainSpec({"scale": 2, "channels": 24, "n_blocks": 2}, steps=1000, batch=8, patch=64, lr=2e-3),
         "default": TrainSpec({"scale": 2, "channels": 24, "n_blocks": 3}, steps=1200, batch=8, patch=48, lr=2e-3),
         "full": TrainSpec({"scale": 2, "channels": 64, "n_blocks": 16}, steps=100_000, batch=16, patch=96,
                           lr=2e-4, eval_side=256),

@@ -155,8 +155,15 @@ def main() -> None:
                     row["gain_db"] = round(row["B_psnr"] - row["baseline_psnr"], 3)
                     rows.append(row)
                     log.warning("%s", json.dumps(row))
+                    write(args, rows, budgets, victims, time.monotonic() - t_start, partial=True)
         finally:
             svc.stop()
+    sys.stdout.write(json.dumps(write(args, rows, budgets, victims, time.monotonic() - t_start), indent=2) + "\n")
+
+
+def write(args: argparse.Namespace, rows: list[dict[str, Any]], budgets: list[int], victims: list[str],
+          wall_s: float, partial: bool = False) -> dict[str, Any]:
+    """Write the result file (after every row too, marked ``partial``, so a stopped run keeps its rows)."""
     result = {
         "benchmark": "attack_fidelity", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "zoo_profile": args.zoo_profile, "surrogate_profile": args.surrogate_profile, "arch": args.arch,
@@ -164,13 +171,14 @@ def main() -> None:
         "harvest": "CLI defaults: strategy crops, crop_size auto (budget, max_pixels), noise auto, corpus:attacker",
         "bench_images": "corpus:benchmark centre crops", "bench_side": args.bench_side,
         "metric": "piq PSNR/SSIM, data_range 1, RGB, no border crop", "device": args.device,
-        "cpu_count": os.cpu_count(), "torch_threads": args.threads, "wall_s": round(time.monotonic() - t_start, 1),
-        "rows": rows, "table_md": table(rows),
+        "cpu_count": os.cpu_count(), "torch_threads": args.threads, "wall_s": round(wall_s, 1),
+        "partial": partial, "rows": rows, "table_md": table(rows),
     }
-    out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    return result
 
 
 if __name__ == "__main__":

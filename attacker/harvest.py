@@ -302,7 +302,7 @@ class Harvester:
             self.info = await client.model_info(self.cfg.model)
             imgs = self.images_spec if not isinstance(self.images_spec, str) else load_images(self.images_spec)
             self.strategy = build_strategy(self.cfg.strategy, imgs, self.info, self.cfg.strategy_params,
-                                           self.cfg.seed)
+                                           self.cfg.seed, budget=self.cfg.budget)
             self.identity = self._check_resume(self.info, self.strategy)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with folder_lock(self.run_dir):

@@ -8,33 +8,47 @@ DataLoader workers, and on CPU ends with bit-identical weights.
 
 Held-out pairs (never trained on) measure fidelity: ``max(1, round(val_fraction * N))`` pairs (at most
 ``max_val_pairs``) chosen by seed; with a single pair, a stripe of it along the longer side (a quarter)
-is held out instead, as the single-example paper tests on unseen regions. Learning rate: cosine decay
-from ``lr`` to ``lr / 10``.
+is held out instead, as the single-example paper tests on unseen regions.
+
+Stopping: at the profile's ``steps`` (a cap), after ``time_budget`` seconds, or when held-out PSNR stops
+improving: every ``val_every`` steps it is measured (also at step 0); ``patience`` validations without a
+gain of ``min_delta_db`` divide the learning rate by 3, and after ``lr_drops`` such drops training stops.
+The checkpoint holds the weights of the best validation, so a ``resunet`` surrogate (which starts *as*
+the trivial baseline) never scores below the baseline on held-out pairs. ``arch="auto"`` trains each
+candidate (:func:`attacker.surrogates.auto_candidates`) for ``auto_trial`` of the budget on the same
+batches and continues the best one; the first candidate (``resunet``, which starts as the baseline) is
+kept unless another beats its trial by ``auto_margin_db`` on held-out pairs, and when the continued
+candidate still ends below the first one's trial, the first one's weights are returned instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import logging
 import math
 import random
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from attacker.countermeasures import build_counter
 from attacker.errors import ConfigError, TrainingError
 from attacker.fidelity import baseline, psnr_ssim_l2, translate
-from attacker.files import folder_lock
+from attacker.files import atomic_write_json, folder_lock, read_json
 from attacker.pairstore import MANIFEST, PairStore
 from attacker.progress import NO_PROGRESS, ProgressHook
 from attacker.runinfo import read_run, update_run
-from attacker.surrogates import Surrogate, SurrogateProfile, auto_kind, get_surrogate
+from attacker.surrogates import Surrogate, SurrogateProfile, auto_candidates, get_surrogate
 from attacker.trainstate import fingerprint, load_state, save_state
 from translators.checkpoint import ModelCard, save_checkpoint
 from translators.device import pick_device
@@ -47,8 +61,15 @@ class TrainConfig(BaseModel):
     """Options of :func:`train_surrogate`. ``None`` fields take the profile's value.
 
     Attributes:
-        arch: surrogate kind (``pix2pix``, ``srresnet``, ``unet-l2``) or ``auto`` (SR: srresnet,
-            denoise: unet-l2, else pix2pix).
+        arch: surrogate kind (``resunet``, ``pix2pix``, ``srresnet``, ``unet-l2``) or ``auto``: try
+            ``resunet`` and the papers' surrogate for the task (SR: srresnet, denoise: unet-l2, else
+            pix2pix) briefly, keep the better on held-out pairs.
+        steps: most optimisation steps (default: the profile's cap).
+        time_budget: seconds of training (trials included) after which training stops; None = no limit.
+        patience, min_delta_db, lr_drops: the plateau rule (module docstring).
+        auto_trial: share of the time budget (or of ``steps``) each ``auto`` candidate trains for.
+        auto_margin_db: held-out PSNR (dB) by which another candidate's trial must beat the first
+            (``resunet``) to be chosen: a few short trials judged on a few held-out pairs are noisy.
         profile: ``tiny`` (tests), ``small`` (CPU), ``default``, ``full`` (GPU).
         patch: training crop side in input pixels (clamped to the smallest training input).
         arch_kwargs: overrides of the profile's generator kwargs (e.g. ``{"depth": 3}``).
@@ -79,6 +100,12 @@ class TrainConfig(BaseModel):
     max_val_pairs: int = Field(32, ge=1)
     val_max_side: int = Field(128, ge=8)
     val_every: int | None = Field(None, ge=1)
+    time_budget: float | None = Field(300.0, gt=0)
+    patience: int = Field(4, ge=1)
+    min_delta_db: float = Field(0.02, ge=0)
+    lr_drops: int = Field(2, ge=0)
+    auto_trial: float = Field(0.1, gt=0, le=0.5)
+    auto_margin_db: float = 0.5
     checkpoint_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     restart: bool = False
@@ -249,10 +276,6 @@ class TrainResult:
     run_json: Path | None = None
 
 
-def _cosine(step: int, total: int) -> float:
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-
 @torch.no_grad()
 def _validate(sur: Surrogate, split: Split) -> dict[str, float]:
     g = sur.G
@@ -282,6 +305,187 @@ def _resolve_profile(kind: type[Surrogate], cfg: TrainConfig) -> SurrogateProfil
         raise ConfigError(f"bad training option: {exc.errors()[0]['msg']}") from None
 
 
+@dataclass
+class _Loop:
+    """One surrogate in training and its loop state (all of it goes into ``train_state/state.json``).
+
+    ``best`` holds the generator weights of the best held-out PSNR so far; ``lr_factor`` multiplies the
+    profile's learning rate and is divided by :data:`LR_DROP` on each plateau.
+    """
+
+    kind: str
+    sur: Surrogate
+    patch: int
+    best: nn.Module
+    step: int = 0
+    lr_factor: float = 1.0
+    best_psnr: float = -math.inf
+    best_step: int = 0
+    best_scores: dict[str, float] = field(default_factory=dict)
+    bad: int = 0
+    drops: int = 0
+    used_s: float = 0.0
+    train_s: float = 0.0
+    stop_reason: str | None = None
+    loss_curve: list[list[float]] = field(default_factory=list)
+    val_curve: list[dict[str, float]] = field(default_factory=list)
+    acc: list[float] = field(default_factory=list)
+
+    def info(self) -> dict[str, Any]:
+        return {"lr_factor": self.lr_factor, "best_psnr": self.best_psnr, "best_step": self.best_step,
+                "best_scores": self.best_scores, "bad": self.bad, "drops": self.drops, "wall_s": self.used_s,
+                "train_s": self.train_s, "stop_reason": self.stop_reason, "loss_curve": self.loss_curve,
+                "val_curve": self.val_curve, "loss_acc": self.acc}
+
+    def restore(self, meta: dict[str, Any]) -> None:
+        self.step = int(meta["step"])
+        self.lr_factor = float(meta.get("lr_factor", 1.0))
+        self.best_psnr = float(meta.get("best_psnr", -math.inf))
+        self.best_step = int(meta.get("best_step", 0))
+        self.best_scores = dict(meta.get("best_scores", {}))
+        self.bad, self.drops = int(meta.get("bad", 0)), int(meta.get("drops", 0))
+        self.used_s, self.train_s = float(meta.get("wall_s", 0.0)), float(meta.get("train_s", 0.0))
+        self.stop_reason = meta.get("stop_reason")
+        self.loss_curve, self.val_curve = meta.get("loss_curve", []), meta.get("val_curve", [])
+        self.acc = [float(v) for v in meta.get("loss_acc", [])]
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {**self.sur.networks(), "best": self.best}
+
+
+LR_DROP = 3.0  # learning-rate divisor on a plateau
+
+
+def _new_loop(kind_name: str, cfg: TrainConfig, scale: int, task: str, device: torch.device,
+              min_side: int) -> _Loop:
+    kind = get_surrogate(kind_name)
+    profile = _resolve_profile(kind, cfg)
+    torch.manual_seed(cfg.seed)
+    sur = kind(scale, task, profile, device, amp=cfg.amp)
+    mult = sur.patch_multiple()
+    patch = min(sur.input_patch(profile.patch), min_side)
+    patch -= patch % mult
+    if patch < mult:
+        raise TrainingError(f"training inputs are {min_side}px at the smallest; the {kind_name} {cfg.profile} "
+                            f"surrogate needs crops of at least {mult}px: lower its depth (arch_kwargs) or "
+                            "harvest larger crops")
+    return _Loop(kind_name, sur, patch, copy.deepcopy(sur.G))
+
+
+def _observe(loop: _Loop, split: Split, cfg: TrainConfig) -> None:
+    """Validate, keep the best weights, and apply the plateau rule (see :class:`TrainConfig`)."""
+    val = _validate(loop.sur, split)
+    loop.val_curve.append({"step": loop.step, **val})
+    if val["psnr"] > loop.best_psnr + cfg.min_delta_db:
+        loop.best_psnr, loop.best_step, loop.best_scores, loop.bad = val["psnr"], loop.step, val, 0
+        loop.best.load_state_dict(loop.sur.G.state_dict())
+        return
+    loop.bad += 1
+    if loop.bad >= cfg.patience:
+        if loop.drops >= cfg.lr_drops:
+            loop.stop_reason = "plateau"
+        else:
+            loop.drops, loop.bad = loop.drops + 1, 0
+            loop.lr_factor /= LR_DROP
+
+
+def _run_loop(loop: _Loop, split: Split, cfg: TrainConfig, *, max_steps: int, until_s: float | None,
+              val_every: int, ckpt: Callable[[], None] | None = None, ckpt_every: int = 0,
+              progress: ProgressHook = NO_PROGRESS, label: str = "train") -> None:
+    """Train ``loop`` until ``max_steps``, ``until_s`` seconds of its wall time, or a plateau.
+
+    Validates at step 0 (so the trivial start of ``resunet`` is the first "best") and every
+    ``val_every`` steps; ``ckpt`` saves resumable state every ``ckpt_every`` steps and at the end.
+    """
+    sur, device = loop.sur, loop.sur.device
+    profile = sur.profile
+    t0 = time.monotonic()
+    used0 = loop.used_s
+    if not loop.val_curve:
+        _observe(loop, split, cfg)
+    loader = DataLoader(BatchSource(split.train, loop.patch, profile.batch, cfg.seed, loop.step, max_steps,
+                                    cfg.augment),
+                        batch_size=None, shuffle=False, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    progress.start(label, max_steps, loop.step)
+    sur.train()
+    try:
+        for xb, yb in loader:
+            if loop.stop_reason is not None:
+                break
+            if until_s is not None and loop.used_s >= until_s:
+                loop.stop_reason = "time"
+                break
+            ts = time.monotonic()
+            x = xb.to(device, non_blocking=True).float().div_(255.0)
+            y = yb.to(device, non_blocking=True).float().div_(255.0)
+            sur.set_lr(loop.lr_factor)
+            losses = sur.train_step(x, y)
+            loop.train_s += time.monotonic() - ts
+            loop.step += 1
+            loop.acc.append(losses["loss"])
+            if loop.step % cfg.log_every == 0 or loop.step == max_steps:
+                loop.loss_curve.append([loop.step, sum(loop.acc) / len(loop.acc)])
+                loop.acc = []
+            if loop.step % val_every == 0 or loop.step == max_steps:
+                _observe(loop, split, cfg)
+            loop.used_s = used0 + time.monotonic() - t0
+            if ckpt is not None and loop.step % ckpt_every == 0:
+                ckpt()
+            progress.advance(label, 1, f"loss {losses['loss']:.4g} · best {loop.best_psnr:.2f} dB")
+    finally:
+        progress.finish(label)
+    if loop.stop_reason is None:
+        loop.stop_reason = "steps" if loop.step >= max_steps else "time"
+    if loop.val_curve[-1]["step"] != loop.step:
+        _observe(loop, split, cfg)
+    loop.used_s = used0 + time.monotonic() - t0
+    if ckpt is not None:
+        ckpt()
+
+
+def _choose_auto(candidates: list[str], cfg: TrainConfig, split: Split, scale: int, task: str,
+                 device: torch.device, min_side: int,
+                 progress: ProgressHook) -> tuple[_Loop, dict[str, Any], _Loop | None]:
+    """Train each candidate briefly on the same batches; keep the best on held-out pairs.
+
+    Each trial gets ``auto_trial`` of the time budget (or of the profile's steps without one). The first
+    candidate that fits is the default: another replaces it only when its trial beats the default's by more
+    than ``cfg.auto_margin_db`` (ties and near-ties keep the default). The winner continues from where its
+    trial stopped. Returns ``(winner, auto.json record, default)``, ``default`` None when it is the winner
+    (the caller falls back to it if the winner ends below it).
+    """
+    trials: dict[str, float] = {}
+    best: _Loop | None = None
+    default: _Loop | None = None
+    others_s = 0.0
+    for name in candidates:
+        try:
+            loop = _new_loop(name, cfg, scale, task, device, min_side)
+        except (ConfigError, TrainingError) as exc:
+            log.info("auto: skipping %s (%s)", name, exc)
+            continue
+        steps = loop.sur.profile.steps
+        until = cfg.time_budget * cfg.auto_trial if cfg.time_budget is not None else None
+        trial_steps = max(1, round(steps * cfg.auto_trial))
+        _run_loop(loop, split, cfg, max_steps=trial_steps, until_s=until,
+                  val_every=max(1, min(cfg.val_every or 50, trial_steps)), progress=progress, label=f"try {name}")
+        trials[name] = round(loop.best_psnr, 3)
+        log.info("auto: %s reached %.2f dB on held-out pairs in %d steps", name, loop.best_psnr, loop.step)
+        if best is None or default is None:
+            best = default = loop
+        elif loop.best_psnr > best.best_psnr + (cfg.auto_margin_db if best is default else 0.0):
+            best = loop
+        others_s += loop.used_s
+    if best is None:
+        raise TrainingError(f"no surrogate among {', '.join(candidates)} fits these pairs")
+    best.stop_reason = None
+    best.bad = 0
+    others_s -= best.used_s
+    record = {"candidates": candidates, "trial_psnr": trials, "chosen": best.kind, "others_s": others_s,
+              "margin_db": cfg.auto_margin_db}
+    return best, record, (default if default is not best else None)
+
+
 def train_surrogate(
     pairs: str | Path,
     out: str | Path | None = None,
@@ -295,12 +499,16 @@ def train_surrogate(
     Args:
         pairs: a run folder (``RUN`` holding ``pairs/manifest.jsonl``) or a pairs folder.
         out: output folder; default ``RUN/surrogate``. Holds ``model.safetensors`` + ``model.json`` and
-            ``train_state/`` (resumed automatically unless ``restart``).
+            ``train_state/`` (resumed automatically unless ``restart``); with ``arch="auto"`` also
+            ``auto.json`` (the candidates' trial scores and the choice, so a resume does not re-try).
         config: a :class:`TrainConfig`; or pass its fields as keyword ``options``.
         progress: optional :class:`ProgressHook`.
 
-    Returns a :class:`TrainResult`; also writes the ``train`` section of ``RUN/run.json`` when the pairs
-    belong to a run folder.
+    Training stops at the first of: ``steps`` (the profile's cap), ``time_budget`` seconds, or a
+    plateau of held-out PSNR; the checkpoint holds the *best* held-out weights. Returns a
+    :class:`TrainResult`; also writes the ``train`` section of ``RUN/run.json`` when the pairs belong to
+    a run folder, with ``beats_baseline`` and a ``warning`` when the surrogate is no better than the
+    trivial baseline on held-out pairs.
     """
     try:
         cfg = config or TrainConfig(**options)
@@ -319,101 +527,100 @@ def train_surrogate(
     task = str(info.get("task", "translation"))
     if info.get("scale") not in (None, ps.scale):
         log.warning("victim reports scale %s but the pairs show %d; using %d", info.get("scale"), ps.scale, ps.scale)
-    kind_name = auto_kind(task, ps.scale) if cfg.arch == "auto" else cfg.arch
-    kind = get_surrogate(kind_name)
-    profile = _resolve_profile(kind, cfg)
+    candidates = auto_candidates(task, ps.scale) if cfg.arch == "auto" else [cfg.arch]
+    for name in candidates:
+        _resolve_profile(get_surrogate(name), cfg)  # unknown kinds / profiles / options fail before any work
     try:
         device = pick_device(cfg.device)
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    sur = kind(ps.scale, task, profile, device, amp=cfg.amp)
-    mult = sur.patch_multiple()
+    # the split must leave crops every candidate can train on
+    mult = 1
+    for name in candidates:
+        k = get_surrogate(name)
+        with contextlib.suppress(ConfigError):
+            mult = max(mult, k(ps.scale, task, _resolve_profile(k, cfg), torch.device("cpu"), amp=False)
+                       .patch_multiple())
     split = split_pairs(ps, cfg, min_train_side=mult)
     min_side = min(min(x.shape[-2:]) for x in split.train.inputs)
-    patch = min(profile.patch, min_side)
-    patch -= patch % mult
-    if patch < mult:
-        raise TrainingError(f"training inputs are {min_side}px at the smallest; the {kind_name} {cfg.profile} "
-                            f"surrogate needs crops of at least {mult}px: lower its depth (arch_kwargs) or "
-                            "harvest larger crops")
-    steps = profile.steps
-    val_every = cfg.val_every or max(1, steps // 10)
-    ckpt_every = cfg.checkpoint_every or max(1, steps // 10)
-    fp = fingerprint({"kind": kind_name, "profile": profile.model_dump(exclude={"steps"}), "scale": ps.scale,
-                      "pairs": hashlib.sha256(",".join(ps.ids).encode()).hexdigest(), "patch": patch,
-                      "val": split.val_ids, "seed": cfg.seed, "augment": cfg.augment}
-                     | ({"counter": counter.spec.describe()} if counter.spec.kind != "none" else {}))
     state_dir = out_dir / "train_state"
+    auto_path = out_dir / "auto.json"
     with folder_lock(out_dir, "surrogate folder"):
-        start, loss_curve, val_curve, prior_s, prior_train_s = 0, [], [], 0.0, 0.0
-        acc: list[float] = []  # losses since the last loss-curve point
-        if (state_dir / "state.json").exists() and not cfg.restart:
-            meta = load_state(state_dir, sur.networks(), sur.optimizers(), sur.scaler)
+        t0 = time.monotonic()
+        base_scores = _baseline_scores(split, ps.scale)
+        if cfg.restart:
+            auto_path.unlink(missing_ok=True)
+        auto: dict[str, Any] | None = None
+        default: _Loop | None = None
+        resuming = (state_dir / "state.json").exists() and not cfg.restart
+        prior = read_json(auto_path) if cfg.arch == "auto" else None
+        if len(candidates) == 1:
+            loop = _new_loop(candidates[0], cfg, ps.scale, task, device, min_side)
+        elif resuming and prior and prior.get("chosen") in candidates:
+            auto = prior
+            loop = _new_loop(str(prior["chosen"]), cfg, ps.scale, task, device, min_side)
+        else:
+            resuming = False
+            loop, auto, default = _choose_auto(candidates, cfg, split, ps.scale, task, device, min_side, progress)
+            atomic_write_json(auto_path, auto)
+        sur, profile, kind_name = loop.sur, loop.sur.profile, loop.kind
+        steps = profile.steps
+        val_every = cfg.val_every or max(1, min(50, steps // 10))
+        ckpt_every = cfg.checkpoint_every or max(1, min(200, steps // 10))
+        fp = fingerprint({"kind": kind_name, "profile": profile.model_dump(exclude={"steps"}), "scale": ps.scale,
+                          "pairs": hashlib.sha256(",".join(ps.ids).encode()).hexdigest(), "patch": loop.patch,
+                          "val": split.val_ids, "seed": cfg.seed, "augment": cfg.augment}
+                         | ({"counter": counter.spec.describe()} if counter.spec.kind != "none" else {}))
+        if resuming:
+            meta = load_state(state_dir, loop.networks(), sur.optimizers(), sur.scaler)
             if meta.get("fingerprint") != fp:
                 raise TrainingError(f"{state_dir}: holds training with different settings or pairs; pass "
                                     "--restart to start over (or use another --out)")
-            start = int(meta["step"])
-            loss_curve, val_curve = meta.get("loss_curve", []), meta.get("val_curve", [])
-            acc = [float(v) for v in meta.get("loss_acc", [])]
-            prior_s, prior_train_s = float(meta.get("wall_s", 0.0)), float(meta.get("train_s", 0.0))
-            log.info("resuming training at step %d of %d", start, steps)
-        base_scores = _baseline_scores(split, ps.scale)
-        t0 = time.monotonic()
-        train_s = 0.0
+            loop.restore(meta)
+            loop.stop_reason = None
+            log.info("resuming training at step %d of at most %d", loop.step, steps)
 
-        def state_info() -> dict[str, Any]:
-            return {"fingerprint": fp, "loss_curve": loss_curve, "val_curve": val_curve, "loss_acc": acc,
-                    "wall_s": prior_s + time.monotonic() - t0, "train_s": prior_train_s + train_s}
+        def ckpt() -> None:
+            save_state(state_dir, loop.step, loop.networks(), sur.optimizers(), sur.scaler,
+                       {"fingerprint": fp, **loop.info()})
 
-        loader = DataLoader(BatchSource(split.train, patch, profile.batch, cfg.seed, start, steps, cfg.augment),
-                            batch_size=None, shuffle=False, num_workers=cfg.workers,
-                            pin_memory=device.type == "cuda")
-        progress.start("train", steps, start)
-        sur.train()
-        step = start
-        try:
-            for xb, yb in loader:
-                ts = time.monotonic()
-                x = xb.to(device, non_blocking=True).float().div_(255.0)
-                y = yb.to(device, non_blocking=True).float().div_(255.0)
-                sur.set_lr(_cosine(step, steps))
-                losses = sur.train_step(x, y)
-                train_s += time.monotonic() - ts
-                step += 1
-                acc.append(losses["loss"])
-                if step % cfg.log_every == 0 or step == steps:
-                    loss_curve.append([step, sum(acc) / len(acc)])
-                    acc = []
-                if step % val_every == 0 or step == steps:
-                    val = _validate(sur, split)
-                    val_curve.append({"step": step, **val})
-                if step % ckpt_every == 0 or step == steps:
-                    save_state(state_dir, step, sur.networks(), sur.optimizers(), sur.scaler, state_info())
-                last = val_curve[-1] if val_curve else None
-                progress.advance("train", 1, f"loss {losses['loss']:.4g}" +
-                                 (f" · val {last['psnr']:.2f} dB" if last else ""))
-        finally:
-            progress.finish("train")
-        if step < steps:  # pragma: no cover - the loader always yields stop-start batches
-            raise TrainingError("training stopped early")
-        fidelity = _validate(sur, split) if not val_curve or val_curve[-1]["step"] != steps else {
-            k: v for k, v in val_curve[-1].items() if k != "step"}
-        total_train_s = prior_train_s + train_s
-        ips = (steps * profile.batch / total_train_s) if total_train_s > 0 else 0.0
-        wall = prior_s + time.monotonic() - t0
-        g = sur.G.eval()
+        until = None if cfg.time_budget is None else cfg.time_budget - float((auto or {}).get("others_s", 0.0))
+        _run_loop(loop, split, cfg, max_steps=steps, until_s=until, val_every=val_every, ckpt=ckpt,
+                  ckpt_every=ckpt_every, progress=progress)
+        if default is not None and auto is not None and default.best_psnr > loop.best_psnr:
+            log.warning("auto: %s ended at %.2f dB on held-out pairs, below the %s trial (%.2f dB); keeping %s",
+                        loop.kind, loop.best_psnr, default.kind, default.best_psnr, default.kind)
+            auto = {**auto, "chosen": default.kind, "fallback_from": loop.kind,
+                    "fallback_psnr": round(loop.best_psnr, 3)}
+            atomic_write_json(auto_path, auto)
+            shutil.rmtree(state_dir, ignore_errors=True)  # held the abandoned kind's state
+            loop = default
+            sur, profile, kind_name = loop.sur, loop.sur.profile, loop.kind
+            steps = profile.steps
+        fidelity = loop.best_scores
+        ips = (loop.step * profile.batch / loop.train_s) if loop.train_s > 0 else 0.0
+        g = loop.best.eval()
+        name = "bicubic" if ps.scale > 1 else "identity"
+        margin = fidelity["psnr"] - base_scores["psnr"]
+        beats = margin > 0.0
+        warning = None if beats else (
+            f"the surrogate is NOT better than the trivial {name} baseline on held-out pairs "
+            f"({fidelity['psnr']:.2f} dB vs {base_scores['psnr']:.2f} dB): harvest more or larger queries, or "
+            "train longer (--time-budget)")
+        if warning:
+            log.warning("%s", warning)
         summary: dict[str, Any] = {
-            "kind": kind_name, "arch": sur.arch, "profile": cfg.profile, "steps": steps, "batch": profile.batch,
-            "patch": patch, "lr": profile.lr, "seed": cfg.seed, "device": str(device),
-            "amp": sur.amp, "counter": counter.spec.describe(), "counter_amplitude": counter.amplitude,
-            "pairs_train": len(split.train), "pairs_val": len(split.val_ids),
-            "held_out": split.held_out, "loss_curve": loss_curve, "val_curve": val_curve,
-            "fidelity": fidelity, "baseline": base_scores,
-            "baseline_name": "bicubic" if ps.scale > 1 else "identity", "wall_s": wall,
-            "train_s": total_train_s, "images_per_s": ips,
+            "kind": kind_name, "arch": sur.arch, "profile": cfg.profile, "steps": loop.step, "max_steps": steps,
+            "best_step": loop.best_step, "stop_reason": loop.stop_reason, "time_budget_s": cfg.time_budget,
+            "batch": profile.batch, "patch": loop.patch, "lr": profile.lr, "lr_factor": loop.lr_factor,
+            "seed": cfg.seed, "device": str(device), "amp": sur.amp, "counter": counter.spec.describe(),
+            "counter_amplitude": counter.amplitude, "pairs_train": len(split.train),
+            "pairs_val": len(split.val_ids), "held_out": split.held_out, "loss_curve": loop.loss_curve,
+            "val_curve": loop.val_curve, "fidelity": fidelity, "baseline": base_scores, "baseline_name": name,
+            "gain_db": margin, "beats_baseline": beats, "warning": warning, "auto": auto,
+            "wall_s": time.monotonic() - t0, "train_s": loop.train_s, "images_per_s": ips,
         }
         card = ModelCard(
             name=f"surrogate-{target.get('model', 'victim')}-{kind_name}", arch=sur.arch, kwargs=sur.arch_kwargs,
@@ -424,11 +631,11 @@ def train_surrogate(
             | {"victim_url": target.get("url"), "victim_model": target.get("model")},
             metrics={"held_out_vs_victim": fidelity, "baseline_vs_victim": base_scores},
         )
-        ckpt = save_checkpoint(g, out_dir / "model.safetensors", card)
+        ckpt_path = save_checkpoint(g, out_dir / "model.safetensors", card)
     run_json = None
     if run_dir is not None:
-        rel = ckpt.relative_to(run_dir) if ckpt.is_relative_to(run_dir) else ckpt
+        rel = ckpt_path.relative_to(run_dir) if ckpt_path.is_relative_to(run_dir) else ckpt_path
         update_run(run_dir, train=summary | {"checkpoint": str(rel)})
         run_json = run_dir / "run.json"
-    return TrainResult(ckpt, card, fidelity, base_scores, split.held_out, steps, loss_curve, val_curve, wall, ips,
-                       summary, run_json)
+    return TrainResult(ckpt_path, card, fidelity, base_scores, split.held_out, loop.step, loop.loss_curve,
+                       loop.val_curve, summary["wall_s"], ips, summary, run_json)

@@ -221,6 +221,22 @@ class CampaignCell(_Model):
     run_dir: str | None = None
     fidelity: Comparison | None = None
     quality: Comparison | None = None
+    input_pixels: int | None = None  # input pixels the harvest sent (the single-example paper's x axis)
+    surrogate_kind: str | None = None  # what `auto` chose, or the configured kind
+    receptive_field: int | None = None  # measured receptive field side of the surrogate (same-size tasks)
+
+
+class PaperComparison(_Model):
+    """One published number beside ours: ``ours`` is None (with ``note``) when we cannot measure it."""
+
+    label: str
+    victim: str
+    cell: str
+    metric: str
+    budget: int | None = None
+    paper: float | str
+    ours: float | None = None
+    note: str = ""
 
 
 ExtractionCell = CampaignCell
@@ -425,6 +441,8 @@ class Results(_Model):
     utility: list[DefenseUtility] = Field(default_factory=list)
     samples: list[ImageGrid] = Field(default_factory=list)
     derived: Derived | None = None
+    paper_source: str | None = None
+    paper: list[PaperComparison] = Field(default_factory=list)
 
     @property
     def extraction_cells(self) -> list[CampaignCell]:

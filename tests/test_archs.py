@@ -38,6 +38,8 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
         ("srresnet", {"scale": 8, "channels": 8, "n_blocks": 1, "batch_norm": True}, (4, 5), (32, 40)),
         ("bicubic_unet", {"scale": 4, "base": 8, "depth": 3}, (5, 7), (20, 28)),
         ("bicubic_unet", {"scale": 1, "base": 8, "depth": 2, "residual": True}, (3, 9), (3, 9)),
+        ("resunet", {"base": 8, "levels": 3, "max_channels": 16}, (13, 21), (13, 21)),
+        ("resunet", {"scale": 2, "base": 8, "levels": 2, "convs": 1}, (5, 7), (10, 14)),
     ],
 )
 def test_generator_shapes_and_range(name: str, kwargs: dict[str, object], in_hw: tuple[int, int],
@@ -141,6 +143,7 @@ _TORCHSCRIPT_CASES = [
     ("srresnet", {"channels": 8, "n_blocks": 1}, (6, 7)),
     ("bicubic_unet", {"scale": 4, "base": 8, "depth": 3}, (5, 6)),
     ("patchgan", {"base": 4}, (64, 64)),
+    ("resunet", {"base": 8, "levels": 2, "max_channels": 16}, (9, 11)),
 ]
 
 
@@ -158,3 +161,13 @@ def test_every_architecture_compiles_with_torchscript(name: str, kwargs: dict[st
     x = _rand(1, 6 if name == "patchgan" else 3, *hw)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=0)
+
+
+def test_resunet_starts_at_the_trivial_baseline() -> None:
+    """Zero-initialised last conv: an untrained ResUNet is the identity (scale 1) or bicubic (scale 2)."""
+    x = _rand(1, 3, 11, 14)
+    same = build_arch("resunet", {"base": 8, "levels": 2}).eval()
+    torch.testing.assert_close(same(x), x)
+    up = build_arch("resunet", {"scale": 2, "base": 8, "levels": 2}).eval()
+    bic = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="bicubic", align_corners=False).clamp(0, 1)
+    torch.testing.assert_close(up(x), bic)

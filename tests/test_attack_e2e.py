@@ -71,16 +71,18 @@ def test_cli_harvest_train_status_steals_the_zoo_denoiser(zoo_victim: VictimServ
     assert "held-out (pairs) vs victim" in cp.stdout
     summary = read_run(run)
     tr = summary["train"]
-    assert tr["kind"] == "unet-l2"  # auto: the public task is denoise
+    # auto: the default resunet and, the public task being denoise, the paper's L2 U-Net
+    assert tr["auto"]["candidates"] == ["resunet", "unet-l2"]
+    assert tr["kind"] == tr["auto"]["chosen"]
     assert tr["fidelity"]["l2"] < 0.7 * tr["baseline"]["l2"]  # clearly beats the identity baseline
     assert tr["val_curve"][-1]["l2"] < tr["val_curve"][0]["l2"]
     assert summary["harvest"]["pairs"] == 32
     surrogate = load_model(run / tr["checkpoint"])
     assert surrogate.card.task == "denoise"
-    assert surrogate.card.arch == "unet"
+    assert surrogate.card.arch == {"resunet": "resunet", "unet-l2": "unet"}[tr["kind"]]
     cp = _cli("attack", "status", str(run))
     assert cp.returncode == 0, cp.stderr
-    assert json.loads(cp.stdout)["train"]["kind"] == "unet-l2"
+    assert json.loads(cp.stdout)["train"]["kind"] == tr["kind"]
 
 
 def test_single_example_imitation_beats_identity_on_unseen_benchmark_images(

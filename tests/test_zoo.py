@@ -67,7 +67,7 @@ def test_training_is_deterministic_for_a_seed() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sr4x", "denoise25", "style-ink", "style-teal"])
+@pytest.mark.parametrize("name", ["sr4x", "denoise25", "style-ink", "style-teal", "style-grade", "style-toon"])
 def test_tiny_victim_beats_its_trivial_baseline(name: str) -> None:
     path = build(name, "tiny")
     assert path == zoo_checkpoint(name, "tiny")

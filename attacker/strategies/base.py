@@ -29,14 +29,16 @@ from translators.images import bicubic_resize, crop_to_multiple
 from translators.registry import Registry
 
 STRATEGY_REGISTRY: Registry[type[QueryStrategy]] = Registry("query strategy")
+AUTO_PIXELS = 64 * 256 * 256  # output pixels an auto-sized harvest aims for (see auto_crop_size)
 
 
 class StrategyParams(BaseModel):
     """Options shared by every strategy.
 
     Attributes:
-        crop_size: side of crops/tiles in *input* pixels; ``auto`` = 64 for scale 1, ``128 // scale``
-            (at least 16) for super-resolution. Rounded down to the model's ``size_multiple``.
+        crop_size: side of crops/tiles in *input* pixels; ``auto`` = from the budget and the model's
+            ``max_pixels`` (:meth:`QueryStrategy.auto_crop_size`; without a budget 64 for scale 1,
+            ``128 // scale`` for SR). Rounded down to the model's ``size_multiple``.
         downscale: shrink the attacker's photos by this factor (bicubic, antialiased) before anything
             else; ``auto`` = the model's scale, so an x4 SR victim gets low-resolution inputs like the
             ones it serves (the extraction paper queries SR victims with 4x-downscaled photos).
@@ -110,7 +112,8 @@ class QueryStrategy(ABC):
     adaptive: ClassVar[bool] = False
     uses_crops: ClassVar[bool] = True
 
-    def __init__(self, images: Sequence[NamedImage], info: ModelInfo, params: StrategyParams, seed: int = 0) -> None:
+    def __init__(self, images: Sequence[NamedImage], info: ModelInfo, params: StrategyParams, seed: int = 0,
+                 budget: int | None = None) -> None:
         if not images:
             raise ConfigError("the strategy needs at least one image")
         self.info = info
@@ -119,8 +122,8 @@ class QueryStrategy(ABC):
         self.downscale = info.scale if params.downscale == "auto" else int(params.downscale)
         self.sources = [NamedImage(im.name, self._prepare(im.image)) for im in images]
         self.mult = max(1, info.size_multiple)
-        auto_crop = 64 if info.scale <= 1 else max(16, 128 // info.scale)
-        size = auto_crop if params.crop_size == "auto" else int(params.crop_size)
+        self.budget = budget
+        size = self.auto_crop_size() if params.crop_size == "auto" else int(params.crop_size)
         size = max(size - size % self.mult, self.mult)
         if size < info.min_side:
             size = math.ceil(info.min_side / self.mult) * self.mult
@@ -136,6 +139,26 @@ class QueryStrategy(ABC):
             self.noise: tuple[float, float] | None = (0.0, 50.0) if info.task == "denoise" else None
         else:
             self.noise = params.noise_sigma
+
+    def auto_crop_size(self) -> int:
+        """Crop side (input pixels) for ``crop_size="auto"``: the largest the budget and limits allow.
+
+        Small budgets get big queries: each pair is worth more pixels, and the victim charges per query.
+        The side is ``sqrt(AUTO_PIXELS / budget) / scale`` (``AUTO_PIXELS`` output pixels in all, so
+        harvest and training stay CPU-sized: 16 queries -> 512 px, 64 -> 256, 256 -> 128 for scale 1),
+        at least the old fixed default (64, or ``128 // scale`` for SR), at most ``sqrt(max_pixels)``
+        (``GET /v1/models``) and the median short side of the attacker's photos, so most photos hold a
+        crop (a budget of 1 therefore sends an almost whole photo). Without a known budget: the default.
+        """
+        floor = 64 if self.info.scale <= 1 else max(16, 128 // self.info.scale)
+        if self.budget is None:
+            return floor
+        side = int(math.sqrt(AUTO_PIXELS / self.budget)) // max(1, self.info.scale)
+        shorts = sorted(min(im.image.shape[-2:]) for im in self.sources)
+        cap = shorts[(len(shorts) - 1) // 2]
+        if self.info.max_pixels is not None:
+            cap = min(cap, math.isqrt(self.info.max_pixels))
+        return max(min(side, cap), min(floor, cap))
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if self.downscale > 1:
@@ -207,9 +230,11 @@ class QueryStrategy(ABC):
 
 def build_strategy(
     name: str, images: Sequence[NamedImage], info: ModelInfo, params: StrategyParams | dict | None = None,
-    seed: int = 0,
+    seed: int = 0, budget: int | None = None,
 ) -> QueryStrategy:
-    """Build a registered strategy; ``params`` is validated against the strategy's ``Params`` model."""
+    """Build a registered strategy; ``params`` is validated against the strategy's ``Params`` model.
+
+    ``budget`` (queries) sizes ``crop_size="auto"``."""
     from pydantic import ValidationError
 
     import attacker.strategies  # noqa: F401 - registers the built-in strategies
@@ -230,4 +255,4 @@ def build_strategy(
         first = exc.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
         raise ConfigError(f"strategy {name!r}: {loc}: {first['msg']}") from None
-    return cls(images, info, p, seed)
+    return cls(images, info, p, seed, budget)

@@ -9,6 +9,7 @@ losses and optimisers, and performs one training step on a batch. Kinds:
 - ``srresnet``: SRResNet trained with MSE (or L1) for super-resolution (Ledig et al. 2017; the
   extraction paper's SR surrogate).
 - ``unet-l2``: U-Net with a plain L2 loss (Spingarn-Eliezer & Michaeli, single-example imitation).
+- ``resunet``: residual U-Net with a full-resolution path and L2 (issue 14); the default of ``auto``.
 
 Sizes live in named profiles (``tiny`` for tests, ``small`` for CPU demos, ``default``, ``full`` for
 GPUs); :class:`SurrogateProfile` holds them. Batches are ``(B, 3, p, p)`` inputs and
@@ -106,6 +107,11 @@ class Surrogate(ABC):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"G": self.opt_g}
 
+    def input_patch(self, patch: int) -> int:
+        """Training crop side (input pixels) for the profile's ``patch``; kinds working at the output
+        resolution shrink it for SR."""
+        return patch
+
     def patch_multiple(self) -> int:
         """Training crops (input pixels) must be multiples of this."""
         return int(getattr(self.G, "size_multiple", 1) or 1)
@@ -149,10 +155,21 @@ def get_surrogate(name: str) -> type[Surrogate]:
         raise ConfigError(str(exc)) from None
 
 
-def auto_kind(task: str, scale: int) -> str:
-    """The default surrogate for a task: ``srresnet`` for SR, ``unet-l2`` for denoising, else ``pix2pix``."""
+def paper_kind(task: str, scale: int) -> str:
+    """The source papers' surrogate for a task: ``srresnet`` for SR, ``unet-l2`` for denoising, else
+    ``pix2pix``."""
     if scale > 1:
         return "srresnet"
     if task == "denoise":
         return "unet-l2"
     return "pix2pix"
+
+
+def auto_candidates(task: str, scale: int) -> list[str]:
+    """What ``--arch auto`` tries, first the default: ``resunet``, then the paper's surrogate."""
+    return ["resunet", paper_kind(task, scale)]
+
+
+def auto_kind(task: str, scale: int) -> str:
+    """The default surrogate when there is no time to compare: ``resunet`` (best in bench/attack_fidelity)."""
+    return auto_candidates(task, scale)[0]

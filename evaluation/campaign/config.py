@@ -105,6 +105,9 @@ class VictimSection(_Strict):
     surrogate: str = "auto"
     surrogate_profile: str = "tiny"
     train_steps: int | None = Field(None, ge=1)
+    surrogate_kwargs: dict[str, int | float | bool | str] = Field(
+        default_factory=dict, description="overrides of the surrogate's architecture kwargs (e.g. levels)")
+    train_time_s: float | None = Field(None, gt=0, description="training time budget per cell (None: 300 s)")
 
     @field_validator("surrogate")
     @classmethod
@@ -154,6 +157,32 @@ class EvaluationSection(_Strict):
     d_bound: float = Field(0.3, gt=0)
 
 
+class PaperRow(_Strict):
+    """One number of a source paper to show beside ours (``[[paper.rows]]``).
+
+    ``cell``: the extraction paper's A (victim vs ground truth), B (surrogate vs victim) or C (surrogate
+    vs ground truth); ``budget`` picks the cell (default: the largest budget; defense ``none``).
+    ``paper`` is the published value (a number or a range such as ``"20-25"``).
+    """
+
+    label: str
+    victim: str
+    cell: Literal["A", "B", "C"] = "B"
+    metric: Literal["psnr", "ssim", "ms_ssim", "fid", "kid"] = "psnr"
+    paper: float | str
+    budget: int | None = Field(None, ge=1)
+    note: str = ""
+
+
+class PaperSection(_Strict):
+    """The source paper a campaign reproduces: its title, the numbers to compare, and which victims get
+    the full A/B/C extraction table (Welch + TOST, ``evaluation.d_bound``) at the largest budget."""
+
+    source: str
+    rows: list[PaperRow] = Field(default_factory=list)
+    extraction: list[str] = Field(default_factory=list)
+
+
 CellEntry = Annotated[Union[tuple(k.Params for k in CELL_KINDS.values())],  # noqa: UP007 - from the registry
                       Field(discriminator="kind")]
 
@@ -169,6 +198,9 @@ class CampaignConfig(_Strict):
     attack: AttackSection | None = None
     cells: list[CellEntry] = Field(default_factory=list)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    paper: PaperSection | None = None
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="named overrides merged into the file by `--profile NAME`")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> CampaignConfig:
@@ -204,6 +236,12 @@ class CampaignConfig(_Strict):
             if (v.recipe or v.name) not in ZOO:
                 raise ValueError(f"victim {v.name!r}: no zoo recipe {v.recipe or v.name!r} gives its ground truth; "
                                  f"set recipe to one of {', '.join(ZOO.names())}")
+        if self.paper is not None:
+            if self.extraction is None and (self.paper.rows or self.paper.extraction):
+                raise ValueError("paper: rows and extraction tables compare extraction cells; give [attack]")
+            for name in [r.victim for r in self.paper.rows] + self.paper.extraction:
+                if name not in names:
+                    raise ValueError(f"paper: {name!r} is not one of the victims ({', '.join(names)})")
         return self
 
     @property
@@ -246,24 +284,45 @@ def _format_error(path: Path, text: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_campaign(text: str, path: Path | str = "<campaign>") -> CampaignConfig:
-    """Validate campaign TOML ``text``; raises :class:`CampaignConfigError` with ``FILE:LINE:`` positions."""
+def merge_profile(raw: dict[str, Any], profile: str) -> dict[str, Any]:
+    """``raw`` with ``raw["profiles"][profile]`` merged in: tables merge key by key, arrays of tables
+    (``victims``, ``defenses``) merge element by element, anything else is replaced."""
+
+    def merge(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {**a, **{k: merge(a[k], v) if k in a else v for k, v in b.items()}}
+        if isinstance(a, list) and isinstance(b, list) and a and all(isinstance(x, dict) for x in a + b):
+            return [merge(a[i], b[i]) if i < len(b) else a[i] for i in range(len(a))] + b[len(a):]
+        return b
+
+    return merge(raw, raw.get("profiles", {}).get(profile, {}))
+
+
+def parse_campaign(text: str, path: Path | str = "<campaign>", profile: str | None = None) -> CampaignConfig:
+    """Validate campaign TOML ``text``; raises :class:`CampaignConfigError` with ``FILE:LINE:`` positions.
+
+    ``profile`` applies ``[profiles.NAME]`` first (e.g. ``full`` for a GPU-sized run)."""
     p = Path(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CampaignConfigError(f"{p}: invalid TOML: {exc}") from None
+    if profile is not None:
+        if profile not in raw.get("profiles", {}):
+            known = ", ".join(raw.get("profiles", {})) or "none"
+            raise CampaignConfigError(f"{p}: no profile {profile!r} (profiles in this file: {known})")
+        raw = merge_profile(raw, profile)
     try:
         return CampaignConfig.model_validate(raw)
     except ValidationError as exc:
         raise CampaignConfigError(_format_error(p, text, exc)) from None
 
 
-def load_campaign(path: str | Path) -> tuple[CampaignConfig, str]:
+def load_campaign(path: str | Path, profile: str | None = None) -> tuple[CampaignConfig, str]:
     """Read and validate a campaign file; returns the config and the file's text (kept in results.json)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise CampaignConfigError(f"{p}: cannot read campaign file ({exc.strerror or exc})") from None
-    return parse_campaign(text, p), text
+    return parse_campaign(text, p, profile), text

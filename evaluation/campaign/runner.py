@@ -163,13 +163,14 @@ def run_campaign(
     victim_url: str | None = None,
     out_dir: str | Path | None = None,
     hooks: CampaignHooks | None = None,
+    profile: str | None = None,
 ) -> Path:
     """Run (or resume) the campaign in ``config_path``; returns the path of ``results.json``.
 
-    ``victim_url`` overrides ``[victim_service].url``. Raises :class:`CampaignConfigError` before
-    anything runs when the file is invalid.
+    ``victim_url`` overrides ``[victim_service].url``; ``profile`` applies ``[profiles.NAME]``. Raises
+    :class:`CampaignConfigError` before anything runs when the file is invalid.
     """
-    cfg, text = load_campaign(config_path)
+    cfg, text = load_campaign(config_path, profile)
     if victim_url:
         cfg = CampaignConfig.model_validate({**cfg.model_dump(), "victim_service": {
             **cfg.victim_service.model_dump(), "url": victim_url}})

@@ -70,6 +70,10 @@ class _Builder:
             doc.sections.extend(self.defenses())
         for i, table in enumerate(r.extraction):
             doc.sections.extend(self.extraction(table, i))
+        if r.paper:
+            doc.sections.append(self.paper())
+        if any(c.input_pixels for c in r.extraction_cells):
+            doc.sections.append(self.pixels_and_fields())
         if r.extraction_cells:
             doc.sections.append(self.cells())
         for kind in dict.fromkeys(c.kind for c in r.cells if c.kind != "extraction"):
@@ -283,6 +287,33 @@ class _Builder:
         s.add(Table(["Cell (victim/defense/budget/strategy)", "Status", "Queries used", "Refused (429)",
                      "Fidelity PSNR (dB)", "Fidelity SSIM", "Surrogate PSNR vs GT", "Wall time", "Error"], rows,
                     caption="Fidelity: surrogate vs clean victim on benchmark images (results.json: cells)"))
+        return s
+
+    def paper(self) -> Section:
+        """The source paper's published numbers in a column beside ours (results.json: paper)."""
+        s = self.section("The paper's numbers beside ours")
+        s.add(Paragraph(f"Source: {self.r.paper_source or DASH}. Ours: defense `none`; the budget column names "
+                        "the cell. A = victim vs ground truth, B = surrogate vs victim, C = surrogate vs ground "
+                        "truth. The papers used other victims, data and image sizes: compare orders of magnitude "
+                        "and which side of the baseline a number falls, not decimals."))
+        rows = [[p.label, p.victim, p.cell, METRIC_LABELS.get(p.metric, p.metric), num(p.budget),
+                 p.paper if isinstance(p.paper, str) else f"{p.paper:g}",
+                 DASH if p.ours is None else f"{p.ours:.4g}", p.note] for p in self.r.paper]
+        s.add(Table(["Row", "Victim", "Cell", "Metric", "Queries", "Paper", "Ours", "Note"], rows,
+                    caption="results.json: paper"))
+        return s
+
+    def pixels_and_fields(self) -> Section:
+        """Fidelity against query pixels and surrogate receptive field (single-example imitation, Fig. 3)."""
+        s = self.section("Fidelity vs query pixels and receptive field")
+        rows = []
+        for c in self.r.extraction_cells:
+            fid = c.fidelity.metrics.get("psnr") if c.fidelity else None
+            rows.append([c.victim, c.defense, num(c.budget), num(c.input_pixels), c.surrogate_kind or DASH,
+                         num(c.receptive_field), mean_ci(fid.summary if fid else None, "psnr")])
+        s.add(Table(["Victim", "Defense", "Queries", "Query pixels", "Surrogate", "Receptive field (px)",
+                     "Fidelity PSNR (dB)"], rows,
+                    caption="results.json: cells (input_pixels, surrogate_kind, receptive_field, fidelity)"))
         return s
 
     def samples(self) -> list[Section]:

@@ -161,11 +161,13 @@ def _train_options(**kw: Any) -> dict[str, Any]:
 @app.command("train")
 def train_cmd(
     pairs: Path = typer.Option(..., "--pairs", help="Run folder (or its pairs/ folder)."),
-    arch: str = typer.Option("auto", help="pix2pix, srresnet, unet-l2 or auto (SR: srresnet, denoise: unet-l2, "
-                                          "else pix2pix)."),
+    arch: str = typer.Option("auto", help="resunet, pix2pix, srresnet, unet-l2 or auto (try resunet and the "
+                                          "paper's surrogate briefly, keep the better on held-out pairs)."),
     out: Path | None = typer.Option(None, "--out", help="Surrogate folder (default RUN/surrogate)."),
     profile: str = typer.Option("small", help="tiny, small, default or full."),
-    steps: int | None = typer.Option(None, min=1, help="Training steps (default: the profile's)."),
+    steps: int | None = typer.Option(None, min=1, help="Most training steps (default: the profile's cap)."),
+    time_budget: float = typer.Option(300.0, min=1.0, help="Seconds of training; it also stops earlier when "
+                                                          "held-out fidelity stops improving."),
     batch_size: int | None = typer.Option(None, min=1),
     patch: int | None = typer.Option(None, min=4, help="Crop side in input pixels."),
     lr: float | None = typer.Option(None, min=0.0),
@@ -174,7 +176,7 @@ def train_cmd(
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
     threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: torch's; on a busy "
                                                         "machine 1 can be much faster)."),
-    val_every: int | None = typer.Option(None, min=1, help="Validate every N steps (default steps/10)."),
+    val_every: int | None = typer.Option(None, min=1, help="Validate every N steps (default 50)."),
     checkpoint_every: int | None = typer.Option(None, min=1, help="Save resumable state every N steps."),
     restart: bool = typer.Option(False, help="Discard saved training state and start over."),
     counter: str = typer.Option("none", help="Counter-measure on harvested outputs: none, lowpass[:sigma=S], "
@@ -185,14 +187,19 @@ def train_cmd(
 
     with progress(transient=True) as bar:
         r = train_surrogate(pairs, out, progress=RichProgressHook(bar), **_train_options(
-            arch=arch, profile=profile, steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
-            device=device, workers=workers, threads=threads, val_every=val_every, checkpoint_every=checkpoint_every,
-            restart=restart, counter=counter))
+            arch=arch, profile=profile, steps=steps, time_budget=time_budget, batch_size=batch_size, patch=patch,
+            lr=lr, seed=seed, device=device, workers=workers, threads=threads, val_every=val_every,
+            checkpoint_every=checkpoint_every, restart=restart, counter=counter))
     f, b = r.fidelity, r.baseline
     console.print(f"surrogate {r.card.arch} ({r.summary['kind']}) -> {r.checkpoint}")
     console.print(f"held-out ({r.held_out}) vs victim: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f} · "
                   f"{r.summary['baseline_name']} baseline: {b['psnr']:.2f} dB, {b['ssim']:.4f} · "
-                  f"{r.images_per_s:.1f} images/s")
+                  f"{r.images_per_s:.1f} images/s · stopped: {r.summary['stop_reason']} at step {r.steps}")
+    if r.summary.get("auto"):
+        console.print("auto: " + ", ".join(f"{k} {v:.2f} dB" for k, v in r.summary["auto"]["trial_psnr"].items())
+                      + f" -> {r.summary['auto']['chosen']}")
+    if r.summary.get("warning"):
+        err_console.print(f"[bold red]WARNING: {r.summary['warning']}[/bold red]")
 
 
 @app.command("imitate")

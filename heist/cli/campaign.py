@@ -13,12 +13,15 @@ app = typer.Typer(help="Attack/defense campaigns: a grid of victims x defenses x
 
 
 @app.command("validate")
-def validate(config: Path = typer.Argument(..., help="Campaign TOML file.")) -> None:
+def validate(
+    config: Path = typer.Argument(..., help="Campaign TOML file."),
+    profile: str = typer.Option(None, "--profile", help="Check the file with its [profiles.NAME] applied."),
+) -> None:
     """Check a campaign file without running anything (mistakes are reported with their line)."""
     from evaluation.campaign.config import load_campaign
     from evaluation.campaign.kinds import CELL_KINDS
 
-    cfg, _ = load_campaign(config)
+    cfg, _ = load_campaign(config, profile)
     counts = {e.kind: len(CELL_KINDS[e.kind].plan(cfg, e)) for e in cfg.entries()}
     kinds = ", ".join(f"{n} {k}" for k, n in counts.items())
     console.print(f"{config}: ok: {sum(counts.values())} cells ({kinds}) -> {cfg.out_dir}")
@@ -35,13 +38,14 @@ def run(
     gpus_per_cell: float = typer.Option(0.0, "--gpus-per-cell", min=0.0,
                                         help="Ray: GPUs each cell declares (fractions share a GPU)."),
     retries: int = typer.Option(1, "--retries", min=0, help="Ray: resubmissions of a cell that failed."),
+    profile: str = typer.Option(None, "--profile", help="Apply the file's [profiles.NAME] overrides (e.g. full)."),
 ) -> None:
     """Run the campaign (resuming finished cells), then write results.json, report.md and report.html."""
     from evaluation.campaign.config import load_campaign
     from evaluation.campaign.executors import make_executor
     from evaluation.campaign.runner import CampaignHooks, run_campaign
 
-    load_campaign(config)  # a bad file is reported before a Ray cluster is contacted
+    load_campaign(config, profile)  # a bad file or profile is reported before a Ray cluster is contacted
     cells = make_executor(executor, address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
                           retries=retries)
     failed: list[str] = []
@@ -60,7 +64,8 @@ def run(
                 cell_done=cell_done,
                 say=lambda text: bar.update(task, info=text[:70]),
             )
-            path = run_campaign(config, victim_url=victim_url, out_dir=out, hooks=hooks, executor=cells)
+            path = run_campaign(config, victim_url=victim_url, out_dir=out, hooks=hooks, executor=cells,
+                                profile=profile)
     finally:
         cells.close()
     for f in failed:

@@ -11,6 +11,7 @@ from translators.archs.patchgan import PatchGANDiscriminator
 from translators.archs.receptive_field import conv_receptive_field, empirical_receptive_field
 from translators.archs.registry import ARCH_REGISTRY, build_arch, count_parameters
 from translators.archs.resnet import ResnetGenerator
+from translators.archs.resunet import ResUNet
 from translators.archs.srresnet import SRResNet
 from translators.archs.unet import UNetGenerator
 
@@ -19,6 +20,7 @@ __all__ = [
     "BicubicUNet",
     "DnCNN",
     "PatchGANDiscriminator",
+    "ResUNet",
     "ResnetGenerator",
     "SRResNet",
     "UNetGenerator",

@@ -4,6 +4,8 @@ A recipe is a small frozen description; :mod:`translators.zoo.build` trains it. 
 papers: ``sr4x`` (bicubic x4 super-resolution, SRResNet-like; extraction paper, SR case), ``denoise25``
 (Gaussian sigma=25 on the 0..255 scale, DnCNN; single-example imitation paper), and ``style-*`` (photo
 -> secret style, pix2pix-like U-Net; extraction paper, style case) whose template is a hidden stylizer.
+Issue 14 added victims the attacker was never tuned on: ``style-grade`` (a per-pixel colour grade learned
+by a residual CNN), ``style-toon`` (an edge-preserving cartoon filter) and ``sr2x``.
 """
 
 from __future__ import annotations
@@ -173,4 +175,45 @@ _add(Recipe(
     style="teal",
     description="photo -> secret 'teal and orange' cinema grade with local contrast; pix2pix U-Net",
     specs=_style_specs(),
+))
+
+
+# --- victims the attacker was never tuned on (issue 14): another style kind each, and x2 SR -------------
+_add(Recipe(
+    name="style-grade",
+    task="style",
+    arch="dncnn",
+    style="grade",
+    loss="mse",
+    description="photo -> secret colour grade (saturation curve, filmic shoulder, split toning); residual CNN",
+    specs={
+        "tiny": TrainSpec({"channels": 24, "depth": 4, "batch_norm": False}, steps=400, batch=8, patch=48),
+        "default": TrainSpec({"channels": 32, "depth": 6, "batch_norm": False}, steps=1200, batch=8, patch=64,
+                             lr=1e-3),
+        "full": TrainSpec({"channels": 64, "depth": 12, "batch_norm": True}, steps=100_000, batch=16, patch=128,
+                          lr=5e-4, eval_side=256),
+    },
+))
+_add(Recipe(
+    name="style-toon",
+    task="style",
+    arch="unet",
+    style="toon",
+    description="photo -> secret cartoon filter (bilateral smoothing, luma quantisation, DoG outlines); U-Net",
+    specs=_style_specs(),
+))
+_add(Recipe(
+    name="sr2x",
+    task="sr",
+    arch="srresnet",
+    scale=2,
+    baseline="bicubic",
+    loss="l1",
+    description="bicubic x2 super-resolution (SRResNet, pixel shuffle, bicubic skip)",
+    specs={
+        "tiny": TrainSpec({"scale": 2, "channels": 24, "n_blocks": 2}, steps=1000, batch=8, patch=64, lr=2e-3),
+        "default": TrainSpec({"scale": 2, "channels": 24, "n_blocks": 3}, steps=1200, batch=8, patch=48, lr=2e-3),
+        "full": TrainSpec({"scale": 2, "channels": 64, "n_blocks": 16}, steps=100_000, batch=16, patch=96,
+                          lr=2e-4, eval_side=256),
+    },
 ))

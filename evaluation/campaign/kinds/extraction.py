@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -77,6 +77,8 @@ class ExtractionSpec:
     surrogate_profile: str
     train_steps: int | None
     device: str
+    surrogate_kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides (e.g. levels)
+    train_time_s: float = 300.0  # training time budget (seconds, trials included)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class ExtractionRun:
     queries_used: int
     queries_refused: int
     wall_times: dict[str, float]
+    input_pixels: int = 0  # input pixels the harvest sent (the single-example paper's x axis)
+    surrogate_kind: str = ""  # what ``auto`` chose, or the configured kind
 
 
 def harvest_and_train(spec: ExtractionSpec, paths: CellPaths) -> ExtractionRun:
@@ -109,9 +113,11 @@ def harvest_and_train(spec: ExtractionSpec, paths: CellPaths) -> ExtractionRun:
     t0 = time.perf_counter()
     tr = train_surrogate(paths.run, config=TrainConfig(
         arch=spec.surrogate, profile=spec.surrogate_profile, steps=spec.train_steps, seed=spec.seed,
-        device=spec.device, val_fraction=0.0 if h.pairs < 4 else 0.1))
+        device=spec.device, val_fraction=0.0 if h.pairs < 4 else 0.1, arch_kwargs=spec.surrogate_kwargs,
+        time_budget=spec.train_time_s))
     times["training"] = round(time.perf_counter() - t0, 2)
-    return ExtractionRun(tr.checkpoint, h.pairs, used, refused, times)
+    return ExtractionRun(tr.checkpoint, h.pairs, used, refused, times,
+                         input_pixels=int(h.summary.get("input_pixels") or 0), surrogate_kind=str(tr.summary["kind"]))
 
 
 class ExtractionKind(CellKind):
@@ -194,6 +200,7 @@ class ExtractionKind(CellKind):
                                     "surrogates": {}}
 
     def run(self, ctx: RunContext, params: AttackSection, plan: CellPlan, paths: CellPaths) -> CampaignCell:
+        from evaluation.campaign.paper import receptive_field
         from evaluation.campaign.translate import padded_translator
         from evaluation.campaign.victim import HttpTranslator
         from evaluation.defense_scoring import NO_DEFENSE, surrogate_scores
@@ -208,12 +215,14 @@ class ExtractionKind(CellKind):
             url=ctx.url(), api_key=ctx.attack_key(plan.id, plan.defense), victim=cell.victim, images=params.images,
             strategy=cell.strategy, strategy_params=params.strategy_params, budget=cell.budget,
             concurrency=params.concurrency, seed=cfg.campaign.seed, surrogate=vcfg.surrogate,
-            surrogate_profile=vcfg.surrogate_profile, train_steps=vcfg.train_steps, device=cfg.campaign.device)
+            surrogate_profile=vcfg.surrogate_profile, train_steps=vcfg.train_steps, device=cfg.campaign.device,
+            surrogate_kwargs=dict(vcfg.surrogate_kwargs), train_time_s=vcfg.train_time_s or 300.0)
         ctx.say(f"{plan.id}: harvesting {cell.budget} queries and training a {vcfg.surrogate} surrogate")
         with ctx.phase("harvest+training"):
             r = harvest_and_train(spec, paths)
         cell.wall_times.update(r.wall_times)
         cell.queries_used, cell.queries_refused = r.queries_used, r.queries_refused
+        cell.input_pixels, cell.surrogate_kind = r.input_pixels, r.surrogate_kind
         t0 = time.perf_counter()
         with ctx.phase("evaluation"):
             model = load_model(r.checkpoint)
@@ -224,14 +233,20 @@ class ExtractionKind(CellKind):
                     feature_network=ctx.shared.get("feature_network"), seed=cfg.campaign.seed,
                     victim_outputs=state["clean_out"][cell.victim])
         cell.wall_times["evaluation"] = round(time.perf_counter() - t0, 2)
+        cell.receptive_field = receptive_field(model.module, model.card.scale)
         cell.surrogate = ModelRef(name=f"surrogate-{plan.id}", path=str(r.checkpoint), task=model.card.task,
                                   scale=model.card.scale, arch=model.card.arch)
         cell.status = "done"
         return cell
 
     def finish(self, ctx: RunContext, params: AttackSection) -> None:
+        """Sample grids, then the source paper's A/B/C tables and numbers beside ours (``[paper]``)."""
+        from evaluation.campaign.paper import report_paper
+
         with ctx.phase("evaluation"):
             ctx.results.samples = _samples(ctx, params)
+            if ctx.cfg.paper is not None:
+                report_paper(ctx, ctx.shared["extraction"]["pairs"])
 
 
 class _Memo:

@@ -1,6 +1,6 @@
 """``heist campaign run --executor ray``: a local Ray instance (2 CPUs) on a trimmed tiny campaign gives the
-sequential executor's numbers, a SIGKILLed Ray worker's cell is retried, and a missing Ray or an unreachable
-cluster is one error line before any cell runs."""
+sequential executor's numbers, a SIGKILLed Ray worker's cell is retried, membership cells (another kind)
+score the same both ways, and a missing Ray or an unreachable cluster is one error line before any cell runs."""
 
 from __future__ import annotations
 
@@ -116,3 +116,48 @@ def test_ray_matches_sequential_and_retries_a_killed_worker(tmp_path: Path) -> N
     assert (ray_out / "report.html").exists()
     assert ray.wall_times["training"] > 0  # the cells' phase times are summed into the campaign's
     print(json.dumps({"sequential_s": round(seq_s, 1), "ray_s": round(ray_s, 1), "attempts": attempts}))  # noqa: T201
+
+
+MIA = """[campaign]
+name = "mia-ray"
+zoo_profile = "tiny"
+
+[limits]      # generous: this test is about the executor, not about how the attack paces itself
+rate = 1000.0
+burst = 100
+
+[[victims]]
+name = "mia-edges"
+
+[[defenses]]
+label = "none"
+
+[[cells]]
+kind = "membership"
+victim = "mia-edges"
+reference_steps = 0
+
+[evaluation]
+max_side = 64
+samples = 0
+"""
+
+
+@pytest.mark.slow
+def test_membership_cells_run_on_ray_with_the_sequential_numbers(tmp_path: Path) -> None:
+    """Cells of another kind go through the same executor: the membership cell's scores match exactly (the
+    clean tier is deterministic; a noise tier would not be, its noise is keyed by each run's own secrets)."""
+    cfg = tmp_path / "mia.toml"
+    cfg.write_text(MIA)
+    runs = {}
+    for name, extra in (("seq", []), ("ray", ["--executor", "ray"])):
+        res = _heist(["campaign", "run", str(cfg), "--out", str(tmp_path / name), *extra])
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = read_results(tmp_path / name / "results.json")
+        assert (tmp_path / name / "cells" / "mia.mia-edges.none.none" / "attempts").read_text() == "1"
+    seq, ray = runs["seq"].membership_cells, runs["ray"].membership_cells
+    assert [(c.id, c.status) for c in ray] == [(c.id, c.status) for c in seq] == [("mia.mia-edges.none.none", "done")]
+    assert ray[0].queries_used == seq[0].queries_used > 0
+    assert ray[0].scores == seq[0].scores
+    assert ray[0].utility == seq[0].utility
+    assert runs["ray"].wall_times["attack"] > 0  # the cell's own phase time, summed into the campaign's

@@ -1,20 +1,22 @@
-"""Who runs a campaign's attack cells: this process, one after another, or Ray tasks on a cluster.
+"""Who runs a campaign's cells: this process, one after another, or Ray tasks on a cluster.
 
-An executor maps a picklable ``run_one(task) -> CampaignCell`` over the cells' tasks (built by
-:mod:`evaluation.campaign.runner`; each task carries everything its cell needs: the config, the victim's
-URL and keys, the output folder) and calls ``on_done(cell)`` as each finishes, so progress streams
-whatever the order. Both executors return the cells in the order of the tasks, so ``results.json`` and the
-report come out the same.
+An executor maps a picklable ``run_one(task) -> cell`` over one campaign entry's pending cells (the
+runner passes :func:`evaluation.campaign.kinds.base.run_cell` and one
+:class:`~evaluation.campaign.kinds.base.CellTask` per cell, of any kind: extraction, membership; each
+task carries everything its cell needs: the victim's URL and keys, plain-data parameters, the cell's
+folder) and calls ``on_done(cell)`` as each finishes, so progress streams whatever the order. Both
+executors return the cells in the order of the tasks, so ``results.json`` and the report come out the same.
 
-- :class:`SequentialExecutor` (the default): in this process, in grid order; ``before(task)`` runs just
+- :class:`SequentialExecutor` (the default): in this process, in plan order; ``before(task)`` runs just
   before each cell (the runner restarts a victim that died there).
 - :class:`RayExecutor` (``heist campaign run FILE --executor ray [--address ADDR]``, extra ``ray``): one Ray
   task per cell with declared resources (``num_cpus``, ``num_gpus``: fractions pack several cells on a
-  GPU). A worker that dies (killed, out of memory) is retried by Ray (``max_retries``); a cell that
-  returns ``failed`` is submitted again up to ``retries`` times. When the victim listens on loopback (the
-  campaign started it), every task is pinned to this node, so a cell's attacker and its victim talk over
-  loopback; with a victim URL reachable from every node, tasks go wherever resources are free.
-  The cells' folders must be on storage every node sees (one node: always true).
+  GPU); ``before`` runs for every task as it is submitted. A worker that dies (killed, out of memory) is
+  retried by Ray (``max_retries``); a cell that returns ``failed`` is submitted again up to ``retries``
+  times. When the victim listens on loopback (the campaign started it), every task is pinned to this
+  node, so a cell's attacker and its victim talk over loopback; with a victim URL reachable from every
+  node, tasks go wherever resources are free. The cells' folders must be on storage every node sees
+  (one node: always true).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from evaluation.results import CampaignCell
+from evaluation.results import AnyCell
 from translators.errors import HeistError
 
 log = logging.getLogger(__name__)
@@ -43,14 +45,14 @@ class CellExecutor(Protocol):
 
     def run(
         self,
-        run_one: Callable[[T], CampaignCell],
+        run_one: Callable[[T], AnyCell],
         tasks: Sequence[T],
         *,
-        on_done: Callable[[CampaignCell], None],
-        failed: Callable[[T, str], CampaignCell],
+        on_done: Callable[[AnyCell], None],
+        failed: Callable[[T, str], AnyCell],
         before: Callable[[T], T] | None = None,
         local_victim: bool = False,
-    ) -> list[CampaignCell]: ...
+    ) -> list[AnyCell]: ...
 
     def close(self) -> None: ...
 
@@ -62,14 +64,14 @@ class SequentialExecutor:
 
     def run(
         self,
-        run_one: Callable[[T], CampaignCell],
+        run_one: Callable[[T], AnyCell],
         tasks: Sequence[T],
         *,
-        on_done: Callable[[CampaignCell], None],
-        failed: Callable[[T, str], CampaignCell],
+        on_done: Callable[[AnyCell], None],
+        failed: Callable[[T, str], AnyCell],
         before: Callable[[T], T] | None = None,
         local_victim: bool = False,
-    ) -> list[CampaignCell]:
+    ) -> list[AnyCell]:
         cells = []
         for task in tasks:
             if before is not None:
@@ -83,7 +85,7 @@ class SequentialExecutor:
         return None
 
 
-def _in_ray_worker(run_one: Callable[[Any], CampaignCell], task: Any, threads: int) -> CampaignCell:
+def _in_ray_worker(run_one: Callable[[Any], AnyCell], task: Any, threads: int) -> AnyCell:
     """The body of every Ray task: torch threads matched to the CPUs the task declared, then the cell."""
     import torch
 
@@ -139,14 +141,14 @@ class RayExecutor:
 
     def run(
         self,
-        run_one: Callable[[T], CampaignCell],
+        run_one: Callable[[T], AnyCell],
         tasks: Sequence[T],
         *,
-        on_done: Callable[[CampaignCell], None],
-        failed: Callable[[T, str], CampaignCell],
+        on_done: Callable[[AnyCell], None],
+        failed: Callable[[T, str], AnyCell],
         before: Callable[[T], T] | None = None,
         local_victim: bool = False,
-    ) -> list[CampaignCell]:
+    ) -> list[AnyCell]:
         ray = self.ray
         options: dict[str, Any] = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_retries": self.max_retries}
         if local_victim:  # the victim listens on loopback: its attackers must run on this node
@@ -161,13 +163,13 @@ class RayExecutor:
         pending: dict[Any, tuple[int, int]] = {}  # object ref -> (task index, attempt)
         for i, t in enumerate(prepared):
             pending[remote.remote(fn_ref, t, threads)] = (i, 0)
-        out: list[CampaignCell | None] = [None] * len(prepared)
+        out: list[AnyCell | None] = [None] * len(prepared)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             ref = ready[0]
             i, attempt = pending.pop(ref)
             try:
-                cell: CampaignCell = ray.get(ref)
+                cell: AnyCell = ray.get(ref)
             except ray.exceptions.RayError as exc:
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 cell = failed(prepared[i], f"{type(exc).__name__}: {first}")

@@ -3,7 +3,9 @@
 Each entry of the campaign file (``[attack]`` = extraction, ``[[cells]]`` of any kind) is handled by its
 :class:`~evaluation.campaign.kinds.base.CellKind`: the runner builds the models the kinds ask to serve,
 starts (or targets) the victim service with one API key per cell, then runs each entry's cells through
-the kind. Cell state lives in ``OUT/cells/ID/cell.json``; a rerun skips finished cells, retries failed
+the kind: ``prepare``, one picklable :class:`~evaluation.campaign.kinds.base.CellTask` per pending cell
+mapped by the executor (:mod:`evaluation.campaign.executors`: this process, or Ray tasks), ``finish``.
+Cell state lives in ``OUT/cells/ID/cell.json``; a rerun skips finished cells, retries failed
 ones, and the work inside a cell resumes where a kill left it. ``results.json`` is rebuilt from the cell
 files at the end of every run, and the report is rendered from it.
 """
@@ -11,6 +13,7 @@ files at the end of every run, and the report is rendered from it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import resource
@@ -28,9 +31,18 @@ import httpx
 from pydantic import TypeAdapter
 
 from evaluation.campaign.config import CampaignConfig, load_campaign
+from evaluation.campaign.executors import CellExecutor, SequentialExecutor
 from evaluation.campaign.kinds import CELL_KINDS
-from evaluation.campaign.kinds.base import CellPaths, CellPlan, RunContext, cell_error
-from evaluation.campaign.kinds.extraction import cell_id, save_record
+from evaluation.campaign.kinds.base import (
+    CellPaths,
+    CellPlan,
+    CellTask,
+    RunContext,
+    failed_cell,
+    feature_network,
+    run_cell,
+)
+from evaluation.campaign.kinds.extraction import cell_id
 from evaluation.campaign.victim import VictimKeys, victim_settings
 from evaluation.defense_scoring import derive
 from evaluation.metrics import MetricSettings
@@ -42,7 +54,6 @@ from translators.errors import HeistError
 __all__ = ["CampaignError", "CampaignHooks", "cell_id", "run_campaign"]
 
 log = logging.getLogger(__name__)
-PHASES = ("zoo", "service", "utility", "harvest+training", "membership", "evaluation", "report")
 
 
 class CampaignError(HeistError):
@@ -164,11 +175,13 @@ def run_campaign(
     out_dir: str | Path | None = None,
     hooks: CampaignHooks | None = None,
     profile: str | None = None,
+    executor: CellExecutor | None = None,
 ) -> Path:
     """Run (or resume) the campaign in ``config_path``; returns the path of ``results.json``.
 
-    ``victim_url`` overrides ``[victim_service].url``; ``profile`` applies ``[profiles.NAME]``. Raises
-    :class:`CampaignConfigError` before anything runs when the file is invalid.
+    ``victim_url`` overrides ``[victim_service].url``; ``profile`` applies ``[profiles.NAME]``. ``executor``
+    runs the cells (default: one after another in this process; see :mod:`evaluation.campaign.executors`).
+    Raises :class:`CampaignConfigError` before anything runs when the file is invalid.
     """
     cfg, text = load_campaign(config_path, profile)
     if victim_url:
@@ -209,7 +222,7 @@ def run_campaign(
             hooks.say("starting the victim service" if not cfg.victim_service.url else
                       f"victim: {cfg.victim_service.url}")
             url = service.start()
-        results = _run_cells(cfg, out, service, url, plans, served, timer, hooks)
+        results = _run_cells(cfg, out, service, url, plans, served, timer, hooks, executor or SequentialExecutor())
     finally:
         service.stop()
     results.config_text = text
@@ -231,9 +244,10 @@ def run_campaign(
 
 def _run_cells(
     cfg: CampaignConfig, out: Path, service: _Service, url: str, plans: list[tuple[Any, Any, list[CellPlan]]],
-    served: dict[str, str], timer: _Timer, hooks: CampaignHooks,
+    served: dict[str, str], timer: _Timer, hooks: CampaignHooks, executor: CellExecutor,
 ) -> Results:
-    """Run every entry's cells through its kind: prepare, each cell (skipping finished ones), finish."""
+    """Run every entry's cells through its kind: prepare, the pending cells' tasks through ``executor``
+    (finished cells are kept), finish. Cells are recorded in plan order whatever order they finish in."""
     network, net_note = _feature_network(cfg)
     results = Results(kind="campaign", name=cfg.campaign.name, config=cfg.model_dump(mode="json"),
                       environment=Environment.capture(str(pick_device(cfg.campaign.device))),
@@ -245,39 +259,50 @@ def _run_cells(
         live["url"] = service.ensure(live["url"])
         return live["url"]
 
+    def before(task: CellTask) -> CellTask:  # a self-started victim that died is restarted before the cell
+        hooks.say(task.note or task.id)
+        return dataclasses.replace(task, spec=dataclasses.replace(task.spec, url=current_url()))
+
+    def cell_finished(cell: AnyCell) -> None:
+        for phase, seconds in cell.wall_times.items():  # the cells' phase times, summed into the campaign's
+            if phase != "total":
+                timer.totals[phase] += seconds
+        hooks.say(f"{cell.id}: {cell.status}")
+        hooks.cell_done(cell)
+
     ctx = RunContext(cfg=cfg, out=out, results=results, url=current_url, attack_key=service.attack_key,
                      honest_key=service.honest_key, served=served, say=hooks.say, phase=timer.phase,
                      shared={"feature_network": network})
     for kind, params, cells in plans:
         kind.prepare(ctx, params)
+        finished: dict[str, AnyCell] = {}
+        tasks = []
         for plan in cells:
             paths = CellPaths(out / "cells" / plan.id)
             prev = _load_cell(paths.record)
             if prev is not None and prev.status == "done":
-                results.cells.append(prev)
+                finished[plan.id] = prev
                 hooks.cell_done(prev)
-                continue
-            cell = kind.pending(cfg, params, plan, paths)
-            save_record(cell, paths.record)
-            try:
-                cell = kind.run(ctx, params, plan, paths)
-            except (HeistError, httpx.HTTPError, OSError, RuntimeError, ValueError) as exc:
-                cell.status, cell.error = "failed", cell_error(exc)
-                log.error("cell %s failed: %s", plan.id, cell.error)
-            save_record(cell, paths.record)
-            results.cells.append(cell)
-            hooks.cell_done(cell)
+            else:
+                tasks.append(kind.task(ctx, params, plan, paths))
+        for cell in executor.run(run_cell, tasks, on_done=cell_finished, failed=failed_cell, before=before,
+                                 local_victim=_is_loopback(live["url"])):
+            finished[cell.id] = cell
+        results.cells += [finished[p.id] for p in cells]
         kind.finish(ctx, params)
     return results
+
+
+def _is_loopback(url: str) -> bool:
+    """Whether the victim listens on this machine only (then a Ray executor keeps its cells on this node)."""
+    host = httpx.URL(url).host
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _feature_network(cfg: CampaignConfig) -> tuple[Any, str | None]:
     if cfg.evaluation.feature_weights is None:
         return None, ("FID/KID not computed: no feature network configured ([evaluation] feature_weights = "
                       "a local InceptionV3 weights file; see docs/evaluation.md)")
-    from evaluation.features import load_feature_network
-
-    net = load_feature_network(weights=cfg.evaluation.feature_weights)
-    return net, None
+    return feature_network(str(cfg.evaluation.feature_weights)), None
 
 

@@ -7,26 +7,37 @@ expands into cells. A :class:`CellKind` gives, for its entries:
 - :meth:`CellKind.models`: extra checkpoints the victim service must serve (model-level defenses),
   built before the service starts;
 - :meth:`CellKind.plan`: the cells (id + output-defense label, so the runner issues one API key each);
-- :meth:`CellKind.prepare` / :meth:`CellKind.run` / :meth:`CellKind.finish`: shared setup, one cell
-  (resumable: the cell's folder keeps partial work; the heavy part is a plain importable function of a
-  spec and :class:`CellPaths`, so an executor can run it elsewhere), and per-entry wrap-up;
+- :meth:`CellKind.prepare` / :meth:`CellKind.task` / :meth:`CellKind.finish`: shared setup, one pending
+  cell as a picklable :class:`CellTask` (a module-level ``work(spec, paths)`` function and its plain-data
+  spec; the runner's executor maps :func:`run_cell` over the tasks, in this process or as Ray tasks, see
+  :mod:`evaluation.campaign.executors`; the cell's folder keeps partial work, so a cell resumes), and
+  per-entry wrap-up;
 - ``report``: the report section rendering its cells from ``results.json``
   (:mod:`evaluation.report.kinds`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import httpx
 from pydantic import BaseModel, ConfigDict
+
+from translators.errors import HeistError
 
 if TYPE_CHECKING:
     from evaluation.campaign.config import CampaignConfig
+    from evaluation.features import FeatureNetwork
     from evaluation.results import AnyCell, Results
+
+log = logging.getLogger(__name__)
+CELL_ERRORS = (HeistError, httpx.HTTPError, OSError, RuntimeError, ValueError)  # a cell fails, the campaign goes on
 
 
 @dataclass(frozen=True)
@@ -91,8 +102,8 @@ class CellKind(ABC):
         """Work shared by the entry's cells (before the first one runs)."""
 
     @abstractmethod
-    def run(self, ctx: RunContext, params: Any, plan: CellPlan, paths: CellPaths) -> AnyCell:
-        """Run (or resume) one cell and return its finished record; raise on failure."""
+    def task(self, ctx: RunContext, params: Any, plan: CellPlan, paths: CellPaths) -> CellTask:
+        """One pending cell as a picklable :class:`CellTask` (called after :meth:`prepare`)."""
 
     @abstractmethod
     def pending(self, cfg: CampaignConfig, params: Any, plan: CellPlan, paths: CellPaths) -> AnyCell:
@@ -100,6 +111,70 @@ class CellKind(ABC):
 
     def finish(self, ctx: RunContext, params: Any) -> None:  # noqa: B027 - optional step
         """Work after the entry's cells (e.g. sample grids)."""
+
+
+@dataclass(frozen=True)
+class CellTask:
+    """One pending cell as plain data an executor can ship to another process or node.
+
+    ``work(spec, paths)`` (a module-level function, so it pickles by name) runs or resumes the cell and
+    returns its finished record, raising on failure. ``spec`` is a frozen dataclass with a ``url`` field
+    (the runner swaps in the URL of a restarted victim just before the cell runs). ``pending`` is the
+    record written while the cell runs, and the base of its ``failed`` record. ``note`` is said when the
+    cell starts.
+    """
+
+    work: Callable[[Any, CellPaths], AnyCell]
+    spec: Any
+    paths: CellPaths
+    pending: AnyCell
+    note: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.pending.id
+
+
+def run_cell(task: CellTask) -> AnyCell:
+    """What an executor maps over the tasks: count the attempt (``DIR/attempts``), write the ``running``
+    record, run ``task.work``, and save the ``done`` or ``failed`` record in ``DIR/cell.json``."""
+    paths = task.paths
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    attempts = paths.dir / "attempts"
+    attempts.write_text(str(int(attempts.read_text() or 0) + 1 if attempts.exists() else 1))
+    save_record(task.pending, paths.record)
+    try:
+        cell = task.work(task.spec, paths)
+    except CELL_ERRORS as exc:
+        return failed_cell(task, cell_error(exc))
+    save_record(cell, paths.record)
+    return cell
+
+
+def failed_cell(task: CellTask, error: str) -> AnyCell:
+    """Save and return the task's ``failed`` record (also used when its worker died)."""
+    log.error("cell %s failed: %s", task.id, error)
+    cell = task.pending.model_copy(update={"status": "failed", "error": error[:500]})
+    save_record(cell, task.paths.record)
+    return cell
+
+
+def save_record(obj: BaseModel, path: Path) -> None:
+    """Write a pydantic record as JSON atomically (temp file + replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(obj.model_dump_json(indent=2))
+    tmp.replace(path)
+
+
+@functools.lru_cache(maxsize=2)
+def feature_network(weights: str | None) -> FeatureNetwork | None:
+    """The FID/KID feature network from a local weights file (None: none), loaded once per process."""
+    if not weights:
+        return None
+    from evaluation.features import load_feature_network
+
+    return load_feature_network(weights=weights)
 
 
 def cell_error(exc: BaseException) -> str:

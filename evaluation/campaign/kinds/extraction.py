@@ -1,8 +1,10 @@
 """Cell kind ``extraction``: harvest queries through the API, train a surrogate, score it.
 
-Every cell is victim x defense x strategy x budget. :func:`harvest_and_train` is the heavy, resumable
-part (a plain function of an :class:`ExtractionSpec` and :class:`CellPaths`); scoring against the clean
-victim and ground truth happens in :meth:`ExtractionKind.run` with the campaign's shared image sets.
+Every cell is victim x defense x strategy x budget. :func:`run_extraction_cell` is the whole cell as a
+plain function of an :class:`ExtractionSpec` and :class:`CellPaths` (what an executor ships):
+:func:`harvest_and_train` (the heavy, resumable part), then scores against the clean victim's outputs
+(fetched once in :meth:`ExtractionKind.prepare`) and ground truth on the headline image set, which the
+spec rebuilds deterministically (:class:`EvalSetSpec`) wherever the cell runs.
 """
 
 from __future__ import annotations
@@ -15,10 +17,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from evaluation.campaign.kinds.base import CellKind, CellPaths, CellPlan, RunContext, StrictParams
+from evaluation.campaign.kinds.base import (
+    CellKind,
+    CellPaths,
+    CellPlan,
+    CellTask,
+    RunContext,
+    StrictParams,
+    feature_network,
+    save_record,
+)
 
 if TYPE_CHECKING:
     from evaluation.campaign.config import CampaignConfig
+    from evaluation.extraction import PairSet
     from evaluation.results import CampaignCell
 
 
@@ -61,9 +73,37 @@ def cell_id(victim: str, defense: str, strategy: str, budget: int) -> str:
 
 
 @dataclass(frozen=True)
-class ExtractionSpec:
-    """Everything one extraction cell needs, as plain data (picklable for a remote executor)."""
+class EvalSetSpec:
+    """One evaluation image set as plain data: :meth:`build` gives the same pairs in any process
+    (:func:`evaluation.extraction.recipe_pairs` with the recipe's ``make_pair``, seeded)."""
 
+    label: str
+    images: str
+    recipe: str
+    scale: int
+    input_multiple: int
+    seed: int
+    max_side: int | None
+
+    def build(self) -> PairSet:
+        from evaluation.extraction import recipe_pairs
+        from translators.zoo import get_recipe
+
+        return recipe_pairs(self.label, self.images, get_recipe(self.recipe).make_pair, scale=self.scale,
+                            input_multiple=self.input_multiple, seed=self.seed, max_side=self.max_side)
+
+
+@dataclass(frozen=True)
+class ExtractionSpec:
+    """Everything one extraction cell needs, as plain data (picklable for a remote executor).
+
+    ``honest_key``: the unlimited clean tier's key (scoring); ``victim_outputs``: image name -> the clean
+    victim's output on ``evaluation`` (``(1, 3, H, W)`` float in [0, 1]); ``feature_weights``: a local
+    InceptionV3 weights file for FID/KID (None: none).
+    """
+
+    id: str
+    defense: str
     url: str
     api_key: str
     victim: str
@@ -77,6 +117,10 @@ class ExtractionSpec:
     surrogate_profile: str
     train_steps: int | None
     device: str
+    honest_key: str
+    evaluation: EvalSetSpec
+    victim_outputs: dict[str, Any]
+    feature_weights: str | None = None
     surrogate_kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides (e.g. levels)
     train_time_s: float = 300.0  # training time budget (seconds, trials included)
 
@@ -120,6 +164,39 @@ def harvest_and_train(spec: ExtractionSpec, paths: CellPaths) -> ExtractionRun:
                          input_pixels=int(h.summary.get("input_pixels") or 0), surrogate_kind=str(tr.summary["kind"]))
 
 
+def run_extraction_cell(spec: ExtractionSpec, paths: CellPaths) -> CampaignCell:
+    """Harvest, train (both resume) and score one surrogate: fidelity against the clean victim's outputs,
+    quality against ground truth (PSNR, SSIM, MS-SSIM; FID/KID with ``spec.feature_weights``)."""
+    from evaluation.campaign.paper import receptive_field
+    from evaluation.campaign.translate import padded_translator
+    from evaluation.campaign.victim import HttpTranslator
+    from evaluation.defense_scoring import surrogate_scores
+    from evaluation.metrics import MetricSettings
+    from evaluation.results import CampaignCell, ModelRef
+    from translators.checkpoint import load_model
+
+    cell = CampaignCell(id=spec.id, victim=spec.victim, defense=spec.defense, budget=spec.budget,
+                        strategy=spec.strategy, seed=spec.seed, status="running", run_dir=str(paths.run))
+    r = harvest_and_train(spec, paths)
+    cell.wall_times.update(r.wall_times)
+    cell.queries_used, cell.queries_refused = r.queries_used, r.queries_refused
+    cell.input_pixels, cell.surrogate_kind = r.input_pixels, r.surrogate_kind
+    t0 = time.perf_counter()
+    model = load_model(r.checkpoint)
+    sur = padded_translator(model.module)
+    with HttpTranslator(spec.url, spec.victim, spec.honest_key) as clean:
+        cell.fidelity, cell.quality = surrogate_scores(
+            sur, clean, spec.evaluation.build(), settings=MetricSettings(),
+            feature_network=feature_network(spec.feature_weights), seed=spec.seed,
+            victim_outputs=spec.victim_outputs)
+    cell.wall_times["evaluation"] = round(time.perf_counter() - t0, 2)
+    cell.receptive_field = receptive_field(model.module, model.card.scale)
+    cell.surrogate = ModelRef(name=f"surrogate-{spec.id}", path=str(r.checkpoint), task=model.card.task,
+                              scale=model.card.scale, arch=model.card.arch)
+    cell.status = "done"
+    return cell
+
+
 class ExtractionKind(CellKind):
     """The extraction campaign grid (``[attack]``); see the module docstring."""
 
@@ -150,7 +227,6 @@ class ExtractionKind(CellKind):
         """Ground-truth pairs, the clean victim's outputs and every defense's honest-user cost."""
         from evaluation.campaign.victim import HttpTranslator, model_info
         from evaluation.defense_scoring import NO_DEFENSE, utility_cost
-        from evaluation.extraction import recipe_pairs
         from evaluation.metrics import MetricSettings
         from evaluation.results import DefenseEntry, DefenseUtility, ModelRef, VictimEntry
         from translators.zoo import get_recipe
@@ -163,17 +239,17 @@ class ExtractionKind(CellKind):
             names = "+".join(str(s["name"]) for s in d.pipeline) or NO_DEFENSE
             if not any(e.label == d.label for e in results.defenses):
                 results.defenses.append(DefenseEntry(label=d.label, name=names, params={"pipeline": d.pipeline}))
+        sets: dict[str, list[EvalSetSpec]] = {}
         pairs: dict[str, Any] = {}
         clean_out: dict[str, dict[str, Any]] = {}
         url = ctx.url()
         for v in cfg.victims:
             info = model_info(url, v.name)
             recipe = get_recipe(v.recipe or v.name)
-            pairs[v.name] = [
-                recipe_pairs(label, spec, recipe.make_pair, scale=info.scale, input_multiple=info.size_multiple,
-                             seed=cfg.campaign.seed, max_side=cfg.evaluation.max_side)
-                for label, spec in cfg.evaluation.image_sets.items()
-            ]
+            sets[v.name] = [EvalSetSpec(label, images, recipe.name, info.scale, info.size_multiple, cfg.campaign.seed,
+                                        cfg.evaluation.max_side)
+                            for label, images in cfg.evaluation.image_sets.items()]
+            pairs[v.name] = [s.build() for s in sets[v.name]]
             if not any(e.name == v.name for e in results.victims):
                 results.victims.append(VictimEntry(
                     name=v.name, recipe=recipe.name,
@@ -196,48 +272,26 @@ class ExtractionKind(CellKind):
                                              feature_network=network, seed=cfg.campaign.seed)
                         save_record(u, upath)
                         results.utility.append(u)
-        ctx.shared["extraction"] = {"pairs": pairs, "clean_out": clean_out, "settings": settings,
-                                    "surrogates": {}}
+        ctx.shared["extraction"] = {"sets": sets, "pairs": pairs, "clean_out": clean_out}
 
-    def run(self, ctx: RunContext, params: AttackSection, plan: CellPlan, paths: CellPaths) -> CampaignCell:
-        from evaluation.campaign.paper import receptive_field
-        from evaluation.campaign.translate import padded_translator
-        from evaluation.campaign.victim import HttpTranslator
-        from evaluation.defense_scoring import NO_DEFENSE, surrogate_scores
-        from evaluation.results import ModelRef
-        from translators.checkpoint import load_model
+    def task(self, ctx: RunContext, params: AttackSection, plan: CellPlan, paths: CellPaths) -> CellTask:
+        from evaluation.defense_scoring import NO_DEFENSE
 
         cfg = ctx.cfg
         state = ctx.shared["extraction"]
         cell = self.pending(cfg, params, plan, paths)
         vcfg = next(v for v in cfg.victims if v.name == cell.victim)
+        fw = cfg.evaluation.feature_weights
         spec = ExtractionSpec(
-            url=ctx.url(), api_key=ctx.attack_key(plan.id, plan.defense), victim=cell.victim, images=params.images,
-            strategy=cell.strategy, strategy_params=params.strategy_params, budget=cell.budget,
-            concurrency=params.concurrency, seed=cfg.campaign.seed, surrogate=vcfg.surrogate,
+            id=plan.id, defense=plan.defense, url=ctx.url(), api_key=ctx.attack_key(plan.id, plan.defense),
+            victim=cell.victim, images=params.images, strategy=cell.strategy, strategy_params=params.strategy_params,
+            budget=cell.budget, concurrency=params.concurrency, seed=cfg.campaign.seed, surrogate=vcfg.surrogate,
             surrogate_profile=vcfg.surrogate_profile, train_steps=vcfg.train_steps, device=cfg.campaign.device,
+            honest_key=ctx.honest_key(NO_DEFENSE), evaluation=state["sets"][cell.victim][0],
+            victim_outputs=state["clean_out"][cell.victim], feature_weights=str(fw) if fw else None,
             surrogate_kwargs=dict(vcfg.surrogate_kwargs), train_time_s=vcfg.train_time_s or 300.0)
-        ctx.say(f"{plan.id}: harvesting {cell.budget} queries and training a {vcfg.surrogate} surrogate")
-        with ctx.phase("harvest+training"):
-            r = harvest_and_train(spec, paths)
-        cell.wall_times.update(r.wall_times)
-        cell.queries_used, cell.queries_refused = r.queries_used, r.queries_refused
-        cell.input_pixels, cell.surrogate_kind = r.input_pixels, r.surrogate_kind
-        t0 = time.perf_counter()
-        with ctx.phase("evaluation"):
-            model = load_model(r.checkpoint)
-            sur = padded_translator(model.module)
-            with HttpTranslator(ctx.url(), cell.victim, ctx.honest_key(NO_DEFENSE)) as clean:
-                cell.fidelity, cell.quality = surrogate_scores(
-                    sur, clean, state["pairs"][cell.victim][0], settings=state["settings"],
-                    feature_network=ctx.shared.get("feature_network"), seed=cfg.campaign.seed,
-                    victim_outputs=state["clean_out"][cell.victim])
-        cell.wall_times["evaluation"] = round(time.perf_counter() - t0, 2)
-        cell.receptive_field = receptive_field(model.module, model.card.scale)
-        cell.surrogate = ModelRef(name=f"surrogate-{plan.id}", path=str(r.checkpoint), task=model.card.task,
-                                  scale=model.card.scale, arch=model.card.arch)
-        cell.status = "done"
-        return cell
+        return CellTask(run_extraction_cell, spec, paths, cell,
+                        note=f"{plan.id}: harvesting {cell.budget} queries and training a {vcfg.surrogate} surrogate")
 
     def finish(self, ctx: RunContext, params: AttackSection) -> None:
         """Sample grids, then the source paper's A/B/C tables and numbers beside ours (``[paper]``)."""
@@ -266,14 +320,6 @@ class _Memo:
         if key not in self.cache:
             self.cache[key] = self.inner(x)
         return self.cache[key]
-
-
-def save_record(obj: Any, path: Path) -> None:
-    """Write a pydantic record as JSON atomically (temp file + replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(obj.model_dump_json(indent=2))
-    tmp.replace(path)
 
 
 def _samples(ctx: RunContext, params: AttackSection) -> list[Any]:

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
-from evaluation.campaign.kinds.base import CellKind, CellPaths, CellPlan, RunContext, StrictParams
+from evaluation.campaign.kinds.base import (
+    CellKind,
+    CellPaths,
+    CellPlan,
+    CellTask,
+    RunContext,
+    StrictParams,
+    feature_network,
+)
 
 if TYPE_CHECKING:
     from evaluation.campaign.config import CampaignConfig
@@ -125,11 +133,7 @@ def run_membership_cell(spec: MembershipSpec, paths: CellPaths) -> MembershipCel
     res = run_mia(spec.url, spec.api_key, spec.model, members, non_members, reference=reference,
                   concurrency=spec.concurrency)
     write_scores(res, paths.run)
-    network = None
-    if spec.feature_weights:
-        from evaluation.features import load_feature_network
-
-        network = load_feature_network(weights=spec.feature_weights)
+    network = feature_network(spec.feature_weights)
     cell = MembershipCell(id=spec.id, victim=spec.victim, model=spec.model, model_defense=spec.model_defense,
                           defense=spec.defense, seed=spec.seed, status="done", run_dir=str(paths.run),
                           queries_used=res.queries,
@@ -196,13 +200,13 @@ class MembershipKind(CellKind):
             ref_path = ctx.out / "membership" / f"reference-{params.victim}.safetensors"
             if not ref_path.exists():
                 ctx.say(f"training the attacker's reference model ({params.reference_steps} steps, public data)")
-                with ctx.phase("membership"):
+                with ctx.phase("reference"):
                     train_reference(params.reference_images, side=int(split["members"]["side"]),
                                     steps=params.reference_steps, out=ref_path, seed=ctx.cfg.campaign.seed)
             ref = str(ref_path)
         ctx.shared[f"membership:{params.victim}"] = {"split": split, "reference": ref}
 
-    def run(self, ctx: RunContext, params: MembershipParams, plan: CellPlan, paths: CellPaths) -> MembershipCell:
+    def task(self, ctx: RunContext, params: MembershipParams, plan: CellPlan, paths: CellPaths) -> CellTask:
         state = ctx.shared[f"membership:{params.victim}"]
         md, model = self._coords(params, plan)
         fw = ctx.cfg.evaluation.feature_weights
@@ -211,6 +215,5 @@ class MembershipKind(CellKind):
             model=model, model_defense=md, defense=plan.defense, members_dir=state["split"]["members"]["dir"],
             non_members_dir=state["split"]["non_members"]["dir"], reference=state["reference"],
             concurrency=params.concurrency, seed=ctx.cfg.campaign.seed, feature_weights=str(fw) if fw else None)
-        ctx.say(f"{plan.id}: membership inference on {model} through tier {plan.defense}")
-        with ctx.phase("membership"):
-            return run_membership_cell(spec, paths)
+        return CellTask(run_membership_cell, spec, paths, self.pending(ctx.cfg, params, plan, paths),
+                        note=f"{plan.id}: membership inference on {model} through tier {plan.defense}")

@@ -28,6 +28,7 @@ import torch
 
 from attacker.client import ClientConfig, VictimClient
 from attacker.errors import ConfigError
+from attacker.pacing import LanePacer, PacedSender
 from attacker.victim_info import ModelInfo
 from translators.codecs import decode_image, encode_image, read_image
 
@@ -91,25 +92,32 @@ async def _query_all(url: str, key: str, model: str, cands: list[Candidate], con
 
     async with VictimClient(url, ClientConfig(max_concurrency=concurrency)) as client:
         await client.model_info(model)
+        # the harvester's pacing: as fast as the key's rate limit allows; a 429 is a wait, not a failure
+        sender = PacedSender(LanePacer(max_concurrency=concurrency))
 
         async def one(c: Candidate) -> None:
             nonlocal sent
             body = encode_image(c.x)
+            failures = 0
             async with sem:
-                for attempt in range(client.config.max_retries + 1):
-                    out = await client.translate(model, key, body)
+                while True:
+                    out = await sender.send(lambda: client.translate(model, key, body))
                     sent += 1
                     if out.ok:
                         outputs[c.name] = decode_image(out.body)
                         break
-                    if out.status is None or out.status == 429 or out.status >= 500:
-                        wait = out.headers.retry_after_s or min(0.25 * 2**attempt, 15.0)
-                        await asyncio.sleep(wait)
+                    if out.status == 429 and out.code != "quota_exhausted":
+                        continue  # the pacer now waits for Retry-After
+                    if out.status is None or out.status >= 500:
+                        failures += 1
+                        if failures > client.config.max_retries:
+                            why = out.error or f"HTTP {out.status} {out.code or ''}".strip()
+                            raise ConfigError(f"candidate {c.name!r}: no answer after {failures} tries ({why})")
+                        await asyncio.sleep(min(client.config.backoff_base_s * 2**failures,
+                                                client.config.backoff_max_s))
                         continue
                     raise ConfigError(f"the victim refused candidate {c.name!r}: HTTP {out.status} "
                                       f"{out.code or ''} {out.detail}".strip())
-                else:
-                    raise ConfigError(f"candidate {c.name!r}: no answer after {client.config.max_retries + 1} tries")
             if on_done:
                 on_done()
 

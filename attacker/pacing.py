@@ -33,8 +33,12 @@ Without rate headers (an unlimited tier) only the concurrency cap applies.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import httpx
 
@@ -293,3 +297,47 @@ class LanePacer:
     @property
     def sent(self) -> int:
         return self._seq
+
+
+class _Answer(Protocol):
+    status: int | None
+    code: str | None
+    headers: RateHeaders
+
+
+_A = TypeVar("_A", bound=_Answer)
+
+
+class PacedSender:
+    """One key's requests sent through a :class:`LanePacer` from any number of coroutines.
+
+    ``await sender.send(fn)`` waits until the pacer lets a request go, runs ``fn()`` (a coroutine making
+    exactly one request and returning an object with ``status``, ``code`` and ``headers``), and reports
+    the answer back. It is the pacing of :mod:`attacker.harvest` for callers that only need "send this,
+    respecting the limit" (the membership attack, for example); 429s become waits, never errors.
+    """
+
+    def __init__(self, pacer: LanePacer) -> None:
+        self.pacer = pacer
+        self._answered = asyncio.Event()
+
+    async def send(self, fn: Callable[[], Awaitable[_A]]) -> _A:
+        while True:
+            d = self.pacer.delay(time.monotonic())
+            if d == 0:
+                break
+            if d is None:  # wait for an answer (no await between delay() and clear(): no lost wake-up)
+                self._answered.clear()
+                await self._answered.wait()
+            else:
+                await asyncio.sleep(d)
+        seq = self.pacer.on_send(time.monotonic())
+        try:
+            out = await fn()
+        except BaseException:
+            self.pacer.on_response(seq, time.monotonic(), None, "cancelled", RateHeaders())
+            self._answered.set()
+            raise
+        self.pacer.on_response(seq, time.monotonic(), out.status, out.code, out.headers)
+        self._answered.set()
+        return out

@@ -4,6 +4,7 @@ score the same both ways, and a missing Ray or an unreachable cluster is one err
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -84,17 +85,28 @@ def test_ray_matches_sequential_and_retries_a_killed_worker(tmp_path: Path) -> N
 
     killed: list[int] = []
 
-    def kill_first_worker() -> None:  # SIGKILL the first Ray worker seen running a cell
+    def status(cell_json: Path) -> str:
+        try:
+            return str(json.loads(cell_json.read_text()).get("status", ""))
+        except (OSError, ValueError):
+            return ""
+
+    def kill_a_worker_mid_cell() -> None:
+        """SIGKILL the Ray workers while a cell runs; a kill that landed after the cell finished is retried."""
         deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and not killed:
-            for pid in _ray_workers_running_a_cell():
-                if any(ray_out.glob("cells/*/attempts")):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+        while time.monotonic() < deadline:
+            running = [c for c in ray_out.glob("cells/*/cell.json") if status(c) == "running"]
+            pids = _ray_workers_running_a_cell()
+            if running and pids:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                if any(status(c) == "running" for c in running):  # interrupted, not finished: Ray retries it
                     return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer = threading.Thread(target=kill_a_worker_mid_cell, daemon=True)
     killer.start()
     t0 = time.perf_counter()
     res = _heist(["campaign", "run", str(cfg), "--out", str(ray_out), "--executor", "ray"])

@@ -128,3 +128,16 @@ def test_a_fixed_size_model_gets_exactly_that_size(name: str, photos: list[Named
         assert q.image.shape[-2:] == (48, 80)
         assert fixed.accepts(48, 80) is None
     assert "only accepted size 80x48" in str(fixed.accepts(64, 64))
+
+
+@pytest.mark.parametrize("name", ["crops", "augment"])
+def test_photos_take_turns_whatever_their_size(name: str) -> None:
+    """A big photo does not take every query when crops are nearly as big as the photos (the SR case:
+    downscaled photos, crop close to their short side): each photo gets an equal share per round."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(130, 400), (126, 126), (140, 140), (128, 200)]
+    photos = [NamedImage(f"p{i}", torch.rand(3, h, w, generator=g)) for i, (h, w) in enumerate(sizes)]
+    s = build_strategy(name, photos, DENOISE, {"crop_size": 125}, seed=1)
+    sources = [s.make(i).source for i in range(4 * len(photos))]
+    assert all(sources.count(p.name) == 4 for p in photos), sources
+    assert sources[:4] != sources[4:8] or sources[4:8] != sources[8:12]  # a new seeded order each round

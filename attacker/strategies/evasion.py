@@ -48,7 +48,7 @@ class Interleave(QueryStrategy):
             if f < 1.0:
                 x = crop_to_multiple(bicubic_resize(x, (max(1, round(h * f)), max(1, round(w * f)))), self.mult)
             return Query(index, x.contiguous(), im.name, None, "whole")
-        im, box, x = self.random_crop(rng)
+        im, box, x = self.random_crop(rng, index)
         x, tf = self.add_noise(x, rng)
         return Query(index, x.contiguous(), im.name, box, tf)
 

@@ -35,12 +35,12 @@ class RandomImages(QueryStrategy):
 
 @STRATEGY_REGISTRY.register("crops")
 class RandomCrops(QueryStrategy):
-    """Uniformly random ``crop_size`` crops (image chosen with probability proportional to its number of
-    crop positions). Small crops buy more pairs per pixel of budget."""
+    """Uniformly placed ``crop_size`` crops, the attacker's photos taking turns (each gets an equal share
+    of the queries; :meth:`QueryStrategy.random_crop`). Small crops buy more pairs per pixel of budget."""
 
     def make(self, index: int) -> Query:
         rng = index_rng(self.seed, index, "crop")
-        im, box, x = self.random_crop(rng)
+        im, box, x = self.random_crop(rng, index)
         x, tf = self.add_noise(x, rng)
         return Query(index, x.contiguous(), im.name, box, tf)
 
@@ -107,7 +107,7 @@ class AugmentedCrops(QueryStrategy):
 
     def make(self, index: int) -> Query:
         rng = index_rng(self.seed, index, "augment")
-        im, box, x = self.random_crop(rng)
+        im, box, x = self.random_crop(rng, index)
         x, tf = _augment(x, rng)
         x, noise = self.add_noise(x, rng)
         return Query(index, x.contiguous(), im.name, box, tf if noise is None else f"{tf}:{noise}")

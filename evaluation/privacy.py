@@ -83,7 +83,9 @@ def membership_utility(
     network: Any = None, seed: int = 0,
 ) -> MembershipUtility:
     """Served outputs vs ground truth (PSNR dB / SSIM, data_range 1, RGB, no border crop) on members and
-    non-members, and NKID with ``network`` (paper eq. 6: gap = NKID(train) - NKID(test))."""
+    non-members, and NKID with ``network`` (paper eq. 6: gap = NKID(train) - NKID(test)); each NKID records
+    its network (:class:`~evaluation.features.FeatureNetworkInfo`).
+    """
     from evaluation.metrics import psnr, ssim
     from evaluation.results import MembershipUtility
 
@@ -97,8 +99,11 @@ def membership_utility(
     u = MembershipUtility(psnr_members=pm, psnr_non_members=pn, ssim_members=sm, ssim_non_members=sn,
                           gap_psnr_db=pm - pn)
     if network is None:
-        u.notes.append("NKID not computed: no feature network ([evaluation] feature_weights)")
+        u.notes.append("NKID not computed: no feature network ([evaluation] feature_network = \"none\")")
         return u
+    if not network.info.comparable_with_papers:
+        u.notes.append(f"NKID on {network.info.label}: relative to this network's KID of black images; not "
+                       "comparable in absolute value with InceptionV3 NKID (docs/privacy.md)")
     from evaluation.fid import compute_nkid
 
     size = min(len(members), len(non_members))

@@ -91,3 +91,12 @@ def test_cli_rejects_a_bad_file_before_running(tmp_path: Path) -> None:
     assert f"{bad}:19: attack.budgets" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_feature_network_is_reported_at_its_line() -> None:
+    text = GOOD + '\n[evaluation]\nfeature_network = "vgg-random"\n'
+    msg = _error(text)
+    assert msg.startswith(f"c.toml:{len(text.splitlines())}: evaluation.feature_network"), msg
+    assert "vgg16-random" in msg  # the known names are listed
+    for ok in ("vgg16-random", "none", "inception-v3"):
+        assert parse_campaign(text.replace("vgg-random", ok)).evaluation.feature_network == ok

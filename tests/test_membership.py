@@ -79,7 +79,12 @@ def test_mia_cli_through_the_rate_limited_api_separates_members(
     assert (out / "roc.png").stat().st_size > 1000
 
 
-def test_membership_cell_through_the_real_service(served: VictimServer, split: dict, tmp_path: Path) -> None:
+def test_membership_cell_through_the_real_service(served: VictimServer, split: dict, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cell as the campaign runs it: no feature network configured and no InceptionV3 weights on the
+    machine, so NKID is computed on the offline network, named in results and in the report's table."""
+    monkeypatch.delenv("HEIST_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache: no weights anywhere
     spec = MembershipSpec(id="mia.t", url=served.url, api_key=served.keys["open"], victim="mia", model="mia",
                           model_defense="none", defense="none", members_dir=str(split["members"]["dir"]),
                           non_members_dir=str(split["non_members"]["dir"]), reference=None, concurrency=2, seed=0)
@@ -92,6 +97,20 @@ def test_membership_cell_through_the_real_service(served: VictimServer, split: d
     assert cell.utility is not None
     assert cell.utility.gap_psnr_db > 0  # members are reproduced better
     assert (tmp_path / "cell" / "run" / "scores.json").exists()
+    u = cell.utility
+    assert u.nkid_members is not None
+    assert u.nkid_non_members is not None
+    assert u.nkid_non_members.feature_network.name == "vgg16-random"
+    assert u.nkid_non_members.kid_black.mean > 0
+    assert u.generalisation_gap_nkid == pytest.approx(u.nkid_members.nkid_percent - u.nkid_non_members.nkid_percent)
+    assert any("not comparable in absolute value" in n for n in u.notes)
+    from evaluation.report import render_report
+    from evaluation.results import Results
+
+    md = render_report(Results(kind="campaign", name="mia", cells=[cell]), tmp_path / "report").markdown.read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| none | none | done"))
+    assert f"{u.nkid_non_members.nkid_percent:.2f} (vgg16-random)" in row
+    assert "random init seed 0" in md
 
 
 def _quota_left_after_one_query(srv: VictimServer, x: torch.Tensor) -> int:

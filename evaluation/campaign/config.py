@@ -146,7 +146,10 @@ class EvaluationSection(_Strict):
 
     ``image_sets``: label -> image spec; the first is the headline set. ``max_side`` shrinks evaluation
     images (CPU time). ``target_psnr``: fidelity the "queries to reach" table asks for (dB).
-    ``feature_weights``: a local InceptionV3 weights file for FID/KID (omitted = no FID/KID, said so).
+    ``feature_weights``: a local InceptionV3 weights file for FID/KID (omitted = no FID/KID in
+    extraction cells, said so). ``feature_network``: the network for the NKID of membership cells
+    (a :data:`evaluation.features.FEATURE_NETWORKS` name, or ``"none"``); omitted = InceptionV3 when
+    ``feature_weights`` is set or a weights file is found, else the offline ``vgg16-random``.
     """
 
     image_sets: dict[str, str] = Field(default_factory=lambda: {"benchmark": "corpus:benchmark"}, min_length=1)
@@ -154,7 +157,18 @@ class EvaluationSection(_Strict):
     target_psnr: float = 30.0
     samples: int = Field(3, ge=0, le=16)
     feature_weights: Path | None = None
+    feature_network: str | None = None
     d_bound: float = Field(0.3, gt=0)
+
+    @field_validator("feature_network")
+    @classmethod
+    def _known_network(cls, v: str | None) -> str | None:
+        from evaluation.features import FEATURE_NETWORKS, NO_NETWORK
+
+        if v is not None and v != NO_NETWORK and v not in FEATURE_NETWORKS:
+            raise ValueError(f"unknown feature network {v!r} (known: {', '.join(FEATURE_NETWORKS.names())}, "
+                             f"{NO_NETWORK})")
+        return v
 
 
 class PaperRow(_Strict):

@@ -302,7 +302,8 @@ def _is_loopback(url: str) -> bool:
 def _feature_network(cfg: CampaignConfig) -> tuple[Any, str | None]:
     if cfg.evaluation.feature_weights is None:
         return None, ("FID/KID not computed: no feature network configured ([evaluation] feature_weights = "
-                      "a local InceptionV3 weights file; see docs/evaluation.md)")
+                      "a local InceptionV3 weights file; see docs/evaluation.md). Membership cells pick their "
+                      "own NKID network, named beside each NKID (docs/privacy.md)")
     return feature_network(str(cfg.evaluation.feature_weights)), None
 
 

@@ -38,6 +38,23 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return DASH if v is None else f"{v:.{digits}f}"
 
 
+def _nkid(u: Any) -> str:
+    """Non-member NKID with the short name of its network, e.g. ``7.41 (vgg16-random)``."""
+    if u is None or u.nkid_non_members is None:
+        return DASH
+    return f"{u.nkid_non_members.nkid_percent:.2f} ({u.nkid_non_members.feature_network.name})"
+
+
+def _networks(cells: list[MembershipCell]) -> list[Any]:
+    """The distinct feature networks that produced the cells' NKIDs (normally one)."""
+    seen: dict[str, Any] = {}
+    for c in cells:
+        if c.utility and c.utility.nkid_non_members:
+            info = c.utility.nkid_non_members.feature_network
+            seen.setdefault(info.label, info)
+    return list(seen.values())
+
+
 def _roc_figure(cells: list[MembershipCell], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for c in cells:
@@ -65,7 +82,9 @@ def _scatter(cells: list[MembershipCell], path: Path) -> Path:
             ax.scatter([x], [s.auc])
             ax.annotate(f"{c.model_defense}/{c.defense}", (x, s.auc), fontsize=7)
     nkid = any(c.utility and c.utility.nkid_non_members for c in cells)
-    ax.set_xlabel("NKID on non-members (%)" if nkid else "- PSNR on non-members (dB, lower = better)")
+    nets = _networks(cells)
+    ax.set_xlabel(f"NKID on non-members (%, {', '.join(n.name for n in nets)})" if nkid else
+                  "- PSNR on non-members (dB, lower = better)")
     ax.set_ylabel("attack AUC")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -88,9 +107,19 @@ def membership_sections(results: Results, builder: Any) -> list[Section]:
         paper = PAPER_TABLE_II.get(row_key(c))
         rows.append([c.model_defense, c.defense, c.status, sc.score if sc else DASH, _fmt(sc.auc if sc else None),
                      _fmt(sc.tpr_at_fpr.get("0.001") if sc else None),
-                     _fmt(u.nkid_non_members.nkid_percent if u and u.nkid_non_members else None, 2),
+                     _nkid(u),
                      _fmt(u.psnr_non_members if u else None, 2), _fmt(u.gap_psnr_db if u else None, 2),
                      f"{paper[1]:.2f}" if paper else DASH, f"{paper[2]:.2f}" if paper else DASH])
+    nets = _networks(cells)
+    if nets:
+        caveat = ("" if all(n.comparable_with_papers for n in nets) else
+                  " Not InceptionV3: these NKIDs compare the defenses with each other (each is relative to the same "
+                  "network's KID of black images) but are not comparable in absolute value with the paper's "
+                  "Inception NKID (docs/privacy.md).")
+        s.add(Paragraph("NKID on non-members (100 x KID / KID of black images), features: "
+                        + "; ".join(n.label for n in nets) + "." + caveat))
+    else:
+        s.add(Paragraph("NKID not computed (no feature network); the privacy-utility scatter uses PSNR."))
     s.add(Table(["Model defense", "Output defense", "Status", "Score", "AUC", "TPR@0.1%FPR", "NKID (%)",
                  "PSNR non-members (dB)", "PSNR gap members-non (dB)", "Paper AUCROC (%)", "Paper NKID (%)"],
                 rows, caption="results.json: cells[kind=membership]"))

@@ -177,6 +177,16 @@ def feature_network(weights: str | None) -> FeatureNetwork | None:
     return load_feature_network(weights=weights)
 
 
+@functools.lru_cache(maxsize=2)
+def nkid_feature_network(name: str | None, weights: str | None) -> FeatureNetwork | None:
+    """The NKID network of membership cells, loaded once per process: ``name`` (``"none"``: None), else
+    InceptionV3 from ``weights`` or a found weights file, else the offline ``vgg16-random``
+    (:func:`evaluation.features.resolve_feature_network`)."""
+    from evaluation.features import resolve_feature_network
+
+    return resolve_feature_network(name, weights)
+
+
 def cell_error(exc: BaseException) -> str:
     """The one-line error a failed cell records."""
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

@@ -4,8 +4,9 @@ One cell = one served model (the victim, or a model-level defense of it: AKD, DM
 output-defense label (its tier: e.g. Gaussian noise). :func:`run_membership_cell` is the whole cell as
 a plain function of a :class:`MembershipSpec` and :class:`CellPaths`: it queries every member and
 non-member once with the cell's own API key (limits count), scores them (:mod:`attacker.mia`), and
-measures utility on the same answers (PSNR/SSIM against ground truth, the member/non-member gap, NKID
-when a feature network is configured). A failed cell reruns from the start (it costs ``2 n`` queries).
+measures utility on the same answers (PSNR/SSIM against ground truth, the member/non-member gap, and
+NKID on ``[evaluation] feature_network``: by default InceptionV3 when its weights are found, else the
+offline ``vgg16-random``; every NKID names its network). A failed cell reruns from the start (it costs ``2 n`` queries).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from evaluation.campaign.kinds.base import (
     CellTask,
     RunContext,
     StrictParams,
-    feature_network,
+    nkid_feature_network,
 )
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ class MembershipSpec:
     concurrency: int
     seed: int
     feature_weights: str | None = None
+    feature_network: str | None = None
 
 
 def run_membership_cell(spec: MembershipSpec, paths: CellPaths) -> MembershipCell:
@@ -133,7 +135,7 @@ def run_membership_cell(spec: MembershipSpec, paths: CellPaths) -> MembershipCel
     res = run_mia(spec.url, spec.api_key, spec.model, members, non_members, reference=reference,
                   concurrency=spec.concurrency)
     write_scores(res, paths.run)
-    network = feature_network(spec.feature_weights)
+    network = nkid_feature_network(spec.feature_network, spec.feature_weights)
     cell = MembershipCell(id=spec.id, victim=spec.victim, model=spec.model, model_defense=spec.model_defense,
                           defense=spec.defense, seed=spec.seed, status="done", run_dir=str(paths.run),
                           queries_used=res.queries,
@@ -214,6 +216,7 @@ class MembershipKind(CellKind):
             id=plan.id, url=ctx.url(), api_key=ctx.attack_key(plan.id, plan.defense), victim=params.victim,
             model=model, model_defense=md, defense=plan.defense, members_dir=state["split"]["members"]["dir"],
             non_members_dir=state["split"]["non_members"]["dir"], reference=state["reference"],
-            concurrency=params.concurrency, seed=ctx.cfg.campaign.seed, feature_weights=str(fw) if fw else None)
+            concurrency=params.concurrency, seed=ctx.cfg.campaign.seed, feature_weights=str(fw) if fw else None,
+            feature_network=ctx.cfg.evaluation.feature_network)
         return CellTask(run_membership_cell, spec, paths, self.pending(ctx.cfg, params, plan, paths),
                         note=f"{plan.id}: membership inference on {model} through tier {plan.defense}")

@@ -76,7 +76,8 @@ def test_the_attacker_axis_expands_cells_and_keeps_plain_ids() -> None:
     for p in plans:
         cell = kind.pending(cfg, params, p, CellPaths(Path("/tmp/x")))
         assert cell.attacker == ("adaptive" if p.id.endswith(".adaptive") else "plain")
-        assert f".b{cell.budget}" in p.id and cell.defense == p.defense
+        assert f".b{cell.budget}" in p.id
+        assert cell.defense == p.defense
     plain_only = parse_campaign(BASE.replace('attackers = ["plain", "adaptive"]\n', ""))
     assert len(kind.plan(plain_only, plain_only.extraction)) == 4
 
@@ -112,7 +113,8 @@ def test_the_shipped_perturbation_campaign_covers_the_grid() -> None:
 
 
 def _comp(values: list[float]) -> Comparison:
-    scores = MetricScores(metric="psnr", summary=summarize(values), per_image={f"i{k}": v for k, v in enumerate(values)})
+    per_image = {f"i{k}": v for k, v in enumerate(values)}
+    scores = MetricScores(metric="psnr", summary=summarize(values), per_image=per_image)
     return Comparison(output="a", reference="b", image_set="benchmark", n_images=len(values), metrics={"psnr": scores})
 
 
@@ -152,7 +154,8 @@ def test_table_pareto_and_best_defense_come_from_the_results() -> None:
     assert rows[("strong", "adaptive")].counter["64"] == "median"
     best = {b.attacker: b for b in d.best_defenses}
     # "costly" hurts more but costs honest users 30 dB < 40: not eligible.
-    assert best["adaptive"].defense == "strong" and best["adaptive"].budget == 64
+    assert best["adaptive"].defense == "strong"
+    assert best["adaptive"].budget == 64
     assert best["adaptive"].loss_db == pytest.approx(3.0)
     # the legacy Pareto/degradation table uses the plain attacker only
     legacy = {x.defense: x for x in d.defense_table}
@@ -189,7 +192,8 @@ def test_a_tiny_campaign_with_plain_and_adaptive_attackers_runs_end_to_end(tmp_p
             assert c.fidelity.mean("psnr") == pytest.approx(c.counter_fidelity[c.counter], abs=1e-3)
             assert Path(c.surrogate.path).parent.name.startswith("surrogate-")
         else:
-            assert c.counter is None and not c.counter_fidelity
+            assert c.counter is None
+            assert not c.counter_fidelity
     rows = {(x.defense, x.attacker): x for x in r.derived.attacker_table}
     for who in ("plain", "adaptive"):
         want = cells[("none", who)].fidelity.mean("psnr") - cells[("noise", who)].fidelity.mean("psnr")

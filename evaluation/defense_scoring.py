@@ -14,7 +14,7 @@
 - **Attacker axis** (:func:`attacker_table`, :func:`best_defenses`): the same loss per attacker (``plain``, or
   ``adaptive``: the best counter-measure of :mod:`attacker.countermeasures`), each against the *same
   attacker* on the undefended victim, next to the honest-user PSNR (defended vs clean output); the best
-  defense per victim is the largest loss at the largest budget with honest PSNR >= 40 dB (issue 10's bar).
+  defense per victim is the largest positive loss at the largest budget with honest PSNR >= 40 dB (issue 10's bar).
   The degradation table, curves and Pareto fronts above use plain-attacker cells only.
 
 :func:`derive` turns the cells and utility entries of a campaign's :class:`~evaluation.results.Results`
@@ -275,14 +275,15 @@ def attacker_pareto(rows: Sequence[AttackerRow], victim: str, budget: int
 
 def best_defenses(rows: Sequence[AttackerRow], budget: int, min_honest_psnr: float = MIN_HONEST_PSNR
                   ) -> list[BestDefense]:
-    """Per victim (and attacker): the defense other than ``none`` with the largest fidelity loss at
-    ``budget`` among those whose honest-user PSNR is at least ``min_honest_psnr`` dB."""
+    """Per victim (and attacker): the defense other than ``none`` with the largest positive fidelity loss
+    at ``budget`` among those whose honest-user PSNR is at least ``min_honest_psnr`` dB (None when no such
+    defense costs the attacker anything)."""
     out = []
     for victim, who in dict.fromkeys((r.victim, r.attacker) for r in rows):
         best = BestDefense(victim=victim, attacker=who, budget=budget, min_honest_psnr=min_honest_psnr)
         for r in rows:
             loss = r.loss_db.get(str(budget))
-            if (r.victim, r.attacker) != (victim, who) or r.defense == NO_DEFENSE or loss is None:
+            if (r.victim, r.attacker) != (victim, who) or r.defense == NO_DEFENSE or loss is None or loss <= 0:
                 continue
             if r.honest_psnr is None or r.honest_psnr < min_honest_psnr:
                 continue

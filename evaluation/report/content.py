@@ -314,11 +314,11 @@ class _Builder:
         best = []
         for b in d.best_defenses:
             what = (f"**{b.defense}** ({num(b.loss_db, 'db')} dB loss at honest PSNR {num(b.honest_psnr, 'psnr')} "
-                    "dB)" if b.defense else f"no defense keeps honest PSNR >= {b.min_honest_psnr:g} dB with a "
-                                            "measured loss")
+                    "dB)" if b.defense else f"none: no defense with honest PSNR >= {b.min_honest_psnr:g} dB costs this "
+                                            "attacker any fidelity")
             best.append(f"{b.victim}, {b.attacker} attacker, {b.budget} queries: {what}")
         if best:
-            s.add(Paragraph(f"Best defense per victim: the largest attacker loss at the largest budget among "
+            s.add(Paragraph(f"Best defense per victim: the largest positive attacker loss at the largest budget among "
                             f"defenses with honest-user PSNR >= {d.best_defenses[0].min_honest_psnr:g} dB "
                             "(results.json: derived.best_defenses)."), Bullets(best))
         ref = int(budgets[-1])
@@ -371,9 +371,9 @@ class _Builder:
         rows = []
         for c in self.r.extraction_cells:
             fid = c.fidelity.metrics.get("psnr") if c.fidelity else None
-            rows.append([c.victim, c.defense, num(c.budget), num(c.input_pixels), c.surrogate_kind or DASH,
+            rows.append([c.victim, c.defense, c.attacker, num(c.budget), num(c.input_pixels), c.surrogate_kind or DASH,
                          num(c.receptive_field), mean_ci(fid.summary if fid else None, "psnr")])
-        s.add(Table(["Victim", "Defense", "Queries", "Query pixels", "Surrogate", "Receptive field (px)",
+        s.add(Table(["Victim", "Defense", "Attacker", "Queries", "Query pixels", "Surrogate", "Receptive field (px)",
                      "Fidelity PSNR (dB)"], rows,
                     caption="results.json: cells (input_pixels, surrogate_kind, receptive_field, fidelity)"))
         return s

@@ -11,6 +11,11 @@
 - **Attack efficiency** (:func:`queries_to_target`): queries needed for the surrogate to reach a
   target fidelity, read off a fidelity-vs-queries curve by linear interpolation between the first
   measured point at or above the target and the one before it.
+- **Attacker axis** (:func:`attacker_table`, :func:`best_defenses`): the same loss per attacker (``plain``, or
+  ``adaptive``: the best counter-measure of :mod:`attacker.countermeasures`), each against the *same
+  attacker* on the undefended victim, next to the honest-user PSNR (defended vs clean output); the best
+  defense per victim is the largest positive loss at the largest budget with honest PSNR >= 40 dB (issue 10's bar).
+  The degradation table, curves and Pareto fronts above use plain-attacker cells only.
 
 :func:`derive` turns the cells and utility entries of a campaign's :class:`~evaluation.results.Results`
 into :class:`~evaluation.results.Derived` (curves, queries-to-target, one defense table and one
@@ -30,6 +35,8 @@ from evaluation.extraction import PairSet, Translator
 from evaluation.features import FeatureNetwork
 from evaluation.metrics import MetricSettings
 from evaluation.results import (
+    AttackerRow,
+    BestDefense,
     CampaignCell,
     Comparison,
     CurvePoint,
@@ -43,6 +50,8 @@ from evaluation.results import (
 )
 
 NO_DEFENSE = "none"
+PLAIN = "plain"
+MIN_HONEST_PSNR = 40.0  # dB: the honest-user PSNR a perturbation defense must keep to be named best (issue 10)
 UTILITY_METRICS = ("psnr", "ssim")
 
 
@@ -137,12 +146,15 @@ def _cell_value(cell: CampaignCell, metric: str) -> tuple[float | None, float | 
 
 
 def fidelity_curves(results: Results, metric: str = "psnr") -> list[FidelityCurve]:
-    """One curve per (victim, defense, strategy): mean surrogate fidelity of finished cells vs queries.
+    """One curve per (victim, defense, strategy): mean surrogate fidelity of finished plain-attacker cells vs
+    queries (adaptive-attacker cells are summarised by :func:`attacker_table`).
 
     The x value is the queries the attack actually used (``queries_used``), else its budget.
     """
     groups: dict[tuple[str, str, str], list[CurvePoint]] = defaultdict(list)
     for cell in results.extraction_cells:
+        if cell.attacker != PLAIN:
+            continue
         mean, lo, hi = _cell_value(cell, metric)
         if mean is None:
             continue
@@ -181,7 +193,7 @@ def _defense_rows(
     util = {u.defense: u for u in results.utility if u.victim == victim}
     fidelity: dict[tuple[str, int], float | None] = {}
     for cell in results.extraction_cells:
-        if cell.victim == victim and cell.strategy == strategy:
+        if cell.victim == victim and cell.strategy == strategy and cell.attacker == PLAIN:
             fidelity[(cell.defense, cell.budget)] = _cell_value(cell, metric)[0]
     labels = [d.label for d in results.defenses] or sorted({d for d, _ in fidelity} | set(util))
     rows: list[DefenseRow] = []
@@ -213,6 +225,72 @@ def _defense_rows(
     for r in rows:
         r.pareto_optimal = r.defense in front
     return rows, ParetoFront(victim=victim, strategy=strategy, budget=ref_budget, points=clean_pts, front=front)
+
+
+def attacker_table(results: Results, metric: str = "psnr") -> list[AttackerRow]:
+    """Victim x defense x attacker (x strategy) rows: honest-user PSNR (defended vs clean victim output), the
+    attacker's fidelity to the clean victim per budget, and its loss vs the same attacker, strategy and
+    budget against the undefended victim (defense ``none``), in dB."""
+    util = {(u.victim, u.defense): _mean(u.defended_vs_clean, "psnr") for u in results.utility}
+    cells = [c for c in results.extraction_cells if c.status == "done"]
+    fid = {(c.victim, c.defense, c.attacker, c.strategy, c.budget): _cell_value(c, metric)[0] for c in cells}
+    chosen = {(c.victim, c.defense, c.attacker, c.strategy, c.budget): c.counter for c in cells}
+    budgets = results.budgets or sorted({c.budget for c in results.extraction_cells})
+    victims = [v.name for v in results.victims] or sorted({c.victim for c in results.extraction_cells})
+    labels = [d.label for d in results.defenses] or sorted({c.defense for c in results.extraction_cells})
+    attackers = [a for a in (PLAIN, "adaptive") if any(c.attacker == a for c in results.extraction_cells)]
+    strategies = results.strategies or sorted({c.strategy for c in results.extraction_cells})
+    rows = []
+    for victim in victims:
+        for strategy in strategies:
+            for label in labels:
+                for who in attackers:
+                    row = AttackerRow(victim=victim, defense=label, attacker=who, strategy=strategy,
+                                      honest_psnr=util.get((victim, label)))
+                    for b in budgets:
+                        value = fid.get((victim, label, who, strategy, b))
+                        base = fid.get((victim, NO_DEFENSE, who, strategy, b))
+                        row.attacker_psnr[str(b)] = value
+                        row.loss_db[str(b)] = base - value if value is not None and base is not None else None
+                        row.counter[str(b)] = chosen.get((victim, label, who, strategy, b))
+                    rows.append(row)
+    return rows
+
+
+def attacker_pareto(rows: Sequence[AttackerRow], victim: str, budget: int
+                    ) -> dict[str, tuple[dict[str, tuple[float, float]], list[str]]]:
+    """Per attacker: ``{defense: (honest PSNR dB, fidelity loss dB at budget)}`` of ``victim``'s defenses
+    (``none`` excluded) and the Pareto front (no other defense keeps honest PSNR at least as high *and*
+    costs the attacker at least as much, one strictly), in decreasing honest PSNR."""
+    out: dict[str, tuple[dict[str, tuple[float, float]], list[str]]] = {}
+    for r in rows:
+        loss = r.loss_db.get(str(budget))
+        if r.victim != victim or r.defense == NO_DEFENSE or loss is None or r.honest_psnr is None:
+            continue
+        out.setdefault(r.attacker, ({}, []))[0][r.defense] = (float(r.honest_psnr), float(loss))
+    for pts, front in out.values():
+        front.extend(pareto_front({k: (-x, y) for k, (x, y) in pts.items()}))
+    return out
+
+
+def best_defenses(rows: Sequence[AttackerRow], budget: int, min_honest_psnr: float = MIN_HONEST_PSNR
+                  ) -> list[BestDefense]:
+    """Per victim (and attacker): the defense other than ``none`` with the largest positive fidelity loss
+    at ``budget`` among those whose honest-user PSNR is at least ``min_honest_psnr`` dB (None when no such
+    defense costs the attacker anything)."""
+    out = []
+    for victim, who in dict.fromkeys((r.victim, r.attacker) for r in rows):
+        best = BestDefense(victim=victim, attacker=who, budget=budget, min_honest_psnr=min_honest_psnr)
+        for r in rows:
+            loss = r.loss_db.get(str(budget))
+            if (r.victim, r.attacker) != (victim, who) or r.defense == NO_DEFENSE or loss is None or loss <= 0:
+                continue
+            if r.honest_psnr is None or r.honest_psnr < min_honest_psnr:
+                continue
+            if best.loss_db is None or loss > best.loss_db:
+                best.defense, best.loss_db, best.honest_psnr = r.defense, loss, r.honest_psnr
+        out.append(best)
+    return out
 
 
 def derive(
@@ -253,5 +331,7 @@ def derive(
                     fronts.append(front)
                 elif on_warning:
                     on_warning(f"no Pareto front for {victim}/{strategy}: missing utility or '{NO_DEFENSE}' cells")
+    arows = attacker_table(results, metric) if budgets else []
+    best = best_defenses(arows, max(budgets)) if arows else []
     return Derived(target_metric=metric, target_value=target, curves=curves, queries_to_target=qtt,
-                   defense_table=table, pareto=fronts)
+                   defense_table=table, pareto=fronts, attacker_table=arows, best_defenses=best)

@@ -224,6 +224,11 @@ class CampaignCell(_Model):
     input_pixels: int | None = None  # input pixels the harvest sent (the single-example paper's x axis)
     surrogate_kind: str | None = None  # what `auto` chose, or the configured kind
     receptive_field: int | None = None  # measured receptive field side of the surrogate (same-size tasks)
+    attacker: Literal["plain", "adaptive"] = "plain"  # plain: trains on the outputs as harvested
+    counter: str | None = None  # adaptive: the counter-measure whose surrogate scored best (attacker.countermeasures)
+    counter_fidelity: dict[str, float] = Field(
+        default_factory=dict,
+        description="adaptive: counter-measure spec -> PSNR (dB) of its surrogate to the clean victim")
 
 
 class PaperComparison(_Model):
@@ -399,6 +404,37 @@ class ParetoFront(_Model):
     front: list[str]
 
 
+class AttackerRow(_Model):
+    """One victim x defense x attacker row of the perturbation table (means over benchmark images).
+
+    ``loss_db``: budget -> fidelity of the same attacker against the undefended victim (defense ``none``)
+    minus fidelity here, dB (positive = the defense slowed this attacker). ``counter``: budget -> the
+    counter-measure the adaptive attacker's best surrogate used.
+    """
+
+    victim: str
+    defense: str
+    attacker: str
+    strategy: str | None = None
+    honest_psnr: float | None = Field(None, description="defended vs clean victim output, dB")
+    attacker_psnr: dict[str, float | None] = Field(default_factory=dict)
+    loss_db: dict[str, float | None] = Field(default_factory=dict)
+    counter: dict[str, str | None] = Field(default_factory=dict)
+
+
+class BestDefense(_Model):
+    """The defense with the largest attacker fidelity loss at ``budget`` among those with honest PSNR
+    >= ``min_honest_psnr``, against ``attacker``; ``defense`` is None when no defense qualifies."""
+
+    victim: str
+    attacker: str
+    budget: int
+    min_honest_psnr: float
+    defense: str | None = None
+    loss_db: float | None = None
+    honest_psnr: float | None = None
+
+
 class Derived(_Model):
     """Summaries computed from the cells by :func:`evaluation.defense_scoring.derive`."""
 
@@ -408,6 +444,8 @@ class Derived(_Model):
     queries_to_target: list[QueriesToTarget] = Field(default_factory=list)
     defense_table: list[DefenseRow] = Field(default_factory=list)
     pareto: list[ParetoFront] = Field(default_factory=list)
+    attacker_table: list[AttackerRow] = Field(default_factory=list)
+    best_defenses: list[BestDefense] = Field(default_factory=list)
 
 
 # --- the document -----------------------------------------------------------------------------------

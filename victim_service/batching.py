@@ -78,14 +78,16 @@ class _BatchOut:
     timings: list[tuple[DefenseTiming, ...]]  # per job: the timings of the group it was defended in
     applied: list[tuple[str, ...]]  # per job: describe() of the defenses that ran on its output
     group_timings: list[tuple[DefenseTiming, ...]]  # once per pipeline group (what the metrics observe)
+    group_sizes: list[int] = field(default_factory=list)  # requests in each pipeline group
 
 
 class DeviceWorker:
     """The batcher task and the single inference thread of one device."""
 
-    def __init__(self, device: torch.device, metrics: Metrics) -> None:
+    def __init__(self, device: torch.device, metrics: Metrics, defense_budget_ms: float | None = None) -> None:
         self.device = device
         self.metrics = metrics
+        self.defense_budget_s = defense_budget_ms / 1000.0 if defense_budget_ms is not None else None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"heist-infer-{device}")
         self._pending: dict[tuple[str, int, int], deque[Job]] = {}
         self._wakeup = asyncio.Event()
@@ -118,6 +120,15 @@ class DeviceWorker:
         self.metrics.queue_depth.labels(job.model.name).inc()
         self._pending.setdefault(job.key, deque()).append(job)
         self._wakeup.set()
+
+    def _check_budget(self, model: str, t: DefenseTiming, requests: int) -> None:
+        """Count and log a defense that ran longer than ``defense_budget_ms`` on a group of ``requests``
+        (each request waited the whole group's defense time, so each counts once)."""
+        if self.defense_budget_s is None or t.seconds <= self.defense_budget_s:
+            return
+        self.metrics.defense_over_budget.labels(model, t.name).inc(requests)
+        log.warning("defense %s on model %s took %.1f ms for %d request(s): over the per-request defense budget "
+                    "of %.1f ms", t.name, model, t.seconds * 1000.0, requests, self.defense_budget_s * 1000.0)
 
     def _finish(self, job: Job) -> None:
         job.model.inflight -= 1
@@ -176,9 +187,10 @@ class DeviceWorker:
             model.observe_batch(len(jobs), out.batch_s)
             self.metrics.batch_size.labels(model.name).observe(len(jobs))
             self.metrics.inference.labels(model.name).observe(out.infer_s)
-            for group in out.group_timings:
+            for group, size in zip(out.group_timings, out.group_sizes or [len(jobs)] * len(out.group_timings)):
                 for t in group:
                     self.metrics.defense.labels(model.name, t.name).observe(t.seconds)
+                    self._check_budget(model.name, t, size)
             for job, y, timings, applied in zip(jobs, out.outputs, out.timings, out.applied):
                 self._finish(job)
                 if not job.future.done():
@@ -219,6 +231,7 @@ def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
     timings: list[tuple[DefenseTiming, ...]] = [()] * n
     applied: list[tuple[str, ...]] = [()] * n
     group_timings: list[tuple[DefenseTiming, ...]] = []
+    group_sizes: list[int] = []
     by_pipe: dict[int, list[int]] = {}
     for i, j in enumerate(jobs):
         by_pipe.setdefault(id(j.pipeline), []).append(i)
@@ -233,6 +246,7 @@ def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
         with mode:
             sub, t = pipe.apply(y.index_select(0, sel), x.index_select(0, sel), [jobs[i].ctx for i in idx])
         group_timings.append(tuple(t))
+        group_sizes.append(len(idx))
         names = tuple(pipe.names)
         for k, i in enumerate(idx):
             outputs[i] = sub[k : k + 1]
@@ -247,7 +261,7 @@ def _run_batch(model: ServedModel, jobs: list[Job]) -> _BatchOut:
         else:
             cpu = dev_out.cpu()
     outs = [cpu[i : i + 1] for i in range(n)]
-    return _BatchOut(outs, infer_s, time.perf_counter() - t0, timings, applied, group_timings)
+    return _BatchOut(outs, infer_s, time.perf_counter() - t0, timings, applied, group_timings, group_sizes)
 
 
 def admit(m: ServedModel) -> None:
@@ -290,7 +304,7 @@ class ModelHost:
             dev = pick_device(spec.device)
             worker = self.workers.get(str(dev))
             if worker is None:
-                worker = self.workers[str(dev)] = DeviceWorker(dev, self.metrics)
+                worker = self.workers[str(dev)] = DeviceWorker(dev, self.metrics, self.settings.defense_budget_ms)
             model: ServedModel = await worker.run_in_thread(load_served_model, spec, self.settings)
             if self.settings.warmup or spec.max_batch == "auto":
                 await worker.run_in_thread(warm_up, model, self.settings.batch_probe_s, self.settings.warmup)

@@ -51,6 +51,10 @@ class Metrics:
         self.defense = Histogram(
             "heist_defense_seconds", "Output-defense time per batch, by defense", ["model", "defense"],
             buckets=FAST_BUCKETS, registry=r)
+        self.defense_over_budget = Counter(
+            "heist_defense_over_budget_total",
+            "Requests whose output defense ran longer than the per-request defense budget (defense_budget_ms)",
+            ["model", "defense"], registry=r)
         self.backend_errors = Counter(
             "heist_backend_errors_total", "Requests that met an unreachable Redis", ["component"], registry=r)
         self.queue_depth = Gauge(

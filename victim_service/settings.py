@@ -263,6 +263,9 @@ class Settings(BaseSettings):
     defense_secret: SecretStr | None = Field(
         None, description="keys defense randomness; default: a random secret kept in data_dir"
     )
+    defense_budget_ms: float | None = Field(
+        None, gt=0.0, description="per-request output-defense time budget (ms); a defense that runs longer is "
+        "counted in /metrics (heist_defense_over_budget_total) and logged; None = no budget")
     torch_threads: int | None = Field(None, ge=1)
     codec_threads: int | None = Field(None, ge=1, description="image decode/encode threads; default: the cores")
     amp: bool = Field(True, description="autocast (bf16/fp16) and channels_last on CUDA")

@@ -48,7 +48,8 @@ def _metric(comp: Comparison | None, metric: str) -> float | None:
 
 
 def _cell(results: Results, victim: str, budget: int | None) -> CampaignCell | None:
-    done = [c for c in results.extraction_cells if c.victim == victim and c.defense == "none" and c.status == "done"]
+    done = [c for c in results.extraction_cells if c.victim == victim and c.defense == "none" and c.status == "done"
+            and c.attacker == "plain"]
     if budget is not None:
         done = [c for c in done if c.budget == budget]
     return max(done, key=lambda c: c.budget, default=None)

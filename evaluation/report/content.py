@@ -68,6 +68,7 @@ class _Builder:
         if r.extraction_cells:
             doc.sections.extend(self.efficiency())
             doc.sections.extend(self.defenses())
+            doc.sections.extend(self.attackers())
         for i, table in enumerate(r.extraction):
             doc.sections.extend(self.extraction(table, i))
         if r.paper:
@@ -273,6 +274,66 @@ class _Builder:
             out.append(s)
         return out
 
+    def attackers(self) -> list[Section]:
+        """Perturbation defenses against plain and adaptive attackers: one Pareto plot per victim and the
+        table victim x defense -> honest PSNR, attacker loss at the two largest budgets (derived.attacker_table),
+        with the best defense per victim (derived.best_defenses)."""
+        from evaluation.defense_scoring import attacker_pareto
+
+        d = self.r.derived
+        if d is None or not any(row.attacker != "plain" for row in d.attacker_table):
+            return []
+        budgets = [str(b) for b in (self.r.budgets or sorted({c.budget for c in self.r.extraction_cells}))][-2:]
+        attackers = list(dict.fromkeys(row.attacker for row in d.attacker_table))
+        s = self.section("Defenses against plain and adaptive attackers")
+        s.add(Paragraph(
+            "Honest-user PSNR: defended vs clean victim output on the benchmark images (80 dB = identical). "
+            "Attacker loss: the attacker's fidelity (PSNR of its surrogate to the clean victim) against the "
+            "undefended victim minus against this defense, same attacker and budget (dB; higher = the defense "
+            "hurts the thief more). The adaptive attacker trains one surrogate per counter-measure on the same "
+            "pairs and keeps the best (an oracle choice, so an upper bound for these counter-measures); the "
+            "counter-measure it kept is in brackets."))
+        header = ["Victim", "Defense", "Honest PSNR (dB)"]
+        for who in attackers:
+            header += [f"{who} PSNR @{b}" for b in budgets] + [f"{who} loss @{b} (dB)" for b in budgets]
+        rows = []
+        keyed = {(row.victim, row.defense, row.attacker): row for row in d.attacker_table}
+        for victim, label in dict.fromkeys((row.victim, row.defense) for row in d.attacker_table):
+            first = keyed[(victim, label, attackers[0])]
+            cells = [victim, label, num(first.honest_psnr, "psnr")]
+            for who in attackers:
+                row = keyed.get((victim, label, who))
+                cells += [num(row.attacker_psnr.get(b) if row else None, "psnr") for b in budgets]
+                for b in budgets:
+                    loss = num(row.loss_db.get(b) if row else None, "db")
+                    counter = row.counter.get(b) if row else None
+                    cells.append(f"{loss} ({counter})" if counter and loss != DASH else loss)
+            rows.append(cells)
+        s.add(Table(header, rows, caption="results.json: derived.attacker_table (fidelity from cells, honest PSNR "
+                                          "from utility)"))
+        best = []
+        for b in d.best_defenses:
+            what = (f"**{b.defense}** ({num(b.loss_db, 'db')} dB loss at honest PSNR {num(b.honest_psnr, 'psnr')} "
+                    "dB)" if b.defense else f"none: no defense with honest PSNR >= {b.min_honest_psnr:g} dB costs this "
+                                            "attacker any fidelity")
+            best.append(f"{b.victim}, {b.attacker} attacker, {b.budget} queries: {what}")
+        if best:
+            s.add(Paragraph(f"Best defense per victim: the largest positive attacker loss at the largest budget among "
+                            f"defenses with honest-user PSNR >= {d.best_defenses[0].min_honest_psnr:g} dB "
+                            "(results.json: derived.best_defenses)."), Bullets(best))
+        ref = int(budgets[-1])
+        for victim in dict.fromkeys(row.victim for row in d.attacker_table):
+            series = attacker_pareto(d.attacker_table, victim, ref)
+            mins = {b.min_honest_psnr for b in d.best_defenses}
+            path = figures.attacker_pareto_figure(victim, ref, series,
+                                                  self.fig_dir / f"attackers_pareto_{_fname(victim)}.png",
+                                                  min(mins) if mins else None)
+            f = self.figure(path, f"{victim}: honest-user PSNR vs attacker fidelity loss at {ref} queries, plain and "
+                                  "adaptive attacker (results.json: derived.attacker_table).")
+            if f:
+                s.add(f)
+        return [s]
+
     def cells(self) -> Section:
         s = self.section("Campaign cells")
         rows = []
@@ -281,7 +342,8 @@ class _Builder:
             ssim = c.fidelity.metrics.get("ssim") if c.fidelity else None
             qual = c.quality.metrics.get("psnr") if c.quality else None
             times = ", ".join(f"{k} {seconds(v)}" for k, v in c.wall_times.items()) or DASH
-            rows.append([c.id, c.status, num(c.queries_used), num(c.queries_refused),
+            rows.append([c.id + (f" ({c.attacker}: {c.counter})" if c.attacker != "plain" else ""), c.status,
+                         num(c.queries_used), num(c.queries_refused),
                          mean_ci(fid.summary if fid else None, "psnr"), mean_ci(ssim.summary if ssim else None, "ssim"),
                          mean_ci(qual.summary if qual else None, "psnr"), times, c.error or ""])
         s.add(Table(["Cell (victim/defense/budget/strategy)", "Status", "Queries used", "Refused (429)",
@@ -309,9 +371,9 @@ class _Builder:
         rows = []
         for c in self.r.extraction_cells:
             fid = c.fidelity.metrics.get("psnr") if c.fidelity else None
-            rows.append([c.victim, c.defense, num(c.budget), num(c.input_pixels), c.surrogate_kind or DASH,
+            rows.append([c.victim, c.defense, c.attacker, num(c.budget), num(c.input_pixels), c.surrogate_kind or DASH,
                          num(c.receptive_field), mean_ci(fid.summary if fid else None, "psnr")])
-        s.add(Table(["Victim", "Defense", "Queries", "Query pixels", "Surrogate", "Receptive field (px)",
+        s.add(Table(["Victim", "Defense", "Attacker", "Queries", "Query pixels", "Surrogate", "Receptive field (px)",
                      "Fidelity PSNR (dB)"], rows,
                     caption="results.json: cells (input_pixels, surrogate_kind, receptive_field, fidelity)"))
         return s

@@ -3,6 +3,8 @@
 - :func:`fidelity_curves_figure`: surrogate fidelity to the clean victim vs queries, one line per
   defense x strategy, with the bootstrap CI as error bars and the target as a dashed line.
 - :func:`pareto_figure`: defenses of one victim in (utility cost, attack degradation), front joined.
+- :func:`attacker_pareto_figure`: perturbation defenses of one victim in (honest-user PSNR, attacker
+  fidelity loss), one series per attacker (plain, adaptive), each front joined.
 - :func:`score_distribution_figure`: per-image scores of the A/B/C cells as box plots with points.
 - :func:`image_grid_figure`: sample images side by side (e.g. input | victim | defended | surrogate).
 """
@@ -94,6 +96,46 @@ def pareto_figure(front: ParetoFront, path: Path, missing: Sequence[str] = ()) -
         ax.text(0.01, 0.01, f"no point at {front.budget} queries: {', '.join(missing)}", transform=ax.transAxes,
                 fontsize=8, color="0.35", va="bottom")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def attacker_pareto_figure(
+    victim: str,
+    budget: int,
+    series: dict[str, tuple[dict[str, tuple[float, float]], list[str]]],
+    path: Path,
+    min_honest_psnr: float | None = None,
+) -> Path | None:
+    """Honest-user PSNR (x, defended vs clean output, dB; right = cheaper for honest users) vs attacker
+    fidelity loss at ``budget`` queries (y, dB vs the same attacker undefended; up = better defense).
+
+    ``series``: attacker -> (``{defense: (x, y)}``, Pareto front labels), from
+    :func:`evaluation.defense_scoring.attacker_pareto`. None when there is no point at all.
+    """
+    if not any(pts for pts, _ in series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6.6, 4.6))
+    styles = {"plain": ("C0", "o"), "adaptive": ("C3", "s")}
+    for i, (who, (pts, front)) in enumerate(series.items()):
+        color, marker = styles.get(who, (f"C{i + 4}", "^"))
+        xs, ys = [p[0] for p in pts.values()], [p[1] for p in pts.values()]
+        ax.scatter(xs, ys, color=color, marker=marker, s=40, zorder=3, label=f"{who} attacker")
+        for label, (x, y) in pts.items():
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4 if who == "plain" else -10),
+                        fontsize=7, color=color)
+        if len(front) > 1:
+            ax.plot([pts[k][0] for k in front], [pts[k][1] for k in front], color=color, lw=1.1, ls="--", zorder=2)
+    ax.axhline(0, color="0.6", lw=0.8)
+    if min_honest_psnr is not None:
+        ax.axvline(min_honest_psnr, color="0.4", lw=0.8, ls=":")
+        ax.annotate(f"{min_honest_psnr:g} dB", (min_honest_psnr, 0), textcoords="offset points", xytext=(3, 3),
+                    fontsize=7, color="0.4")
+    ax.set_xlabel("honest-user PSNR: defended vs clean output (dB), right = cheaper")
+    ax.set_ylabel(f"attacker fidelity loss at {budget} queries (dB)")
+    ax.set_title(f"{victim}: perturbation defenses vs plain and adaptive attackers\n(dashed: Pareto front "
+                 "per attacker)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
 
 

@@ -1,6 +1,13 @@
 """Cell kind ``extraction``: harvest queries through the API, train a surrogate, score it.
 
-Every cell is victim x defense x strategy x budget. :func:`run_extraction_cell` is the whole cell as a
+Every cell is victim x defense x strategy x budget x attacker. The attacker is ``plain`` (trains on the
+outputs as harvested) or ``adaptive``: it trains one surrogate per counter-measure of ``counters``
+(:mod:`attacker.countermeasures`: pre-filtering the harvested outputs, defense-aware subtraction) on the
+same pairs and the cell keeps the one closest to the clean victim. That choice is an oracle (the evaluator
+picks with the clean victim, which a thief cannot see), so ``adaptive`` is an upper bound on what these
+counter-measures achieve: "a defense is only as good as it is against the best adaptive attacker".
+
+:func:`run_extraction_cell` is the whole cell as a
 plain function of an :class:`ExtractionSpec` and :class:`CellPaths` (what an executor ships):
 :func:`harvest_and_train` (the heavy, resumable part), then scores against the clean victim's outputs
 (fetched once in :meth:`ExtractionKind.prepare`) and ground truth on the headline image set, which the
@@ -34,6 +41,9 @@ if TYPE_CHECKING:
     from evaluation.results import CampaignCell
 
 
+DEFAULT_COUNTERS = ("lowpass:sigma=1.0", "median", "jpeg:quality=75", "aware")
+
+
 class AttackSection(StrictParams):
     """The ``extraction`` cell kind: query budgets (ascending; one harvest per victim/defense/strategy
     serves all of them) and strategies."""
@@ -44,6 +54,32 @@ class AttackSection(StrictParams):
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     images: str = "corpus:attacker"
     concurrency: int = Field(4, ge=1, le=64)
+    attackers: list[Literal["plain", "adaptive"]] = Field(default_factory=lambda: ["plain"], min_length=1)
+    counters: list[str] = Field(default_factory=lambda: list(DEFAULT_COUNTERS), min_length=1,
+                                description="the adaptive attacker's counter-measures (attacker.countermeasures)")
+
+    @field_validator("attackers")
+    @classmethod
+    def _attackers(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("attackers must not repeat")
+        return v
+
+    @field_validator("counters")
+    @classmethod
+    def _counters(cls, v: list[str]) -> list[str]:
+        from attacker.countermeasures import parse_counter
+        from attacker.errors import ConfigError
+
+        for spec in v:
+            try:
+                if parse_counter(spec).kind == "none":
+                    raise ValueError("counters are counter-measures; 'none' is the plain attacker")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        if len(set(v)) != len(v):
+            raise ValueError("counters must not repeat")
+        return v
 
     @field_validator("budgets")
     @classmethod
@@ -68,8 +104,11 @@ class AttackSection(StrictParams):
         return v
 
 
-def cell_id(victim: str, defense: str, strategy: str, budget: int) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{victim}.{defense}.{strategy}.b{budget}")
+def cell_id(victim: str, defense: str, strategy: str, budget: int, attacker: str = "plain") -> str:
+    """``victim.defense.strategy.bBUDGET`` (plain attacker: the id campaigns had before the attacker axis,
+    so their cells resume), ``...bBUDGET.adaptive`` for the adaptive attacker."""
+    suffix = "" if attacker == "plain" else f".{attacker}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{victim}.{defense}.{strategy}.b{budget}{suffix}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +162,8 @@ class ExtractionSpec:
     feature_weights: str | None = None
     surrogate_kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides (e.g. levels)
     train_time_s: float = 300.0  # training time budget (seconds, trials included)
+    attacker: str = "plain"
+    counters: tuple[str, ...] = ()  # adaptive: one surrogate per counter-measure spec
 
 
 @dataclass(frozen=True)
@@ -138,8 +179,13 @@ class ExtractionRun:
     surrogate_kind: str = ""  # what ``auto`` chose, or the configured kind
 
 
-def harvest_and_train(spec: ExtractionSpec, paths: CellPaths) -> ExtractionRun:
-    """Harvest ``spec.budget`` queries into ``paths.run`` and train a surrogate on them (both resume)."""
+def harvest_and_train(spec: ExtractionSpec, paths: CellPaths, counter: str = "none",
+                      out: Path | None = None) -> ExtractionRun:
+    """Harvest ``spec.budget`` queries into ``paths.run`` and train a surrogate on them (both resume).
+
+    ``counter``: the counter-measure applied to the harvested outputs before training; ``out``: the
+    surrogate's folder (default ``RUN/surrogate``). A second call with another counter reuses the harvest.
+    """
     from attacker.harvest import harvest
     from attacker.train import TrainConfig, train_surrogate
     from evaluation.campaign.runner import CampaignError
@@ -155,10 +201,10 @@ def harvest_and_train(spec: ExtractionSpec, paths: CellPaths) -> ExtractionRun:
     if h.pairs == 0:
         raise CampaignError(f"harvest ended with no pairs ({h.stop_reason})")
     t0 = time.perf_counter()
-    tr = train_surrogate(paths.run, config=TrainConfig(
+    tr = train_surrogate(paths.run, out, config=TrainConfig(
         arch=spec.surrogate, profile=spec.surrogate_profile, steps=spec.train_steps, seed=spec.seed,
         device=spec.device, val_fraction=0.0 if h.pairs < 4 else 0.1, arch_kwargs=spec.surrogate_kwargs,
-        time_budget=spec.train_time_s))
+        time_budget=spec.train_time_s, counter=counter))
     times["training"] = round(time.perf_counter() - t0, 2)
     return ExtractionRun(tr.checkpoint, h.pairs, used, refused, times,
                          input_pixels=int(h.summary.get("input_pixels") or 0), surrogate_kind=str(tr.summary["kind"]))
@@ -166,7 +212,11 @@ def harvest_and_train(spec: ExtractionSpec, paths: CellPaths) -> ExtractionRun:
 
 def run_extraction_cell(spec: ExtractionSpec, paths: CellPaths) -> CampaignCell:
     """Harvest, train (both resume) and score one surrogate: fidelity against the clean victim's outputs,
-    quality against ground truth (PSNR, SSIM, MS-SSIM; FID/KID with ``spec.feature_weights``)."""
+    quality against ground truth (PSNR, SSIM, MS-SSIM; FID/KID with ``spec.feature_weights``).
+
+    The adaptive attacker trains one surrogate per ``spec.counters`` entry on the same harvest
+    (``RUN/surrogate-COUNTER``) and keeps the one with the highest mean PSNR to the clean victim; every
+    counter-measure's PSNR is recorded in ``counter_fidelity``."""
     from evaluation.campaign.paper import receptive_field
     from evaluation.campaign.translate import padded_translator
     from evaluation.campaign.victim import HttpTranslator
@@ -176,20 +226,36 @@ def run_extraction_cell(spec: ExtractionSpec, paths: CellPaths) -> CampaignCell:
     from translators.checkpoint import load_model
 
     cell = CampaignCell(id=spec.id, victim=spec.victim, defense=spec.defense, budget=spec.budget,
-                        strategy=spec.strategy, seed=spec.seed, status="running", run_dir=str(paths.run))
-    r = harvest_and_train(spec, paths)
-    cell.wall_times.update(r.wall_times)
+                        strategy=spec.strategy, seed=spec.seed, status="running", run_dir=str(paths.run),
+                        attacker=spec.attacker)  # type: ignore[arg-type]
+    counters = list(spec.counters) if spec.attacker == "adaptive" else ["none"]
+    pairs = spec.evaluation.build()
+    best: tuple[float, str, ExtractionRun, Any, Any] | None = None
+    for counter in counters:
+        out = None if spec.attacker == "plain" else paths.run / f"surrogate-{re.sub(r'[^A-Za-z0-9]+', '_', counter)}"
+        r = harvest_and_train(spec, paths, counter=counter, out=out)
+        for k, v in r.wall_times.items():  # summed over the counter-measures (a resumed harvest takes ~0 s)
+            cell.wall_times[k] = round(cell.wall_times.get(k, 0.0) + v, 2)
+        t0 = time.perf_counter()
+        model = load_model(r.checkpoint)
+        with HttpTranslator(spec.url, spec.victim, spec.honest_key) as clean:
+            fidelity, quality = surrogate_scores(
+                padded_translator(model.module), clean, pairs, settings=MetricSettings(),
+                feature_network=feature_network(spec.feature_weights), seed=spec.seed,
+                victim_outputs=spec.victim_outputs)
+        cell.wall_times["evaluation"] = round(cell.wall_times.get("evaluation", 0.0) + time.perf_counter() - t0, 2)
+        score = fidelity.mean("psnr")
+        if spec.attacker == "adaptive" and score is not None:
+            cell.counter_fidelity[counter] = round(float(score), 4)
+        if best is None or (score is not None and score > best[0]):
+            best = (score if score is not None else float("-inf"), counter, r, fidelity, quality)
+    if best is None:
+        raise RuntimeError("no counter-measure to train with")
+    _, counter, r, cell.fidelity, cell.quality = best
+    cell.counter = counter if spec.attacker == "adaptive" else None
     cell.queries_used, cell.queries_refused = r.queries_used, r.queries_refused
     cell.input_pixels, cell.surrogate_kind = r.input_pixels, r.surrogate_kind
-    t0 = time.perf_counter()
     model = load_model(r.checkpoint)
-    sur = padded_translator(model.module)
-    with HttpTranslator(spec.url, spec.victim, spec.honest_key) as clean:
-        cell.fidelity, cell.quality = surrogate_scores(
-            sur, clean, spec.evaluation.build(), settings=MetricSettings(),
-            feature_network=feature_network(spec.feature_weights), seed=spec.seed,
-            victim_outputs=spec.victim_outputs)
-    cell.wall_times["evaluation"] = round(time.perf_counter() - t0, 2)
     cell.receptive_field = receptive_field(model.module, model.card.scale)
     cell.surrogate = ModelRef(name=f"surrogate-{spec.id}", path=str(r.checkpoint), task=model.card.task,
                               scale=model.card.scale, arch=model.card.arch)
@@ -204,24 +270,26 @@ class ExtractionKind(CellKind):
     Params = AttackSection
 
     def plan(self, cfg: CampaignConfig, params: AttackSection) -> list[CellPlan]:
-        return [CellPlan(cell_id(v.name, d.label, s, b), d.label) for v in cfg.victims for d in cfg.defenses
-                for s in params.strategies for b in params.budgets]
+        return [CellPlan(cell_id(v.name, d.label, s, b, a), d.label) for v in cfg.victims for d in cfg.defenses
+                for s in params.strategies for b in params.budgets for a in params.attackers]
 
     @staticmethod
-    def _coords(cfg: CampaignConfig, params: AttackSection, plan: CellPlan) -> tuple[str, str, int]:
+    def _coords(cfg: CampaignConfig, params: AttackSection, plan: CellPlan) -> tuple[str, str, int, str]:
         for v in cfg.victims:
             for s in params.strategies:
                 for b in params.budgets:
-                    if cell_id(v.name, plan.defense, s, b) == plan.id:
-                        return v.name, s, b
+                    for a in params.attackers:
+                        if cell_id(v.name, plan.defense, s, b, a) == plan.id:
+                            return v.name, s, b, a
         raise KeyError(plan.id)
 
     def pending(self, cfg: CampaignConfig, params: AttackSection, plan: CellPlan, paths: CellPaths) -> CampaignCell:
         from evaluation.results import CampaignCell
 
-        victim, strategy, budget = self._coords(cfg, params, plan)
+        victim, strategy, budget, attacker = self._coords(cfg, params, plan)
         return CampaignCell(id=plan.id, victim=victim, defense=plan.defense, budget=budget, strategy=strategy,
-                            seed=cfg.campaign.seed, status="running", run_dir=str(paths.run))
+                            seed=cfg.campaign.seed, status="running", run_dir=str(paths.run),
+                            attacker=attacker)  # type: ignore[arg-type]
 
     def prepare(self, ctx: RunContext, params: AttackSection) -> None:
         """Ground-truth pairs, the clean victim's outputs and every defense's honest-user cost."""
@@ -289,9 +357,12 @@ class ExtractionKind(CellKind):
             surrogate_profile=vcfg.surrogate_profile, train_steps=vcfg.train_steps, device=cfg.campaign.device,
             honest_key=ctx.honest_key(NO_DEFENSE), evaluation=state["sets"][cell.victim][0],
             victim_outputs=state["clean_out"][cell.victim], feature_weights=str(fw) if fw else None,
-            surrogate_kwargs=dict(vcfg.surrogate_kwargs), train_time_s=vcfg.train_time_s or 300.0)
+            surrogate_kwargs=dict(vcfg.surrogate_kwargs), train_time_s=vcfg.train_time_s or 300.0,
+            attacker=cell.attacker, counters=tuple(params.counters) if cell.attacker == "adaptive" else ())
+        what = (f"{len(spec.counters)} {vcfg.surrogate} surrogates (one per counter-measure)"
+                if spec.counters else f"a {vcfg.surrogate} surrogate")
         return CellTask(run_extraction_cell, spec, paths, cell,
-                        note=f"{plan.id}: harvesting {cell.budget} queries and training a {vcfg.surrogate} surrogate")
+                        note=f"{plan.id}: harvesting {cell.budget} queries and training {what}")
 
     def finish(self, ctx: RunContext, params: AttackSection) -> None:
         """Sample grids, then the source paper's A/B/C tables and numbers beside ours (``[paper]``)."""

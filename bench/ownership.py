@@ -48,6 +48,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacker.pairstore import PairStore
+from attacker.runinfo import update_run
 from attacker.train import train_surrogate
 from defenses import DefenseContext, build_defense, request_rng
 from defenses.watermark.ownership import OwnershipParams, embed, ownership_key
@@ -82,12 +83,13 @@ def _timed(fn: Any, dev: torch.device, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def part_cost(victim: nn.Module, dev: torch.device, side: int, repeats: int, queries: int) -> dict[str, Any]:
+def part_cost(victim: nn.Module, dev: torch.device, side: int, repeats: int, queries: int,
+              params: OwnershipParams) -> dict[str, Any]:
     victim = victim.to(dev)
     x = load_probes("corpus:benchmark", 1, side, 16)[0].image.to(dev)
     with torch.no_grad():
         y = victim(x)
-    d = build_defense({"name": "ownership_watermark"})
+    d = build_defense({"name": "ownership_watermark", **params.model_dump()})
     d.setup(dev)
     ctx = DefenseContext("bench", "r", "m", "t", request_rng(0), secret=SECRET)
     with torch.no_grad():
@@ -97,14 +99,14 @@ def part_cost(victim: nn.Module, dev: torch.device, side: int, repeats: int, que
     probes = load_probes("corpus:benchmark", queries, side, 16)
     cpu_victim = module_translator(victim.cpu())
     t0 = time.perf_counter()
-    res = verify_ownership(cpu_victim, cpu_victim, probes, SECRET)
+    res = verify_ownership(cpu_victim, cpu_victim, probes, SECRET, params)
     wall = time.perf_counter() - t0
-    key = ownership_key(SECRET, OwnershipParams().key_id, OwnershipParams().radius)
+    key = ownership_key(SECRET, params.key_id, params.radius, params.carrier)
     ps, ss = [], []
     with torch.no_grad():
         for p in probes:
             yc = cpu_victim(p.image)
-            m = _q(embed(yc, key, OwnershipParams(), p.image))
+            m = _q(embed(yc, key, params, p.image))
             ps.append(float(psnr(m, yc)))
             ss.append(float(ssim(m, yc)))
     return {"side": side, "device": str(dev), "victim_forward_ms": fwd, "embed_ms": emb,
@@ -128,7 +130,13 @@ def _crops(n: int, side: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
-def _write_pairs(root: Path, xs: list[torch.Tensor], ys: list[torch.Tensor], jpeg: int | None) -> Path:
+def _write_pairs(root: Path, xs: list[torch.Tensor], ys: list[torch.Tensor], jpeg: int | None,
+                 info: dict[str, Any] | None = None) -> Path:
+    """A run folder as ``heist attack harvest`` leaves it: ``pairs/`` and, with ``info``, ``run.json``'s
+    ``target.info`` (the victim's public task/scale from ``/v1/models``, which picks e.g. the residual U-Net
+    for restoration tasks)."""
+    if info is not None:
+        update_run(root, target={"info": info})
     store = PairStore(root / "pairs", durable=False).open()
     for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         if jpeg is None:
@@ -172,13 +180,14 @@ class PlainNet(nn.Module):
 
 
 def plain_loop(xs: list[torch.Tensor], ys: list[torch.Tensor], steps: int, scale: int, seed: int = 0,
-               patch: int = 48, clean_tail: list[torch.Tensor] | None = None, model: PlainNet | None = None
-               ) -> PlainNet:
-    """L2 on random aligned crops with flips; ``clean_tail``: the last 10% of steps on these outputs."""
+               patch: int = 48, clean_tail: list[torch.Tensor] | None = None, model: nn.Module | None = None,
+               lr: float = 2e-3) -> nn.Module:
+    """L2 on random aligned crops with flips; ``clean_tail``: the last 10% of steps on these outputs;
+    ``model``: train this one (e.g. fine-tune a surrogate) instead of a fresh :class:`PlainNet`."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     net = model or PlainNet(scale)
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    opt = torch.optim.Adam(net.parameters(), lr)
     switch = int(steps * 0.9) if clean_tail is not None else steps
     for step in range(steps):
         targets = clean_tail if (clean_tail is not None and step >= switch) else ys
@@ -205,8 +214,8 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     recipe = get_recipe(name)
     victim = load_model(build(name, "tiny")).module.eval()
     scale = recipe.scale
-    params = OwnershipParams()
-    key = ownership_key(SECRET, params.key_id, params.radius)
+    params = _params(args)
+    key = ownership_key(SECRET, params.key_id, params.radius, params.carrier)
     # in-domain inputs, as the victim's users send them (noisy photos for a denoiser, small ones for SR)
     xs = [_q(recipe.make_pair(c, seed=i)[0]) for i, c in enumerate(_crops(args.pairs, args.crop))]
     with torch.no_grad():
@@ -218,21 +227,44 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
 
     def score(model: nn.Module) -> dict[str, Any]:
         r = verify_ownership(module_translator(model), vic, probes, SECRET, params)
-        return {"p_value": r["p_value"], "z": r["z"], "max_z": r["max_z"]}
+        return {"p_value": r["p_value"], "z": r["z"], "max_z": r["max_z"], "alpha": r["alpha"],
+                "off_key": r["off_key"], "fidelity_probes_psnr": _fidelity(model, victim, probes)}
 
-    kinds = ["unet-l2", "pix2pix"] + (["srresnet"] if scale > 1 else [])
+    kinds = [k for k in args.kinds if k != "srresnet" or scale > 1]
+    info = {"task": recipe.task, "scale": scale}
     table: list[dict[str, Any]] = []
 
+    def finetuned(model: nn.Module, steps: int) -> nn.Module:
+        """The thief's last counter-measure: ``steps`` more L2 steps on the clean victim's outputs."""
+        for q in model.parameters():
+            q.requires_grad_(True)
+        return plain_loop(xs, clean, steps, scale, seed=11, model=model.train(), lr=args.finetune_lr)
+
     def run_kind(kind: str, cm: str, xs_: list[torch.Tensor], ys_: list[torch.Tensor], jpeg: int | None) -> None:
-        folder = _write_pairs(work / f"{kind}-{cm}", xs_, ys_, jpeg)
         t0 = time.perf_counter()
-        tr = train_surrogate(folder, folder / "surrogate", arch=kind, profile="tiny", steps=args.steps,
-                             device=args.train_device)
+        fid = None
+        if kind == "plain-loop":
+            ys_plain = ys_ if jpeg is None else [decode_image(_jpeg_bytes(y, jpeg)) for y in ys_]
+            model: nn.Module = plain_loop(xs_, ys_plain, args.steps, scale)
+        else:
+            # JPEG 75 is the attacker's own counter-measure (attacker/countermeasures.py), applied at training
+            folder = _write_pairs(work / f"{kind}-{cm}", xs_, ys_, None, info)
+            arch, _, variant = kind.partition("/")
+            tr = train_surrogate(folder, folder / "surrogate", arch=arch, profile="tiny", steps=args.kind_steps,
+                                 device=args.train_device, counter=f"jpeg:quality={jpeg}" if jpeg else "none",
+                                 **_variant(variant))
+            fid = tr.fidelity.get("psnr") if isinstance(tr.fidelity, dict) else None
+            model = load_model(tr.checkpoint).module.eval()
         row = {"kind": kind, "counter_measure": cm, "train_s": time.perf_counter() - t0,
-               "fidelity_psnr": tr.fidelity.get("psnr") if isinstance(tr.fidelity, dict) else None,
-               **score(load_model(tr.checkpoint).module.eval())}
+               "fidelity_heldout_psnr": fid, **score(model)}
         log.info("%s", row)
         table.append(row)
+        if cm == "none" and "finetune" in args.counter_measures:
+            steps = max(1, (args.steps if kind == "plain-loop" else args.kind_steps) // 10)
+            row = {"kind": kind, "counter_measure": f"finetune {steps} steps on clean outputs",
+                   **score(finetuned(model, steps).eval())}
+            log.info("%s", row)
+            table.append(row)
 
     for cm in args.counter_measures:
         if cm == "finetune":
@@ -244,32 +276,23 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
             xs_, ys_ = _rescaled(xs, marked)
         for kind in kinds:
             run_kind(kind, cm, xs_, ys_, jpeg)
-        ys_plain = ys_
-        if jpeg is not None:
-            ys_plain = [decode_image(_jpeg_bytes(y, jpeg)) for y in ys_]
-        t0 = time.perf_counter()
-        net = plain_loop(xs_, ys_plain, args.steps, scale)
-        table.append({"kind": "plain-loop", "counter_measure": cm, "train_s": time.perf_counter() - t0,
-                      **score(net)})
-        log.info("%s", table[-1])
-    if "finetune" in args.counter_measures:
-        net = plain_loop(xs, marked, args.steps, scale, clean_tail=clean)
-        table.append({"kind": "plain-loop", "counter_measure": "finetune 10% clean", **score(net)})
-        log.info("%s", table[-1])
 
     innocent: dict[str, float] = {"clean victim": score(victim)["p_value"]}
-    for kind in kinds:
-        folder = _write_pairs(work / f"clean-{kind}", xs, clean, None)
-        tr = train_surrogate(folder, folder / "surrogate", arch=kind, profile="tiny", steps=args.steps // 2,
-                             device=args.train_device)
+    for kind in kinds if args.innocent_kinds else []:
+        if kind == "plain-loop":
+            continue
+        folder = _write_pairs(work / f"clean-{kind}", xs, clean, None, info)
+        arch, _, variant = kind.partition("/")
+        tr = train_surrogate(folder, folder / "surrogate", arch=arch, profile="tiny", steps=args.kind_steps // 2,
+                             device=args.train_device, **_variant(variant))
         innocent[f"{kind} on the clean victim"] = score(load_model(tr.checkpoint).module.eval())["p_value"]
-    for seed in range(3):
+    for seed in range(args.innocent_loops):
         innocent[f"plain loop on the clean victim, seed {seed}"] = score(
             plain_loop(xs, clean, args.steps // 2, scale, seed=seed))["p_value"]
     if recipe.task != "style":
         gt_in, gt_out = zip(*(recipe.make_pair(x, seed=i) for i, x in enumerate(_crops(args.pairs, args.crop, 7))),
                             strict=True)
-        for seed in range(3):
+        for seed in range(args.innocent_loops):
             innocent[f"plain loop on ground truth, seed {seed}"] = score(
                 plain_loop([_q(a) for a in gt_in], list(gt_out), args.steps // 2, scale, seed=seed))["p_value"]
     for other in args.others:
@@ -299,6 +322,23 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     }
 
 
+def _variant(variant: str) -> dict[str, Any]:
+    """``KIND/sigmoid``: the non-residual generator (what ``unet-l2`` uses for style tasks)."""
+    return {"arch_kwargs": {"residual": False}} if variant == "sigmoid" else {}
+
+
+def _params(args: argparse.Namespace) -> OwnershipParams:
+    return OwnershipParams(carrier=args.carrier, radius=args.radius if args.radius is not None else
+                           OwnershipParams().radius if args.carrier == "ring" else 3, source=args.source,
+                           psnr=args.psnr)
+
+
+def _fidelity(model: nn.Module, victim: nn.Module, probes: list[Probe]) -> float:
+    """Mean PSNR (dB) of the model's 8-bit outputs to the clean victim's on the probes."""
+    with torch.no_grad():
+        return statistics.mean(float(psnr(_q(model(p.image)), _q(victim(p.image)))) for p in probes)
+
+
 def _jpeg_bytes(y: torch.Tensor, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(y[0].permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()).save(
@@ -318,7 +358,18 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--crop", type=int, default=96)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--kind-steps", type=int, default=300, help="steps cap of the attacker kinds (tiny default)")
+    ap.add_argument("--kinds", nargs="*", default=["resunet", "unet-l2", "pix2pix", "plain-loop"],
+                    help="attacker kinds (defaults, the victim's public task known as after a harvest); "
+                         "KIND/sigmoid forces the non-residual U-Net (what style tasks get); plain-loop")
     ap.add_argument("--counter-measures", nargs="*", default=["none", "jpeg75", "rescale", "finetune"])
+    ap.add_argument("--carrier", choices=["ring", "band"], default=OwnershipParams().carrier)
+    ap.add_argument("--radius", type=int, default=None, help="ring radius / band octaves (default: the params')")
+    ap.add_argument("--source", choices=["input", "output"], default=OwnershipParams().source)
+    ap.add_argument("--psnr", type=float, default=OwnershipParams().psnr)
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--innocent-loops", type=int, default=3)
+    ap.add_argument("--innocent-kinds", type=int, default=1, help="0: no attacker-kind surrogates of the clean victim")
     ap.add_argument("--others", nargs="*", default=["style-teal", "style-ink", "denoise25", "sr4x"])
     ap.add_argument("--untrained", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
@@ -336,13 +387,14 @@ def main() -> None:
     victim = load_model(build(args.victim, "tiny")).module.eval()
     if args.part in ("cost", "all"):
         dev = torch.device(args.device)
-        result["cost"] = [part_cost(victim, dev, s, args.repeats, args.queries) for s in (args.side, 2 * args.side)]
+        result["cost"] = [part_cost(victim, dev, s, args.repeats, args.queries, _params(args))
+                          for s in (args.side, 2 * args.side)]
     if args.part in ("theft", "all"):
         with tempfile.TemporaryDirectory(prefix="heist-ownership-") as tmp:
             result["theft"] = part_theft(args.victim, args, Path(tmp))
     text = json.dumps(result, indent=1)
     sys.stdout.write(text + "\n")
-    out = args.out or Path(__file__).parent / "results" / f"ownership-{args.victim}-{args.part}.json"
+    out = args.out or Path(__file__).parent / "results" / f"ownership-{args.victim}-{args.part}-{args.carrier}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
 

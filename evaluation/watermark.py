@@ -155,7 +155,7 @@ def verify_ownership(
         ``{"p_value", "z", "statistic", "null", "probes", "key_dim", "max_z", "per_probe": [...], ...}``.
     """
     p = params or OwnershipParams()
-    test = OwnershipTest(ownership_key(secret, p.key_id, p.radius), p.radius)
+    test = OwnershipTest(ownership_key(secret, p.key_id, p.radius, p.carrier), p.radius, p.carrier)
     t0 = time.perf_counter()
     for i, pr in enumerate(probes):
         with torch.no_grad():
@@ -165,6 +165,7 @@ def verify_ownership(
                  basis=feature_source(clean, pr.image.float(), p.source))
     res = test.result()
     res.update({"null": NULL_DESCRIPTION, "key_id": p.key_id, "radius": p.radius, "source": p.source,
+                "carrier": p.carrier,
                 "per_probe": test.per_probe, "seconds": time.perf_counter() - t0,
                 "probe_side": int(probes[0].image.shape[-1]) if probes else 0})
     return res

@@ -80,15 +80,78 @@ def ring_kernels(radius: int) -> torch.Tensor:
 
 TONE_FREQS = 4
 
+#: Carriers: ``ring`` (ring differences of radius ``r``) or ``band`` (difference-of-Gaussian octaves
+#: modulated by tone functions of the local luminance; see :func:`band_features`).
+Carrier = Literal["ring", "band"]
 
-def n_features(radius: int) -> int:
-    """Feature maps per image: 3 input channels x (ring orbits + 2 * TONE_FREQS)."""
+#: ``band`` carrier: the finest octave's Gaussian sigma (pixels) and the luminance tone frequencies.
+BAND_SIGMA0 = 1.0
+BAND_TONES = 2
+
+
+def n_features(radius: int, carrier: str = "ring") -> int:
+    """Feature maps per image: 3 input channels x (ring orbits, or 2 * TONE_FREQS at ``radius = 0``; for the
+    ``band`` carrier: ``radius`` octaves x (1 + 2 * BAND_TONES) tone functions)."""
+    if carrier == "band":
+        return 3 * radius * (1 + 2 * BAND_TONES)
     return 3 * (ring_kernels(radius).shape[0] if radius > 0 else 2 * TONE_FREQS)
 
 
-def key_dim(radius: int) -> int:
+def key_dim(radius: int, carrier: str = "ring") -> int:
     """Entries of the key: 3 output channels x :func:`n_features`."""
-    return 3 * n_features(radius)
+    return 3 * n_features(radius, carrier)
+
+
+@lru_cache(maxsize=16)
+def _gauss1d(sigma: float) -> torch.Tensor:
+    half = max(1, math.ceil(3.0 * sigma))
+    t = torch.arange(-half, half + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``y (N, C, H, W)``, reflect-padded (replicate where the image is smaller
+    than the kernel). Commutes with flips and 90-degree rotations."""
+    k = _gauss1d(sigma).to(device=y.device, dtype=y.dtype)
+    half = (k.numel() - 1) // 2
+    n, c, h, w = y.shape
+    mode = _PAD_MODE if min(h, w) > half else "replicate"
+    z = F.pad(y.reshape(n * c, 1, h, w), (half, half, half, half), mode=mode)
+    z = F.conv2d(z, k.view(1, 1, 1, -1))
+    z = F.conv2d(z, k.view(1, 1, -1, 1))
+    return z.reshape(n, c, h, w)
+
+
+def band_features(y: torch.Tensor, octaves: int) -> torch.Tensor:
+    """``y (N, 3, H, W)`` -> ``(N, 3 * octaves * (1 + 2 * BAND_TONES), H, W)``: band-pass octaves modulated by
+    tone functions of the local luminance.
+
+    Octave ``j``: ``D_j = G_{s_j}(y) - G_{2 s_j}(y)`` with ``s_j = BAND_SIGMA0 * 2^j`` pixels (difference of
+    Gaussians, Lowe 2004), a band from ~6 to ~25 px periods at ``j = 0`` -- below JPEG's and an innocent
+    surrogate's high-frequency errors. Tones: ``1, cos(2 pi m L), sin(2 pi m L)`` for ``m = 1..BAND_TONES``
+    with ``L = G_2(mean over channels of y)`` (content-adaptive sign; multiplies the key's dimension).
+    Everything is isotropic, so the features commute with flips and 90-degree rotations. Feature index
+    ``c' * n + j * T + t`` (``n`` per channel, ``T`` tones).
+    """
+    lum = gaussian_blur(y.mean(1, keepdim=True), 2.0)
+    tones = [torch.ones_like(lum)]
+    for m in range(1, BAND_TONES + 1):
+        a = 2 * math.pi * m * lum
+        tones += [a.cos(), a.sin()]
+    tone = torch.cat(tones, 1)  # (N, T, H, W)
+    blurs = [gaussian_blur(y, BAND_SIGMA0 * 2.0**j) for j in range(octaves + 1)]
+    feats = []
+    for c in range(y.shape[1]):
+        for j in range(octaves):
+            feats.append((blurs[j][:, c : c + 1] - blurs[j + 1][:, c : c + 1]) * tone)
+    return torch.cat(feats, 1)
+
+
+def features(y: torch.Tensor, radius: int, carrier: str = "ring") -> torch.Tensor:
+    """The carrier's feature maps of ``y (N, 3, H, W)`` (``ring``: :func:`ring_features`; ``band``:
+    :func:`band_features` with ``radius`` octaves)."""
+    return band_features(y, radius) if carrier == "band" else ring_features(y, radius)
 
 
 def ring_features(y: torch.Tensor, radius: int) -> torch.Tensor:
@@ -121,16 +184,17 @@ def grey_free(u: torch.Tensor) -> torch.Tensor:
     return v.reshape(3, 3 * n)
 
 
-def ownership_key(secret: int, key_id: str, radius: int) -> torch.Tensor:
-    """The secret key ``k (3, 3 * n_orbits)`` float64: ``grey_free(g)`` with ``g`` i.i.d. N(0, 1) drawn from
-    (server secret, key_id, radius); ``k`` is then a standard Gaussian on the grey-free subspace."""
-    g = request_rng(request_seed(secret, "ownership_watermark", key_id, str(radius)))
-    return grey_free(torch.randn(3, n_features(radius), generator=g, dtype=torch.float64))
+def ownership_key(secret: int, key_id: str, radius: int, carrier: str = "ring") -> torch.Tensor:
+    """The secret key ``k (3, n_features)`` float64: ``grey_free(g)`` with ``g`` i.i.d. N(0, 1) drawn from
+    (server secret, key_id, radius, carrier); ``k`` is then a standard Gaussian on the grey-free subspace."""
+    parts = (key_id, str(radius)) if carrier == "ring" else (key_id, str(radius), carrier)
+    g = request_rng(request_seed(secret, "ownership_watermark", *parts))
+    return grey_free(torch.randn(3, n_features(radius, carrier), generator=g, dtype=torch.float64))
 
 
-def mark_signal(y: torch.Tensor, key: torch.Tensor, radius: int) -> torch.Tensor:
+def mark_signal(y: torch.Tensor, key: torch.Tensor, radius: int, carrier: str = "ring") -> torch.Tensor:
     """``w_k(y)``: ``y (N, 3, H, W)`` -> ``(N, 3, H, W)``, the keyed filter response (unscaled)."""
-    feats = ring_features(y, radius)
+    feats = features(y, radius, carrier)
     return torch.einsum("cf,nfhw->nchw", key.to(device=y.device, dtype=y.dtype), feats)
 
 
@@ -146,6 +210,7 @@ class OwnershipParams(DefenseParams):
     radius: int = Field(2, ge=0, le=8)
     key_id: str = Field("k1", min_length=1, max_length=64)
     source: Literal["output", "input"] = "input"
+    carrier: Carrier = "ring"
 
 
 @DEFENSE_REGISTRY.register("ownership_watermark")
@@ -163,7 +228,7 @@ class OwnershipWatermark(OutputDefense):
     def key(self, secret: int) -> torch.Tensor:
         """The key for ``secret`` (cached per secret)."""
         if secret not in self._keys:
-            self._keys[secret] = ownership_key(secret, self.params.key_id, self.params.radius)
+            self._keys[secret] = ownership_key(secret, self.params.key_id, self.params.radius, self.params.carrier)
         return self._keys[secret]
 
     def apply(self, outputs: torch.Tensor, inputs: torch.Tensor, ctx: DefenseContext) -> torch.Tensor:
@@ -185,7 +250,7 @@ def embed(y: torch.Tensor, key: torch.Tensor, p: OwnershipParams, x: torch.Tenso
     r = p.radius
     if min(y.shape[-2:]) <= max(r, 1):
         return y
-    w = mark_signal(feature_source(y, x, p.source).float(), key, r)
+    w = mark_signal(feature_source(y, x, p.source).float(), key, r, p.carrier)
     amp = 10.0 ** (-p.psnr / 20.0)
     rms = w.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
     g = torch.minimum(torch.full_like(rms, p.gain), amp / rms.clamp_min(1e-12))
@@ -202,19 +267,20 @@ class OwnershipTest:
 
     key: torch.Tensor
     radius: int
+    carrier: str = "ring"
     gram: torch.Tensor = field(init=False)
     cross: torch.Tensor = field(init=False)
     per_probe: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        d = n_features(self.radius)
+        d = n_features(self.radius, self.carrier)
         self.gram = torch.zeros(d, d, dtype=torch.float64)
         self.cross = torch.zeros(d, 3, dtype=torch.float64)
 
     def add(
         self, clean: torch.Tensor, suspect: torch.Tensor, name: str = "", basis: torch.Tensor | None = None
     ) -> None:
-        phi = ring_features((clean if basis is None else basis).double(), self.radius)  # (1, F, H, W)
+        phi = features((clean if basis is None else basis).double(), self.radius, self.carrier)  # (1, F, H, W)
         res = (suspect.double() - clean.double())  # (1, 3, H, W)
         phi_m = phi.flatten(2)[0]  # (F, P)
         g = phi_m @ phi_m.T
@@ -232,19 +298,30 @@ class OwnershipTest:
     def result(self) -> dict[str, Any]:
         z = _z(self.key, self.gram, self.cross)
         dim = int(self.key.numel() - self.key.shape[1] // 3)  # the grey-free subspace
+        u = _estimate(self.gram, self.cross)
+        k2 = float(self.key.pow(2).sum())
+        alpha = float((self.key * u).sum()) / k2
         return {"statistic": "z", "z": z, "p_value": normal_sf(z), "probes": len(self.per_probe),
-                "key_dim": dim, "max_z": math.sqrt(float(self.key.pow(2).sum()))}
+                "key_dim": dim, "max_z": math.sqrt(k2),
+                # diagnostics (not part of the test): u = alpha * k + e; alpha = share of the mark the suspect
+                # reproduces, off_key = |e| / |k| (the suspect's own filter error in the key's subspace)
+                "alpha": alpha, "off_key": float((u - alpha * self.key).norm()) / math.sqrt(k2)}
 
 
 def _z(key: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
     """``<k, u> / |u|`` with ``u`` the grey-free least-squares filter estimate (0 when the residual is 0)."""
-    d = gram.shape[0]
-    ridge = 1e-9 * float(torch.trace(gram)) / d + 1e-30
-    u = grey_free(torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype), cross).T)  # (3, F)
+    u = _estimate(gram, cross)
     norm = float(u.norm())
     if norm == 0.0 or not math.isfinite(norm):
         return 0.0
     return float((key * u).sum()) / norm
+
+
+def _estimate(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """The grey-free least-squares filter ``u (3, F)`` from the running sums."""
+    d = gram.shape[0]
+    ridge = 1e-9 * float(torch.trace(gram)) / d + 1e-30
+    return grey_free(torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype), cross).T)
 
 
 def normal_sf(z: float) -> float:

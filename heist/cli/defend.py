@@ -109,7 +109,7 @@ def _ownership_params(specs: list[list[dict[str, Any]]], model: str) -> Any:
 
     found = [OwnershipParams(**{k: v for k, v in d.items() if k != "name"})
              for group in specs for d in group if d.get("name") == "ownership_watermark"]
-    if len({(p.key_id, p.radius) for p in found}) > 1:
+    if len({(p.key_id, p.radius, p.carrier, p.source) for p in found}) > 1:
         raise HeistError(f"model {model!r} is served with several ownership_watermark keys; verify each with a "
                          "config that names one")
     return found[0] if found else None
@@ -186,7 +186,8 @@ def verify(
     verdict = "THEFT PROVABLE" if result["p_value"] < 1e-6 else ("evidence" if result["p_value"] < 0.01 else
                                                                   "no evidence")
     console.print(f"suspect {suspect} vs {model}: p = {result['p_value']:.3g} (z = {result['z']:.2f}, "
-                  f"max z {result['max_z']:.1f}, {result['probes']} probes of {result['probe_side']} px) "
+                  f"max z {result['max_z']:.1f}, alpha {result['alpha']:.4f}, off-key {result['off_key']:.4f}, "
+                  f"{result['probes']} probes of {result['probe_side']} px) "
                   f"-> {verdict}", highlight=False)
     console.print(f"null: {result['null']}", highlight=False)
     for row in result["per_probe"]:

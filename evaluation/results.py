@@ -344,10 +344,11 @@ class MonitorCell(_Model):
     the attacker's total queries when its first key was flagged, None = never; benign ``fpr`` = flagged /
     clients, ``escalated`` = clients whose level rose). ``roc``: threshold sweep over the final risk of
     benign clients (negatives) vs attackers (positives, max over their keys). ``timeline``: one attacker's
-    risk and level query by query. ``cost``: surrogate PSNR per query budget; ``queries_to_target``: queries
-    to reach ``target_psnr`` (None: not within the largest budget). ``escalation_ratio``: this cell's
-    queries to target over those of the same victim's cell without escalation (``ratio_lower_bound``: the
-    target was not reached here, so the ratio is at least the value shown).
+    risk and level query by query. ``cost``: surrogate PSNR per query budget; ``queries_to_target``:
+    answered queries to reach ``target_psnr``, interpolated between budgets (None: not within the largest
+    budget). ``escalation_ratio``: this cell's queries to target over those of the same victim's cell
+    without escalation (``ratio_lower_bound``: the target was not reached here, so the ratio is at least the
+    value shown).
     """
 
     kind: Literal["monitor"] = "monitor"

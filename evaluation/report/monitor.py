@@ -74,8 +74,9 @@ def cost_table(cells: list[MonitorCell]) -> Table:
             rows.append([c.defense, "on" if c.escalation else "off", str(p.budget), str(p.queries_used or DASH),
                          DASH if p.psnr is None else f"{p.psnr:.2f}", _q(p.flagged_at_query),
                          DASH if p.level is None else str(p.level)])
-    return Table(["Tier", "Escalation", "Budget", "Answered", "Surrogate PSNR to clean victim (dB)",
-                  "Flagged at query", "Final level"], rows, caption="results.json: cells[kind=monitor].cost")
+    return Table(["Tier", "Escalation", "Budget (answered queries)", "Requests (incl. 503s)",
+                  "Surrogate PSNR to clean victim (dB)", "Flagged at query", "Final level"], rows,
+                 caption="results.json: cells[kind=monitor].cost")
 
 
 def ratio_table(cells: list[MonitorCell]) -> Table:
@@ -83,7 +84,7 @@ def ratio_table(cells: list[MonitorCell]) -> Table:
     for c in cells:
         q = DASH if c.queries_to_target is None else f"{c.queries_to_target:g}"
         if c.queries_to_target is None and c.cost:
-            q = f"> {max(p.queries_used or p.budget for p in c.cost)} (not reached)"
+            q = f"> {max(p.budget for p in c.cost)} (not reached)"
         ratio = DASH if c.escalation_ratio is None else (
             f"{'>= ' if c.ratio_lower_bound else ''}{c.escalation_ratio:g}x")
         rows.append([c.victim, c.defense, "on" if c.escalation else "off", f"{c.target_psnr:g}", q, ratio,

@@ -287,7 +287,8 @@ def run_monitor_cell(spec: MonitorSpec, paths: CellPaths) -> MonitorCell:
                                           psnr=round(psnr, 3) if psnr is not None else None,
                                           flagged_at_query=row.get("flagged_at_query"), level=row.get("level")))
         used += prev.queries_used or 0
-    pts = [(p.queries_used or p.budget, p.psnr) for p in cell.cost if p.psnr is not None]
+    # x = answered queries (the budget): refusals of an overloaded service (503) are not the attacker's cost
+    pts = [(p.budget, p.psnr) for p in cell.cost if p.psnr is not None]
     q = queries_to_target(pts, spec.target_psnr)
     cell.queries_to_target = round(q, 1) if q is not None else None
     cell.queries_used = used
@@ -308,7 +309,7 @@ def escalation_ratio(on: MonitorCell, off: MonitorCell) -> tuple[float | None, b
         return None, False
     if on.queries_to_target is not None:
         return round(on.queries_to_target / off.queries_to_target, 2), False
-    spent = max((p.queries_used or p.budget for p in on.cost), default=0)
+    spent = max((p.budget for p in on.cost), default=0)
     return round(spent / off.queries_to_target, 2), True
 
 

@@ -343,3 +343,37 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
         fprs.append(f"{t}: population {r['benign']['flagged']}/{r['benign']['clients']} flagged, "
                     f"{r['benign']['linked']} linked{extra}")
     return "\n".join(lines) + "\n\nBenign false positives: " + "; ".join(fprs) + "."
+
+
+async def monitor_view(url: str, admin_key: str) -> dict[str, dict[str, Any]]:
+    """``GET /v1/admin/clients`` as ``{client name: its risk row}``."""
+    return await _monitor_view(url, admin_key)
+
+
+async def escalation_timeline(url: str, admin_key: str, model: str, client: str, key: str, bodies: Sequence[bytes],
+                              wait_s: float = 10.0) -> list[dict[str, Any]]:
+    """Send ``bodies`` one at a time as ``client`` and read the monitor's view of it after each query.
+
+    After query ``i`` the loop waits (up to ``wait_s``) until the monitor has seen ``i`` entries of the
+    client, then records ``{"query": i, "status", "risk", "level", "flagged"}``: the escalation timeline.
+    """
+    out: list[dict[str, Any]] = []
+    async with VictimClient(url) as vc, httpx.AsyncClient(base_url=url, timeout=30) as h:
+        for i, body in enumerate(bodies, start=1):
+            for _ in range(50):
+                o = await vc.translate(model, key, body)
+                if o.status != 429 or o.code == "quota_exhausted":
+                    break
+                await asyncio.sleep(o.headers.retry_after_s or 0.2)
+            row: dict[str, Any] = {}
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                r = await h.get(f"/v1/admin/clients/{client}/risk", headers={"X-API-Key": admin_key})
+                if r.status_code == 200:
+                    row = r.json()
+                    if row["queries"] >= i:
+                        break
+                await asyncio.sleep(0.05)
+            out.append({"query": i, "status": o.status, "risk": float(row.get("risk", 0.0)),
+                        "level": int(row.get("level", 0)), "flagged": bool(row.get("flagged", False))})
+    return out

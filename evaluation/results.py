@@ -34,7 +34,7 @@ from evaluation.fid import FIDResult, KIDResult, NKIDResult
 from evaluation.metrics import MetricSettings
 from evaluation.stats import ScoreSummary, TOSTResult, WelchResult
 
-SCHEMA_VERSION = 2  # 2: cells carry a ``kind`` (extraction, membership); version-1 files are upgraded on read
+SCHEMA_VERSION = 2  # 2: cells carry a ``kind`` (extraction, membership, monitor); version-1 files are upgraded on read
 CellStatus = Literal["pending", "running", "done", "failed"]
 ExtractionCellName = Literal["A", "B", "C"]
 
@@ -318,7 +318,71 @@ class MembershipCell(_Model):
         return self.scores.get(self.headline) or next(iter(self.scores.values()), None)
 
 
-AnyCell = Annotated[CampaignCell | MembershipCell, Field(discriminator="kind")]
+class MonitorTimelinePoint(_Model):
+    """The monitor's view of one client right after its ``query``-th query (``GET .../risk``)."""
+
+    query: int
+    status: int | None = None  # HTTP status of that query (None: transport error)
+    risk: float
+    level: int
+    flagged: bool
+
+
+class MonitorCostPoint(_Model):
+    """One extraction attacker of the cost curve: ``budget`` queries on a fresh key, a surrogate trained on
+    the answers, its PSNR to the clean victim (dB, benchmark images), and what the monitor did to the key."""
+
+    budget: int
+    queries_used: int | None = None
+    psnr: float | None = None
+    flagged_at_query: int | None = None
+    level: int | None = None
+    cell_id: str = ""
+
+
+class MonitorCell(_Model):
+    """The query monitor against a benign population and attackers, on one tier (cell kind ``monitor``).
+
+    ``defense``: the defense label of the tier every client of the cell uses; ``escalation``: whether that
+    tier has escalation levels (the monitor's level changes what flagged clients get). ``benign`` and
+    ``attackers`` are :func:`evaluation.monitor_eval.evaluate_live`'s summaries (``queries_to_detection``:
+    the attacker's total queries when its first key was flagged, None = never; benign ``fpr`` = flagged /
+    clients, ``escalated`` = clients whose level rose). ``roc``: threshold sweep over the final risk of
+    benign clients (negatives) vs attackers (positives, max over their keys). ``timeline``: one attacker's
+    risk and level query by query. ``cost``: surrogate PSNR per query budget; ``queries_to_target``:
+    answered queries to reach ``target_psnr``, interpolated between budgets (None: not within the largest
+    budget). ``escalation_ratio``: this cell's queries to target over those of the same victim's cell
+    without escalation (``ratio_lower_bound``: the target was not reached here, so the ratio is at least the
+    value shown).
+    """
+
+    kind: Literal["monitor"] = "monitor"
+    id: str
+    victim: str
+    defense: str
+    escalation: bool = False
+    seed: int = 0
+    status: CellStatus = "pending"
+    error: str | None = None
+    queries_used: int | None = None
+    wall_times: dict[str, float] = Field(default_factory=dict)
+    run_dir: str | None = None
+    benign: dict[str, Any] = Field(default_factory=dict)
+    attackers: list[dict[str, Any]] = Field(default_factory=list)
+    caught_up: bool | None = None
+    roc: RocCurve | None = None
+    roc_auc: float | None = None
+    roc_thresholds: list[float] = Field(default_factory=list)
+    timeline: list[MonitorTimelinePoint] = Field(default_factory=list)
+    timeline_client: str | None = None
+    cost: list[MonitorCostPoint] = Field(default_factory=list)
+    target_psnr: float | None = None
+    queries_to_target: float | None = None
+    escalation_ratio: float | None = None
+    ratio_lower_bound: bool = False
+
+
+AnyCell = Annotated[CampaignCell | MembershipCell | MonitorCell, Field(discriminator="kind")]
 
 
 class DefenseUtility(_Model):
@@ -489,6 +553,10 @@ class Results(_Model):
     @property
     def membership_cells(self) -> list[MembershipCell]:
         return [c for c in self.cells if isinstance(c, MembershipCell)]
+
+    @property
+    def monitor_cells(self) -> list[MonitorCell]:
+        return [c for c in self.cells if isinstance(c, MonitorCell)]
 
 
 def upgrade(raw: dict[str, Any]) -> dict[str, Any]:

@@ -123,10 +123,15 @@ class VictimSection(_Strict):
 
 
 class DefenseSection(_Strict):
-    """A defense configuration: an ordered pipeline of output defenses, ``[]`` for none."""
+    """A defense configuration: an ordered pipeline of output defenses, ``[]`` for none.
+
+    ``levels``: escalation levels 1, 2, ... of the attack tier (what the query monitor raises a flagged
+    client to; see ``docs/monitor.md``): each a list of defenses that level adds or strengthens.
+    """
 
     label: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     pipeline: list[dict[str, Any]] = Field(default_factory=list)
+    levels: list[list[dict[str, Any]]] = Field(default_factory=list)
     api_key: str | None = Field(None, description="only with [victim_service].url: a key in a tier with this defense")
 
     @field_validator("pipeline")
@@ -138,6 +143,20 @@ class DefenseSection(_Strict):
             build_defenses(v)
         except HeistError as exc:
             raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+        from defenses.registry import build_defenses
+
+        for i, specs in enumerate(v, start=1):
+            if not specs:
+                raise ValueError(f"escalation level {i} is empty")
+            try:
+                build_defenses(specs)
+            except HeistError as exc:
+                raise ValueError(f"escalation level {i}: {exc}") from None
         return v
 
 

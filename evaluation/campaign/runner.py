@@ -272,7 +272,8 @@ def _run_cells(
 
     ctx = RunContext(cfg=cfg, out=out, results=results, url=current_url, attack_key=service.attack_key,
                      honest_key=service.honest_key, served=served, say=hooks.say, phase=timer.phase,
-                     shared={"feature_network": network})
+                     shared={"feature_network": network},
+                     admin_key=None if service.given_url else service.keys.admin)
     for kind, params, cells in plans:
         kind.prepare(ctx, params)
         finished: dict[str, AnyCell] = {}

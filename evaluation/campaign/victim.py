@@ -84,7 +84,8 @@ def victim_settings(
     static: list[dict[str, str]] = []
     for d in cfg.defenses:
         tiers[attack_tier(d.label)] = {"rate": lim.rate, "burst": lim.burst, "quota_total": lim.quota_total,
-                                       "quota_daily": lim.quota_daily, "defenses": d.pipeline}
+                                       "quota_daily": lim.quota_daily, "defenses": d.pipeline,
+                                       "levels": d.levels}
         tiers[honest_tier(d.label)] = {"rate": None, "burst": 1, "defenses": d.pipeline}
         static.append({"name": f"honest-{d.label}", "tier": honest_tier(d.label),
                        "key": keys.ensure(keys.honest, d.label)})

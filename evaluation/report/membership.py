@@ -141,6 +141,10 @@ def kind_sections(kind: str, results: Results, builder: Any) -> list[Section]:
     """Report sections of cells of ``kind`` (extraction has its own sections in the main document)."""
     if kind == "membership":
         return membership_sections(results, builder)
+    if kind == "monitor":
+        from evaluation.report.monitor import monitor_sections
+
+        return monitor_sections(results, builder)
     return []
 
 

@@ -70,6 +70,7 @@ class RunContext:
     ``url()`` returns the URL of a live victim (restarting a self-started one that died);
     ``attack_key(cell_id, label)`` and ``honest_key(label)`` the API keys of the cell's client and of
     the unlimited honest client of a defense tier. ``served`` maps served model names to checkpoints.
+    ``admin_key``: the admin key of a self-started service (kinds that create clients, e.g. ``monitor``).
     """
 
     cfg: CampaignConfig
@@ -82,6 +83,7 @@ class RunContext:
     say: Callable[[str], None]
     phase: Callable[[str], Any]
     shared: dict[str, Any] = field(default_factory=dict)  # per-kind state between prepare/run/finish
+    admin_key: str | None = None  # the self-started service's admin key (None: a given URL)
 
 
 class CellKind(ABC):

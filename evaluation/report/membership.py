@@ -112,6 +112,10 @@ def kind_sections(kind: str, results: Results, builder: Any) -> list[Section]:
     """Report sections of cells of ``kind`` (extraction has its own sections in the main document)."""
     if kind == "membership":
         return membership_sections(results, builder)
+    if kind == "watermark":
+        from evaluation.report.watermark import watermark_sections
+
+        return watermark_sections(results, builder)
     return []
 
 

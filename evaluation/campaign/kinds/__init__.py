@@ -9,8 +9,9 @@ from __future__ import annotations
 from evaluation.campaign.kinds.base import CellKind
 from evaluation.campaign.kinds.extraction import ExtractionKind
 from evaluation.campaign.kinds.membership import MembershipKind
+from evaluation.campaign.kinds.watermark import WatermarkKind
 
-CELL_KINDS: dict[str, CellKind] = {k.name: k for k in (ExtractionKind(), MembershipKind())}
+CELL_KINDS: dict[str, CellKind] = {k.name: k for k in (ExtractionKind(), MembershipKind(), WatermarkKind())}
 
 
 def owner_of(key: str) -> list[str]:

@@ -123,6 +123,7 @@ class ExtractionSpec:
     feature_weights: str | None = None
     surrogate_kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides (e.g. levels)
     train_time_s: float = 300.0  # training time budget (seconds, trials included)
+    counter: str = "none"  # the thief's counter-measure on harvested outputs (attacker/countermeasures.py)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def harvest_and_train(spec: ExtractionSpec, paths: CellPaths) -> ExtractionRun:
     tr = train_surrogate(paths.run, config=TrainConfig(
         arch=spec.surrogate, profile=spec.surrogate_profile, steps=spec.train_steps, seed=spec.seed,
         device=spec.device, val_fraction=0.0 if h.pairs < 4 else 0.1, arch_kwargs=spec.surrogate_kwargs,
-        time_budget=spec.train_time_s))
+        time_budget=spec.train_time_s, counter=spec.counter))
     times["training"] = round(time.perf_counter() - t0, 2)
     return ExtractionRun(tr.checkpoint, h.pairs, used, refused, times,
                          input_pixels=int(h.summary.get("input_pixels") or 0), surrogate_kind=str(tr.summary["kind"]))

@@ -34,7 +34,7 @@ from evaluation.fid import FIDResult, KIDResult, NKIDResult
 from evaluation.metrics import MetricSettings
 from evaluation.stats import ScoreSummary, TOSTResult, WelchResult
 
-SCHEMA_VERSION = 2  # 2: cells carry a ``kind`` (extraction, membership, watermark); version-1 files are upgraded on read
+SCHEMA_VERSION = 2  # 2: cells carry a ``kind`` (extraction, membership, watermark); v1 files are upgraded on read
 CellStatus = Literal["pending", "running", "done", "failed"]
 ExtractionCellName = Literal["A", "B", "C"]
 

@@ -74,16 +74,22 @@ def test_watermark_campaign_records_trace_rate_and_p_values_and_reports_them(fin
     none, both = cells["none"], cells["both"]
     for c in (none, both):
         assert c.queries_used == 6
-        assert c.fidelity is not None and c.fidelity.metrics["psnr"].summary.mean > 10
-        assert c.ownership is not None and 0.0 <= c.ownership.p_value <= 1.0
+        assert c.fidelity is not None
+        assert c.fidelity.metrics["psnr"].summary.mean > 10
+        assert c.ownership is not None
+        assert 0.0 <= c.ownership.p_value <= 1.0
         assert c.ownership.probes == 4
-        assert c.trace is not None and c.trace.images == 6
+        assert c.trace is not None
+        assert c.trace.images == 6
         assert c.calibration_p_value == none.ownership.p_value  # type: ignore[union-attr]
     # Every output the marked tier served names the harvesting key; the clean tier's name nobody.
-    assert both.trace_marked and both.ownership_marked and not none.trace_marked
+    assert both.trace_marked
+    assert both.ownership_marked
+    assert not none.trace_marked
     assert both.trace.harvester == f"atk-{both.id}"  # type: ignore[union-attr]
     assert both.trace.rate == 1.0  # type: ignore[union-attr]
-    assert none.trace.identified == 0 and none.trace.misattributed == 0  # type: ignore[union-attr]
+    assert none.trace.identified == 0
+    assert none.trace.misattributed == 0
     # Honest-user cost of the stacked watermarks, measured through the honest tier.
     util = {u.defense: u for u in results.utility}
     assert util["none"].defended_vs_clean.metrics["psnr"].summary.mean == pytest.approx(80.0)
@@ -94,12 +100,14 @@ def test_watermark_campaign_records_trace_rate_and_p_values_and_reports_them(fin
         row = next(line for line in md.splitlines() if line.startswith(f"| denoise25 | {c.defense} | none |"))
         assert verdict(c.ownership.p_value) in row  # type: ignore[union-attr]
         assert f"{c.trace.identified}/{c.trace.images}" in row  # type: ignore[union-attr]
-    assert "theft provable" in md and "theft provable" in html
+    assert "theft provable" in md
+    assert "theft provable" in html
     assert "surrogate kind x thief counter-measure" in md
 
 
 def test_watermark_config_rejects_bad_values() -> None:
-    assert "unknown defense labels ['jpeg']" in _error(TINY.replace('budget = 6', 'budget = 6\ndefenses = ["none", "jpeg"]'))
+    bad_label = TINY.replace("budget = 6", 'budget = 6\ndefenses = ["none", "jpeg"]')
+    assert "unknown defense labels ['jpeg']" in _error(bad_label)
     assert 'must include "none"' in _error(TINY.replace('budget = 6', 'budget = 6\ndefenses = ["both"]'))
     assert "unknown victims" in _error(TINY.replace('budget = 6', 'budget = 6\nvictims = ["sr9x"]'))
     assert "bad counter-measure 'blur'" in _error(TINY.replace('budget = 6', 'budget = 6\ncounters = ["blur"]'))

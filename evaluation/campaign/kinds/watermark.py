@@ -273,7 +273,8 @@ def run_watermark_cell(spec: WatermarkSpec, paths: CellPaths) -> WatermarkCell:
     cell.trace = trace_harvest(paths.run, spec.secret, spec.clients, spec.harvester, spec.max_false_match)
     cell.wall_times["trace"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    assert ext.surrogate is not None and ext.surrogate.path
+    assert ext.surrogate is not None
+    assert ext.surrogate.path
     cell.ownership = verify_surrogate(spec, Path(ext.surrogate.path))
     cell.wall_times["verify"] = round(time.perf_counter() - t0, 2)
     cell.status = "done"

@@ -128,9 +128,14 @@ def test_watermark_config_rejects_bad_values() -> None:
     two_keys = TINY.replace('label = "both"', 'label = "own2"\npipeline = [{ name = "ownership_watermark", '
                             'key_id = "k2" }]\n\n[[defenses]]\nlabel = "both"')
     assert "several ownership keys" in _error(two_keys)
+    assert "unknown surrogate" in _error(TINY.replace("budget = 6", 'budget = 6\nsurrogates = ["unet-l3"]'))
     cfg = parse_campaign(TINY.replace("budget = 6", 'budget = 6\ncounters = ["none", "jpeg:quality=75"]'))
     from evaluation.campaign.kinds import CELL_KINDS
 
     ids = [p.id for p in CELL_KINDS["watermark"].plan(cfg, cfg.entries()[0])]
     assert ids == ["wm.denoise25.none.none", "wm.denoise25.none.jpeg-quality75", "wm.denoise25.both.none",
                    "wm.denoise25.both.jpeg-quality75"]
+    cfg = parse_campaign(TINY.replace("budget = 6", 'budget = 6\nsurrogates = ["unet-l2", "pix2pix"]'))
+    ids = [p.id for p in CELL_KINDS["watermark"].plan(cfg, cfg.entries()[0])]
+    assert ids == ["wm.denoise25.none.none.unet-l2", "wm.denoise25.both.none.unet-l2",
+                   "wm.denoise25.none.none.pix2pix", "wm.denoise25.both.none.pix2pix"]

@@ -56,7 +56,8 @@ class WatermarkParams(StrictParams):
     ``victims`` / ``defenses``: ``[[victims]]`` names and ``[[defenses]]`` labels (default: all; the
     defenses must include ``none``, the innocent case). ``budget``: queries each thief harvests.
     ``counters``: the thief's counter-measures on harvested outputs (``heist attack train --counter``
-    specs: ``none``, ``jpeg:quality=75``, ``lowpass:sigma=1``, ``median``, ``aware``). ``queries`` /
+    specs: ``none``, ``jpeg:quality=75``, ``lowpass:sigma=1``, ``median``, ``aware``). ``surrogates``: the
+    thief's surrogate kinds (``heist attack train --arch``; default: each victim's ``surrogate``). ``queries`` /
     ``probe_side`` / ``probe_images``: the ownership test's probes (``heist defend verify --queries``,
     ``--probe-side``, ``--images``). ``max_false_match``: the trace's naming threshold (``heist defend
     trace --max-false-match``). ``secret_file``: the server's defense secret (needed only with
@@ -71,6 +72,7 @@ class WatermarkParams(StrictParams):
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     images: str = "corpus:attacker"
     counters: list[str] = Field(default_factory=lambda: ["none"], min_length=1)
+    surrogates: list[str] = Field(default_factory=list)
     queries: int = Field(32, ge=1, le=4096)
     probe_side: int = Field(128, ge=32, le=4096)
     probe_images: str = "corpus:benchmark"
@@ -104,7 +106,20 @@ class WatermarkParams(StrictParams):
             raise ValueError("counters must not repeat")
         return v
 
-    @field_validator("victims", "defenses")
+    @field_validator("surrogates")
+    @classmethod
+    def _surrogates(cls, v: list[str]) -> list[str]:
+        from attacker.surrogates.base import get_surrogate
+        from translators.errors import HeistError
+
+        for name in v:
+            try:
+                get_surrogate(name)
+            except HeistError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("victims", "defenses", "surrogates")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
@@ -116,6 +131,10 @@ class WatermarkParams(StrictParams):
 
     def defense_labels(self, cfg: CampaignConfig) -> list[str]:
         return self.defenses or [d.label for d in cfg.defenses]
+
+    def surrogate_kinds(self, cfg: CampaignConfig, victim: str) -> list[str]:
+        """The surrogate kinds thieves of ``victim`` train (``surrogates``, else the victim's ``surrogate``)."""
+        return self.surrogates or [next(v.surrogate for v in cfg.victims if v.name == victim)]
 
     def check(self, cfg: CampaignConfig) -> None:
         known_v = [v.name for v in cfg.victims]
@@ -170,8 +189,10 @@ def counter_label(spec: str) -> str:
     return f"{kind}-{extra}" if extra else kind
 
 
-def wm_cell_id(victim: str, defense: str, counter: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", f"wm.{victim}.{defense}.{counter_label(counter)}")
+def wm_cell_id(victim: str, defense: str, counter: str, surrogate: str | None = None) -> str:
+    """``wm.VICTIM.DEFENSE.COUNTER`` (``.SURROGATE`` appended when the entry lists ``surrogates``)."""
+    tail = f".{surrogate}" if surrogate else ""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"wm.{victim}.{defense}.{counter_label(counter)}{tail}")
 
 
 @dataclass(frozen=True)
@@ -305,25 +326,30 @@ class WatermarkKind(CellKind):
     name = "watermark"
     Params = WatermarkParams
 
-    def plan(self, cfg: CampaignConfig, params: WatermarkParams) -> list[CellPlan]:
-        return [CellPlan(wm_cell_id(v, d, c), d) for v in params.victim_names(cfg) for d in params.defense_labels(cfg)
-                for c in params.counters]
-
     @staticmethod
-    def _coords(cfg: CampaignConfig, params: WatermarkParams, plan: CellPlan) -> tuple[str, str]:
-        for v in params.victim_names(cfg):
-            for c in params.counters:
-                if wm_cell_id(v, plan.defense, c) == plan.id:
-                    return v, c
+    def _grid(cfg: CampaignConfig, params: WatermarkParams) -> list[tuple[str, str, str, str, str]]:
+        """``(id, victim, defense, counter, surrogate kind)`` of every cell, in run order."""
+        return [(wm_cell_id(v, d, c, s if params.surrogates else None), v, d, c, s)
+                for v in params.victim_names(cfg) for s in params.surrogate_kinds(cfg, v)
+                for d in params.defense_labels(cfg) for c in params.counters]
+
+    def plan(self, cfg: CampaignConfig, params: WatermarkParams) -> list[CellPlan]:
+        return [CellPlan(cid, d) for cid, _, d, _, _ in self._grid(cfg, params)]
+
+    def _coords(self, cfg: CampaignConfig, params: WatermarkParams, plan: CellPlan) -> tuple[str, str, str]:
+        for cid, v, _, c, s in self._grid(cfg, params):
+            if cid == plan.id:
+                return v, c, s
         raise KeyError(plan.id)
 
     def pending(self, cfg: CampaignConfig, params: WatermarkParams, plan: CellPlan, paths: CellPaths) -> WatermarkCell:
         from evaluation.results import WatermarkCell
 
-        victim, counter = self._coords(cfg, params, plan)
+        victim, counter, surrogate = self._coords(cfg, params, plan)
         d = next(d for d in cfg.defenses if d.label == plan.defense)
         marks = watermarks_of(d)
         return WatermarkCell(id=plan.id, victim=victim, defense=plan.defense, counter=counter, budget=params.budget,
+                             surrogate_kind=None if surrogate == "auto" else surrogate,
                              strategy=params.strategy, seed=cfg.campaign.seed, status="running", run_dir=str(paths.run),
                              ownership_marked="ownership_watermark" in marks, trace_marked="trace_watermark" in marks)
 
@@ -387,12 +413,13 @@ class WatermarkKind(CellKind):
         state = ctx.shared[f"watermark:{id(params)}"]
         cell = self.pending(cfg, params, plan, paths)
         vcfg = next(v for v in cfg.victims if v.name == cell.victim)
+        surrogate = self._coords(cfg, params, plan)[2]
         url = ctx.url()
         ext = ExtractionSpec(
             id=plan.id, defense=plan.defense, url=url, api_key=ctx.attack_key(plan.id, plan.defense),
             victim=cell.victim, images=params.images, strategy=params.strategy,
             strategy_params=params.strategy_params, budget=params.budget, concurrency=params.concurrency,
-            seed=cfg.campaign.seed, surrogate=vcfg.surrogate, surrogate_profile=vcfg.surrogate_profile,
+            seed=cfg.campaign.seed, surrogate=surrogate, surrogate_profile=vcfg.surrogate_profile,
             train_steps=vcfg.train_steps, device=cfg.campaign.device, honest_key=ctx.honest_key(NO_DEFENSE),
             evaluation=state["sets"][cell.victim], victim_outputs=state["clean_out"][cell.victim],
             surrogate_kwargs=dict(vcfg.surrogate_kwargs), train_time_s=vcfg.train_time_s or 300.0,
@@ -405,19 +432,20 @@ class WatermarkKind(CellKind):
             clients=state["clients"], harvester=harvester, max_false_match=params.max_false_match,
             ownership_marked=cell.ownership_marked, trace_marked=cell.trace_marked)
         return CellTask(run_watermark_cell, spec, paths, cell,
-                        note=f"{plan.id}: harvesting {params.budget} queries through {plan.defense}, training "
-                             f"(counter-measure {cell.counter}), tracing and verifying")
+                        note=f"{plan.id}: harvesting {params.budget} queries through {plan.defense}, training a "
+                             f"{surrogate} surrogate (counter-measure {cell.counter}), tracing and verifying")
 
     def finish(self, ctx: RunContext, params: WatermarkParams) -> None:
-        """Give each cell the p-value of its innocent twin (defense ``none``, same victim and counter)."""
+        """Give each cell the p-value of its innocent twin (defense ``none``, same victim, counter-measure and
+        surrogate kind)."""
         from evaluation.results import WatermarkCell
 
-        mine = {p.id for p in self.plan(ctx.cfg, params)}
-        cells = [c for c in ctx.results.cells if isinstance(c, WatermarkCell) and c.id in mine]
-        innocent = {(c.victim, c.counter): c.ownership.p_value for c in cells
-                    if c.defense == "none" and c.status == "done" and c.ownership}
-        for c in cells:
-            p = innocent.get((c.victim, c.counter))
+        twin = {cid: wm_cell_id(v, "none", c, s if params.surrogates else None)
+                for cid, v, _, c, s in self._grid(ctx.cfg, params)}
+        cells = {c.id: c for c in ctx.results.cells if isinstance(c, WatermarkCell) and c.id in twin}
+        for c in cells.values():
+            t = cells.get(twin[c.id])
+            p = t.ownership.p_value if t is not None and t.status == "done" and t.ownership else None
             if c.status == "done" and p != c.calibration_p_value:
                 c.calibration_p_value = p
                 save_record(c, ctx.out / "cells" / c.id / "cell.json")

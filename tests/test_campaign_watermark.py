@@ -60,7 +60,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config.write_text(TINY)
     out = root / "out"
     res = subprocess.run([sys.executable, "-m", "heist.cli.main", "campaign", "run", str(config), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+                         capture_output=True, text=True, timeout=540, env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 

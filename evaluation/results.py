@@ -34,7 +34,7 @@ from evaluation.fid import FIDResult, KIDResult, NKIDResult
 from evaluation.metrics import MetricSettings
 from evaluation.stats import ScoreSummary, TOSTResult, WelchResult
 
-SCHEMA_VERSION = 2  # 2: cells carry a ``kind`` (extraction, membership, monitor); version-1 files are upgraded on read
+SCHEMA_VERSION = 2  # 2: cells carry a ``kind`` (extraction, membership, monitor, watermark); v1 upgraded on read
 CellStatus = Literal["pending", "running", "done", "failed"]
 ExtractionCellName = Literal["A", "B", "C"]
 
@@ -382,7 +382,84 @@ class MonitorCell(_Model):
     ratio_lower_bound: bool = False
 
 
-AnyCell = Annotated[CampaignCell | MembershipCell | MonitorCell, Field(discriminator="kind")]
+class TraceScore(_Model):
+    """``trace_watermark`` read back from a cell's harvested outputs, as the attacker stored them.
+
+    Each output is traced (:func:`defenses.watermark.trace.identify`) against every key name of the
+    campaign's victim service: ``identified`` named the harvesting key, ``misattributed`` named another
+    key, ``unnamed`` named none (nearest candidate not under ``max_false_match``), ``too_small`` had a side
+    under 32 px. ``rate`` = identified / images. On an unmarked tier every answer should be ``unnamed``
+    (the trace's false-match calibration).
+    """
+
+    harvester: str | None
+    images: int
+    identified: int
+    misattributed: int
+    unnamed: int
+    too_small: int = 0
+    rate: float | None
+    candidates: int
+    max_false_match: float
+    median_distance: float | None = Field(None, description="median Hamming distance to the harvester's 56 code bits")
+
+
+class OwnershipScore(_Model):
+    """``heist defend verify`` of the cell's surrogate against the clean victim (:mod:`evaluation.watermark`).
+
+    ``p_value``: one-sided p for "trained on outputs carrying ownership key ``key_id``"; ``null`` states
+    the null hypothesis; ``probes`` images of ``probe_side`` px from ``probe_images``.
+    """
+
+    p_value: float
+    z: float
+    max_z: float | None = None
+    probes: int
+    probe_side: int
+    probe_images: str
+    key_id: str
+    radius: int
+    source: str
+    null: str
+    seconds: float | None = None
+
+
+class WatermarkCell(_Model):
+    """One watermark experiment (cell kind ``watermark``): victim x defense x thief counter-measure.
+
+    The thief harvests ``budget`` queries through the defense's tier and trains a surrogate (with the
+    counter-measure ``counter`` applied to the harvested outputs). ``fidelity``: surrogate vs the clean
+    victim; ``trace``: the harvest's outputs traced to a key; ``ownership``: the verify test of the
+    surrogate; ``calibration_p_value``: the same test on the surrogate of the undefended victim (defense
+    ``none``, same victim and counter-measure): the innocent case.
+    """
+
+    kind: Literal["watermark"] = "watermark"
+    id: str
+    victim: str
+    defense: str
+    counter: str = "none"
+    budget: int
+    strategy: str = "crops"
+    seed: int = 0
+    status: CellStatus = "pending"
+    error: str | None = None
+    queries_used: int | None = None
+    queries_refused: int | None = None
+    wall_times: dict[str, float] = Field(default_factory=dict)
+    run_dir: str | None = None
+    surrogate: ModelRef | None = None
+    surrogate_kind: str | None = None
+    ownership_marked: bool = False  # the defense embeds ownership_watermark (else the surrogate is innocent)
+    trace_marked: bool = False  # the defense embeds trace_watermark
+    fidelity: Comparison | None = None
+    quality: Comparison | None = None
+    trace: TraceScore | None = None
+    ownership: OwnershipScore | None = None
+    calibration_p_value: float | None = None
+
+
+AnyCell = Annotated[CampaignCell | MembershipCell | MonitorCell | WatermarkCell, Field(discriminator="kind")]
 
 
 class DefenseUtility(_Model):
@@ -557,6 +634,9 @@ class Results(_Model):
     @property
     def monitor_cells(self) -> list[MonitorCell]:
         return [c for c in self.cells if isinstance(c, MonitorCell)]
+
+    def watermark_cells(self) -> list[WatermarkCell]:
+        return [c for c in self.cells if isinstance(c, WatermarkCell)]
 
 
 def upgrade(raw: dict[str, Any]) -> dict[str, Any]:

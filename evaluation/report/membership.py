@@ -145,6 +145,10 @@ def kind_sections(kind: str, results: Results, builder: Any) -> list[Section]:
         from evaluation.report.monitor import monitor_sections
 
         return monitor_sections(results, builder)
+    if kind == "watermark":
+        from evaluation.report.watermark import watermark_sections
+
+        return watermark_sections(results, builder)
     return []
 
 

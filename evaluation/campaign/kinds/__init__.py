@@ -10,8 +10,11 @@ from evaluation.campaign.kinds.base import CellKind
 from evaluation.campaign.kinds.extraction import ExtractionKind
 from evaluation.campaign.kinds.membership import MembershipKind
 from evaluation.campaign.kinds.monitor import MonitorKind
+from evaluation.campaign.kinds.watermark import WatermarkKind
 
-CELL_KINDS: dict[str, CellKind] = {k.name: k for k in (ExtractionKind(), MembershipKind(), MonitorKind())}
+CELL_KINDS: dict[str, CellKind] = {
+    k.name: k for k in (ExtractionKind(), MembershipKind(), MonitorKind(), WatermarkKind())
+}
 
 
 def owner_of(key: str) -> list[str]:

@@ -164,6 +164,7 @@ class ExtractionSpec:
     train_time_s: float = 300.0  # training time budget (seconds, trials included)
     attacker: str = "plain"
     counters: tuple[str, ...] = ()  # adaptive: one surrogate per counter-measure spec
+    counter: str = "none"  # the thief's counter-measure on harvested outputs (attacker/countermeasures.py)
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,12 @@ class ExtractionRun:
     surrogate_kind: str = ""  # what ``auto`` chose, or the configured kind
 
 
-def harvest_and_train(spec: ExtractionSpec, paths: CellPaths, counter: str = "none",
+def harvest_and_train(spec: ExtractionSpec, paths: CellPaths, counter: str | None = None,
                       out: Path | None = None) -> ExtractionRun:
     """Harvest ``spec.budget`` queries into ``paths.run`` and train a surrogate on them (both resume).
 
-    ``counter``: the counter-measure applied to the harvested outputs before training; ``out``: the
+    ``counter``: the counter-measure applied to the harvested outputs before training (None: the spec's
+    ``counter``); ``out``: the
     surrogate's folder (default ``RUN/surrogate``). A second call with another counter reuses the harvest.
     """
     from attacker.harvest import harvest
@@ -204,7 +206,7 @@ def harvest_and_train(spec: ExtractionSpec, paths: CellPaths, counter: str = "no
     tr = train_surrogate(paths.run, out, config=TrainConfig(
         arch=spec.surrogate, profile=spec.surrogate_profile, steps=spec.train_steps, seed=spec.seed,
         device=spec.device, val_fraction=0.0 if h.pairs < 4 else 0.1, arch_kwargs=spec.surrogate_kwargs,
-        time_budget=spec.train_time_s, counter=counter))
+        time_budget=spec.train_time_s, counter=spec.counter if counter is None else counter))
     times["training"] = round(time.perf_counter() - t0, 2)
     return ExtractionRun(tr.checkpoint, h.pairs, used, refused, times,
                          input_pixels=int(h.summary.get("input_pixels") or 0), surrogate_kind=str(tr.summary["kind"]))
@@ -228,7 +230,7 @@ def run_extraction_cell(spec: ExtractionSpec, paths: CellPaths) -> CampaignCell:
     cell = CampaignCell(id=spec.id, victim=spec.victim, defense=spec.defense, budget=spec.budget,
                         strategy=spec.strategy, seed=spec.seed, status="running", run_dir=str(paths.run),
                         attacker=spec.attacker)  # type: ignore[arg-type]
-    counters = list(spec.counters) if spec.attacker == "adaptive" else ["none"]
+    counters = list(spec.counters) if spec.attacker == "adaptive" else [spec.counter]
     pairs = spec.evaluation.build()
     best: tuple[float, str, ExtractionRun, Any, Any] | None = None
     for counter in counters:

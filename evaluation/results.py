@@ -635,6 +635,7 @@ class Results(_Model):
     def monitor_cells(self) -> list[MonitorCell]:
         return [c for c in self.cells if isinstance(c, MonitorCell)]
 
+    @property
     def watermark_cells(self) -> list[WatermarkCell]:
         return [c for c in self.cells if isinstance(c, WatermarkCell)]
 

@@ -201,3 +201,22 @@ class StrictParams(BaseModel):
 
     def check(self, cfg: CampaignConfig) -> None:
         """Cross-checks against the whole campaign file; raise ``ValueError`` with a message."""
+
+
+def check_counters(specs: list[str], *, allow_none: bool, key: Callable[[str], str] = str) -> list[str]:
+    """Validate thief counter-measure specs (:func:`attacker.countermeasures.parse_counter`) for a
+    pydantic validator: each parses, ``none`` only if ``allow_none``, no two equal under ``key``."""
+    from attacker.countermeasures import parse_counter
+    from attacker.errors import ConfigError
+
+    for spec in specs:
+        try:
+            kind = parse_counter(spec).kind
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if kind == "none" and not allow_none:
+            raise ValueError("counters are counter-measures; 'none' is the plain attacker")
+    labels = [key(s) for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError("counters must not repeat")
+    return specs

@@ -31,6 +31,7 @@ from evaluation.campaign.kinds.base import (
     CellTask,
     RunContext,
     StrictParams,
+    check_counters,
     feature_network,
     save_record,
 )
@@ -68,18 +69,7 @@ class AttackSection(StrictParams):
     @field_validator("counters")
     @classmethod
     def _counters(cls, v: list[str]) -> list[str]:
-        from attacker.countermeasures import parse_counter
-        from attacker.errors import ConfigError
-
-        for spec in v:
-            try:
-                if parse_counter(spec).kind == "none":
-                    raise ValueError("counters are counter-measures; 'none' is the plain attacker")
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        if len(set(v)) != len(v):
-            raise ValueError("counters must not repeat")
-        return v
+        return check_counters(v, allow_none=False)
 
     @field_validator("budgets")
     @classmethod

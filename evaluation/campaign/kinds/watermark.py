@@ -38,6 +38,7 @@ from evaluation.campaign.kinds.base import (
     CellTask,
     RunContext,
     StrictParams,
+    check_counters,
     save_record,
 )
 
@@ -93,18 +94,7 @@ class WatermarkParams(StrictParams):
     @field_validator("counters")
     @classmethod
     def _counters(cls, v: list[str]) -> list[str]:
-        from attacker.countermeasures import parse_counter
-        from attacker.errors import ConfigError
-
-        for spec in v:
-            try:
-                parse_counter(spec)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        labels = [counter_label(s) for s in v]
-        if len(set(labels)) != len(labels):
-            raise ValueError("counters must not repeat")
-        return v
+        return check_counters(v, allow_none=True, key=counter_label)
 
     @field_validator("surrogates")
     @classmethod

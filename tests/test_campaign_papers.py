@@ -64,11 +64,9 @@ def test_paper_needs_extraction_cells() -> None:
         parse_campaign(text)
 
 
-# The paper machinery end to end in CI size. The campaign files' own tiny forms need zoo victims no other
-# test builds (sr4x, style-ink, style-teal, style-grade: minutes each on a loaded 2-core box), so CI runs
-# their validation above and this campaign instead: the single-example file's denoising rows (large vs
-# small receptive field, one query) plus the extraction paper's A/B/C table with Welch + TOST, on the
-# tiny denoise25 victim the other campaign tests build too (one zoo cache per test session).
+# The paper machinery in CI size, on the tiny denoise25 victim the other campaign tests build too: the single-
+# example file's denoising rows (large vs small receptive field) plus the extraction paper's A/B/C table
+# with Welch + TOST. The two files themselves run in their tiny form at the end of this module.
 _PAPER_TINY = """
 [campaign]
 name = "paper-tiny"
@@ -190,3 +188,22 @@ def test_cells_record_query_pixels_and_receptive_fields(paper_tiny: Path) -> Non
     # 0 down-sampling levels see far less context than the tiny profile's depth
     assert one["denoise25-rf-small"].receptive_field < one["denoise25"].receptive_field  # type: ignore[operator]
     assert "Fidelity vs query pixels and receptive field" in (paper_tiny.parent / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", [SINGLE, SZYLLER])
+def test_the_campaign_files_run_in_their_tiny_form(path: Path, tmp_path: Path) -> None:
+    """Each reproduction file end to end in its ``tiny`` profile (tiny zoo victims built on the way, about a
+    minute on 2 cores): every cell done, every paper row has our number beside the paper's, report rendered."""
+    out = tmp_path / path.stem
+    res = _run(["campaign", "run", str(path), "--profile", "tiny", "--out", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = read_results(out / "results.json")
+    assert r.cells
+    assert all(c.status == "done" for c in r.cells), [(c.id, c.error) for c in r.cells]
+    cfg, _ = load_campaign(path, "tiny")
+    assert cfg.paper is not None
+    assert len(r.paper) == len(cfg.paper.rows)
+    assert all(row.paper for row in r.paper)
+    assert all(row.ours is not None for row in r.paper if row.metric in ("psnr", "ssim")), r.paper
+    assert "The paper's numbers beside ours" in (out / "report.md").read_text()

@@ -216,7 +216,12 @@ def check_counters(specs: list[str], *, allow_none: bool, key: Callable[[str], s
             raise ValueError(str(exc)) from None
         if kind == "none" and not allow_none:
             raise ValueError("counters are counter-measures; 'none' is the plain attacker")
-    labels = [key(s) for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError("counters must not repeat")
+    no_repeats([key(s) for s in specs], "counters")
     return specs
+
+
+def no_repeats(values: list[Any], what: str) -> list[Any]:
+    """For pydantic validators: ``values`` unchanged, or ``ValueError("<what> must not repeat")``."""
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} must not repeat")
+    return values

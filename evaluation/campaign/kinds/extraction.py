@@ -33,6 +33,7 @@ from evaluation.campaign.kinds.base import (
     StrictParams,
     check_counters,
     feature_network,
+    no_repeats,
     save_record,
 )
 
@@ -62,9 +63,7 @@ class AttackSection(StrictParams):
     @field_validator("attackers")
     @classmethod
     def _attackers(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("attackers must not repeat")
-        return v
+        return no_repeats(v, "attackers")
 
     @field_validator("counters")
     @classmethod
@@ -89,9 +88,7 @@ class AttackSection(StrictParams):
         for name in v:
             if name not in STRATEGY_REGISTRY:
                 raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGY_REGISTRY.names())})")
-        if len(set(v)) != len(v):
-            raise ValueError("strategies must not repeat")
-        return v
+        return no_repeats(v, "strategies")
 
 
 def cell_id(victim: str, defense: str, strategy: str, budget: int, attacker: str = "plain") -> str:

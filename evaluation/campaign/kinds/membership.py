@@ -27,6 +27,7 @@ from evaluation.campaign.kinds.base import (
     RunContext,
     StrictParams,
     nkid_feature_network,
+    no_repeats,
 )
 
 if TYPE_CHECKING:
@@ -72,9 +73,7 @@ class MembershipParams(StrictParams):
     @field_validator("defenses")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("defenses must not repeat")
-        return v
+        return no_repeats(v, "defenses")
 
     def check(self, cfg: CampaignConfig) -> None:
         from translators.zoo import get_recipe

@@ -45,6 +45,7 @@ from evaluation.campaign.kinds.base import (
     CellTask,
     RunContext,
     StrictParams,
+    no_repeats,
     save_record,
 )
 from evaluation.campaign.kinds.extraction import EvalSetSpec
@@ -95,9 +96,7 @@ class MonitorParams(StrictParams):
     @field_validator("defenses")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("defenses must not repeat")
-        return v
+        return no_repeats(v, "defenses")
 
     @field_validator("attackers")
     @classmethod

@@ -39,6 +39,7 @@ from evaluation.campaign.kinds.base import (
     RunContext,
     StrictParams,
     check_counters,
+    no_repeats,
     save_record,
 )
 
@@ -112,9 +113,7 @@ class WatermarkParams(StrictParams):
     @field_validator("victims", "defenses", "surrogates")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("names must not repeat")
-        return v
+        return no_repeats(v, "names")
 
     def victim_names(self, cfg: CampaignConfig) -> list[str]:
         return self.victims or [v.name for v in cfg.victims]

@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--zoo-profile", default="default")
     ap.add_argument("--surrogate-profile", default="small", help="the CLI default is small")
     ap.add_argument("--arch", default="auto")
+    ap.add_argument("--strategy", default="crops", help="harvest strategy (the CLI default is crops)")
+    ap.add_argument("--images", default="corpus:attacker", help="the thief's photos (corpus:SPLIT or a folder)")
     ap.add_argument("--time-budget", type=float, default=300.0, help="training seconds per run (CLI default 300)")
     ap.add_argument("--bench-side", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -130,7 +132,8 @@ def main() -> None:
                 for b in budgets:
                     t0 = time.monotonic()
                     run = Path(tmp) / f"{name}-{b}"
-                    h = harvest(svc.url, key, name, run, budget=b, seed=args.seed, durable=False)
+                    h = harvest(svc.url, key, name, run, budget=b, seed=args.seed, durable=False,
+                                strategy=args.strategy, images=args.images)
                     tr = train_surrogate(run, arch=args.arch, profile=args.surrogate_profile, seed=args.seed,
                                          device=args.device, time_budget=args.time_budget)
                     sur = load_model(tr.checkpoint).module
@@ -144,6 +147,7 @@ def main() -> None:
                         "arch": tr.summary["arch"], "steps": tr.steps, "stop_reason": tr.summary["stop_reason"],
                         "B_psnr": mean([c["psnr"] for c in cell_b]), "B_psnr_sd": spread([c["psnr"] for c in cell_b]),
                         "B_ssim": mean([c["ssim"] for c in cell_b]),
+                        "B_psnr_per_image": [round(c["psnr"], 2) for c in cell_b],
                         "baseline": "bicubic" if recipe.scale > 1 else "identity",
                         "baseline_psnr": mean([c["psnr"] for c in base_b]),
                         "baseline_ssim": mean([c["ssim"] for c in base_b]),
@@ -168,7 +172,8 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], budgets: list[in
         "benchmark": "attack_fidelity", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "zoo_profile": args.zoo_profile, "surrogate_profile": args.surrogate_profile, "arch": args.arch,
         "time_budget_s": args.time_budget, "budgets": budgets, "victims": victims,
-        "harvest": "CLI defaults: strategy crops, crop_size auto (budget, max_pixels), noise auto, corpus:attacker",
+        "harvest": f"strategy {args.strategy}, crop_size auto (budget, max_pixels), noise auto, {args.images}"
+                   + (" (CLI defaults)" if (args.strategy, args.images) == ("crops", "corpus:attacker") else ""),
         "bench_images": "corpus:benchmark centre crops", "bench_side": args.bench_side,
         "metric": "piq PSNR/SSIM, data_range 1, RGB, no border crop", "device": args.device,
         "cpu_count": os.cpu_count(), "torch_threads": args.threads, "wall_s": round(wall_s, 1),

@@ -408,7 +408,8 @@ class OwnershipScore(_Model):
     """``heist defend verify`` of the cell's surrogate against the clean victim (:mod:`evaluation.watermark`).
 
     ``p_value``: one-sided p for "trained on outputs carrying ownership key ``key_id``"; ``null`` states
-    the null hypothesis; ``probes`` images of ``probe_side`` px from ``probe_images``.
+    the null hypothesis; ``probes`` images of ``probe_side`` px from ``probe_images``, with Gaussian noise of
+    ``probe_noise`` ([0, 1] units) added.
     """
 
     p_value: float
@@ -417,6 +418,7 @@ class OwnershipScore(_Model):
     probes: int
     probe_side: int
     probe_images: str
+    probe_noise: float = 0.0
     key_id: str
     radius: int
     source: str

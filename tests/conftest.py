@@ -37,6 +37,19 @@ def _torch_threads() -> None:
     configure_threads()
 
 
+@pytest.fixture(autouse=True)
+def _seeded_rngs() -> None:
+    """Every test starts from the same global RNG state (torch, random), as a seeded run would: a test
+    that builds a randomly initialised model without its own seed is then the same test in every run,
+    not a new draw each time (CI once drew a narrow DnCNN whose ReLUs all switched off)."""
+    import random
+
+    import torch
+
+    random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def heist_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Every test session gets its own HEIST_DATA_DIR so nothing touches the user's cache."""

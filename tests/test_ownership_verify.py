@@ -34,7 +34,14 @@ from torch import nn
 from attacker.harvest import harvest
 from attacker.train import train_surrogate
 from defenses.watermark.ownership import OwnershipParams
-from evaluation.watermark import ownership_pvalue
+from evaluation.watermark import (
+    DENOISE_PROBE_SIGMA,
+    Probe,
+    add_probe_noise,
+    load_probes,
+    ownership_pvalue,
+    probe_noise_for,
+)
 from tests.conftest import free_port
 from tests.servers import TINY_ARCHS, VictimServer, start_victim, tiny_models, tiny_torchscript
 from translators.checkpoint import load_model
@@ -174,11 +181,13 @@ def _stolen_plain(theft: Theft) -> Path:
 
 
 def test_verify_catches_a_plain_loop_thief_from_a_torchscript_file(theft: Theft) -> None:
+    """Clean benchmark photos as given: the CLI adds the denoiser's probe noise by default."""
     cp = _cli("defend", "verify", "--suspect", str(_stolen_plain(theft)), "--model", MODEL, "--config",
-              str(theft.victim.settings_path), "--queries", str(QUERIES), "--images", str(theft.probes),
+              str(theft.victim.settings_path), "--queries", str(QUERIES), "--images", "corpus:benchmark",
               "--probe-side", str(SIDE), "--json")
     assert cp.returncode == 0, cp.stderr
     out = json.loads(cp.stdout)
+    assert out["probe_noise"] == pytest.approx(DENOISE_PROBE_SIGMA)
     log.info("plain-loop thief: p=%.3g z=%.2f (max %.2f)", out["p_value"], out["z"], out["max_z"])
     assert 16 <= out["probes"] <= QUERIES
     assert len(out["per_probe"]) == out["probes"]
@@ -234,9 +243,11 @@ def test_verify_through_a_url_serving_the_stolen_model(theft: Theft, redis_url: 
     try:
         cp = _cli("defend", "verify", "--suspect", thief_api.url, "--suspect-model", "knockoff", "--suspect-api-key",
                   thief_api.keys["buyer"], "--model", MODEL, "--config", str(theft.victim.settings_path),
-                  "--queries", str(QUERIES), "--images", str(theft.probes), "--probe-side", str(SIDE), "--json")
+                  "--queries", str(QUERIES), "--images", str(theft.probes), "--probe-side", str(SIDE),
+                  "--probe-noise", "0", "--json")  # the photos in theft.probes are noisy already
         assert cp.returncode == 0, cp.stderr
         out = json.loads(cp.stdout)
+        assert out["probe_noise"] == 0.0
         assert out["p_value"] < 1e-6, out
         # the victim itself on its clean tier is innocent of copying itself
         cp = _cli("defend", "verify", "--suspect", theft.victim.url, "--suspect-model", MODEL, "--suspect-api-key",
@@ -286,3 +297,21 @@ def test_bad_suspects_are_one_line_errors(theft: Theft, tmp_path: Path) -> None:
     cp = _cli("defend", "verify", "--suspect", str(tmp_path / "missing.safetensors"), "--model", MODEL,
               "--config", cfg, "--queries", "2")
     _one_line_error(cp, "no such checkpoint")
+
+
+def test_probe_noise_is_seeded_quantised_and_follows_the_task() -> None:
+    """Probes look like the API's traffic: noisy for a denoiser, clean otherwise; the same noise every run."""
+    assert probe_noise_for("denoise") == DENOISE_PROBE_SIGMA
+    assert probe_noise_for("sr") == probe_noise_for("style") == probe_noise_for(None) == 0.0
+    clean = load_probes("corpus:benchmark", 3, 64)
+    a, b = load_probes("corpus:benchmark", 3, 64, noise=0.1), add_probe_noise(clean, 0.1)
+    for p, q, c in zip(a, b, clean, strict=True):
+        assert p.name == c.name
+        assert torch.equal(p.image, q.image)  # deterministic: same (seed, index)
+        assert torch.equal(p.image, (p.image * 255).round() / 255)  # 8-bit exact, as a PNG probe is
+        rms = float((p.image - c.image).pow(2).mean().sqrt())
+        assert 0.07 < rms < 0.1  # sigma 0.1, a little lost to clamping at 0 and 1
+    assert not torch.equal(a[0].image, add_probe_noise(clean, 0.1, seed=1)[0].image)
+    assert add_probe_noise(clean, 0.0)[0] is clean[0]
+    with pytest.raises(ValueError, match="must be >= 0"):
+        add_probe_noise([Probe("x", clean[0].image)], -0.1)

@@ -55,8 +55,9 @@ def watermark_sections(results: Results, builder: Any) -> list[Section]:
     s.add(Paragraph("Each thief harvests through one defense tier with its own API key and trains a surrogate "
                     "(after its counter-measure on the harvested outputs). Ownership: `heist defend verify`'s test of "
                     "the surrogate against the clean victim"
-                    + (f" ({first.probes} probes of {first.probe_side} px from `{first.probe_images}`, key "
-                       f"`{first.key_id}`)" if first else "") + ". Calibration: the same test on the surrogate "
+                    + (f" ({first.probes} probes of {first.probe_side} px from `{first.probe_images}`"
+                       + (f" with Gaussian noise sigma {first.probe_noise:.3f}" if first.probe_noise else "")
+                       + f", key `{first.key_id}`)" if first else "") + ". Calibration: the same test on the surrogate "
                     "of the undefended victim (defense `none`, same counter-measure), a model never trained on "
                     "marked outputs."),
           Bullets([

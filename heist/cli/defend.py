@@ -115,8 +115,9 @@ def _ownership_params(specs: list[list[dict[str, Any]]], model: str) -> Any:
     return found[0] if found else None
 
 
-def _our_model(name: str, settings: Any) -> tuple[Any, Any, int]:
-    """``(clean module, OwnershipParams or None, size multiple)`` for a served model name or a checkpoint."""
+def _our_model(name: str, settings: Any) -> tuple[Any, Any, int, str | None]:
+    """``(clean module, OwnershipParams or None, size multiple, task)`` for a served model name or a
+    checkpoint (``task`` from its card; None for a file without one)."""
     from translators.checkpoint import load_model
     from translators.errors import HeistError
     from victim_service.models import model_specs, resolve_source
@@ -135,7 +136,7 @@ def _our_model(name: str, settings: Any) -> tuple[Any, Any, int]:
         loaded = load_model(resolve_source(spec.source))
     card = getattr(loaded, "card", None)
     multiple = int(getattr(card, "size_multiple", 1) or 1)
-    return loaded.module.eval(), params, multiple
+    return loaded.module.eval(), params, multiple, getattr(card, "task", None)
 
 
 def verify(
@@ -148,6 +149,9 @@ def verify(
     queries: int = typer.Option(32, min=1, max=4096, help="Probe images sent to the suspect."),
     images: str = typer.Option("corpus:benchmark", help="Probe photos: corpus:SPLIT, a folder or dataset:NAME."),
     probe_side: int = typer.Option(256, min=16, max=4096, help="Probe side in pixels (larger: more power)."),
+    probe_noise: float | None = typer.Option(
+        None, min=0.0, max=0.5, help="Gaussian noise sigma added to the probes ([0, 1] units). Default: 25/255 "
+        "when our model is a denoiser (its traffic is noisy photos), else 0."),
     config: Path | None = config_option(),
     secret_file: Path | None = typer.Option(None, help="The defense secret file (default: the data dir's)."),
     key_id: str | None = typer.Option(None, help="Override the watermark key id (default: from the config)."),
@@ -156,12 +160,12 @@ def verify(
 ) -> None:
     """p-value for "SUSPECT was trained on outputs of our watermarked MODEL" (exact one-sided z-test)."""
     from defenses.watermark.ownership import OwnershipParams
-    from evaluation.watermark import load_probes, module_translator, verify_ownership, verify_url
+    from evaluation.watermark import load_probes, module_translator, probe_noise_for, verify_ownership, verify_url
     from translators.checkpoint import load_model
     from translators.errors import HeistError
 
     secret, settings = _server_secret(config, secret_file)
-    module, params, multiple = _our_model(model, settings)
+    module, params, multiple, task = _our_model(model, settings)
     base = params or OwnershipParams()
     over = {k: v for k, v in {"key_id": key_id, "radius": radius}.items() if v is not None}
     try:
@@ -169,7 +173,8 @@ def verify(
         OwnershipParams(**params.model_dump())
     except ValueError as exc:
         raise HeistError(f"bad watermark parameters: {exc}") from None
-    probes = load_probes(images, queries, probe_side, multiple)
+    noise = probe_noise_for(task) if probe_noise is None else probe_noise
+    probes = load_probes(images, queries, probe_side, multiple, noise)
     victim = module_translator(module)
     if suspect.startswith(("http://", "https://")):
         result = verify_url(suspect, suspect_model or model, suspect_api_key, victim, probes, secret, params)
@@ -180,6 +185,7 @@ def verify(
         result = verify_ownership(module_translator(load_model(p).module.eval()), victim, probes, secret, params)
     result["suspect"] = suspect
     result["model"] = model
+    result["probe_noise"] = noise
     if as_json:
         console.print_json(json.dumps(result))
         return
@@ -187,7 +193,7 @@ def verify(
                                                                   "no evidence")
     console.print(f"suspect {suspect} vs {model}: p = {result['p_value']:.3g} (z = {result['z']:.2f}, "
                   f"max z {result['max_z']:.1f}, alpha {result['alpha']:.4f}, off-key {result['off_key']:.4f}, "
-                  f"{result['probes']} probes of {result['probe_side']} px) "
+                  f"{result['probes']} probes of {result['probe_side']} px, noise sigma {noise:.3f}) "
                   f"-> {verdict}", highlight=False)
     console.print(f"null: {result['null']}", highlight=False)
     for row in result["per_probe"]:

@@ -60,8 +60,9 @@ class WatermarkParams(StrictParams):
     ``counters``: the thief's counter-measures on harvested outputs (``heist attack train --counter``
     specs: ``none``, ``jpeg:quality=75``, ``lowpass:sigma=1``, ``median``, ``aware``). ``surrogates``: the
     thief's surrogate kinds (``heist attack train --arch``; default: each victim's ``surrogate``). ``queries`` /
-    ``probe_side`` / ``probe_images``: the ownership test's probes (``heist defend verify --queries``,
-    ``--probe-side``, ``--images``). ``max_false_match``: the trace's naming threshold (``heist defend
+    ``probe_side`` / ``probe_images`` / ``probe_noise``: the ownership test's probes (``heist defend verify
+    --queries``, ``--probe-side``, ``--images``, ``--probe-noise``; noise None = the CLI's default for the
+    victim's task, 25/255 for a denoiser). ``max_false_match``: the trace's naming threshold (``heist defend
     trace --max-false-match``). ``secret_file``: the server's defense secret (needed only with
     ``[victim_service].url``; a self-started victim's secret is read from its data dir).
     """
@@ -78,6 +79,7 @@ class WatermarkParams(StrictParams):
     queries: int = Field(32, ge=1, le=4096)
     probe_side: int = Field(128, ge=32, le=4096)
     probe_images: str = "corpus:benchmark"
+    probe_noise: float | None = Field(None, ge=0.0, le=0.5)
     max_false_match: float = Field(1e-6, gt=0.0, le=1.0)
     secret_file: Path | None = None
     concurrency: int = Field(4, ge=1, le=64)
@@ -204,6 +206,7 @@ class WatermarkSpec:
     queries: int
     probe_side: int
     probe_images: str
+    probe_noise: float
     clients: tuple[str, ...]
     harvester: str | None
     max_false_match: float
@@ -251,7 +254,7 @@ def verify_surrogate(spec: WatermarkSpec, checkpoint: Path) -> OwnershipScore:
     from translators.checkpoint import load_model
 
     params = OwnershipParams(**spec.verify)
-    probes = load_probes(spec.probe_images, spec.queries, spec.probe_side, spec.multiple)
+    probes = load_probes(spec.probe_images, spec.queries, spec.probe_side, spec.multiple, spec.probe_noise)
     suspect = module_translator(load_model(checkpoint).module.eval())
     ext = spec.extraction
     if spec.victim_checkpoint:
@@ -263,7 +266,8 @@ def verify_surrogate(spec: WatermarkSpec, checkpoint: Path) -> OwnershipScore:
     return OwnershipScore(p_value=float(res["p_value"]), z=float(res["z"]),
                           max_z=float(res["max_z"]) if res.get("max_z") is not None else None,
                           probes=int(res["probes"]), probe_side=int(res["probe_side"]),
-                          probe_images=spec.probe_images, key_id=params.key_id, radius=params.radius,
+                          probe_images=spec.probe_images, probe_noise=spec.probe_noise, key_id=params.key_id,
+                          radius=params.radius,
                           source=params.source, null=str(res["null"]), seconds=round(float(res["seconds"]), 2))
 
 
@@ -359,7 +363,7 @@ class WatermarkKind(CellKind):
                 names = "+".join(str(s["name"]) for s in d.pipeline) or NO_DEFENSE
                 results.defenses.append(DefenseEntry(label=d.label, name=names, params={"pipeline": d.pipeline}))
         url = ctx.url()
-        state: dict[str, Any] = {"sets": {}, "clean_out": {}, "multiple": {}}
+        state: dict[str, Any] = {"sets": {}, "clean_out": {}, "multiple": {}, "task": {}}
         for name in params.victim_names(cfg):
             v = next(v for v in cfg.victims if v.name == name)
             info = model_info(url, name)
@@ -368,6 +372,7 @@ class WatermarkKind(CellKind):
             spec = EvalSetSpec(label, images, recipe.name, info.scale, info.size_multiple, cfg.campaign.seed,
                                cfg.evaluation.max_side)
             state["sets"][name] = spec
+            state["task"][name] = info.task
             state["multiple"][name] = math.lcm(int(info.size_multiple or 1), 16)  # U-Net surrogates need 2**depth
             if not any(e.name == name for e in results.victims):
                 results.victims.append(VictimEntry(name=name, recipe=recipe.name, model=ModelRef(
@@ -397,6 +402,7 @@ class WatermarkKind(CellKind):
     def task(self, ctx: RunContext, params: WatermarkParams, plan: CellPlan, paths: CellPaths) -> CellTask:
         from evaluation.campaign.kinds.extraction import ExtractionSpec
         from evaluation.defense_scoring import NO_DEFENSE
+        from evaluation.watermark import probe_noise_for
 
         cfg = ctx.cfg
         state = ctx.shared[f"watermark:{id(params)}"]
@@ -418,7 +424,9 @@ class WatermarkKind(CellKind):
             url=url, extraction=ext, counter=cell.counter, secret=state["secret"], verify=state["verify"],
             victim_checkpoint=ctx.served.get(cell.victim), multiple=state["multiple"][cell.victim],
             queries=params.queries, probe_side=params.probe_side, probe_images=params.probe_images,
-            clients=state["clients"], harvester=harvester, max_false_match=params.max_false_match,
+            probe_noise=probe_noise_for(state["task"][cell.victim]) if params.probe_noise is None
+            else params.probe_noise, clients=state["clients"], harvester=harvester,
+            max_false_match=params.max_false_match,
             ownership_marked=cell.ownership_marked, trace_marked=cell.trace_marked)
         return CellTask(run_watermark_cell, spec, paths, cell,
                         note=f"{plan.id}: harvesting {params.budget} queries through {plan.defense}, training a "

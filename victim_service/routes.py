@@ -260,9 +260,12 @@ async def admin_log(
     limit: int = Query(50, ge=1, le=10_000),
     client: str | None = Query(None, max_length=64),
 ) -> list[QueryLogEntry]:
-    """The ``limit`` most recent entries (oldest first), optionally of one client."""
+    """The ``limit`` most recent entries (oldest first), optionally of one client.
+
+    Waits (up to 10 s) until every entry submitted so far is written, so a request answered before this
+    call is in the answer; a loaded server's writer can lag a request by more than a second."""
     svc = _require_admin(request)
-    await svc.log.flush(timeout=2.0)
+    await svc.log.flush(timeout=10.0)
     reader = LogReader(svc.settings)
     try:
         return await asyncio.to_thread(reader.tail, limit, client)

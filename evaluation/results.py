@@ -407,7 +407,8 @@ class TraceScore(_Model):
 class OwnershipScore(_Model):
     """``heist defend verify`` of the cell's surrogate against the clean victim (:mod:`evaluation.watermark`).
 
-    ``p_value``: one-sided p for "trained on outputs carrying ownership key ``key_id``"; ``null`` states
+    ``p_value``: one-sided p for "trained on outputs carrying ownership key ``key_id``" from the ``cosine``
+    statistic (None in records written before it; their p came from ``z`` alone); ``null`` states
     the null hypothesis; ``probes`` images of ``probe_side`` px from ``probe_images``, with Gaussian noise of
     ``probe_noise`` ([0, 1] units) added.
     """
@@ -415,6 +416,7 @@ class OwnershipScore(_Model):
     p_value: float
     z: float
     max_z: float | None = None
+    cosine: float | None = None
     probes: int
     probe_side: int
     probe_images: str

@@ -2,11 +2,11 @@
 
 :func:`verify_ownership` sends probe images to a suspect (a local model or a Heist-compatible HTTP API,
 queried with the attacker's client), computes the clean victim's outputs locally, and runs the exact
-test of :mod:`defenses.watermark.ownership`: ``z = <k, u> / |u|`` with ``u`` the least-squares filter
-that maps the clean outputs' keyed features onto the suspect's residual. Under H0 ("the suspect, the
-probes and the clean victim are independent of our key") ``z ~ N(0, 1)`` exactly, so
-``p = P(N(0, 1) >= z)``. The result is a JSON-able dict (what ``heist defend verify --json`` prints and
-what a campaign cell stores).
+test of :mod:`defenses.watermark.ownership`: the cosine ``t = <k, u> / (|k| |u|)`` with ``u`` the
+least-squares filter that maps the clean outputs' keyed features onto the suspect's residual. Under H0
+("the suspect, the probes and the clean victim are independent of our key") the key's direction is
+uniform, so ``t^2 ~ Beta(1/2, (d - 1)/2)`` exactly and ``p = P(T >= t)``. The result is a JSON-able
+dict (what ``heist defend verify --json`` prints and what a campaign cell stores).
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 Translator = Callable[[torch.Tensor], torch.Tensor]
 
 NULL_DESCRIPTION = (
-    "z = <k, u>/|u|, u = least-squares filter from the clean outputs' keyed features to the suspect's "
-    "residual (suspect - clean victim). H0: the suspect never saw outputs marked with key k (k independent "
-    "of suspect, probes and clean victim) => z ~ N(0, 1) exactly; p = P(N(0,1) >= z), one-sided."
+    "t = <k, u>/(|k||u|), u = least-squares filter from the clean outputs' keyed features to the suspect's "
+    "residual (suspect - clean victim), in the key's d-dimensional subspace. H0: the suspect never saw outputs "
+    "marked with key k (k independent of suspect, probes and clean victim) => the direction of k is uniform, "
+    "t^2 ~ Beta(1/2, (d-1)/2) exactly; p = P(T >= t), one-sided."
 )
 
 
@@ -189,7 +190,8 @@ def verify_ownership(
         params: the ``ownership_watermark`` parameters the victim serves with (key id, radius).
 
     Returns:
-        ``{"p_value", "z", "statistic", "null", "probes", "key_dim", "max_z", "per_probe": [...], ...}``.
+        ``{"p_value", "cosine", "z", "statistic", "null", "probes", "key_dim", "max_z", "per_probe": [...],
+        ...}``.
     """
     p = params or OwnershipParams()
     test = OwnershipTest(ownership_key(secret, p.key_id, p.radius, p.carrier), p.radius, p.carrier)

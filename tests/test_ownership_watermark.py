@@ -14,12 +14,15 @@ from scipy import stats
 
 from defenses import DefenseConfigError, DefenseContext, build_defense, request_rng
 from defenses.watermark.ownership import (
+    P_FLOOR,
     OwnershipParams,
     OwnershipTest,
     band_features,
+    cosine_sf,
     embed,
     feature_source,
     grey_free,
+    normal_sf,
     ownership_key,
     ring_features,
     ring_kernels,
@@ -111,6 +114,30 @@ def test_null_is_exactly_standard_normal_for_suspects_that_correlate_with_high_p
     assert ks.pvalue > 1e-3, (name, ks)
     assert abs(sum(z) / len(z)) < 0.2
     assert sum(1 for v in z if 0.5 * math.erfc(v / math.sqrt(2)) < 0.01) <= 12  # ~4 expected of 400
+    # the test's own p-value (the cosine's exact null) is uniform over keys: the false-claim rate is alpha
+    dim = OwnershipTest(ownership_key(0, "k1", 2), 2).key_dim
+    p = [cosine_sf(v / float(ownership_key(s, "k1", 2).norm()), dim) for s, v in enumerate(z, start=1)]
+    ks_p = stats.kstest(p, "uniform")
+    assert ks_p.pvalue > 1e-3, (name, ks_p)
+    assert sum(1 for v in p if v < 0.01) <= 12
+
+
+def test_cosine_null_is_exact() -> None:
+    """``cosine_sf``: uniform on [-1, 1] in 3 dimensions (Archimedes), the normal tail of ``t sqrt(d)`` for
+    large ``d``, and the tail of simulated uniform directions in the key's 40 dimensions."""
+    for t in (-0.9, -0.2, 0.0, 0.4, 0.95):
+        assert cosine_sf(t, 3) == pytest.approx((1 - t) / 2, abs=1e-12)
+    for z in (1.0, 2.0, 3.0):
+        assert cosine_sf(z / math.sqrt(40_000), 40_000) == pytest.approx(normal_sf(z), rel=0.01)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(200_000, 40, generator=g, dtype=torch.float64)
+    cos = (k[:, 0] / k.norm(dim=1)).numpy()
+    for t in (0.1, 0.3, 0.5):
+        assert cosine_sf(t, 40) == pytest.approx(float((cos >= t).mean()), rel=0.05, abs=2e-5)
+    assert cosine_sf(1.0, 40) == P_FLOOR
+    assert cosine_sf(-1.0, 40) == 1.0
+    with pytest.raises(ValueError, match="dim"):
+        cosine_sf(0.5, 1)
 
 
 @pytest.mark.parametrize("carrier", ["ring", "band"])
@@ -136,4 +163,6 @@ def test_a_suspect_reproducing_the_mark_is_caught_and_the_clean_victim_is_not(ca
     # a perfect copy reaches (almost) the ceiling |k|; the band carrier's 8-bit-rounded, lower-gain mark on
     # 4 probes, less (its 30 tone-modulated features are more collinear)
     assert res["z"] > (0.8 if carrier == "ring" else 0.65) * res["max_z"]
+    assert res["cosine"] == pytest.approx(res["z"] / res["max_z"])
+    assert res["statistic"] == "cosine"
     assert t_clean.result()["p_value"] > 0.01

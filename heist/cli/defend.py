@@ -191,8 +191,9 @@ def verify(
         return
     verdict = "THEFT PROVABLE" if result["p_value"] < 1e-6 else ("evidence" if result["p_value"] < 0.01 else
                                                                   "no evidence")
-    console.print(f"suspect {suspect} vs {model}: p = {result['p_value']:.3g} (z = {result['z']:.2f}, "
-                  f"max z {result['max_z']:.1f}, alpha {result['alpha']:.4f}, off-key {result['off_key']:.4f}, "
+    console.print(f"suspect {suspect} vs {model}: p = {result['p_value']:.3g} (cosine {result['cosine']:.3f} "
+                  f"in {result['key_dim']} dims; z {result['z']:.2f} of at most {result['max_z']:.1f}, "
+                  f"alpha {result['alpha']:.4f}, off-key {result['off_key']:.4f}, "
                   f"{result['probes']} probes of {result['probe_side']} px, noise sigma {noise:.3f}) "
                   f"-> {verdict}", highlight=False)
     console.print(f"null: {result['null']}", highlight=False)

@@ -265,6 +265,7 @@ def verify_surrogate(spec: WatermarkSpec, checkpoint: Path) -> OwnershipScore:
             res = verify_ownership(suspect, clean, probes, spec.secret, params)
     return OwnershipScore(p_value=float(res["p_value"]), z=float(res["z"]),
                           max_z=float(res["max_z"]) if res.get("max_z") is not None else None,
+                          cosine=float(res["cosine"]),
                           probes=int(res["probes"]), probe_side=int(res["probe_side"]),
                           probe_images=spec.probe_images, probe_noise=spec.probe_noise, key_id=params.key_id,
                           radius=params.radius,

@@ -88,9 +88,9 @@ def probe_noise_for(task: str | None) -> float:
 
     A denoiser's traffic is noisy photos, and the ownership mark is a filter of the request's input, so
     clean probes give it little to carry: on the tiny ``denoise25`` victim a ``resunet`` thief (64 pairs)
-    scores p = 0.011 with 32 clean 128 px probes and p = 5.8e-7 with the same probes at sigma 25/255
-    (``bench/results/watermark_campaign-clean-probes.json``, ``watermark_campaign.json``). Other tasks: 0
-    (clean photos are their traffic).
+    scored p = 0.011 with 32 clean 128 px probes and p = 5.8e-7 with the same probes at sigma 25/255, both
+    with the first (``z``) test (``bench/results/watermark_campaign-clean-probes.json``,
+    ``watermark_campaign-z-test.json``). Other tasks: 0 (clean photos are their traffic).
     """
     return DENOISE_PROBE_SIGMA if task == "denoise" else 0.0
 

@@ -191,7 +191,9 @@ def test_verify_catches_a_plain_loop_thief_from_a_torchscript_file(theft: Theft)
     log.info("plain-loop thief: p=%.3g z=%.2f (max %.2f)", out["p_value"], out["z"], out["max_z"])
     assert 16 <= out["probes"] <= QUERIES
     assert len(out["per_probe"]) == out["probes"]
-    assert "N(0, 1)" in out["null"]
+    assert "Beta(1/2, (d-1)/2)" in out["null"]
+    assert out["statistic"] == "cosine"
+    assert out["cosine"] == pytest.approx(out["z"] / out["max_z"])
     assert out["p_value"] < 1e-6, out
 
 

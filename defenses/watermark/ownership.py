@@ -303,10 +303,6 @@ class OwnershipTest:
         """``<k, u> / |u|`` for another key on the same probes (for calibration checks)."""
         return _z(key, self.gram, self.cross)
 
-    def cosine_for(self, key: torch.Tensor) -> float:
-        """The test statistic ``<k, u> / (|k| |u|)`` for another key on the same probes."""
-        return _z(key, self.gram, self.cross) / float(key.norm())
-
     @property
     def key_dim(self) -> int:
         """Dimension ``d`` of the key's grey-free subspace: ``9 n - n`` for ``n`` features per channel."""
@@ -359,8 +355,3 @@ def cosine_sf(t: float, dim: int) -> float:
     t = min(1.0, max(-1.0, float(t)))
     half = 0.5 * float(betainc((dim - 1) / 2.0, 0.5, 1.0 - t * t))
     return max(P_FLOOR, half if t >= 0 else 1.0 - half)
-
-
-def normal_sf(z: float) -> float:
-    """``P(N(0, 1) >= z)`` (accurate far in the tail)."""
-    return 0.5 * math.erfc(z / math.sqrt(2.0))

@@ -101,9 +101,7 @@ class MonitorParams(StrictParams):
     @field_validator("attackers")
     @classmethod
     def _attackers(cls, v: list[AttackerSpec]) -> list[AttackerSpec]:
-        names = [a.name for a in v]
-        if len(set(names)) != len(names):
-            raise ValueError("attacker names must be unique")
+        no_repeats([a.name for a in v], "attacker names")
         for a in v:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}", a.name):
                 raise ValueError(f"attacker name {a.name!r}: letters, digits, '.', '_', '-' (32 at most)")

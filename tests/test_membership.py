@@ -169,6 +169,11 @@ def test_akd_student_lowers_the_auc_and_its_proxy_set_is_checked(victim_path: Pa
     assert teacher_auc >= 0.85
     assert student_auc <= teacher_auc - 0.2, (teacher_auc, student_auc)
     assert read_card(akd).training["method"] == "akd"
+    assert read_card(akd).training["lambda_l1"] == 100.0
+    from defenses.model_level.akd import distill
+
+    with pytest.raises(ValueError, match="lambda_l1 must be > 0"):
+        distill(victim_path, tmp_path / "bad.safetensors", name="bad", steps=1, lambda_l1=0.0)
     with pytest.raises(ModelDefenseError, match="overlap the victim's private split"):
         proxy_inputs("corpus:victim", 16, 4, set(), seed=0)
     digests = set(split["members"]["digests"])  # type: ignore[arg-type]

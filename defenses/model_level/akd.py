@@ -28,9 +28,15 @@ LAMBDA_L1 = 100.0
 def distill(
     teacher_path: str | Path, out: Path, *, name: str, adversarial: bool = True, steps: int | None = None,
     seed: int = 0, device: str | torch.device = "cpu", proxy_images: str = "corpus:attacker",
-    n_proxy: int | None = None, batch: int = 8, lr: float = 1e-3,
+    n_proxy: int | None = None, batch: int = 8, lr: float = 1e-3, lambda_l1: float = LAMBDA_L1,
 ) -> Path:
-    """Train an AKD (or DMP if not ``adversarial``) student from ``teacher_path``; save it to ``out``."""
+    """Train an AKD (or DMP if not ``adversarial``) student from ``teacher_path``; save it to ``out``.
+
+    ``n_proxy``: proxy inputs (default 4 x the private set); ``lambda_l1``: the weight of the L1 term
+    against the adversarial one (eq. 5; the paper's 100). ``bench/akd_sweep.py`` measures both.
+    """
+    if lambda_l1 <= 0:
+        raise ValueError(f"lambda_l1 must be > 0, got {lambda_l1}")
     teacher, split = load_teacher(teacher_path)
     dev = pick_device(str(device))
     side = int(split["members"]["side"])
@@ -64,10 +70,10 @@ def distill(
             d_gen = disc(torch.cat([x, y_s], 1))
             return bce(d_gen, torch.ones_like(d_gen))  # adversarial half of eq. 5
 
-    ema = fit(student, batches, steps, lr=lr, loss="l1", weight=LAMBDA_L1 if adversarial else 1.0, device=dev,
+    ema = fit(student, batches, steps, lr=lr, loss="l1", weight=lambda_l1 if adversarial else 1.0, device=dev,
               extra_step=extra)
     method = "akd" if adversarial else "dmp"
     return save_student(student, teacher, out, name, method, {
         "proxy_images": proxy_images, "proxy_pairs": n, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
-        "lambda_l1": LAMBDA_L1 if adversarial else None, "final_l1_ema": round(ema, 6),
+        "lambda_l1": lambda_l1 if adversarial else None, "final_l1_ema": round(ema, 6),
         "proxy_disjoint_checked": True})

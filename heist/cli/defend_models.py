@@ -23,13 +23,17 @@ def akd(
     victim: Path = _VICTIM, out: Path = _OUT,
     proxy: str = typer.Option("corpus:attacker", help="Public proxy images (checked disjoint from the private set)."),
     steps: int | None = typer.Option(None, min=1, help="Training steps (default: the victim's)."),
+    proxy_pairs: int | None = typer.Option(None, "--proxy-pairs", min=1,
+                                           help="Proxy inputs (default: 4 x the private set)."),
+    lambda_l1: float = typer.Option(100.0, "--lambda-l1", min=1e-6,
+                                    help="Weight of the L1 term against the adversarial one (the paper's 100)."),
     seed: int = typer.Option(0), device: str = typer.Option("auto"),
 ) -> None:
-    """Adversarial Knowledge Distillation: student + PatchGAN, 100 x L1 to the teacher, on a proxy set."""
+    """Adversarial Knowledge Distillation: student + PatchGAN, lambda x L1 to the teacher, on a proxy set."""
     from defenses.model_level.akd import distill
 
     path = distill(victim, out, name=out.stem, adversarial=True, steps=steps, seed=seed, device=device,
-                   proxy_images=proxy)
+                   proxy_images=proxy, n_proxy=proxy_pairs, lambda_l1=lambda_l1)
     console.print(f"AKD student: {path}")
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from attacker.mia import load_candidates  # noqa: E402
 from defenses.model_level.akd import LAMBDA_L1, distill  # noqa: E402
-from evaluation.features import resolve_feature_network  # noqa: E402
-from evaluation.fid import compute_nkid  # noqa: E402
+from evaluation.features import extract_features, resolve_feature_network  # noqa: E402
+from evaluation.fid import black_features, nkid_result  # noqa: E402
 from evaluation.privacy import roc_auc  # noqa: E402
 from translators.checkpoint import load_model, read_card  # noqa: E402
 from translators.zoo import build  # noqa: E402
@@ -53,9 +54,21 @@ def _outputs(model: torch.nn.Module, xs: list[torch.Tensor]) -> list[torch.Tenso
         return [model(x).clamp(0, 1) for x in xs]
 
 
-def _nkid(network: Any, outs: list[torch.Tensor], ys: list[torch.Tensor], seed: int) -> float:
-    size = len(outs)
-    return round(compute_nkid(network, outs, ys, subsets=10, subset_size=max(2, size // 2), seed=seed).nkid_percent, 2)
+class _NKID:
+    """NKID against one fixed reference set, its features (and the black images') extracted once."""
+
+    def __init__(self, network: Any, reference: list[torch.Tensor]) -> None:
+        self.network = network
+        self.ref = extract_features(network, reference)
+        self.black = black_features(network, reference[0][:1], len(reference))
+
+    def features(self, images: list[torch.Tensor]) -> np.ndarray:
+        return extract_features(self.network, images)
+
+    def __call__(self, feats: np.ndarray, seed: int, rows: slice = slice(None)) -> float:
+        ref, black = self.ref[rows], self.black[rows]
+        size = max(2, len(ref) // 2)  # the campaign's setting: 10 subsets of half the set
+        return round(nkid_result(feats, ref, black, self.network.info, 10, size, seed).nkid_percent, 2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     non = load_candidates(split["non_members"]["dir"], "non-members")
     held = edge_pairs("corpus:benchmark", side, args.heldout, seed=args.seed + 5)
     network = resolve_feature_network(None, None)
+    nkid_non, nkid_held = _NKID(network, [c.y for c in non]), _NKID(network, [y for _, y in held])
     log.info("NKID network: %s; %d members, %d non-members, %d held-out pairs", network.info.label, len(mem),
              len(non), len(held))
 
@@ -86,18 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(path).module.eval()
         cand = _outputs(model, [c.x for c in mem + non])
         scores = [-float((o - c.y).abs().mean()) for o, c in zip(cand, mem + non, strict=True)]
-        outs = _outputs(model, [x for x, _ in held])
-        ys = [y for _, y in held]
+        held_feats = nkid_held.features(_outputs(model, [x for x, _ in held]))
         return {"auc": round(roc_auc(scores, [1] * len(mem) + [0] * len(non)), 4),
-                "nkid_non_members": _nkid(network, cand[len(mem):], [c.y for c in non], args.seed),
-                "nkid_heldout": [_nkid(network, outs, ys, s) for s in range(3)],
-                "_outs": outs, "_ys": ys}
+                "nkid_non_members": nkid_non(nkid_non.features(cand[len(mem):]), args.seed),
+                "nkid_heldout": [nkid_held(held_feats, s) for s in range(3)], "_feats": held_feats}
 
     t = evaluate(teacher)
-    outs, ys = t.pop("_outs"), t.pop("_ys")
-    n24 = len(non)
-    t["nkid_heldout_slices_of_24"] = [_nkid(network, outs[i : i + n24], ys[i : i + n24], args.seed)
-                                      for i in range(0, len(outs) - n24 + 1, n24)]
+    feats, n24 = t.pop("_feats"), len(non)
+    t["nkid_heldout_slices_of_24"] = [nkid_held(feats[i : i + n24], args.seed, slice(i, i + n24))
+                                      for i in range(0, len(feats) - n24 + 1, n24)]
     log.info("teacher: %s", t)
     rows = []
     with tempfile.TemporaryDirectory(prefix="heist-akd-sweep-") as tmp:
@@ -108,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             train_s = time.perf_counter() - t0
             row = {"method": method, "steps": steps, "n_proxy": n_proxy,
                    "lambda_l1": lam if method == "akd" else None, "train_s": round(train_s, 1), **evaluate(path)}
-            row.pop("_outs"), row.pop("_ys")
+            row.pop("_feats")
             log.info("%s", row)
             rows.append(row)
     result = {"settings": {"victim": "mia-edges", "zoo_profile": "tiny", "side": side, "members": len(mem),

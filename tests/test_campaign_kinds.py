@@ -78,6 +78,10 @@ def test_membership_cross_checks() -> None:
                                                                      'defenses = ["none", "jpeg"]'))
     assert "not a membership recipe" in _error(MIXED.replace('victim = "mia-edges"', 'victim = "denoise25"'))
     assert "dpsgd needs noise_multiplier" in _error(MIXED.replace('method = "akd"', 'method = "dpsgd"'))
+    dp_proxy = MIXED.replace('method = "akd" }', 'method = "dpsgd", noise_multiplier = 0.5, proxy_pairs = 8 }')
+    assert "proxy_pairs is for akd/dmp students" in _error(dp_proxy)
+    assert "proxy_pairs is for" not in _error(dp_proxy.replace("dpsgd", "akd").replace("victim = \"mia-edges\"",
+                                                                                      "victim = \"denoise25\""))
     msg = _error(MIXED.replace('method = "akd"', 'method = "magic"'))
     assert msg.startswith(f"c.toml:{_line_of(MIXED, 'model_defenses')}:"), msg
 

@@ -20,7 +20,7 @@ from defenses.model_level.common import ModelDefenseError
 def build_model_defense(
     method: str, victim: str | Path, out: Path, *, name: str, steps: int | None = None,
     noise_multiplier: float | None = None, max_grad_norm: float = 1.0, seed: int = 0,
-    device: str | torch.device = "cpu", proxy_images: str = "corpus:attacker",
+    device: str | torch.device = "cpu", proxy_images: str = "corpus:attacker", proxy_pairs: int | None = None,
 ) -> Path:
     """Train ``method`` (``akd``/``dmp``/``dpsgd``) from the victim checkpoint into ``out`` (cached)."""
     if out.exists() and out.with_suffix(".json").exists():
@@ -29,7 +29,7 @@ def build_model_defense(
         from defenses.model_level.akd import distill
 
         return distill(victim, out, name=name, adversarial=method == "akd", steps=steps, seed=seed,
-                       device=device, proxy_images=proxy_images)
+                       device=device, proxy_images=proxy_images, n_proxy=proxy_pairs)
     if method == "dpsgd":
         from defenses.model_level.dpsgd import train_dpsgd
 

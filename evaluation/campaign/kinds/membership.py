@@ -43,7 +43,8 @@ class ModelDefenseSpec(StrictParams):
     ``method``: ``akd`` (student + PatchGAN, lambda = 100 L1 to the teacher, on a proxy set), ``dmp``
     (the same without the discriminator), ``dpsgd`` (the victim retrained on its private set with
     DP-SGD, ``noise_multiplier`` sigma and per-sample clipping ``max_grad_norm``). ``steps``: training
-    steps (default: the victim's).
+    steps (default: the victim's). ``proxy_pairs`` (akd/dmp only): proxy inputs, default 4 x the private
+    set (``bench/akd_sweep.py`` measures what it does to privacy and utility).
     """
 
     label: str = Field(pattern=_LABEL)
@@ -51,6 +52,7 @@ class ModelDefenseSpec(StrictParams):
     steps: int | None = Field(None, ge=1)
     noise_multiplier: float | None = Field(None, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    proxy_pairs: int | None = Field(None, ge=1)
 
 
 class MembershipParams(StrictParams):
@@ -94,6 +96,9 @@ class MembershipParams(StrictParams):
         for m in self.model_defenses:
             if m.method == "dpsgd" and m.noise_multiplier is None:
                 raise ValueError(f"model defense {m.label!r}: dpsgd needs noise_multiplier")
+            if m.method == "dpsgd" and m.proxy_pairs is not None:
+                raise ValueError(f"model defense {m.label!r}: proxy_pairs is for akd/dmp students (dpsgd retrains "
+                                 "on the private set)")
 
 
 def mia_cell_id(victim: str, model_defense: str, defense: str) -> str:
@@ -176,7 +181,7 @@ class MembershipKind(CellKind):
             served[name] = str(build_model_defense(
                 m.method, victims[params.victim], out / "models" / f"{name}.safetensors", name=name,
                 steps=m.steps, noise_multiplier=m.noise_multiplier, max_grad_norm=m.max_grad_norm,
-                seed=cfg.campaign.seed, device=cfg.campaign.device))
+                proxy_pairs=m.proxy_pairs, seed=cfg.campaign.seed, device=cfg.campaign.device))
         return served
 
     def pending(self, cfg: CampaignConfig, params: MembershipParams, plan: CellPlan,

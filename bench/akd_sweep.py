@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from attacker.files import atomic_write_json  # noqa: E402
 from attacker.mia import load_candidates  # noqa: E402
 from defenses.model_level.akd import LAMBDA_L1, distill  # noqa: E402
 from evaluation.features import extract_features, resolve_feature_network  # noqa: E402
@@ -127,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                            "proxy_images": "corpus:attacker", "feature_network": network.info.label,
                            "seed": args.seed, "attack": "-L1 reconstruction loss, outputs in process"},
               "teacher": t, "students": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result, durable=False)
     print(json.dumps(result, indent=2))  # noqa: T201 - the benchmark's output
     return 0
 

@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from attacker.files import atomic_write_json  # noqa: E402
 from attacker.victim_info import ModelInfo  # noqa: E402
 from defenses.monitor.config import SignalParams  # noqa: E402
 from evaluation.monitor_eval import AttackerSpec, BenignParams, attacker_observations, benign_observations  # noqa: E402
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
               "benign": {"query_min_distance": _summary(ben_min, p.dup_distance),
                          "pool_mean_distance": _summary(ben_pool, p.dup_distance)},
               "attackers": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(args.out, result, durable=False)
     print(json.dumps(result, indent=2))  # noqa: T201 - the benchmark's output
     return 0
 

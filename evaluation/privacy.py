@@ -80,11 +80,12 @@ def membership_scores(
 
 def membership_utility(
     members: Sequence[Any], non_members: Sequence[Any], outputs: dict[str, torch.Tensor],
-    network: Any = None, seed: int = 0,
+    network: Any = None, seed: int = 0, heldout: Sequence[Any] = (),
 ) -> MembershipUtility:
     """Served outputs vs ground truth (PSNR dB / SSIM, data_range 1, RGB, no border crop) on members and
     non-members, and NKID with ``network`` (paper eq. 6: gap = NKID(train) - NKID(test)); each NKID records
-    its network (:class:`~evaluation.features.FeatureNetworkInfo`).
+    its network (:class:`~evaluation.features.FeatureNetworkInfo`). ``heldout``: more pairs of the task
+    that no model trained on (their outputs in ``outputs`` too): the same measures on a larger test set.
     """
     from evaluation.metrics import psnr, ssim
     from evaluation.results import MembershipUtility
@@ -97,7 +98,9 @@ def membership_utility(
     pm, sm = quality(members)
     pn, sn = quality(non_members)
     u = MembershipUtility(psnr_members=pm, psnr_non_members=pn, ssim_members=sm, ssim_non_members=sn,
-                          gap_psnr_db=pm - pn)
+                          gap_psnr_db=pm - pn, heldout_pairs=len(heldout))
+    if heldout:
+        u.psnr_heldout, u.ssim_heldout = quality(heldout)
     if network is None:
         u.notes.append("NKID not computed: no feature network ([evaluation] feature_network = \"none\")")
         return u
@@ -112,4 +115,7 @@ def membership_utility(
     u.nkid_non_members = compute_nkid(network, [outputs[c.name] for c in non_members],
                                       [c.y for c in non_members], **kw)
     u.generalisation_gap_nkid = u.nkid_members.nkid_percent - u.nkid_non_members.nkid_percent
+    if heldout:
+        u.nkid_heldout = compute_nkid(network, [outputs[c.name] for c in heldout], [c.y for c in heldout],
+                                      subsets=10, subset_size=max(2, len(heldout) // 2), seed=seed)
     return u

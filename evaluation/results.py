@@ -276,7 +276,8 @@ class MembershipUtility(_Model):
 
     ``gap_psnr_db``: member PSNR minus non-member PSNR; ``generalisation_gap_nkid``: the
     akd-membership-privacy paper's eq. 6 with Q = NKID, ``NKID(train) - NKID(test)`` (needs a feature
-    network). NKID in percent of the KID of black images.
+    network). NKID in percent of the KID of black images. ``*_heldout``: the same on ``heldout_pairs``
+    pairs of the task that no model trained on (a larger test set; None when not measured).
     """
 
     psnr_members: float
@@ -287,6 +288,10 @@ class MembershipUtility(_Model):
     nkid_non_members: NKIDResult | None = None
     nkid_members: NKIDResult | None = None
     generalisation_gap_nkid: float | None = None
+    heldout_pairs: int = 0
+    psnr_heldout: float | None = None
+    ssim_heldout: float | None = None
+    nkid_heldout: NKIDResult | None = None
     notes: list[str] = Field(default_factory=list)
 
 

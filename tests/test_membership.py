@@ -87,10 +87,11 @@ def test_membership_cell_through_the_real_service(served: VictimServer, split: d
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache: no weights anywhere
     spec = MembershipSpec(id="mia.t", url=served.url, api_key=served.keys["open"], victim="mia", model="mia",
                           model_defense="none", defense="none", members_dir=str(split["members"]["dir"]),
-                          non_members_dir=str(split["non_members"]["dir"]), reference=None, concurrency=2, seed=0)
+                          non_members_dir=str(split["non_members"]["dir"]), reference=None, concurrency=2, seed=0,
+                          heldout_pairs=6)
     cell = run_membership_cell(spec, CellPaths(tmp_path / "cell"))
     assert cell.status == "done"
-    assert cell.queries_used == 16
+    assert cell.queries_used == 16 + 6  # the held-out utility pairs go through the API too
     assert set(cell.scores) == {"l1", "l2"}
     assert cell.headline_scores().score == "l2"
     assert cell.scores["l2"].auc >= 0.8
@@ -104,12 +105,17 @@ def test_membership_cell_through_the_real_service(served: VictimServer, split: d
     assert u.nkid_non_members.kid_black.mean > 0
     assert u.generalisation_gap_nkid == pytest.approx(u.nkid_members.nkid_percent - u.nkid_non_members.nkid_percent)
     assert any("not comparable in absolute value" in n for n in u.notes)
+    assert u.heldout_pairs == 6
+    assert u.nkid_heldout is not None and u.nkid_heldout.kid.n_a == 6
+    assert u.psnr_heldout is not None and 0 < u.psnr_heldout < u.psnr_members
     from evaluation.report import render_report
     from evaluation.results import Results
 
     md = render_report(Results(kind="campaign", name="mia", cells=[cell]), tmp_path / "report").markdown.read_text()
     row = next(line for line in md.splitlines() if line.startswith("| none | none | done"))
     assert f"{u.nkid_non_members.nkid_percent:.2f} (vgg16-random)" in row
+    assert f"{u.nkid_heldout.nkid_percent:.2f} (vgg16-random) | {u.psnr_heldout:.2f}" in row
+    assert "NKID 6 held-out (%)" in md
     assert "random init seed 0" in md
 
 

@@ -38,11 +38,22 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return DASH if v is None else f"{v:.{digits}f}"
 
 
-def _nkid(u: Any) -> str:
-    """Non-member NKID with the short name of its network, e.g. ``7.41 (vgg16-random)``."""
-    if u is None or u.nkid_non_members is None:
+def _nkid(u: Any, field: str = "nkid_non_members") -> str:
+    """An NKID of ``u`` (non-members by default) with the short name of its network, e.g. ``7.41 (vgg16-random)``."""
+    r = getattr(u, field, None) if u is not None else None
+    if r is None:
         return DASH
-    return f"{u.nkid_non_members.nkid_percent:.2f} ({u.nkid_non_members.feature_network.name})"
+    return f"{r.nkid_percent:.2f} ({r.feature_network.name})"
+
+
+def _utility_x(u: Any) -> tuple[float, str]:
+    """The scatter's utility axis: held-out NKID when measured (the larger set), else non-member NKID, else
+    minus non-member PSNR."""
+    if u.nkid_heldout is not None:
+        return u.nkid_heldout.nkid_percent, f"NKID on {u.heldout_pairs} held-out pairs (%)"
+    if u.nkid_non_members is not None:
+        return u.nkid_non_members.nkid_percent, "NKID on non-members (%)"
+    return -u.psnr_non_members, "- PSNR on non-members (dB, lower = better)"
 
 
 def _networks(cells: list[MembershipCell]) -> list[Any]:
@@ -74,17 +85,16 @@ def _roc_figure(cells: list[MembershipCell], path: Path) -> Path:
 
 def _scatter(cells: list[MembershipCell], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 4))
+    labels = set()
     for c in cells:
         s = c.headline_scores()
         if s and c.utility:
-            x = (c.utility.nkid_non_members.nkid_percent if c.utility.nkid_non_members else
-                 -c.utility.psnr_non_members)
+            x, label = _utility_x(c.utility)
+            labels.add(label)
             ax.scatter([x], [s.auc])
             ax.annotate(f"{c.model_defense}/{c.defense}", (x, s.auc), fontsize=7)
-    nkid = any(c.utility and c.utility.nkid_non_members for c in cells)
-    nets = _networks(cells)
-    ax.set_xlabel(f"NKID on non-members (%, {', '.join(n.name for n in nets)})" if nkid else
-                  "- PSNR on non-members (dB, lower = better)")
+    nets = ", ".join(n.name for n in _networks(cells))
+    ax.set_xlabel(" / ".join(sorted(labels)) + (f" [{nets}]" if nets else ""))
     ax.set_ylabel("attack AUC")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -101,13 +111,14 @@ def membership_sections(results: Results, builder: Any) -> list[Section]:
                     "model was trained); PSNR of the served outputs vs ground truth on non-members. Paper: "
                     "akd-membership-privacy Table II (facades), AUCROC and NKID in percent."))
     rows = []
+    heldout = max((c.utility.heldout_pairs for c in cells if c.utility), default=0)
     for c in cells:
         sc = c.headline_scores()
         u = c.utility
         paper = PAPER_TABLE_II.get(row_key(c))
         rows.append([c.model_defense, c.defense, c.status, sc.score if sc else DASH, _fmt(sc.auc if sc else None),
                      _fmt(sc.tpr_at_fpr.get("0.001") if sc else None),
-                     _nkid(u),
+                     _nkid(u), *([_nkid(u, "nkid_heldout"), _fmt(u.psnr_heldout if u else None, 2)] if heldout else []),
                      _fmt(u.psnr_non_members if u else None, 2), _fmt(u.gap_psnr_db if u else None, 2),
                      f"{paper[1]:.2f}" if paper else DASH, f"{paper[2]:.2f}" if paper else DASH])
     nets = _networks(cells)
@@ -120,8 +131,10 @@ def membership_sections(results: Results, builder: Any) -> list[Section]:
                         + "; ".join(n.label for n in nets) + "." + caveat))
     else:
         s.add(Paragraph("NKID not computed (no feature network); the privacy-utility scatter uses PSNR."))
-    s.add(Table(["Model defense", "Output defense", "Status", "Score", "AUC", "TPR@0.1%FPR", "NKID (%)",
-                 "PSNR non-members (dB)", "PSNR gap members-non (dB)", "Paper AUCROC (%)", "Paper NKID (%)"],
+    held_cols = [f"NKID {heldout} held-out (%)", "PSNR held-out (dB)"] if heldout else []
+    s.add(Table(["Model defense", "Output defense", "Status", "Score", "AUC", "TPR@0.1%FPR", "NKID non-members (%)",
+                 *held_cols, "PSNR non-members (dB)", "PSNR gap members-non (dB)", "Paper AUCROC (%)",
+                 "Paper NKID (%)"],
                 rows, caption="results.json: cells[kind=membership]"))
     done = [c for c in cells if c.status == "done"]
     if done:

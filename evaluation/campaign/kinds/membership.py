@@ -61,7 +61,10 @@ class MembershipParams(StrictParams):
     ``victim``: a ``[[victims]]`` name whose zoo recipe records a membership split (e.g. ``mia-edges``).
     ``defenses``: output-defense labels (``[[defenses]]``) to attack through. ``reference_steps``:
     training steps of the attacker's reference model (difficulty calibration) on public pairs from
-    ``reference_images``; 0 = no calibrated score.
+    ``reference_images``; 0 = no calibrated score. ``heldout_pairs``: utility is also measured on this
+    many edge -> photo pairs of ``heldout_images`` (never seen by the victim or a student), queried
+    through the same API: PSNR, SSIM and NKID on a set large enough for NKID to resolve a few points
+    (the 24 tiny non-members cannot: ``bench/akd_sweep.py``); 0 = off.
     """
 
     kind: Literal["membership"] = "membership"
@@ -71,6 +74,8 @@ class MembershipParams(StrictParams):
     reference_steps: int = Field(300, ge=0)
     reference_images: str = "corpus:attacker"
     concurrency: int = Field(4, ge=1, le=64)
+    heldout_pairs: int = Field(0, ge=0, le=10_000)
+    heldout_images: str = "corpus:benchmark"
 
     @field_validator("defenses")
     @classmethod
@@ -123,11 +128,13 @@ class MembershipSpec:
     seed: int
     feature_weights: str | None = None
     feature_network: str | None = None
+    heldout_pairs: int = 0
+    heldout_images: str = "corpus:benchmark"
 
 
 def run_membership_cell(spec: MembershipSpec, paths: CellPaths) -> MembershipCell:
     """Attack one served model and measure its utility; writes ``paths.run/scores.json``."""
-    from attacker.mia import load_candidates, run_mia, write_scores
+    from attacker.mia import Candidate, load_candidates, public_pairs, query_outputs, run_mia, write_scores
     from evaluation.privacy import membership_scores, membership_utility
     from evaluation.results import MembershipCell
     from translators.checkpoint import load_model
@@ -138,14 +145,23 @@ def run_membership_cell(spec: MembershipSpec, paths: CellPaths) -> MembershipCel
     reference = load_model(spec.reference).module if spec.reference else None
     res = run_mia(spec.url, spec.api_key, spec.model, members, non_members, reference=reference,
                   concurrency=spec.concurrency)
+    heldout: list[Candidate] = []
+    outputs, queries = dict(res.outputs), res.queries
+    if spec.heldout_pairs:
+        side = int(members[0].x.shape[-1])
+        heldout = [Candidate(f"heldout-{c.name}", c.x, c.y)
+                   for c in public_pairs(spec.heldout_images, side, spec.heldout_pairs, seed=spec.seed + 104729)]
+        held_out, sent = query_outputs(spec.url, spec.api_key, spec.model, heldout, spec.concurrency)
+        outputs.update(held_out)
+        queries += sent
     write_scores(res, paths.run)
     network = nkid_feature_network(spec.feature_network, spec.feature_weights)
     cell = MembershipCell(id=spec.id, victim=spec.victim, model=spec.model, model_defense=spec.model_defense,
                           defense=spec.defense, seed=spec.seed, status="done", run_dir=str(paths.run),
-                          queries_used=res.queries,
+                          queries_used=queries,
                           headline="calibrated" if "calibrated" in res.scores else "l2")
     cell.scores = membership_scores(res.names, res.labels, res.scores)
-    cell.utility = membership_utility(members, non_members, res.outputs, network, seed=spec.seed)
+    cell.utility = membership_utility(members, non_members, outputs, network, seed=spec.seed, heldout=heldout)
     cell.wall_times = {"attack": round(res.seconds, 2), "total": round(time.perf_counter() - t0, 2)}
     return cell
 
@@ -221,6 +237,7 @@ class MembershipKind(CellKind):
             model=model, model_defense=md, defense=plan.defense, members_dir=state["split"]["members"]["dir"],
             non_members_dir=state["split"]["non_members"]["dir"], reference=state["reference"],
             concurrency=params.concurrency, seed=ctx.cfg.campaign.seed, feature_weights=str(fw) if fw else None,
-            feature_network=ctx.cfg.evaluation.feature_network)
+            feature_network=ctx.cfg.evaluation.feature_network, heldout_pairs=params.heldout_pairs,
+            heldout_images=params.heldout_images)
         return CellTask(run_membership_cell, spec, paths, self.pending(ctx.cfg, params, plan, paths),
                         note=f"{plan.id}: membership inference on {model} through tier {plan.defense}")

@@ -106,8 +106,10 @@ def test_membership_cell_through_the_real_service(served: VictimServer, split: d
     assert u.generalisation_gap_nkid == pytest.approx(u.nkid_members.nkid_percent - u.nkid_non_members.nkid_percent)
     assert any("not comparable in absolute value" in n for n in u.notes)
     assert u.heldout_pairs == 6
-    assert u.nkid_heldout is not None and u.nkid_heldout.kid.n_a == 6
-    assert u.psnr_heldout is not None and 0 < u.psnr_heldout < u.psnr_members
+    assert u.nkid_heldout is not None
+    assert u.nkid_heldout.kid.n_a == 6
+    assert u.psnr_heldout is not None
+    assert 0 < u.psnr_heldout < u.psnr_members
     from evaluation.report import render_report
     from evaluation.results import Results
 

@@ -151,10 +151,11 @@ class MiaResult:
     seconds: float
 
 
-def query_outputs(url: str, key: str, model: str, cands: list[Candidate],
-                  concurrency: int = 4) -> tuple[dict[str, torch.Tensor], int]:
-    """Each candidate's served output (by name) and the requests sent, paced like :func:`run_mia`."""
-    return asyncio.run(_query_all(url, key, model, cands, concurrency, None))
+def query_outputs(url: str, key: str, model: str, cands: list[Candidate], concurrency: int = 4,
+                  on_done: Callable[[], None] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """Each candidate's served output (by name) and the requests sent, as fast as the key's rate limit
+    allows (429s are waits); ``on_done`` is called after each candidate."""
+    return asyncio.run(_query_all(url, key, model, cands, concurrency, on_done))
 
 
 def run_mia(
@@ -168,7 +169,7 @@ def run_mia(
     check_candidates(info, members, non_members)
     cands = [*members, *non_members]
     t0 = time.perf_counter()
-    outputs, sent = asyncio.run(_query_all(url, key, model, cands, concurrency, on_done))  # query_outputs + on_done
+    outputs, sent = query_outputs(url, key, model, cands, concurrency, on_done)
     seconds = time.perf_counter() - t0
     scores: dict[str, list[float]] = {s: [] for s in SCORES if s != "calibrated" or reference is not None}
     for c in cands:

@@ -82,6 +82,9 @@ def test_membership_cross_checks() -> None:
     assert "proxy_pairs is for akd/dmp students" in _error(dp_proxy)
     assert "proxy_pairs is for" not in _error(dp_proxy.replace("dpsgd", "akd").replace("victim = \"mia-edges\"",
                                                                                       "victim = \"denoise25\""))
+    held = MIXED.replace('defenses = ["none", "gauss"]', 'defenses = ["none", "gauss"]\nheldout_pairs = 8\n'
+                         'heldout_images = "corpus:victim"')
+    assert "heldout_images 'corpus:victim' overlap the victim's private split" in _error(held)
     msg = _error(MIXED.replace('method = "akd"', 'method = "magic"'))
     assert msg.startswith(f"c.toml:{_line_of(MIXED, 'model_defenses')}:"), msg
 

@@ -31,6 +31,18 @@ def load_teacher(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
     return teacher, private_split(read_card(path))
 
 
+PRIVATE_IMAGE_SETS = ("corpus:victim", "corpus:all")
+"""Image sources that contain the membership victims' private crops (``private_crops`` draws from the victim split)."""
+
+
+def refuse_private_images(images: str, role: str, suggestion: str) -> None:
+    """Raise :class:`ModelDefenseError` if ``images`` holds the victim's private split (a proxy set, or a
+    held-out utility set, must not)."""
+    if images.strip() in PRIVATE_IMAGE_SETS:
+        raise ModelDefenseError(f"{role} {images!r} overlap the victim's private split; use public images "
+                                f"such as {suggestion}")
+
+
 def proxy_inputs(images: str, side: int, n: int, private_digests: set[str], seed: int) -> list[torch.Tensor]:
     """``n`` proxy inputs (edge maps of ``side`` crops of ``images``), checked disjoint from the private set.
 
@@ -40,9 +52,7 @@ def proxy_inputs(images: str, side: int, n: int, private_digests: set[str], seed
     from translators.corpus import image_digest
     from translators.zoo.membership import edge_pairs
 
-    if images.strip() in ("corpus:victim", "corpus:all"):
-        raise ModelDefenseError(f"proxy images {images!r} overlap the victim's private split; use public images "
-                                "such as corpus:attacker")
+    refuse_private_images(images, "proxy images", "corpus:attacker")
     try:
         pairs = edge_pairs(images, side, n, seed=seed + 7919)
     except ValueError as exc:

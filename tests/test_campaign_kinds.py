@@ -84,7 +84,9 @@ def test_membership_cross_checks() -> None:
                                                                                       "victim = \"denoise25\""))
     held = MIXED.replace('defenses = ["none", "gauss"]', 'defenses = ["none", "gauss"]\nheldout_pairs = 8\n'
                          'heldout_images = "corpus:victim"')
-    assert "heldout_images 'corpus:victim' overlap the victim's private split" in _error(held)
+    msg = _error(held)
+    assert msg.startswith(f"c.toml:{_line_of(held, 'heldout_images')}:"), msg
+    assert "heldout_images 'corpus:victim' overlap the victim's private split" in msg
     msg = _error(MIXED.replace('method = "akd"', 'method = "magic"'))
     assert msg.startswith(f"c.toml:{_line_of(MIXED, 'model_defenses')}:"), msg
 

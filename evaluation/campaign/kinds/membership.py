@@ -82,6 +82,17 @@ class MembershipParams(StrictParams):
     def _unique(cls, v: list[str]) -> list[str]:
         return no_repeats(v, "defenses")
 
+    @field_validator("heldout_images")
+    @classmethod
+    def _public(cls, v: str) -> str:
+        from defenses.model_level.common import ModelDefenseError, refuse_private_images
+
+        try:
+            refuse_private_images(v, "heldout_images", "corpus:benchmark")
+        except ModelDefenseError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
     def check(self, cfg: CampaignConfig) -> None:
         from translators.zoo import get_recipe
         from translators.zoo.membership import MembershipRecipe
@@ -98,13 +109,6 @@ class MembershipParams(StrictParams):
         md = [m.label for m in self.model_defenses]
         if len(set(md)) != len(md) or "none" in md:
             raise ValueError("model_defenses labels must be unique and not 'none'")
-        if self.heldout_pairs:
-            from defenses.model_level.common import ModelDefenseError, refuse_private_images
-
-            try:
-                refuse_private_images(self.heldout_images, "heldout_images", "corpus:benchmark")
-            except ModelDefenseError as exc:
-                raise ValueError(str(exc)) from None
         for m in self.model_defenses:
             if m.method == "dpsgd" and m.noise_multiplier is None:
                 raise ValueError(f"model defense {m.label!r}: dpsgd needs noise_multiplier")

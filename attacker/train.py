@@ -12,7 +12,12 @@ is held out instead, as the single-example paper tests on unseen regions.
 
 Stopping: at the profile's ``steps`` (a cap), after ``time_budget`` seconds, or when held-out PSNR stops
 improving: every ``val_every`` steps it is measured (also at step 0); ``patience`` validations without a
-gain of ``min_delta_db`` divide the learning rate by 3, and after ``lr_drops`` such drops training stops.
+gain of ``min_delta_db``, when the best is also more than ``plateau_fraction`` of the run's steps old,
+divide the learning rate by 3, and after ``lr_drops`` such drops training stops. (The age condition makes
+the rule scale-free: a few held-out pairs saturate early while training still gains on the rest; on
+``style-ink`` from 16 queries, stopping after 4 flat validations cost 1.2 dB against the benchmark.)
+Between drops the rate follows a half cosine from the profile's ``lr`` to ``lr_floor`` times it over
+the run (by time under a ``time_budget``, else by steps; :func:`lr_factor`).
 The checkpoint holds the weights of the best validation, so a ``resunet`` surrogate (which starts *as*
 the trivial baseline) never scores below the baseline on held-out pairs. ``arch="auto"`` trains each
 candidate (:func:`attacker.surrogates.auto_candidates`) for ``auto_trial`` of the budget on the same
@@ -66,7 +71,10 @@ class TrainConfig(BaseModel):
             pix2pix) briefly, keep the better on held-out pairs.
         steps: most optimisation steps (default: the profile's cap).
         time_budget: seconds of training (trials included) after which training stops; None = no limit.
-        patience, min_delta_db, lr_drops: the plateau rule (module docstring).
+        patience, min_delta_db, lr_drops, plateau_fraction: the plateau rule (module docstring).
+        schedule: ``cosine`` also decays the learning rate from the profile's to ``lr_floor`` times it
+            along a half cosine over the run (by time when there is a ``time_budget``, else by steps);
+            ``plateau`` keeps it constant between plateau drops.
         auto_trial: share of the time budget (or of ``steps``) each ``auto`` candidate trains for.
         auto_margin_db: held-out PSNR (dB) by which another candidate's trial must beat the first
             (``resunet``) to be chosen: a few short trials judged on a few held-out pairs are noisy.
@@ -104,6 +112,9 @@ class TrainConfig(BaseModel):
     patience: int = Field(4, ge=1)
     min_delta_db: float = Field(0.02, ge=0)
     lr_drops: int = Field(2, ge=0)
+    plateau_fraction: float = Field(0.25, ge=0, lt=1)
+    schedule: Literal["plateau", "cosine"] = "cosine"
+    lr_floor: float = Field(0.05, gt=0, le=1)
     auto_trial: float = Field(0.1, gt=0, le=0.5)
     auto_margin_db: float = 0.5
     checkpoint_every: int | None = Field(None, ge=1)
@@ -319,6 +330,7 @@ class _Loop:
     best: nn.Module
     step: int = 0
     lr_factor: float = 1.0
+    lr: float = 0.0
     best_psnr: float = -math.inf
     best_step: int = 0
     best_scores: dict[str, float] = field(default_factory=dict)
@@ -369,19 +381,19 @@ def _new_loop(kind_name: str, cfg: TrainConfig, scale: int, task: str, device: t
         raise TrainingError(f"training inputs are {min_side}px at the smallest; the {kind_name} {cfg.profile} "
                             f"surrogate needs crops of at least {mult}px: lower its depth (arch_kwargs) or "
                             "harvest larger crops")
-    return _Loop(kind_name, sur, patch, copy.deepcopy(sur.G))
+    return _Loop(kind_name, sur, patch, copy.deepcopy(sur.G), lr=profile.lr)
 
 
 def _observe(loop: _Loop, split: Split, cfg: TrainConfig) -> None:
     """Validate, keep the best weights, and apply the plateau rule (see :class:`TrainConfig`)."""
     val = _validate(loop.sur, split)
-    loop.val_curve.append({"step": loop.step, **val})
+    loop.val_curve.append({"step": loop.step, **val, "lr": loop.lr})
     if val["psnr"] > loop.best_psnr + cfg.min_delta_db:
         loop.best_psnr, loop.best_step, loop.best_scores, loop.bad = val["psnr"], loop.step, val, 0
         loop.best.load_state_dict(loop.sur.G.state_dict())
         return
     loop.bad += 1
-    if loop.bad >= cfg.patience:
+    if loop.bad >= cfg.patience and loop.step - loop.best_step >= cfg.plateau_fraction * loop.step:
         if loop.drops >= cfg.lr_drops:
             loop.stop_reason = "plateau"
         else:
@@ -389,14 +401,34 @@ def _observe(loop: _Loop, split: Split, cfg: TrainConfig) -> None:
             loop.lr_factor /= LR_DROP
 
 
+def lr_factor(loop: _Loop, cfg: TrainConfig, horizon_steps: int, horizon_s: float | None) -> float:
+    """Learning-rate multiplier of the next step: the plateau factor, times a half cosine from 1 to
+    ``cfg.lr_floor`` over the run (``schedule = "cosine"``; Loshchilov & Hutter 2017 without restarts).
+
+    The run's progress is the larger of ``step / horizon_steps`` and ``used_s / horizon_s``, so under a
+    time budget the rate reaches its floor when the time runs out, whatever the machine's speed.
+    """
+    if cfg.schedule == "plateau":
+        return loop.lr_factor
+    frac = loop.step / max(1, horizon_steps)
+    if horizon_s is not None and horizon_s > 0:
+        frac = max(frac, loop.used_s / horizon_s)
+    frac = min(1.0, frac)
+    return loop.lr_factor * (cfg.lr_floor + (1.0 - cfg.lr_floor) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
 def _run_loop(loop: _Loop, split: Split, cfg: TrainConfig, *, max_steps: int, until_s: float | None,
               val_every: int, ckpt: Callable[[], None] | None = None, ckpt_every: int = 0,
-              progress: ProgressHook = NO_PROGRESS, label: str = "train") -> None:
+              progress: ProgressHook = NO_PROGRESS, label: str = "train",
+              horizon: tuple[int, float | None] | None = None) -> None:
     """Train ``loop`` until ``max_steps``, ``until_s`` seconds of its wall time, or a plateau.
 
     Validates at step 0 (so the trivial start of ``resunet`` is the first "best") and every
     ``val_every`` steps; ``ckpt`` saves resumable state every ``ckpt_every`` steps and at the end.
+    ``horizon`` is ``(steps, seconds)`` of the whole run for the learning-rate schedule (:func:`lr_factor`;
+    an ``auto`` trial is the start of a longer run); default ``(max_steps, until_s)``.
     """
+    horizon_steps, horizon_s = horizon or (max_steps, until_s)
     sur, device = loop.sur, loop.sur.device
     profile = sur.profile
     t0 = time.monotonic()
@@ -416,9 +448,11 @@ def _run_loop(loop: _Loop, split: Split, cfg: TrainConfig, *, max_steps: int, un
                 loop.stop_reason = "time"
                 break
             ts = time.monotonic()
-            x = xb.to(device, non_blocking=True).float().div_(255.0)
-            y = yb.to(device, non_blocking=True).float().div_(255.0)
-            sur.set_lr(loop.lr_factor)
+            x = xb.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+            y = yb.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+            factor = lr_factor(loop, cfg, horizon_steps, horizon_s)
+            loop.lr = sur.profile.lr * factor
+            sur.set_lr(factor)
             losses = sur.train_step(x, y)
             loop.train_s += time.monotonic() - ts
             loop.step += 1
@@ -467,8 +501,10 @@ def _choose_auto(candidates: list[str], cfg: TrainConfig, split: Split, scale: i
         steps = loop.sur.profile.steps
         until = cfg.time_budget * cfg.auto_trial if cfg.time_budget is not None else None
         trial_steps = max(1, round(steps * cfg.auto_trial))
+        whole = None if cfg.time_budget is None else cfg.time_budget * (1 - cfg.auto_trial * (len(candidates) - 1))
         _run_loop(loop, split, cfg, max_steps=trial_steps, until_s=until,
-                  val_every=max(1, min(cfg.val_every or 50, trial_steps)), progress=progress, label=f"try {name}")
+                  val_every=max(1, min(cfg.val_every or 50, trial_steps)), progress=progress, label=f"try {name}",
+                  horizon=(steps, whole))
         trials[name] = round(loop.best_psnr, 3)
         log.info("auto: %s reached %.2f dB on held-out pairs in %d steps", name, loop.best_psnr, loop.step)
         if best is None or default is None:
@@ -615,7 +651,9 @@ def train_surrogate(
             "kind": kind_name, "arch": sur.arch, "profile": cfg.profile, "steps": loop.step, "max_steps": steps,
             "best_step": loop.best_step, "stop_reason": loop.stop_reason, "time_budget_s": cfg.time_budget,
             "batch": profile.batch, "patch": loop.patch, "lr": profile.lr, "lr_factor": loop.lr_factor,
-            "seed": cfg.seed, "device": str(device), "amp": sur.amp, "counter": counter.spec.describe(),
+            "seed": cfg.seed, "device": str(device), "amp": sur.amp,
+            "amp_dtype": str(sur.amp_dtype).removeprefix("torch.") if sur.amp_dtype else None,
+            "counter": counter.spec.describe(),
             "counter_amplitude": counter.amplitude, "pairs_train": len(split.train),
             "pairs_val": len(split.val_ids), "held_out": split.held_out, "loss_curve": loop.loss_curve,
             "val_curve": loop.val_curve, "fidelity": fidelity, "baseline": base_scores, "baseline_name": name,

@@ -1,14 +1,18 @@
-"""Training throughput (images/s) of each surrogate on the CPU, with the plain-L2 U-Net as the baseline.
+"""Training throughput (images/s) of each surrogate on the CPU, with the plain-L2 U-Net as the baseline,
+and the speed-up of mixed precision (bfloat16 autocast) against float32 in the same run.
 
     .venv/bin/python bench/attack_train.py                    # tiny and small profiles, 1 thread
     .venv/bin/python bench/attack_train.py --profiles tiny --steps 20 --threads 2
 
-For every surrogate kind (``unet-l2``, ``pix2pix`` at scale 1; ``srresnet``, ``pix2pix`` and ``unet-l2``
-at scale 4) and profile, a run of ``--steps`` optimisation steps (after ``--warmup`` steps) on random
+For every surrogate kind (``resunet``, ``unet-l2``, ``pix2pix`` at scale 1; ``resunet``, ``srresnet``,
+``pix2pix`` and ``unet-l2`` at scale 4) and profile, in float32 (``amp=False``) and, where the CPU has
+native bfloat16 (:func:`attacker.surrogates.base.amp_dtype`), with ``amp=True`` (the trainer's default),
+a run of ``--steps`` optimisation steps on random
 crops of synthetic pairs, through :func:`attacker.train.train_surrogate` minus validation (one
 validation at the end). Reports images/s (training crops per second, the ``train_s`` the trainer
 measures), milliseconds per step, and the ratio to ``unet-l2`` at the same profile and scale: the GAN
-pays for its discriminator, SRResNet for working at low resolution with a x4 head. Prints JSON and
+pays for its discriminator, SRResNet for working at low resolution with a x4 head; ``amp_speedup`` is
+images/s with ``amp`` over images/s in float32 for the same case. Prints JSON and
 writes ``bench/results/attack_train.json``.
 """
 
@@ -32,12 +36,14 @@ sys.path.insert(0, str(ROOT))
 from attacker.pairstore import PairStore  # noqa: E402
 from attacker.runinfo import update_run  # noqa: E402
 from attacker.surrogates import get_surrogate  # noqa: E402
+from attacker.surrogates.base import amp_dtype  # noqa: E402
 from attacker.train import train_surrogate  # noqa: E402
 from translators.codecs import encode_image  # noqa: E402
 from translators.corpus import PatchSampler, load_images  # noqa: E402
 from translators.images import upscale  # noqa: E402
 
-CASES = [("unet-l2", 1), ("pix2pix", 1), ("srresnet", 4), ("unet-l2", 4), ("pix2pix", 4)]
+CASES = [("resunet", 1), ("unet-l2", 1), ("pix2pix", 1), ("resunet", 4), ("srresnet", 4), ("unet-l2", 4),
+         ("pix2pix", 4)]
 
 
 def make_pairs(root: Path, scale: int, side: int, n: int = 16) -> None:
@@ -63,18 +69,21 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     rows = []
+    amps = (False, True) if amp_dtype(torch.device("cpu")) is not None else (False,)
     with tempfile.TemporaryDirectory(prefix="bench-attack-train-") as tmp:
         for profile in args.profiles.split(","):
-            for kind, scale in CASES:
+            for (kind, scale), amp in ((c, a) for c in CASES for a in amps):
                 p = get_surrogate(kind).profiles[profile]
                 side = max(p.patch, 16)
-                run = Path(tmp) / f"{kind}-{scale}-{profile}"
+                run = Path(tmp) / f"{kind}-{scale}-{profile}-{amp}"
                 make_pairs(run, scale, side)
                 t0 = time.monotonic()
                 r = train_surrogate(run, arch=kind, profile=profile, steps=args.steps, val_every=args.steps,
-                                    checkpoint_every=args.steps, device="cpu", val_max_side=16)
+                                    checkpoint_every=args.steps, device="cpu", val_max_side=16, amp=amp,
+                                    time_budget=None)
                 rows.append({
                     "kind": kind, "scale": scale, "profile": profile, "arch": r.summary["arch"],
+                    "amp": r.summary["amp_dtype"] or False,
                     "batch": r.summary["batch"], "patch_in": r.summary["patch"],
                     "patch_out": r.summary["patch"] * scale, "steps": args.steps,
                     "images_per_s": round(r.images_per_s, 2),
@@ -83,9 +92,12 @@ def main() -> None:
                 })
                 logging.getLogger("bench").warning("%s", rows[-1])
     for row in rows:
-        base = next(b for b in rows if b["kind"] == "unet-l2" and b["scale"] == row["scale"]
-                    and b["profile"] == row["profile"])
+        same = [b for b in rows if b["scale"] == row["scale"] and b["profile"] == row["profile"]]
+        base = next(b for b in same if b["kind"] == "unet-l2" and b["amp"] == row["amp"])
         row["ratio_to_unet_l2"] = round(row["images_per_s"] / base["images_per_s"], 3)
+        if row["amp"]:
+            fp32 = next(b for b in same if b["kind"] == row["kind"] and not b["amp"])
+            row["amp_speedup"] = round(row["images_per_s"] / fp32["images_per_s"], 3)
     result = {"benchmark": "attack_train", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "device": "cpu", "torch_threads": args.threads, "cpu_count": os.cpu_count(), "rows": rows}
     out = ROOT / "bench" / "results" / "attack_train.json"

@@ -6,6 +6,7 @@ to bit-identical weights; checkpoints load with the Foundation loader; state is 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,33 @@ def test_training_mistakes_are_one_line_errors(tmp_path: Path) -> None:
         train_surrogate(tmp_path / "empty")
     with pytest.raises(ConfigError, match="bad training option steps"):
         train_surrogate(run, steps=0)
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_its_floor(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", colour_blur, 1, n=6, side=32, task="style")
+    common = {"arch": "resunet", "profile": "tiny", "steps": 40, "val_every": 10, "time_budget": None}
+    cos = train_surrogate(run, tmp_path / "cos", lr_floor=0.1, **common)
+    lrs = [v["lr"] for v in cos.val_curve]
+    lr0 = 2e-3  # the tiny resunet profile's rate
+    assert lrs[0] == pytest.approx(lr0)
+    assert lrs == sorted(lrs, reverse=True)
+    # the rate set for step 20 of 40 (recorded at the step-20 validation) is half-way down the cosine
+    mid = next(v["lr"] for v in cos.val_curve if v["step"] == 20)
+    assert mid == pytest.approx(lr0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 19 / 40))), rel=1e-6)
+    assert lrs[-1] < 0.12 * lr0
+    flat = train_surrogate(run, tmp_path / "flat", schedule="plateau", **common)
+    assert {v["lr"] for v in flat.val_curve} == {lr0}  # no plateau within 40 steps: constant
+    with pytest.raises(ConfigError, match="lr_floor"):
+        train_surrogate(run, tmp_path / "bad", lr_floor=0, **common)
+
+
+def test_training_stops_on_a_plateau_of_held_out_psnr(tmp_path: Path) -> None:
+    # targets unrelated to the inputs: after learning their mean, held-out PSNR cannot improve
+    gen = torch.Generator().manual_seed(1)
+    run = make_run(tmp_path / "run", lambda x: torch.rand(x.shape, generator=gen), 1, n=8, side=32, task="style")
+    r = train_surrogate(run, arch="resunet", profile="tiny", steps=3000, val_every=5, patience=2, lr_drops=1,
+                        time_budget=None)
+    assert r.summary["stop_reason"] == "plateau"
+    assert r.steps < 3000
+    assert r.steps - r.summary["best_step"] >= 0.25 * r.steps  # the best is old, not just a few checks back
+    assert [v["lr"] for v in r.val_curve][-1] < r.val_curve[0]["lr"] / 3  # dropped (and cosine-decayed) once

@@ -1,0 +1,124 @@
+"""What each part of the surrogate training buys: the same harvested pairs, trained under several settings.
+
+    .venv/bin/python bench/train_ablation.py                     # style-ink, 16 queries, 300 s a variant
+    .venv/bin/python bench/train_ablation.py --victim sr4x --budget 16 --time-budget 90
+
+One harvest with the CLI defaults (as ``heist attack harvest --budget B``: strategy ``crops``, crop size
+from the budget and ``max_pixels``, ``corpus:attacker``) from a real victim server
+(``victim_service.process``, zoo model at ``--zoo-profile``), then, on those pairs, one training run per
+variant (:func:`attacker.train.train_surrogate`, ``--time-budget`` seconds, one torch thread, ``--arch
+auto``), each scored against the victim on centre crops of the ``corpus:benchmark`` photos (PSNR, piq,
+data_range 1, as ``bench/attack_fidelity.py``). Variants (``--variants`` picks a subset):
+
+- ``round1``: the previous defaults: constant learning rate divided on plateaus (``schedule=plateau``),
+  stop after 4 flat validations whatever the run's length (``plateau_fraction=0``), float32;
+- ``cosine``: the cosine learning-rate schedule, the old plateau rule, float32;
+- ``cosine-age``: cosine and the scale-free plateau rule (the best must be a quarter of the run old), float32;
+- ``default``: today's defaults (the above plus bfloat16 autocast where the CPU has it).
+
+Every variant is channels-last (not switchable). Prints JSON and writes
+``bench/results/train_ablation-VICTIM-BUDGET.json`` after every variant (``partial`` until the last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from attack_fidelity import bench_set  # noqa: E402
+
+from attacker.fidelity import baseline, psnr_ssim_l2, translate  # noqa: E402
+from attacker.files import atomic_write_json  # noqa: E402
+from attacker.harvest import harvest  # noqa: E402
+from attacker.train import train_surrogate  # noqa: E402
+from translators.checkpoint import load_model  # noqa: E402
+from translators.zoo import get_recipe  # noqa: E402
+from victim_service.process import start_service  # noqa: E402
+from victim_service.settings import Settings  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "round1": {"schedule": "plateau", "plateau_fraction": 0.0, "amp": False},
+    "cosine": {"plateau_fraction": 0.0, "amp": False},
+    "cosine-age": {"amp": False},
+    "default": {},
+}
+log = logging.getLogger("bench.train_ablation")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--victim", default="style-ink")
+    ap.add_argument("--budget", type=int, default=16)
+    ap.add_argument("--zoo-profile", default="default")
+    ap.add_argument("--time-budget", type=float, default=300.0)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    out = ROOT / "bench" / "results" / f"train_ablation-{args.victim}-{args.budget}.json"
+    recipe = get_recipe(args.victim)
+    rows: list[dict[str, Any]] = []
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-train-ablation-") as tmp:
+        key = f"hk_bench_{os.urandom(8).hex()}"
+        settings = Settings.from_mapping({
+            "models": [{"name": args.victim, "source": f"zoo:{args.victim}@{args.zoo_profile}", "max_batch": 1}],
+            "tiers": {"open": {"rate": None}}, "keys": [{"name": "bench", "tier": "open", "key": key}],
+            "data_dir": str(Path(tmp) / "data"), "torch_threads": 1, "query_log": {"backend": "off"},
+        })
+        settings.to_json_file(Path(tmp) / "settings.json")
+        svc = start_service(Path(tmp) / "settings.json", log_path=Path(tmp) / "server.log", ready_timeout=3600)
+        try:
+            with httpx.Client(base_url=svc.url, timeout=300) as http:
+                bench = bench_set(http, key, args.victim, 256)
+            run = Path(tmp) / "run"
+            h = harvest(svc.url, key, args.victim, run, budget=args.budget, seed=args.seed, durable=False)
+        finally:
+            svc.stop()
+        base = [psnr_ssim_l2(baseline(x, recipe.scale), v)["psnr"] for x, _, v in bench]
+        for name in names:
+            opts = VARIANTS[name]
+            t0 = time.monotonic()
+            tr = train_surrogate(run, Path(tmp) / f"sur-{name}", seed=args.seed, device="cpu",
+                                 time_budget=args.time_budget, **opts)
+            sur = load_model(tr.checkpoint).module
+            b = [psnr_ssim_l2(translate(sur, x), v)["psnr"] for x, _, v in bench]
+            rows.append({"variant": name, "options": opts, "surrogate": tr.summary["kind"], "steps": tr.steps,
+                         "stop_reason": tr.summary["stop_reason"], "amp_dtype": tr.summary["amp_dtype"],
+                         "B_psnr": round(statistics.fmean(b), 3), "B_psnr_per_image": [round(v, 2) for v in b],
+                         "held_out_psnr": round(tr.fidelity["psnr"], 3), "seconds": round(time.monotonic() - t0, 1)})
+            log.warning("%s", json.dumps(rows[-1]))
+            result = {"benchmark": "train_ablation", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "victim": args.victim, "zoo_profile": args.zoo_profile, "budget": args.budget,
+                      "pairs": h.pairs, "crop_size": h.summary["strategy"]["crop_size"],
+                      "time_budget_s": args.time_budget, "torch_threads": 1, "cpu_count": os.cpu_count(),
+                      "seed": args.seed, "bench_images": "corpus:benchmark centre crops, 256 px",
+                      "baseline": "bicubic" if recipe.scale > 1 else "identity",
+                      "baseline_psnr": round(statistics.fmean(base), 3),
+                      "wall_s": round(time.monotonic() - t_start, 1), "partial": name != names[-1], "rows": rows}
+            atomic_write_json(out, result)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -401,6 +401,11 @@ def _observe(loop: _Loop, split: Split, cfg: TrainConfig) -> None:
             loop.lr_factor /= LR_DROP
 
 
+def _to_unit(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 ``(B, 3, h, w)`` -> float32 in [0, 1] on ``device``, channels-last, in one copy."""
+    return batch.to(device, torch.float32, non_blocking=True, memory_format=torch.channels_last).div_(255.0)
+
+
 def lr_factor(loop: _Loop, cfg: TrainConfig, horizon_steps: int, horizon_s: float | None) -> float:
     """Learning-rate multiplier of the next step: the plateau factor, times a half cosine from 1 to
     ``cfg.lr_floor`` over the run (``schedule = "cosine"``; Loshchilov & Hutter 2017 without restarts).
@@ -448,11 +453,8 @@ def _run_loop(loop: _Loop, split: Split, cfg: TrainConfig, *, max_steps: int, un
                 loop.stop_reason = "time"
                 break
             ts = time.monotonic()
-            x = xb.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-            y = yb.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-            factor = lr_factor(loop, cfg, horizon_steps, horizon_s)
-            loop.lr = sur.profile.lr * factor
-            sur.set_lr(factor)
+            x, y = _to_unit(xb, device), _to_unit(yb, device)
+            loop.lr = sur.set_lr(lr_factor(loop, cfg, horizon_steps, horizon_s))
             losses = sur.train_step(x, y)
             loop.train_s += time.monotonic() - ts
             loop.step += 1

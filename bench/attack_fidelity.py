@@ -81,6 +81,19 @@ def bench_set(http: httpx.Client, key: str, name: str, side: int) -> list[tuple[
     return out
 
 
+def start_bench_service(tmp: Path, victims: list[str], zoo_profile: str, threads: int) -> tuple[Any, str]:
+    """A real victim server (unlimited tier, no query log) serving ``victims`` at ``zoo_profile`` (built on
+    first use); returns the running service and its API key. The caller stops it."""
+    key = f"hk_bench_{os.urandom(8).hex()}"
+    settings = Settings.from_mapping({
+        "models": [{"name": t, "source": f"zoo:{t}@{zoo_profile}", "max_batch": 1} for t in victims],
+        "tiers": {"open": {"rate": None}}, "keys": [{"name": "bench", "tier": "open", "key": key}],
+        "data_dir": str(tmp / "data"), "torch_threads": threads, "query_log": {"backend": "off"},
+    })
+    settings.to_json_file(tmp / "settings.json")
+    return start_service(tmp / "settings.json", log_path=tmp / "server.log", ready_timeout=3600), key
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """A markdown table: victim, budget, surrogate vs victim, baseline vs victim, gain."""
     lines = ["| victim | queries | input px | surrogate | B: surrogate vs victim dB | baseline vs victim | gain dB |",
@@ -114,14 +127,7 @@ def main() -> None:
     t_start = time.monotonic()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-attack-fidelity-") as tmp:
-        key = f"hk_bench_{os.urandom(8).hex()}"
-        settings = Settings.from_mapping({
-            "models": [{"name": t, "source": f"zoo:{t}@{args.zoo_profile}", "max_batch": 1} for t in victims],
-            "tiers": {"open": {"rate": None}}, "keys": [{"name": "bench", "tier": "open", "key": key}],
-            "data_dir": str(Path(tmp) / "data"), "torch_threads": args.threads, "query_log": {"backend": "off"},
-        })
-        settings.to_json_file(Path(tmp) / "settings.json")
-        svc = start_service(Path(tmp) / "settings.json", log_path=Path(tmp) / "server.log", ready_timeout=3600)
+        svc, key = start_bench_service(Path(tmp), victims, args.zoo_profile, args.threads)
         try:
             for name in victims:
                 recipe = get_recipe(name)

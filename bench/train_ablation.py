@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from attack_fidelity import bench_set  # noqa: E402
+from attack_fidelity import bench_set, start_bench_service  # noqa: E402
 
 from attacker.fidelity import baseline, psnr_ssim_l2, translate  # noqa: E402
 from attacker.files import atomic_write_json  # noqa: E402
@@ -48,8 +48,6 @@ from attacker.harvest import harvest  # noqa: E402
 from attacker.train import train_surrogate  # noqa: E402
 from translators.checkpoint import load_model  # noqa: E402
 from translators.zoo import get_recipe  # noqa: E402
-from victim_service.process import start_service  # noqa: E402
-from victim_service.settings import Settings  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "round1": {"schedule": "plateau", "plateau_fraction": 0.0, "amp": False},
@@ -80,14 +78,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-train-ablation-") as tmp:
-        key = f"hk_bench_{os.urandom(8).hex()}"
-        settings = Settings.from_mapping({
-            "models": [{"name": args.victim, "source": f"zoo:{args.victim}@{args.zoo_profile}", "max_batch": 1}],
-            "tiers": {"open": {"rate": None}}, "keys": [{"name": "bench", "tier": "open", "key": key}],
-            "data_dir": str(Path(tmp) / "data"), "torch_threads": 1, "query_log": {"backend": "off"},
-        })
-        settings.to_json_file(Path(tmp) / "settings.json")
-        svc = start_service(Path(tmp) / "settings.json", log_path=Path(tmp) / "server.log", ready_timeout=3600)
+        svc, key = start_bench_service(Path(tmp), [args.victim], args.zoo_profile, threads=1)
         try:
             with httpx.Client(base_url=svc.url, timeout=300) as http:
                 bench = bench_set(http, key, args.victim, 256)

@@ -138,10 +138,13 @@ class Surrogate(ABC):
             return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
-    def set_lr(self, factor: float) -> None:
+    def set_lr(self, factor: float) -> float:
+        """Set every optimiser's rate to the profile's ``lr`` times ``factor``; returns that rate."""
+        lr = self.profile.lr * factor
         for opt in self.optimizers().values():
             for group in opt.param_groups:
-                group["lr"] = self.profile.lr * factor
+                group["lr"] = lr
+        return lr
 
     def adam(self, params: Iterator[nn.Parameter]) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=self.profile.lr, betas=self.profile.betas)

@@ -174,7 +174,7 @@ def train_cmd(
     schedule: str = typer.Option("cosine", help="Learning rate: cosine (decays to 5% over the time budget) or "
                                                 "plateau (constant between plateau drops)."),
     amp: bool = typer.Option(True, help="Mixed precision: float16 on CUDA, bfloat16 on CPUs with native "
-                                        "bfloat16 (about 2x faster there), else float32."),
+                                        "bfloat16 (1.2-2x faster there), else float32."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),

@@ -14,7 +14,9 @@ data_range 1, as ``bench/attack_fidelity.py``). Variants (``--variants`` picks a
   stop after 4 flat validations whatever the run's length (``plateau_fraction=0``), float32;
 - ``cosine``: the cosine learning-rate schedule, the old plateau rule, float32;
 - ``cosine-age``: cosine and the scale-free plateau rule (the best must be a quarter of the run old), float32;
-- ``default``: today's defaults (the above plus bfloat16 autocast where the CPU has it).
+- ``default``: today's defaults (the above plus bfloat16 autocast where the CPU has it);
+- ``stripes``: today's defaults but a held-out stripe of every pair instead of whole held-out pairs
+  (``val_split=stripes``; a negative result, see ``attacker.train``).
 
 Every variant is channels-last (not switchable). Prints JSON and writes
 ``bench/results/train_ablation-VICTIM-BUDGET.json`` after every variant (``partial`` until the last).
@@ -54,6 +56,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cosine": {"plateau_fraction": 0.0, "amp": False},
     "cosine-age": {"amp": False},
     "default": {},
+    "stripes": {"val_split": "stripes"},
 }
 log = logging.getLogger("bench.train_ablation")
 
@@ -66,6 +69,7 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=300.0)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/train_ablation-VICTIM-BUDGET.json")
     args = ap.parse_args()
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -73,7 +77,7 @@ def main() -> None:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    out = ROOT / "bench" / "results" / f"train_ablation-{args.victim}-{args.budget}.json"
+    out = args.out or ROOT / "bench" / "results" / f"train_ablation-{args.victim}-{args.budget}.json"
     recipe = get_recipe(args.victim)
     rows: list[dict[str, Any]] = []
     t_start = time.monotonic()
@@ -97,7 +101,8 @@ def main() -> None:
             rows.append({"variant": name, "options": opts, "surrogate": tr.summary["kind"], "steps": tr.steps,
                          "stop_reason": tr.summary["stop_reason"], "amp_dtype": tr.summary["amp_dtype"],
                          "B_psnr": round(statistics.fmean(b), 3), "B_psnr_per_image": [round(v, 2) for v in b],
-                         "held_out_psnr": round(tr.fidelity["psnr"], 3), "seconds": round(time.monotonic() - t0, 1)})
+                         "held_out": tr.held_out, "held_out_psnr": round(tr.fidelity["psnr"], 3),
+                         "seconds": round(time.monotonic() - t0, 1)})
             log.warning("%s", json.dumps(rows[-1]))
             result = {"benchmark": "train_ablation", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "victim": args.victim, "zoo_profile": args.zoo_profile, "budget": args.budget,

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from attacker.errors import ConfigError, TrainingError
+from attacker.fidelity import psnr_ssim_l2
 from attacker.pairstore import PairStore
 from attacker.runinfo import read_run, update_run
-from attacker.train import train_surrogate
+from attacker.train import STRIPE_CONTEXT, PairSet, TrainConfig, split_pairs, train_surrogate
 from translators.checkpoint import load_model
 from translators.codecs import encode_image
 from translators.corpus import PatchSampler, load_images
@@ -131,6 +132,42 @@ def test_one_pair_holds_out_a_region(tmp_path: Path) -> None:
     assert r.held_out == "region"
     assert r.summary["pairs_val"] == 1
     assert r.fidelity["l2"] < r.baseline["l2"]
+
+
+def _pairset(n: int, h: int, w: int, scale: int = 1) -> PairSet:
+    g = torch.Generator().manual_seed(n * 1000 + h + w)
+    xs = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for _ in range(n)]
+    ys = [torch.randint(0, 256, (3, scale * h, scale * w), generator=g, dtype=torch.uint8) for _ in range(n)]
+    return PairSet([f"{i:06d}" for i in range(n)], xs, ys, scale)
+
+
+def test_stripes_hold_out_the_end_of_every_pair_scored_without_its_context() -> None:
+    ps = _pairset(16, 64, 100, scale=2)
+    assert split_pairs(ps, TrainConfig(), min_train_side=4).held_out == "pairs"  # the default
+    stripes = TrainConfig(val_split="stripes")
+    split = split_pairs(ps, stripes, min_train_side=4)
+    assert split.held_out == "stripes"
+    assert split.val_ids == ps.ids  # every photo is in the held-out score and in training
+    assert len(split.train) == 16
+    v = 16  # max(16, ceil(0.1 * 100)) input pixels of the longer side
+    assert all(tuple(x.shape) == (3, 64, 100 - v) for x in split.train.inputs)
+    assert all(tuple(y.shape) == (3, 128, 2 * (100 - v)) for y in split.train.outputs)
+    for i, (x, y) in enumerate(zip(split.val_inputs, split.val_targets)):
+        assert tuple(x.shape) == (1, 3, 64, v + STRIPE_CONTEXT)
+        assert split.val_boxes[i] == (0, 2 * STRIPE_CONTEXT, 128, 2 * v)
+        # the held-out target is the end of the photo's output, never in training
+        assert torch.equal((y[0] * 255).round().to(torch.uint8), ps.outputs[i][..., -2 * (v + STRIPE_CONTEXT):])
+        # a prediction wrong only on the context scores as perfect
+        pred = y.clone()
+        pred[..., : 2 * STRIPE_CONTEXT] = 1 - pred[..., : 2 * STRIPE_CONTEXT]
+        assert psnr_ssim_l2(*split.scored(i, pred))["psnr"] == 100.0
+        assert psnr_ssim_l2(pred, y)["psnr"] < 40
+    # tall pairs cut along their height
+    tall = split_pairs(_pairset(8, 120, 40), stripes, min_train_side=4)
+    assert tall.held_out == "stripes"
+    assert tuple(tall.train.inputs[0].shape) == (3, 104, 40)
+    # pairs too small for a stripe (32 px < 4 x 16): whole pairs
+    assert split_pairs(_pairset(16, 32, 32), stripes, min_train_side=4).held_out == "pairs"
 
 
 def test_changed_settings_refuse_to_resume(tmp_path: Path) -> None:

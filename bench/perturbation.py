@@ -18,7 +18,7 @@ Measured, per victim:
   loses).
 - ``attack``: for each budget (queries: crops of ``corpus:attacker``; denoise queries carry sigma-25 noise,
   the victim's own domain) and each attacker (``plain`` or a counter-measure of
-  :mod:`attacker.countermeasures`), a tiny auto surrogate (SRResNet for SR, L2 U-Net otherwise) is trained
+  :mod:`attacker.countermeasures`), the tiny ``auto`` surrogate (``resunet``) is trained
   for ``--steps`` steps (same seed, same batches) on the defended pairs; ``fidelity_db`` is PSNR(surrogate,
   clean victim) on the benchmark crops. ``loss_db`` = fidelity with no defense and the plain attacker minus
   fidelity here. ``best_adaptive`` picks, per defense and budget, the attacker with the highest fidelity

@@ -71,6 +71,8 @@ DEFENSES: dict[str, dict[str, Any] | None] = {
     "poison35": {"name": "poison", "psnr": 35.0, "proxy_steps": 150, "proxy_channels": 8, "proxy_side": 16},
     # the 40 dB floor measured after the 8-bit PNG response: rounding costs about 0.1 dB
     "poison40.5": {"name": "poison", "psnr": 40.5, "proxy_steps": 150, "proxy_channels": 8, "proxy_side": 16},
+    "poison40.5-resunet": {"name": "poison", "psnr": 40.5, "proxy_steps": 150, "proxy_channels": 8,
+                           "proxy_side": 16, "proxy": "resunet"},
 }
 COUNTERS = ("lowpass:sigma=1.0", "median", "jpeg:quality=75", "aware")
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,8 @@ class PoisonParams(DefenseParams):
     """``psnr``: honest-user PSNR floor in dB, [25, 80]. ``proxy_steps``: Adam steps training the proxy,
     10..20000. ``proxy_channels``: proxy width, 4..64. ``proxy_side``: input side of its training images,
     8..256. ``proxy_dir``: cache folder (default DATA/defenses/poison).
-    ``proxy_seed``: seed of the proxy's training."""
+    ``proxy_seed``: seed of the proxy's training. ``proxy``: its architecture (:func:`proxy_arch`;
+    ``auto``: SRResNet for SR, DnCNN for same-size victims; ``resunet``: the attacker's default kind)."""
 
     psnr: float = Field(40.0, ge=25.0, le=80.0)
     proxy_steps: int = Field(300, ge=10, le=20000)
@@ -50,6 +52,7 @@ class PoisonParams(DefenseParams):
     proxy_side: int = Field(32, ge=8, le=256)
     proxy_dir: str | None = None
     proxy_seed: int = 0
+    proxy: Literal["auto", "resunet"] = "auto"
 
 
 def synthetic_images(n: int, side: int, g: torch.Generator) -> torch.Tensor:
@@ -61,8 +64,10 @@ def synthetic_images(n: int, side: int, g: torch.Generator) -> torch.Tensor:
     return x.clamp_(0.0, 1.0)
 
 
-def proxy_arch(scale: int, channels: int) -> tuple[str, dict[str, object]]:
+def proxy_arch(scale: int, channels: int, kind: str = "auto") -> tuple[str, dict[str, object]]:
     """Architecture (registry name, kwargs) of the proxy surrogate for a victim of output/input ``scale``."""
+    if kind == "resunet":
+        return "resunet", {"scale": scale, "base": channels, "levels": 2, "convs": 1, "max_channels": 2 * channels}
     if scale > 1:
         return "srresnet", {"scale": scale, "channels": channels, "n_blocks": 2}
     return "dncnn", {"channels": channels, "depth": 4, "batch_norm": False}
@@ -76,7 +81,7 @@ def train_proxy(model: ModelHandle, params: PoisonParams, batch: int = 8) -> nn.
     """
     mult = int(model.card.get("size_multiple", 1) or 1)
     side = max(mult, (params.proxy_side // mult) * mult)
-    arch, kwargs = proxy_arch(model.scale, params.proxy_channels)
+    arch, kwargs = proxy_arch(model.scale, params.proxy_channels, params.proxy)
     g = torch.Generator().manual_seed(params.proxy_seed)
     torch.manual_seed(params.proxy_seed)
     proxy = build_arch(arch, kwargs).train()
@@ -97,7 +102,7 @@ def proxy_path(model: ModelHandle, params: PoisonParams) -> Path:
     folder = Path(params.proxy_dir).expanduser() if params.proxy_dir else data_dir() / "defenses" / "poison"
     key = json.dumps(
         {"card": model.card, "steps": params.proxy_steps, "ch": params.proxy_channels, "seed": params.proxy_seed,
-         "side": params.proxy_side},
+         "side": params.proxy_side, **({"proxy": params.proxy} if params.proxy != "auto" else {})},
         sort_keys=True, default=str,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -114,7 +119,7 @@ def load_or_train_proxy(model: ModelHandle, params: PoisonParams) -> nn.Module:
             log.warning("poison proxy %s unreadable (%s); training a new one", path, exc)
     log.info("training the poison proxy for model %s (%d steps) -> %s", model.name, params.proxy_steps, path)
     proxy = train_proxy(model, params)
-    arch, kwargs = proxy_arch(model.scale, params.proxy_channels)
+    arch, kwargs = proxy_arch(model.scale, params.proxy_channels, params.proxy)
     card = ModelCard(
         name=path.stem, arch=arch, kwargs=dict(kwargs), task=model.task, scale=model.scale,
         description=f"poison-defense proxy surrogate of {model.name}",

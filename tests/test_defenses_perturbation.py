@@ -16,6 +16,7 @@ from defenses.features import LayerTap, default_feature_layer
 from defenses.poison import PoisonDefense, proxy_path, synthetic_images
 from evaluation.metrics import psnr
 from translators.archs.registry import build_arch
+from translators.checkpoint import load_model
 
 torch.set_num_threads(1)
 
@@ -175,16 +176,19 @@ def test_feature_amplify_changes_the_output_deterministically_per_row(arch: str)
 # ---------------------------------------------------------------------------------------------- poison
 
 
-def test_poison_sits_on_the_psnr_floor_turns_the_proxy_gradient_and_caches_its_proxy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proxy", ["auto", "resunet"])
+def test_poison_sits_on_the_psnr_floor_turns_the_proxy_gradient_and_caches_its_proxy(tmp_path: Path,
+                                                                                    proxy: str) -> None:
     h = handle("srresnet")
     x, y = victim_io(h, n=2, side=16)
     spec = {"name": "poison", "psnr": 40.0, "proxy_steps": 30, "proxy_channels": 4, "proxy_side": 8,
-            "proxy_dir": str(tmp_path)}
+            "proxy_dir": str(tmp_path), "proxy": proxy}
     d = build_defense(spec)
     assert isinstance(d, PoisonDefense)
     d.setup(torch.device("cpu"), h)
     cached = proxy_path(h, d.params)
     assert cached.exists()
+    assert load_model(cached).card.arch == ("srresnet" if proxy == "auto" else "resunet")
     assert cached.with_suffix(".json").exists()
     stamp = cached.stat().st_mtime_ns
     z = run(d, y, x, [ctx(0), ctx(1)])

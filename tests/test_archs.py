@@ -171,3 +171,8 @@ def test_resunet_starts_at_the_trivial_baseline() -> None:
     up = build_arch("resunet", {"scale": 2, "base": 8, "levels": 2}).eval()
     bic = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="bicubic", align_corners=False).clamp(0, 1)
     torch.testing.assert_close(up(x), bic)
+    pw = build_arch("resunet", {"base": 8, "levels": 2, "pointwise": 2}).eval()
+    torch.testing.assert_close(pw(x), x)
+    one_by_one = [m for m in pw.pointwise if isinstance(m, torch.nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in one_by_one] == [(8, 16, (1, 1)), (16, 16, (1, 1))]
+    assert pw.tail.in_channels == 16

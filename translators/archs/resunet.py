@@ -41,10 +41,12 @@ class ResUNet(nn.Module):
         levels: number of stride-2 down-samplings (3 in the issue's measurement).
         convs: 3x3 convs per level (each followed by ReLU).
         max_channels: channel cap.
+        pointwise: 1x1 conv + ReLU layers of ``2 * base`` channels before the tail (per-pixel nonlinear
+            capacity at full resolution: tone curves, posterisation, thresholds; 0 = none).
     """
 
     def __init__(self, in_ch: int = 3, out_ch: int = 3, scale: int = 1, base: int = 32, levels: int = 3,
-                 convs: int = 2, max_channels: int = 128) -> None:
+                 convs: int = 2, max_channels: int = 128, pointwise: int = 0) -> None:
         super().__init__()
         if in_ch != out_ch:
             raise ValueError("the global residual needs in_ch == out_ch")
@@ -60,7 +62,11 @@ class ResUNet(nn.Module):
                           _block(chans[i + 1], chans[i + 1], max(1, convs - 1)))
             for i in range(levels))
         self.ups = nn.ModuleList(_block(chans[i + 1] + chans[i], chans[i], convs) for i in reversed(range(levels)))
-        self.tail = nn.Conv2d(chans[0], out_ch, 3, padding=1)
+        pw: list[nn.Module] = []
+        for i in range(pointwise):
+            pw += [nn.Conv2d(chans[0] if i == 0 else 2 * base, 2 * base, 1), nn.ReLU(inplace=True)]
+        self.pointwise = nn.Sequential(*pw)
+        self.tail = nn.Conv2d(2 * base if pointwise else chans[0], out_ch, 3, padding=1)
         nn.init.zeros_(self.tail.weight)
         nn.init.zeros_(self.tail.bias)
 
@@ -80,7 +86,7 @@ class ResUNet(nn.Module):
             skip = feats.pop()
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = up(torch.cat([y, skip], dim=1))
-        out = x + self.tail(y)[..., :h, :w]
+        out = x + self.tail(self.pointwise(y))[..., :h, :w]
         if self.training:
             return out
         return out.clamp(0.0, 1.0)

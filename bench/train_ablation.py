@@ -17,6 +17,8 @@ data_range 1, as ``bench/attack_fidelity.py``). Variants (``--variants`` picks a
 - ``default``: today's defaults (the above plus bfloat16 autocast where the CPU has it);
 - ``stripes``: today's defaults but a held-out stripe of every pair instead of whole held-out pairs
   (``val_split=stripes``; a negative result, see ``attacker.train``).
+- ``no-plateau``: today's defaults without the plateau rule (no drops, no early stop: the cosine schedule
+  runs to the time budget);
 - ``resunet`` / ``resunet-pw2``: ``--arch resunet`` without / with two 1x1 conv layers at full
   resolution before the tail (``arch_kwargs.pointwise = 2``: per-pixel nonlinear capacity for tone
   curves, posterisation and thresholds; an exploratory result, docs/attacker.md).
@@ -60,6 +62,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cosine-age": {"amp": False},
     "default": {},
     "stripes": {"val_split": "stripes"},
+    "no-plateau": {"patience": 1_000_000},
     "resunet": {"arch": "resunet"},
     "resunet-pw2": {"arch": "resunet", "arch_kwargs": {"pointwise": 2}},
 }

@@ -50,8 +50,8 @@ class ResUNet(nn.Module):
         super().__init__()
         if in_ch != out_ch:
             raise ValueError("the global residual needs in_ch == out_ch")
-        if scale < 1 or levels < 0 or convs < 1 or base < 1:
-            raise ValueError("scale >= 1, levels >= 0, convs >= 1 and base >= 1 are required")
+        if scale < 1 or levels < 0 or convs < 1 or base < 1 or pointwise < 0:
+            raise ValueError("scale >= 1, levels >= 0, convs >= 1, base >= 1 and pointwise >= 0 are required")
         self.scale = scale
         self.size_multiple = 1
         self._m = 2**levels

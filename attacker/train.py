@@ -231,12 +231,12 @@ def split_pairs(ps: PairSet, cfg: TrainConfig, min_train_side: int) -> Split:
         return vx, vy
 
     n = len(ps)
+    if n >= 2 and cfg.val_fraction > 0 and cfg.val_split == "stripes":
+        striped = _stripe_split(ps, cfg, min_train_side)
+        if striped is not None:
+            return striped
     if n >= 2 and cfg.val_fraction > 0:
         n_val = min(cfg.max_val_pairs, max(1, round(cfg.val_fraction * n)), n - 1)
-        if cfg.val_split == "stripes":
-            striped = _stripe_split(ps, cfg, min_train_side)
-            if striped is not None:
-                return striped
         order = sorted(range(n), key=lambda i: ps.ids[i])
         random.Random(f"heist:val:{cfg.seed}").shuffle(order)
         val = sorted(order[:n_val])
@@ -246,20 +246,26 @@ def split_pairs(ps: PairSet, cfg: TrainConfig, min_train_side: int) -> Split:
         return Split(train, vx, vy, "pairs", [ps.ids[i] for i in val])
     if n == 1 and cfg.val_fraction > 0:
         x, y = ps.inputs[0], ps.outputs[0]
-        h, w = x.shape[-2:]
-        along_w = w >= h
-        long_side = w if along_w else h
+        long_side = max(x.shape[-2:])
         v = max(8, long_side // 4)
         if long_side - v >= min_train_side:
-            cut = long_side - v
-            if along_w:
-                tx, ty, vx_, vy_ = x[..., :cut], y[..., : cut * s], x[..., cut:], y[..., cut * s :]
-            else:
-                tx, ty, vx_, vy_ = x[..., :cut, :], y[..., : cut * s, :], x[..., cut:, :], y[..., cut * s :, :]
-            vx, vy = val_of([vx_.contiguous()], [vy_.contiguous()])
+            tx, ty, vx_, vy_ = _cut_long_side(x, y, long_side - v, long_side - v, s)
+            vx, vy = val_of([vx_], [vy_])
             return Split(PairSet(ps.ids, [tx.contiguous()], [ty.contiguous()], s), vx, vy, "region", ps.ids)
     vx, vy = val_of(ps.inputs, ps.outputs)
     return Split(ps, vx, vy, "none", [])
+
+
+def _cut_long_side(x: torch.Tensor, y: torch.Tensor, cut: int, start: int,
+                   scale: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a pair along its longer side (the width on ties): ``x[..., :cut]`` with its output for
+    training, ``x[..., start:]`` (``start <= cut``: the held-out end with ``cut - start`` pixels of
+    context) with its output for validation. Input pixels; outputs are ``scale`` times larger. Contiguous."""
+    dim = -1 if x.shape[-1] >= x.shape[-2] else -2
+    parts = (x.narrow(dim, 0, cut), y.narrow(dim, 0, cut * scale),
+             x.narrow(dim, start, x.shape[dim] - start), y.narrow(dim, start * scale, y.shape[dim] - start * scale))
+    tx, ty, ex, ey = (t.contiguous() for t in parts)
+    return tx, ty, ex, ey
 
 
 def _stripe_split(ps: PairSet, cfg: TrainConfig, min_train_side: int) -> Split | None:
@@ -277,7 +283,7 @@ def _stripe_split(ps: PairSet, cfg: TrainConfig, min_train_side: int) -> Split |
     for pid, x, y in zip(ps.ids, ps.inputs, ps.outputs):
         h, w = x.shape[-2:]
         along_w = w >= h
-        long_side = w if along_w else h
+        long_side = max(h, w)
         v = min(max(16, math.ceil(cfg.val_fraction * long_side)), cfg.val_max_side - STRIPE_CONTEXT)
         cut = long_side - v
         if cut < keep_min or 4 * v > long_side:
@@ -286,14 +292,10 @@ def _stripe_split(ps: PairSet, cfg: TrainConfig, min_train_side: int) -> Split |
             ys.append(y)
             continue
         ctx = min(STRIPE_CONTEXT, cut)
-        a = cut - ctx
-        if along_w:
-            tx, ty, ex, ey = x[..., :cut], y[..., : cut * s], x[..., a:], y[..., a * s :]
-        else:
-            tx, ty, ex, ey = x[..., :cut, :], y[..., : cut * s, :], x[..., a:, :], y[..., a * s :, :]
+        tx, ty, ex, ey = _cut_long_side(x, y, cut, cut - ctx, s)
         ids.append(pid)
-        xs.append(tx.contiguous())
-        ys.append(ty.contiguous())
+        xs.append(tx)
+        ys.append(ty)
         cx, cy = _center_crop_pair(ex.unsqueeze(0).float().div(255.0), ey.unsqueeze(0).float().div(255.0),
                                    cfg.val_max_side, s)
         oh, ow = cy.shape[-2:]

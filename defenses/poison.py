@@ -37,6 +37,7 @@ from translators.errors import CheckpointError
 from translators.paths import data_dir
 
 log = logging.getLogger(__name__)
+ProxyKind = Literal["auto", "resunet"]
 
 
 class PoisonParams(DefenseParams):
@@ -52,7 +53,7 @@ class PoisonParams(DefenseParams):
     proxy_side: int = Field(32, ge=8, le=256)
     proxy_dir: str | None = None
     proxy_seed: int = 0
-    proxy: Literal["auto", "resunet"] = "auto"
+    proxy: ProxyKind = "auto"
 
 
 def synthetic_images(n: int, side: int, g: torch.Generator) -> torch.Tensor:
@@ -64,7 +65,7 @@ def synthetic_images(n: int, side: int, g: torch.Generator) -> torch.Tensor:
     return x.clamp_(0.0, 1.0)
 
 
-def proxy_arch(scale: int, channels: int, kind: str = "auto") -> tuple[str, dict[str, object]]:
+def proxy_arch(scale: int, channels: int, kind: ProxyKind = "auto") -> tuple[str, dict[str, object]]:
     """Architecture (registry name, kwargs) of the proxy surrogate for a victim of output/input ``scale``."""
     if kind == "resunet":
         return "resunet", {"scale": scale, "base": channels, "levels": 2, "convs": 1, "max_channels": 2 * channels}
@@ -102,6 +103,7 @@ def proxy_path(model: ModelHandle, params: PoisonParams) -> Path:
     folder = Path(params.proxy_dir).expanduser() if params.proxy_dir else data_dir() / "defenses" / "poison"
     key = json.dumps(
         {"card": model.card, "steps": params.proxy_steps, "ch": params.proxy_channels, "seed": params.proxy_seed,
+         # the key names ``proxy`` only when it is not the default, so caches written before it existed stay valid
          "side": params.proxy_side, **({"proxy": params.proxy} if params.proxy != "auto" else {})},
         sort_keys=True, default=str,
     )

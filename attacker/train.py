@@ -94,6 +94,9 @@ class TrainConfig(BaseModel):
             machine fewer threads than cores can be many times faster (OpenMP threads spin-wait).
         val_max_side: held-out pairs are centre-cropped to this many input pixels a side.
         val_split: ``pairs`` (hold out whole pairs) or ``stripes`` (a stripe of every pair; module docstring).
+        ema: decay of an exponential moving average of the generator's weights (Polyak averaging), with the
+            warm-up ``min(ema, (1 + step) / (10 + step))``; when > 0 the average, not the raw weights, is
+            validated and kept as the best. 0 = off.
         counter: counter-measure spec applied to every harvested output before training
             (:mod:`attacker.countermeasures`, e.g. ``lowpass:sigma=1.5``, ``aware``).
     """
@@ -117,6 +120,7 @@ class TrainConfig(BaseModel):
     max_val_pairs: int = Field(32, ge=1)
     val_max_side: int = Field(128, ge=8)
     val_split: Literal["pairs", "stripes"] = "pairs"
+    ema: float = Field(0.0, ge=0.0, lt=1.0)
     val_every: int | None = Field(None, ge=1)
     time_budget: float | None = Field(300.0, gt=0)
     patience: int = Field(4, ge=1)
@@ -361,11 +365,10 @@ class TrainResult:
 
 
 @torch.no_grad()
-def _validate(sur: Surrogate, split: Split) -> dict[str, float]:
-    g = sur.G
+def _validate(g: nn.Module, device: torch.device, split: Split) -> dict[str, float]:
     was = g.training
     g.eval()
-    scores = [psnr_ssim_l2(*split.scored(i, translate(g, x, sur.device))) for i, x in enumerate(split.val_inputs)]
+    scores = [psnr_ssim_l2(*split.scored(i, translate(g, x, device))) for i, x in enumerate(split.val_inputs)]
     g.train(was)
     return {k: float(sum(sc[k] for sc in scores) / len(scores)) for k in scores[0]}
 
@@ -401,6 +404,7 @@ class _Loop:
     sur: Surrogate
     patch: int
     best: nn.Module
+    avg: nn.Module | None = None
     step: int = 0
     lr_factor: float = 1.0
     lr: float = 0.0
@@ -435,7 +439,23 @@ class _Loop:
         self.acc = [float(v) for v in meta.get("loss_acc", [])]
 
     def networks(self) -> dict[str, nn.Module]:
-        return {**self.sur.networks(), "best": self.best}
+        return {**self.sur.networks(), "best": self.best, **({"avg": self.avg} if self.avg is not None else {})}
+
+    @property
+    def judged(self) -> nn.Module:
+        """The weights that are validated and kept as the best: the moving average when there is one."""
+        return self.avg if self.avg is not None else self.sur.G
+
+    @torch.no_grad()
+    def update_average(self, decay: float) -> None:
+        """``avg <- d * avg + (1 - d) * G`` with ``d = min(decay, (1 + step) / (10 + step))`` (buffers copied)."""
+        if self.avg is None:
+            return
+        d = min(decay, (1.0 + self.step) / (10.0 + self.step))
+        for a, g in zip(self.avg.parameters(), self.sur.G.parameters(), strict=True):
+            a.lerp_(g.detach(), 1.0 - d)
+        for a, g in zip(self.avg.buffers(), self.sur.G.buffers(), strict=True):
+            a.copy_(g)
 
 
 LR_DROP = 3.0  # learning-rate divisor on a plateau
@@ -454,16 +474,17 @@ def _new_loop(kind_name: str, cfg: TrainConfig, scale: int, task: str, device: t
         raise TrainingError(f"training inputs are {min_side}px at the smallest; the {kind_name} {cfg.profile} "
                             f"surrogate needs crops of at least {mult}px: lower its depth (arch_kwargs) or "
                             "harvest larger crops")
-    return _Loop(kind_name, sur, patch, copy.deepcopy(sur.G), lr=profile.lr)
+    avg = copy.deepcopy(sur.G) if cfg.ema > 0 else None
+    return _Loop(kind_name, sur, patch, copy.deepcopy(sur.G), avg, lr=profile.lr)
 
 
 def _observe(loop: _Loop, split: Split, cfg: TrainConfig) -> None:
     """Validate, keep the best weights, and apply the plateau rule (see :class:`TrainConfig`)."""
-    val = _validate(loop.sur, split)
+    val = _validate(loop.judged, loop.sur.device, split)
     loop.val_curve.append({"step": loop.step, **val, "lr": loop.lr})
     if val["psnr"] > loop.best_psnr + cfg.min_delta_db:
         loop.best_psnr, loop.best_step, loop.best_scores, loop.bad = val["psnr"], loop.step, val, 0
-        loop.best.load_state_dict(loop.sur.G.state_dict())
+        loop.best.load_state_dict(loop.judged.state_dict())
         return
     loop.bad += 1
     if loop.bad >= cfg.patience and loop.step - loop.best_step >= cfg.plateau_fraction * loop.step:
@@ -529,8 +550,9 @@ def _run_loop(loop: _Loop, split: Split, cfg: TrainConfig, *, max_steps: int, un
             x, y = _to_unit(xb, device), _to_unit(yb, device)
             loop.lr = sur.set_lr(lr_factor(loop, cfg, horizon_steps, horizon_s))
             losses = sur.train_step(x, y)
-            loop.train_s += time.monotonic() - ts
             loop.step += 1
+            loop.update_average(cfg.ema)
+            loop.train_s += time.monotonic() - ts
             loop.acc.append(losses["loss"])
             if loop.step % cfg.log_every == 0 or loop.step == max_steps:
                 loop.loss_curve.append([loop.step, sum(loop.acc) / len(loop.acc)])
@@ -726,7 +748,7 @@ def train_surrogate(
             "kind": kind_name, "arch": sur.arch, "profile": cfg.profile, "steps": loop.step, "max_steps": steps,
             "best_step": loop.best_step, "stop_reason": loop.stop_reason, "time_budget_s": cfg.time_budget,
             "batch": profile.batch, "patch": loop.patch, "lr": profile.lr, "lr_factor": loop.lr_factor,
-            "seed": cfg.seed, "device": str(device), "amp": sur.amp,
+            "seed": cfg.seed, "device": str(device), "amp": sur.amp, "ema": cfg.ema,
             "amp_dtype": str(sur.amp_dtype).removeprefix("torch.") if sur.amp_dtype else None,
             "counter": counter.spec.describe(),
             "counter_amplitude": counter.amplitude, "pairs_train": len(split.train),

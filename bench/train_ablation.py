@@ -21,7 +21,9 @@ data_range 1, as ``bench/attack_fidelity.py``). Variants (``--variants`` picks a
   runs to the time budget);
 - ``resunet`` / ``resunet-pw2``: ``--arch resunet`` without / with two 1x1 conv layers at full
   resolution before the tail (``arch_kwargs.pointwise = 2``: per-pixel nonlinear capacity for tone
-  curves, posterisation and thresholds; an exploratory result, docs/attacker.md).
+  curves, posterisation and thresholds; an exploratory result, docs/attacker.md);
+- ``unet-res``: the residual U-Net (``--arch unet-l2`` with ``arch_kwargs.residual = true``);
+- ``ema`` / ``ema-fast``: today's defaults with a moving average of the weights (``ema`` 0.999 / 0.99).
 
 Every variant is channels-last (not switchable). Prints JSON and writes
 ``bench/results/train_ablation-VICTIM-BUDGET.json`` after every variant (``partial`` until the last).
@@ -65,6 +67,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-plateau": {"patience": 1_000_000},
     "resunet": {"arch": "resunet"},
     "resunet-pw2": {"arch": "resunet", "arch_kwargs": {"pointwise": 2}},
+    "unet-res": {"arch": "unet-l2", "arch_kwargs": {"residual": True}},
+    "ema": {"ema": 0.999},
+    "ema-fast": {"ema": 0.99},
 }
 log = logging.getLogger("bench.train_ablation")
 

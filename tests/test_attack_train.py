@@ -82,10 +82,12 @@ def test_surrogate_lowers_held_out_l2_and_beats_the_baseline(tmp_path: Path, kin
     assert loaded.module(x).shape == (1, 3, 16 * scale, 16 * scale)
 
 
-def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path, ema: float) -> None:
+    """With and without the weight average (which is then checkpointed with the networks)."""
     run = make_run(tmp_path / "run", colour_blur, 1, n=6, side=32, task="style")
     common = {"arch": "pix2pix", "profile": "tiny", "steps": 12, "checkpoint_every": 4, "val_every": 6,
-              "arch_kwargs": {"base": 8, "depth": 3}}
+              "arch_kwargs": {"base": 8, "depth": 3}, "ema": ema}
     full = train_surrogate(run, tmp_path / "full", **common)
 
     class StopTrainingError(Exception):
@@ -115,6 +117,20 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path) -> No
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.loss_curve == full.loss_curve
+
+
+def test_weight_average_is_what_is_validated_and_kept(tmp_path: Path) -> None:
+    """``ema > 0``: the checkpoint is the best *average* (it differs from the raw run's best weights), the
+    validations score the average, and a decay of 0 behaves exactly as no average."""
+    run = make_run(tmp_path / "run", colour_blur, 1, n=6, side=32, task="style")
+    common = {"arch": "resunet", "profile": "tiny", "steps": 40, "val_every": 10, "seed": 3}
+    plain = train_surrogate(run, tmp_path / "plain", **common)
+    avg = train_surrogate(run, tmp_path / "avg", ema=0.9, **common)
+    a, b = load_file(str(plain.checkpoint)), load_file(str(avg.checkpoint))
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert avg.loss_curve == plain.loss_curve  # the same training steps; only what is judged differs
+    assert read_run(run)["train"]["ema"] == 0.9  # run.json records which weights were kept
 
 
 def test_dataloader_workers_see_the_same_batches(tmp_path: Path) -> None:

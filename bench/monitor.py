@@ -5,11 +5,13 @@
 
 Prints JSON and writes ``bench/results/monitor.json``:
 
-- ``scoring``: query-log entries per second the monitor engine folds in (JSON parse, embedding decode,
-  k-NN/PRADA/reuse/link signals, risk and level), one thread, ``clients`` clients, entries built from
-  corpus crops and whole photos the way the service logs them;
-- ``embedding``: microseconds per call of the descriptor the translate route adds to each log entry,
-  for a 64x64 and a 512x512 input (the one line of the route the monitor adds);
+- ``scoring``: query-log entries per second the monitor engine folds in (JSON parse, embedding and
+  region-print decode, k-NN/PRADA/reuse/link signals, the shared-region search, risk and level), one
+  thread, ``clients`` clients, entries built from corpus crops the way the service logs them; and the
+  same without region prints in the entries (``entries_per_s_without_regions``);
+- ``embedding``: microseconds per call of the two things the translate route adds to each log entry (the
+  source descriptor and the shared-region fingerprint), for a 64x64 and a 512x512 input, against the pHash
+  the route computes anyway;
 - ``latency``: two real servers on the same Redis, monitor on vs off (``monitor.enabled``), the same
   tiny x4 model; sequential requests with a 64x64 PNG, rounds alternating between the servers so both
   see the same machine load; p50 and mean, and the ratio on/off (same run).
@@ -39,6 +41,7 @@ from attacker.victim_info import ModelInfo  # noqa: E402
 from defenses.monitor.config import MonitorConfig  # noqa: E402
 from defenses.monitor.embedding import embed_for_log  # noqa: E402
 from defenses.monitor.engine import MonitorEngine, observation_from_entry  # noqa: E402
+from defenses.monitor.regions import regions_for_log  # noqa: E402
 from translators.archs.registry import build_arch  # noqa: E402
 from translators.checkpoint import ModelCard, save_checkpoint  # noqa: E402
 from translators.codecs import encode_image  # noqa: E402
@@ -50,26 +53,37 @@ from victim_service.settings import Settings  # noqa: E402
 log = logging.getLogger("bench.monitor")
 
 
+def _score(lines: list[str]) -> float:
+    """Seconds the engine takes to fold ``lines`` in, as the consumer does per entry: parse, decode, score."""
+    eng = MonitorEngine(MonitorConfig(), {"free": 1.0})
+    t0 = time.perf_counter()
+    for i, line in enumerate(lines):
+        obs = observation_from_entry(json.loads(line), (i + 1, 0))
+        if obs is not None:
+            eng.process(obs)
+    return time.perf_counter() - t0
+
+
 def bench_scoring(n: int, clients: int) -> dict[str, Any]:
     info = ModelInfo(name="m", task="sr", scale=4, min_side=8)
     photos = load_images("corpus:all")
     per = max(1, n // clients)
-    lines = []
+    entries = []
     for c in range(clients):  # each client its own crops (a different seed); entries interleaved in time below
         st = build_strategy("crops", photos, info, seed=c)
         for j in range(per):
             i = j * clients + c
-            lines.append((i, json.dumps({"client": f"c{c}", "tier": "free", "ts": 1000.0 + i * 0.05, "status": 200,
-                                         "input_sha256": f"{i:064x}", "embedding": embed_for_log(st.make(j).image)})))
-    lines = [t for _, t in sorted(lines)]
-    eng = MonitorEngine(MonitorConfig(), {"free": 1.0})
-    t0 = time.perf_counter()
-    for i, line in enumerate(lines):  # what the consumer does per entry: parse, decode, score
-        obs = observation_from_entry(json.loads(line), (i + 1, 0))
-        if obs is not None:
-            eng.process(obs)
-    dt = time.perf_counter() - t0
-    return {"entries": n, "clients": clients, "seconds": round(dt, 3), "entries_per_s": round(n / dt, 1)}
+            x = st.make(j).image
+            entries.append((i, {"client": f"c{c}", "tier": "free", "ts": 1000.0 + i * 0.05, "status": 200,
+                                "input_sha256": f"{i:064x}", "embedding": embed_for_log(x),
+                                "regions": regions_for_log(x)}))
+    entries.sort(key=lambda t: t[0])
+    dt = _score([json.dumps(e) for _, e in entries])
+    dt_plain = _score([json.dumps({k: v for k, v in e.items() if k != "regions"}) for _, e in entries])
+    return {"entries": len(entries), "clients": clients, "seconds": round(dt, 3),
+            "entries_per_s": round(len(entries) / dt, 1),
+            "entries_per_s_without_regions": round(len(entries) / dt_plain, 1),
+            "ratio_with_without_regions": round(dt / dt_plain, 3)}
 
 
 def bench_embedding(reps: int) -> dict[str, Any]:
@@ -77,13 +91,14 @@ def bench_embedding(reps: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for side in (64, 512):
         x = torch.rand(1, 3, side, side)
-        for name, fn in (("embedding", embed_for_log), ("phash", phash64)):
+        for name, fn in (("embedding", embed_for_log), ("regions", regions_for_log), ("phash", phash64)):
             fn(x)
             t0 = time.perf_counter()
             for _ in range(reps):
                 fn(x)
             out[f"{name}_us_{side}"] = round((time.perf_counter() - t0) / reps * 1e6, 1)
-        out[f"ratio_embedding_phash_{side}"] = round(out[f"embedding_us_{side}"] / out[f"phash_us_{side}"], 3)
+        for name in ("embedding", "regions"):
+            out[f"ratio_{name}_phash_{side}"] = round(out[f"{name}_us_{side}"] / out[f"phash_us_{side}"], 3)
     return out
 
 

@@ -33,6 +33,7 @@ from attacker.victim_info import ModelInfo
 from defenses.monitor.config import MonitorConfig, SignalParams
 from defenses.monitor.embedding import source_embedding
 from defenses.monitor.engine import MonitorEngine
+from defenses.monitor.regions import region_print
 from defenses.monitor.scoring import Observation, shapiro_w
 from translators.codecs import decode_image, encode_image
 from translators.corpus import NamedImage
@@ -67,7 +68,8 @@ def default_attackers(queries: int = 50) -> list[AttackerSpec]:
 
 def _obs(client: str, tier: str, ts: float, body: bytes, seq: int) -> Observation:
     x = decode_image(body)
-    return Observation(client, tier, ts, True, hashlib.sha256(body).hexdigest(), source_embedding(x), (seq, 0))
+    return Observation(client, tier, ts, True, hashlib.sha256(body).hexdigest(), source_embedding(x), (seq, 0),
+                       region_print(x))
 
 
 def benign_observations(images: Sequence[NamedImage], info: ModelInfo, params: BenignParams, seed: int,
@@ -150,7 +152,7 @@ def _detection(engine: MonitorEngine, spec: AttackerSpec) -> dict[str, Any]:
     total = [((s.flagged_at_query - 1) * spec.keys + j + 1) for j, s in enumerate(states)
              if s is not None and s.flagged_at_query is not None]
     linked = [k for k, s in zip(keys, states, strict=True) if s is not None
-              and any(o in keys for o in s.linked_keys_at(engine.config.signals.link_shared))]
+              and any(o in keys for o in s.linked_keys(engine.config.signals))]
     return {"name": spec.name, "strategy": spec.strategy, "keys": spec.keys, "rate_fraction": spec.rate_fraction,
             "queries": spec.queries, "flagged_keys": len(at), "queries_to_detection": min(total) if total else None,
             "max_risk": round(max((s.risk for s in states if s is not None), default=0.0), 4),
@@ -160,7 +162,7 @@ def _detection(engine: MonitorEngine, spec: AttackerSpec) -> dict[str, Any]:
 def _benign_summary(engine: MonitorEngine, names: list[str]) -> dict[str, Any]:
     states = [engine.clients[n] for n in names if n in engine.clients]
     flagged = [s.client for s in states if s.flagged]
-    linked = [s.client for s in states if s.linked_keys_at(engine.config.signals.link_shared)]
+    linked = [s.client for s in states if s.linked_keys(engine.config.signals)]
     risks = sorted(s.risk for s in states)
     return {"clients": len(states), "queries": sum(s.queries for s in states), "flagged": len(flagged),
             "fpr": round(len(flagged) / max(1, len(states)), 4), "linked": len(linked),
@@ -278,7 +280,7 @@ class _ViewEngine:
     def benign(self, names: list[str]) -> dict[str, Any]:
         rows = [self.view[n] for n in names if n in self.view]
         flagged = [r["client"] for r in rows if r["flagged"]]
-        linked = [r["client"] for r in rows if r["signals"].get("link", 0) > 0]
+        linked = [r["client"] for r in rows if r["signals"].get("link", 0) > 0 or r["signals"].get("region", 0) > 0]
         return {"clients": len(rows), "queries": sum(r["queries"] for r in rows), "flagged": len(flagged),
                 "fpr": round(len(flagged) / max(1, len(rows)), 4), "linked": len(linked),
                 "link_fpr": round(len(linked) / max(1, len(rows)), 4),

@@ -78,16 +78,19 @@ def test_attackers_flagged_benign_not_two_workers_share_one_score(
         res = asyncio.run(evaluate_live(
             srv.url, srv.admin_key, "sr4x", ben, load_images("corpus:attacker"),
             [AttackerSpec(name="crops", strategy="crops", queries=40),
-             AttackerSpec(name="sybil", strategy="tiles", keys=3, queries=45)],
+             AttackerSpec(name="sybil", strategy="tiles", keys=3, queries=45),
+             AttackerSpec(name="sybil-crops", strategy="crops", keys=3, queries=30)],
             BenignParams(clients=4, photos_per_client=3, max_side=64, think_s=(0.0, 0.3)), seed=0, tier="open",
             time_scale=1.0, run_id="t"))
         assert res["caught_up"], res
-        crops, sybil = res["attackers"]
+        crops, sybil, sybil_crops = res["attackers"]
         assert crops["queries_to_detection"] is not None, crops
         assert crops["queries_to_detection"] <= 50, crops
         assert crops["levels"][0] >= 1
         assert sybil["flagged_keys"] >= 1, sybil
         assert sybil["queries_to_detection"] <= 50, sybil
+        # crops of one photo pool over 3 keys: linked by shared regions (tiles never overlap, so not them)
+        assert sybil_crops["linked_fraction"] >= 2 / 3, sybil_crops
         assert res["benign"]["clients"] == 4
         assert res["benign"]["flagged"] == 0, res["benign"]
         # the escalation went through the shared level store
@@ -101,6 +104,7 @@ def test_attackers_flagged_benign_not_two_workers_share_one_score(
                         headers=srv.admin_headers).json()
         assert len({e["worker"] for e in log}) == 2
         assert all(e["embedding"] for e in log)
+        assert all(e["regions"] for e in log)
         risk = _wait_queries(srv, "alice", 30)
         assert risk["queries"] == 30, risk
         assert risk["flagged"], risk

@@ -46,6 +46,8 @@ class QueryLogEntry(BaseModel):
     phash: str | None = Field(None, description="64-bit DCT perceptual hash of the decoded input, hex")
     embedding: str | None = Field(None, description="crop-tolerant source descriptor of the decoded input "
                                   "(defenses.monitor.embedding, base64 float16) for the query monitor")
+    regions: str | None = Field(None, description="shared-region fingerprint of the decoded input (corners and "
+                                "their descriptors, defenses.monitor.regions, base64) for Sybil linking")
     width: int | None = None
     height: int | None = None
     bytes_in: int = 0
@@ -289,7 +291,7 @@ def export_entries(entries: Iterator[QueryLogEntry], out: Path, fmt: str) -> int
             ("ts", pa.float64()), ("request_id", pa.string()), ("client", pa.string()), ("tier", pa.string()),
             ("key_id", pa.string()), ("model", pa.string()), ("status", pa.int32()), ("code", pa.string()),
             ("input_sha256", pa.string()), ("phash", pa.string()),
-            ("embedding", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+            ("embedding", pa.string()), ("regions", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
             ("bytes_in", pa.int64()), ("bytes_out", pa.int64()), ("content_type", pa.string()),
             ("latency_ms", pa.float64()), ("queue_ms", pa.float64()), ("batch_size", pa.int32()),
             ("defenses", pa.list_(pa.string())), ("level", pa.int32()), ("ip", pa.string()), ("worker", pa.int32()),

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from defenses import DefenseContext, request_rng, request_seed
 from defenses.monitor.embedding import embed_for_log
+from defenses.monitor.regions import regions_for_log
 from translators.codecs import MEDIA_TYPES, ImageFormat, decode_image, encode_image, probe_image
 from translators.errors import ImageError
 from victim_service.batching import admit
@@ -133,16 +134,18 @@ async def hash_refused_body(request: Request, served: ServedModel, entry: QueryL
 
 def decode_request_image(
     data: bytes, model: ServedModel, settings: Settings
-) -> tuple[torch.Tensor, str, str | None]:
+) -> tuple[torch.Tensor, str, str | None, str | None]:
     """Request bytes -> ``(1, 3, H, W)`` in [0, 1] (EXIF orientation applied), its 64-bit pHash (hex) and,
-    when the query monitor runs, its crop-tolerant source descriptor (docs/monitor.md).
+    when the query monitor runs, its crop-tolerant source descriptor and its shared-region fingerprint
+    (docs/monitor.md).
 
     Raises :class:`translators.errors.ImageError` for bad images and images the model cannot take.
     """
     x = decode_image(data, model.image_limits(settings.images))
     model.check_size(int(x.shape[-2]), int(x.shape[-1]))
-    emb = embed_for_log(x) if settings.monitor.enabled else None
-    return x, phash64(x), emb
+    if not settings.monitor.enabled:
+        return x, phash64(x), None, None
+    return x, phash64(x), embed_for_log(x), regions_for_log(x)
 
 
 def encode_response_image(t: torch.Tensor, fmt: ImageFormat, settings: Settings) -> bytes:
@@ -207,10 +210,13 @@ class TranslateService:
         admit(served)  # queue-time admission first: refused behind a long queue, no quota or decode spent
         await self._limit(request, client, tier, served, entry, headers)
         data = await self._read(request, served, entry)
-        x, ph, emb = await self._codec(
-            (entry.width or 0) * (entry.height or 0), decode_request_image, data, served, svc.settings
+        # with the monitor on, the fingerprints cost milliseconds even for small inputs: always off the loop
+        pixels = (entry.width or 0) * (entry.height or 0)
+        x, ph, emb, regions = await self._codec(
+            max(pixels, OFFLOAD_PIXELS + 1) if svc.settings.monitor.enabled else pixels,
+            decode_request_image, data, served, svc.settings,
         )
-        entry.phash, entry.embedding = ph, emb
+        entry.phash, entry.embedding, entry.regions = ph, emb, regions
         resolved = await svc.host.policy.for_client(served.name, client, svc.levels)
         entry.level = resolved.level
         ctx = DefenseContext(

@@ -33,6 +33,9 @@ class SignalParams(_Frozen):
             the tier's rate: signal = clip((ratio - floor) / span, 0, 1) once ``rate_min_queries`` are seen.
         unlimited_rate: the reference rate (requests/s) for tiers without a rate limit.
         link_shared: distinct shared sources (near-duplicates across two keys) that link the keys.
+        region_shared: queries of one key that share a verified region (overlapping pixels of one photo,
+            :mod:`defenses.monitor.regions`) with queries of another key, that link the two keys; 0 = off.
+        region_capacity: recent queries (of all clients) whose region fingerprints are searched.
         min_queries: no image signal before this many admitted queries.
     """
 
@@ -53,6 +56,8 @@ class SignalParams(_Frozen):
     rate_span: float = Field(0.35, gt=0.0)
     unlimited_rate: float = Field(20.0, gt=0.0)
     link_shared: int = Field(3, ge=1)
+    region_shared: int = Field(1, ge=0)
+    region_capacity: int = Field(512, ge=8, le=65536)
     min_queries: int = Field(8, ge=1)
 
 
@@ -65,6 +70,7 @@ class SignalWeights(_Frozen):
     knn: float = Field(0.9, ge=0.0, le=1.0)
     prada: float = Field(0.6, ge=0.0, le=1.0)
     link: float = Field(0.9, ge=0.0, le=1.0)
+    region: float = Field(0.45, ge=0.0, le=1.0)
 
 
 class EscalationStep(_Frozen):

@@ -17,6 +17,7 @@ import numpy as np
 from defenses.monitor.config import MonitorConfig
 from defenses.monitor.embedding import decode_embedding
 from defenses.monitor.linking import SybilIndex
+from defenses.monitor.regions import RegionIndex, decode_regions
 from defenses.monitor.scoring import ClientState, Observation, observe, rescore
 
 
@@ -37,10 +38,12 @@ def observation_from_entry(d: Mapping[str, Any], seq: tuple[int, int] = (0, 0)) 
             raise MalformedEntryError("client must be a string and ts a finite number")
         raw = d.get("embedding")
         emb: np.ndarray | None = decode_embedding(raw) if isinstance(raw, str) and status == 200 else None
+        raw_regions = d.get("regions")
+        regions = decode_regions(raw_regions) if isinstance(raw_regions, str) and status == 200 else None
         sha = d.get("input_sha256")
         tier = d.get("tier")
         return Observation(client, str(tier) if tier is not None else None, ts, status == 200,
-                           str(sha) if sha else None, emb, seq)
+                           str(sha) if sha else None, emb, seq, regions)
     except MalformedEntryError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -65,11 +68,14 @@ class MonitorEngine:
         self.tier_rates = dict(tier_rates or {})
         self.clients: dict[str, ClientState] = {}
         self.index = SybilIndex()
+        self.regions = RegionIndex(config.signals.region_capacity)
         self.processed = 0
         self.skipped = 0
 
     def load(self, states: Iterable[ClientState]) -> None:
-        """Start from persisted states (after a restart or a lease change); rebuilds the cross-key index."""
+        """Start from persisted states (after a restart or a lease change); rebuilds the cross-key index of
+        source descriptors. Region fingerprints are not persisted: the region index refills from new
+        queries (shared regions already counted stay in the states)."""
         self.clients = {s.client: s for s in states}
         for s in self.clients.values():
             for e in s.embs:
@@ -81,6 +87,13 @@ class MonitorEngine:
             s = self.clients[client] = ClientState(client)
         return s
 
+    def _pool(self, s: ClientState) -> np.ndarray | None:
+        """The recent embeddings of the keys ``s`` is linked to (at most ``history`` rows), or None."""
+        partners = [self.clients[c].embs for c in s.linked_keys(self.config.signals) if c in self.clients]
+        if not partners:
+            return None
+        return np.concatenate(partners)[-self.config.signals.history:]
+
     def process(self, obs: Observation) -> tuple[set[str], list[LevelChange]]:
         """Fold one observation in. Returns the clients whose state changed and any level increases."""
         p = self.config.signals
@@ -90,7 +103,7 @@ class MonitorEngine:
             return set(), []
         self.processed += 1
         novel = obs.ok and obs.embedding is not None and not (obs.sha is not None and obs.sha in s.shas)
-        observe(s, obs, p)
+        observe(s, obs, p, self._pool(s))
         changed = {s.client}
         rescore_these = [s.client]
         if novel:
@@ -103,6 +116,15 @@ class MonitorEngine:
                 if o.links[s.client] == p.link_shared:  # its link signal just changed
                     rescore_these.append(other)
             self.index.add(s.client, e)
+        if novel and obs.regions is not None and p.region_shared > 0:
+            for other in self.regions.matches(s.client, obs.regions):
+                s.region_links[other] = s.region_links.get(other, 0) + 1
+                o = self.state(other)
+                o.region_links[s.client] = o.region_links.get(s.client, 0) + 1
+                changed.update((s.client, other))
+                if o.region_links[s.client] == p.region_shared:
+                    rescore_these.append(other)
+            self.regions.add(s.client, obs.regions)
         ups: list[LevelChange] = []
         for c in rescore_these:
             st = self.clients[c]

@@ -14,7 +14,11 @@ Signals, each in [0, 1] (parameters: :class:`~defenses.monitor.config.SignalPara
 * ``prada``: PRADA (Juuti et al. 2019): the minimum distance of each new query to the client's earlier ones
   is collected; benign streams give roughly normal minimum distances, so Shapiro-Wilk ``W < delta`` alarms.
 * ``link``: cross-key similarity: the key shares >= ``link_shared`` near-duplicate sources with another key
-  (Sybil keys fed from one photo pool). Set by :class:`~defenses.monitor.linking.SybilIndex`.
+  (Sybil keys fed from one photo pool; :class:`~defenses.monitor.linking.SybilIndex`).
+* ``region``: >= ``region_shared`` of the key's queries overlap a query of another key pixel for pixel (crops
+  of one photo; :class:`~defenses.monitor.regions.RegionIndex`). Its default weight is below ``flag_risk``:
+  a chance match between unrelated photos is rare but not rare enough at a busy service's volume
+  (docs/monitor.md), so a region link alone never flags; with any other evidence it does.
 
 Byte-identical resends (same SHA-256 as a past query: retries) only count towards volume.
 """
@@ -32,6 +36,7 @@ from scipy import stats
 
 from defenses.monitor.config import MonitorConfig, SignalParams, SignalWeights
 from defenses.monitor.embedding import DIM
+from defenses.monitor.regions import RegionPrint
 
 TIMES_KEPT = 64
 PRADA_EVERY = 4
@@ -50,6 +55,7 @@ class Observation:
     sha: str | None
     embedding: np.ndarray | None
     seq: tuple[int, int] = (0, 0)
+    regions: RegionPrint | None = None
 
 
 @dataclass
@@ -71,6 +77,7 @@ class ClientState:
     prada_w: float | None = None
     n_dmins: int = 0
     links: dict[str, int] = field(default_factory=dict)
+    region_links: dict[str, int] = field(default_factory=dict)
     risk: float = 0.0
     signals: dict[str, float] = field(default_factory=dict)
     flagged_at_query: int | None = None
@@ -100,11 +107,19 @@ class ClientState:
                 "level": self.level, "queries": self.queries, "admitted": self.admitted, "resends": self.resends,
                 "flagged_at_query": self.flagged_at_query,
                 "signals": {k: round(v, 4) for k, v in self.signals.items()},
-                "linked": sorted(self.linked_keys_at(None))}
+                "linked": self.linked_keys_at(None)}
 
-    def linked_keys_at(self, threshold: int | None) -> list[str]:
+    def linked_keys_at(self, threshold: int | None, region_threshold: int = 1) -> list[str]:
+        """Other clients with ``>= threshold`` shared sources (None: any) or ``>= region_threshold`` shared
+        regions (0: regions ignored)."""
         t = 1 if threshold is None else threshold
-        return [c for c, n in self.links.items() if n >= t]
+        by_source = {c for c, n in self.links.items() if n >= t}
+        by_region = {c for c, n in self.region_links.items() if n >= region_threshold} if region_threshold else set()
+        return sorted(by_source | by_region)
+
+    def linked_keys(self, p: SignalParams) -> list[str]:
+        """The clients this one is linked to under ``p``, by shared sources or shared regions."""
+        return self.linked_keys_at(p.link_shared, p.region_shared)
 
 
 def _push(xs: list, v: object, keep: int) -> None:  # type: ignore[type-arg]
@@ -113,9 +128,14 @@ def _push(xs: list, v: object, keep: int) -> None:  # type: ignore[type-arg]
         del xs[: len(xs) - keep]
 
 
-def observe(state: ClientState, obs: Observation, p: SignalParams) -> float | None:
+def observe(state: ClientState, obs: Observation, p: SignalParams, pool: np.ndarray | None = None) -> float | None:
     """Fold one observation into ``state`` (in place). Returns the query's minimum distance to the client's
-    earlier queries (None when it had no embedding, was a resend, or is the first)."""
+    earlier queries (None when it had no embedding, was a resend, or is the first).
+
+    ``pool`` ``(m, DIM)``: embeddings of the keys this client is linked to; the query's distances (reuse,
+    k-NN, PRADA) are then measured against the client's history *and* theirs, so linked keys are scored as
+    one history (the monitor engine passes them; ``state.embs`` keeps the client's own queries only).
+    """
     state.queries += 1
     state.tier = obs.tier or state.tier
     state.last_seq = max(state.last_seq, obs.seq)
@@ -130,8 +150,9 @@ def observe(state: ClientState, obs: Observation, p: SignalParams) -> float | No
         return None
     e = np.asarray(obs.embedding, np.float32).reshape(1, DIM)
     dmin: float | None = None
-    if len(state.embs):
-        d = np.sqrt(np.maximum(2.0 - 2.0 * (state.embs @ e[0]), 0.0))  # unit vectors
+    history = state.embs if pool is None or not len(pool) else np.concatenate([state.embs, pool])
+    if len(history):
+        d = np.sqrt(np.maximum(2.0 - 2.0 * (history @ e[0]), 0.0))  # unit vectors
         dmin = float(d.min())
         _push(state.dmins, dmin, p.prada_max)
         state.n_dmins += 1
@@ -176,15 +197,16 @@ def signals(state: ClientState, tier_rate: float | None, p: SignalParams) -> dic
         if w is not None:
             out["prada_w"] = w
             out["prada"] = float(np.clip((p.prada_delta + p.prada_margin - w) / p.prada_margin, 0.0, 1.0))
-    linked = state.linked_keys_at(p.link_shared)
-    out["link"] = 1.0 if linked else 0.0
+    out["link"] = 1.0 if state.linked_keys_at(p.link_shared, 0) else 0.0
+    if p.region_shared > 0:
+        out["region"] = 1.0 if any(n >= p.region_shared for n in state.region_links.values()) else 0.0
     return out
 
 
 def combine(sig: dict[str, float], w: SignalWeights) -> float:
     """Noisy-OR of the weighted signals: ``1 - prod(1 - w_i s_i)`` in [0, 1]."""
     keep = 1.0
-    for name in ("rate", "reuse", "knn", "prada", "link"):
+    for name in ("rate", "reuse", "knn", "prada", "link", "region"):
         keep *= 1.0 - getattr(w, name) * sig.get(name, 0.0)
     return float(min(1.0, max(0.0, 1.0 - keep)))
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,44 +207,33 @@ def shared_regions(a: RegionPrint, b: RegionPrint) -> int:
 class RegionIndex:
     """The region prints of the last ``capacity`` queries of all clients, searchable for shared regions.
 
-    :meth:`matches` prefilters with one matrix product of the new print's 8 transformed descriptor sets
-    against every stored corner (a stored query needs ``MIN_SHARED`` corners above :data:`MATCH_COS` under
-    one transform) and runs :func:`shared_regions` only on the candidates that pass.
+    A ring of ``capacity`` slots of :data:`KEYPOINTS` descriptor rows each (unused rows are zero, so they
+    never match). :meth:`matches` prefilters with one matrix product of the new print's 8 transformed
+    descriptor sets against every stored corner (a stored query needs ``MIN_SHARED`` of the new print's
+    corners above :data:`MATCH_COS` under one transform) and runs :func:`shared_regions` only on the
+    candidates that pass.
     """
 
     def __init__(self, capacity: int = 512) -> None:
         self.capacity = capacity
-        self.entries: deque[tuple[str, RegionPrint]] = deque(maxlen=capacity)
-        self._desc = np.zeros((0, DESC_DIM), np.float32)
-        self._row_entry = np.zeros(0, np.int64)
-        self._first = 0  # absolute number of the oldest entry still held
-        self._dirty = False
-
-    def _matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._dirty:
-            self._desc = np.concatenate([rp.desc for _, rp in self.entries]) if self.entries else self._desc[:0]
-            self._row_entry = np.concatenate([np.full(len(rp), i, np.int64) for i, (_, rp) in enumerate(self.entries)]
-                                             ) if self.entries else self._row_entry[:0]
-            self._dirty = False
-        return self._desc, self._row_entry
+        self.desc = np.zeros((capacity * KEYPOINTS, DESC_DIM), np.float32)
+        self.slots: list[tuple[str, RegionPrint] | None] = [None] * capacity
+        self.n = 0
 
     def matches(self, client: str, rp: RegionPrint) -> list[str]:
         """Other clients with a recent query that shares a region with ``rp`` (each named once)."""
-        if len(rp) < MIN_SHARED or not self.entries:
+        if len(rp) < MIN_SHARED or self.n == 0:
             return []
-        desc, row_entry = self._matrix()
-        if len(desc) == 0:
-            return []
-        n = len(self.entries)
-        variants = np.concatenate([rp.desc[:, perm] for _, _, perm in DIHEDRAL])  # (8 n_rp, DESC_DIM)
-        hit_rows, hit_cols = np.nonzero(variants @ desc.T > MATCH_COS)
-        # distinct (transform, own corner) per (transform, stored entry): enough votes to be worth a check
-        t = hit_rows // len(rp)
-        pair = np.unique(np.stack([t * n + row_entry[hit_cols], hit_rows]), axis=1)[0]
-        counts = np.bincount(pair, minlength=8 * n).reshape(8, n).max(0)
+        used = min(self.n, self.capacity)
+        variants = np.concatenate([rp.desc[:, perm] for _, _, perm in DIHEDRAL])  # (8 n, DESC_DIM)
+        hits = (variants @ self.desc[: used * KEYPOINTS].T > MATCH_COS).reshape(8, len(rp), used, KEYPOINTS)
+        votes = hits.any(3).sum(1).max(0)  # per stored query: own corners with a match, best transform
         out: set[str] = set()
-        for i in np.flatnonzero(counts >= MIN_SHARED):
-            owner, other = self.entries[int(i)]
+        for i in np.flatnonzero(votes >= MIN_SHARED):
+            slot = self.slots[int(i)]
+            if slot is None:
+                continue
+            owner, other = slot
             if owner != client and owner not in out and shared_regions(rp, other) >= MIN_SHARED:
                 out.add(owner)
         return sorted(out)
@@ -253,5 +241,9 @@ class RegionIndex:
     def add(self, client: str, rp: RegionPrint) -> None:
         if len(rp) < MIN_SHARED:
             return
-        self.entries.append((client, rp))
-        self._dirty = True
+        i = self.n % self.capacity
+        rows = self.desc[i * KEYPOINTS : (i + 1) * KEYPOINTS]
+        rows[:] = 0.0
+        rows[: len(rp)] = rp.desc
+        self.slots[i] = (client, rp)
+        self.n += 1

@@ -210,11 +210,10 @@ class TranslateService:
         admit(served)  # queue-time admission first: refused behind a long queue, no quota or decode spent
         await self._limit(request, client, tier, served, entry, headers)
         data = await self._read(request, served, entry)
-        # with the monitor on, the fingerprints cost milliseconds even for small inputs: always off the loop
-        pixels = (entry.width or 0) * (entry.height or 0)
+        # small inputs decode on the loop (their fingerprints cost 1-5 ms): a burst then reaches the queue one
+        # request at a time, which the queue-time admission check relies on
         x, ph, emb, regions = await self._codec(
-            max(pixels, OFFLOAD_PIXELS + 1) if svc.settings.monitor.enabled else pixels,
-            decode_request_image, data, served, svc.settings,
+            (entry.width or 0) * (entry.height or 0), decode_request_image, data, served, svc.settings
         )
         entry.phash, entry.embedding, entry.regions = ph, emb, regions
         resolved = await svc.host.policy.for_client(served.name, client, svc.levels)

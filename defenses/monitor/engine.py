@@ -94,6 +94,20 @@ class MonitorEngine:
             return None
         return np.concatenate(partners)[-self.config.signals.history:]
 
+    def _count(self, s: ClientState, others: list[str], field: str, threshold: int, changed: set[str]) -> list[str]:
+        """Count one more shared source (``field = "links"``) or region (``"region_links"``) between ``s`` and
+        each of ``others``, on both sides; returns the others whose link just reached ``threshold`` (their
+        signals changed and must be rescored). Every touched client goes into ``changed`` (to persist)."""
+        reached = []
+        for other in others:
+            mine, theirs = getattr(s, field), getattr(self.state(other), field)
+            mine[other] = mine.get(other, 0) + 1
+            theirs[s.client] = theirs.get(s.client, 0) + 1
+            changed.add(other)
+            if theirs[s.client] == threshold:
+                reached.append(other)
+        return reached
+
     def process(self, obs: Observation) -> tuple[set[str], list[LevelChange]]:
         """Fold one observation in. Returns the clients whose state changed and any level increases."""
         p = self.config.signals
@@ -108,22 +122,12 @@ class MonitorEngine:
         rescore_these = [s.client]
         if novel:
             e = s.embs[-1]
-            for other in self.index.matches(s.client, e, p.dup_distance):
-                s.links[other] = s.links.get(other, 0) + 1
-                o = self.state(other)
-                o.links[s.client] = o.links.get(s.client, 0) + 1
-                changed.add(other)  # its link counts must be persisted too
-                if o.links[s.client] == p.link_shared:  # its link signal just changed
-                    rescore_these.append(other)
+            others = self.index.matches(s.client, e, p.dup_distance)
+            rescore_these += self._count(s, others, "links", p.link_shared, changed)
             self.index.add(s.client, e)
         if novel and obs.regions is not None and p.region_shared > 0:
-            for other in self.regions.matches(s.client, obs.regions):
-                s.region_links[other] = s.region_links.get(other, 0) + 1
-                o = self.state(other)
-                o.region_links[s.client] = o.region_links.get(s.client, 0) + 1
-                changed.update((s.client, other))
-                if o.region_links[s.client] == p.region_shared:
-                    rescore_these.append(other)
+            others = self.regions.matches(s.client, obs.regions)
+            rescore_these += self._count(s, others, "region_links", p.region_shared, changed)
             self.regions.add(s.client, obs.regions)
         ups: list[LevelChange] = []
         for c in rescore_these:

@@ -13,11 +13,14 @@ from defenses.monitor.config import MonitorConfig, SignalParams
 from defenses.monitor.engine import MalformedEntryError, MonitorEngine, observation_from_entry
 from defenses.monitor.regions import (
     MIN_SHARED,
+    SCALES,
     RegionIndex,
+    RegionPrint,
     decode_regions,
     encode_regions,
     region_print,
     regions_for_log,
+    shared_corners,
     shared_regions,
     transform_points,
 )
@@ -49,19 +52,26 @@ def test_transform_points_follows_numpy_rot90_and_flip() -> None:
             assert tuple(got) == tuple(want), (k, flip)
 
 
-def _overlap_rate(sigma: float, pairs: int = 24) -> float:
-    """Share of pairs of overlapping 64 px crops (shifted by 0-19 px each way) that share a region."""
+def _overlap_rates(sigma: float, pairs: int = 24) -> tuple[float, ...]:
+    """Share of pairs of overlapping 64 px crops (shifted by 0-19 px each way) that share a region: both
+    scales together (the rule), then each scale of :data:`SCALES` alone."""
     photos = _photos()
     rng = np.random.default_rng(0)
-    hits = 0
+    hits = np.zeros(1 + len(SCALES))
     for t in range(pairs):
         p = photos[t % len(photos)]
         h, w = p.shape[-2:]
         y, x = int(rng.integers(0, h - 90)), int(rng.integers(0, w - 90))
         dy, dx = int(rng.integers(0, 20)), int(rng.integers(0, 20))
-        a, b = _noisy(_crop(p, y, x), sigma, t), _noisy(_crop(p, y + dy, x + dx), sigma, 100 + t)
-        hits += shared_regions(region_print(a), region_print(b)) >= MIN_SHARED
-    return hits / pairs
+        a = region_print(_noisy(_crop(p, y, x), sigma, t))
+        b = region_print(_noisy(_crop(p, y + dy, x + dx), sigma, 100 + t))
+        per_scale = [shared_corners(ca, cb) for ca, cb in zip(a.scales, b.scales, strict=True)]
+        hits += np.array([shared_regions(a, b), *per_scale]) >= MIN_SHARED
+    return tuple(float(v) for v in hits / pairs)
+
+
+def _overlap_rate(sigma: float, pairs: int = 24) -> float:
+    return _overlap_rates(sigma, pairs)[0]
 
 
 def test_overlapping_crops_share_regions_through_noise_and_transforms() -> None:
@@ -79,6 +89,18 @@ def test_overlapping_crops_share_regions_through_noise_and_transforms() -> None:
     # halves that (measured 0.92 and 0.58), which a thief's many overlapping pairs make up for
     assert _overlap_rate(0.0) >= 0.85
     assert _overlap_rate(0.1) >= 0.4
+
+
+def test_the_coarse_scale_finds_noisy_overlaps_the_fine_scale_misses() -> None:
+    """At a denoising API's query noise (sigma 0.15 on each copy), the coarse scale (2 px blur) matches
+    overlapping crops the fine one (1.2 px) loses to the noise (measured over 48 pairs: fine 0.38, coarse
+    0.48, both 0.48); without noise the fine scale does at least as well as the coarse one."""
+    both, fine, coarse = _overlap_rates(0.15, pairs=48)
+    assert coarse >= fine + 0.05
+    assert both >= max(fine, coarse)
+    both, fine, coarse = _overlap_rates(0.0, pairs=24)
+    assert fine >= coarse
+    assert both >= 0.85
 
 
 def test_distinct_photos_and_disjoint_crops_do_not_share_regions() -> None:
@@ -100,11 +122,18 @@ def test_log_form_round_trips_and_rejects_garbage() -> None:
     rp = region_print(x)
     back = decode_regions(regions_for_log(x))
     assert back.size == rp.size
-    assert np.array_equal(back.points, rp.points)
-    assert np.abs(back.desc - rp.desc).max() < 0.02
-    assert shared_regions(rp, back) >= len(rp) - 1
+    assert len(back.scales) == len(rp.scales) == len(SCALES)
+    for b, c in zip(back.scales, rp.scales, strict=True):
+        assert np.array_equal(b.points, c.points)
+        assert np.abs(b.desc - c.desc).max() < 0.02
+        assert shared_corners(c, b) >= len(c) - 1
+    # a one-scale log form (written before the coarse scale) still decodes, and matches at its scale
+    old = decode_regions(encode_regions(RegionPrint(rp.scales[:1])))
+    assert len(old.scales) == 1
+    assert shared_regions(rp, old) >= len(rp.scales[0]) - 1
+    three = encode_regions(RegionPrint(rp.scales + rp.scales[:1]))
     for bad, why in (("AAAA", "too short"), ("not base64!", "base64|Non-base64|Incorrect padding"),
-                     (encode_regions(rp)[:-8], "bytes")):
+                     (encode_regions(rp)[:-8], "bytes"), (three, "after its 2 scale")):
         with pytest.raises(ValueError, match=why):
             decode_regions(bad)
     with pytest.raises(MalformedEntryError):

@@ -7,30 +7,32 @@ attacker strategies' own crop geometry, at 40 queries over 4 keys almost every k
 at least a quarter of a crop of another key (``bench/sybil_linking.py``). Overlapping crops share *pixels*,
 and that is what this module detects, with a geometric check that different photos practically never pass.
 
-Fingerprint (:func:`region_print`) of a query ``(3, H, W)`` in [0, 1]:
+Fingerprint (:func:`region_print`) of a query ``(3, H, W)`` in [0, 1]: one set of corners per blur scale of
+:data:`SCALES`, each computed as follows.
 
-* intensity = mean of the three channels (unchanged by a channel permutation), Gaussian-blurred
-  (:data:`BLUR` px: query noise of a denoising API is averaged down before anything is detected);
+* intensity = mean of the three channels (unchanged by a channel permutation), Gaussian-blurred by the
+  scale (1.2 px keeps the corners of small clean crops, such as a super-resolution API's queries; 2.0 px
+  averages down the query noise of a denoising API, sigma up to 0.2, that hides many of them at 1.2 px);
 * corners: Harris & Stephens (1988) response ``det(M) - 0.05 tr(M)^2`` of the structure tensor ``M``
   (smoothed over :data:`TENSOR` px), local maxima over 3x3 above 1e-3 of the image's largest response, at
   least :data:`RADIUS` px from the border; the :data:`KEYPOINTS` strongest;
 * descriptor per corner: the blurred intensity on a 7x7 grid of step 2 px around it, minus its mean,
   unit norm (so brightness and contrast changes do not matter), stored as int8.
 
-Match (:func:`shared_regions`): for each of the 8 flips/rotations of one print, corners whose descriptors
-are mutual nearest neighbours with cosine > :data:`MATCH_COS`, and pass Lowe's (2004) ratio test
+Match (:func:`shared_corners` at each scale; :func:`shared_regions` takes the larger count of the scales):
+for each of the 8 flips/rotations of one print, corners whose descriptors are mutual nearest neighbours
+with cosine > :data:`MATCH_COS`, and pass Lowe's (2004) ratio test
 (:data:`RATIO`: rejects corners of repeated patterns), vote for the translation between the two queries;
 the count of the largest group of votes within :data:`OFFSET_TOL` px is the number of shared corners. Two
 queries share a region when at least :data:`MIN_SHARED` corners agree on one rigid placement: a chance
 match needs several unrelated descriptors to agree on one of ~10^4 translations. Calibrated on queries
-that share no pixels only (``bench/sybil_linking.py`` reports that null: 2 chance matches in 30,511
-pairs, both of repeated round structures).
+that share no pixels only (``bench/sybil_linking.py`` reports that null, both scales together).
 
 Not seen: crops rescaled between queries (scale changes move corners and descriptors), strong blur or
 JPEG of one copy, crops that never overlap (the ``tiles`` strategy; whole distinct photos), and the parts
 of inputs larger than :data:`WINDOW` px outside their central window. Corner positions are in the
-window's pixels. Cost: a few Gaussian filters of (at most) the window, a few milliseconds per query on
-one core (``bench/monitor.py``); the log form is at most about 3.4 kB of base64 per query.
+window's pixels. Cost: a few Gaussian filters of (at most) the window per scale, a few milliseconds per query
+on one core (``bench/monitor.py``); the log form is at most about 3.4 kB of base64 per scale.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-BLUR = 1.2
-"""Gaussian sigma (px) of the intensity before corners and descriptors."""
+SCALES = (1.2, 2.0)
+"""Gaussian sigmas (px) of the intensity before corners and descriptors: one set of corners per scale.
+Two queries are compared scale by scale (a noisy copy's fine corners never meet a clean copy's coarse ones).
+A log form written with fewer scales (before the coarse scale existed) holds the first ones."""
 TENSOR = 1.0
 """Gaussian sigma (px) of the structure-tensor smoothing."""
 RADIUS = 6
@@ -68,9 +72,9 @@ _HEADER = struct.Struct("<BHH")
 
 
 @dataclass(frozen=True)
-class RegionPrint:
-    """Corners of one query: ``points (n, 2)`` int (row, col) in its pixels, ``desc (n, DESC_DIM)`` float32
-    unit rows, ``size`` the query's ``(H, W)``."""
+class CornerPrint:
+    """Corners of one query at one blur scale: ``points (n, 2)`` int (row, col) in its pixels,
+    ``desc (n, DESC_DIM)`` float32 unit rows, ``size`` the query's ``(H, W)``."""
 
     points: np.ndarray
     desc: np.ndarray
@@ -78,6 +82,22 @@ class RegionPrint:
 
     def __len__(self) -> int:
         return len(self.points)
+
+
+@dataclass(frozen=True)
+class RegionPrint:
+    """A query's region fingerprint: one :class:`CornerPrint` per entry of :data:`SCALES` (or fewer, when
+    decoded from an older log form)."""
+
+    scales: tuple[CornerPrint, ...]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.scales[0].size
+
+    def __len__(self) -> int:
+        """The most corners at any scale (a print with fewer than :data:`MIN_SHARED` can match nothing)."""
+        return max(len(c) for c in self.scales)
 
 
 def _dihedral() -> list[tuple[int, bool, np.ndarray]]:
@@ -115,9 +135,14 @@ def region_print(image: torch.Tensor) -> RegionPrint:
         raise ValueError(f"expected (3, H, W), got {tuple(image.shape)}")
     top, left = max(0, (x.shape[1] - WINDOW) // 2), max(0, (x.shape[2] - WINDOW) // 2)
     x = x[:, top : top + WINDOW, left : left + WINDOW]
-    g = ndi.gaussian_filter(x.float().clamp(0, 1).mean(0).cpu().numpy().astype(np.float32), BLUR)
+    intensity = x.float().clamp(0, 1).mean(0).cpu().numpy().astype(np.float32)
+    return RegionPrint(tuple(_corners(ndi.gaussian_filter(intensity, blur)) for blur in SCALES))
+
+
+def _corners(g: np.ndarray) -> CornerPrint:
+    """Harris corners and descriptors of the blurred intensity ``g (H, W)`` (module doc)."""
     h, w = g.shape
-    empty = RegionPrint(np.zeros((0, 2), np.int64), np.zeros((0, DESC_DIM), np.float32), (h, w))
+    empty = CornerPrint(np.zeros((0, 2), np.int64), np.zeros((0, DESC_DIM), np.float32), (h, w))
     if h <= 2 * RADIUS + 2 or w <= 2 * RADIUS + 2:
         return empty
     gy, gx = np.gradient(g)
@@ -137,36 +162,48 @@ def region_print(image: torch.Tensor) -> RegionPrint:
     d = d - d.mean(1, keepdims=True)
     norm = np.linalg.norm(d, axis=1, keepdims=True)
     keep = norm[:, 0] > 1e-4
-    return RegionPrint(np.stack([ys[keep], xs[keep]], 1), (d[keep] / norm[keep]).astype(np.float32), (h, w))
+    return CornerPrint(np.stack([ys[keep], xs[keep]], 1), (d[keep] / norm[keep]).astype(np.float32), (h, w))
 
 
 def encode_regions(rp: RegionPrint) -> str:
-    """Compact text form for the query log: base64 of ``n, H, W`` then ``n`` (row, col) uint16 pairs and
-    ``n x DESC_DIM`` int8 descriptors (``round(127 d)``)."""
-    n = len(rp)
-    h, w = (min(v, 65535) for v in rp.size)
-    body = (_HEADER.pack(n, h, w) + rp.points.astype("<u2").tobytes()
-            + np.clip(np.round(rp.desc * 127), -127, 127).astype(np.int8).tobytes())
+    """Compact text form for the query log: base64 of one block per scale, each ``n, H, W`` then ``n``
+    (row, col) uint16 pairs and ``n x DESC_DIM`` int8 descriptors (``round(127 d)``)."""
+    body = b""
+    for c in rp.scales:
+        h, w = (min(v, 65535) for v in c.size)
+        body += (_HEADER.pack(len(c), h, w) + c.points.astype("<u2").tobytes()
+                 + np.clip(np.round(c.desc * 127), -127, 127).astype(np.int8).tobytes())
     return base64.b64encode(body).decode()
 
 
 def decode_regions(s: str) -> RegionPrint:
-    """Inverse of :func:`encode_regions` (descriptors re-normalised); ``ValueError`` on anything else."""
+    """Inverse of :func:`encode_regions` (descriptors re-normalised); ``ValueError`` on anything else. A
+    log form with one block (written before :data:`SCALES` had two entries) gives a one-scale print."""
     raw = base64.b64decode(s, validate=True)
     if len(raw) < _HEADER.size:
         raise ValueError("region print too short")
-    n, h, w = _HEADER.unpack_from(raw)
-    want = _HEADER.size + n * 4 + n * DESC_DIM
-    if len(raw) != want or n > KEYPOINTS:
-        raise ValueError(f"region print has {len(raw)} bytes, expected {want} for {n} corners")
-    pts = np.frombuffer(raw, "<u2", n * 2, _HEADER.size).astype(np.int64).reshape(n, 2)
-    if n and (pts[:, 0].max() >= h or pts[:, 1].max() >= w):
-        raise ValueError("region print has corners outside its image")
-    d = np.frombuffer(raw, np.int8, n * DESC_DIM, _HEADER.size + n * 4).astype(np.float32).reshape(n, DESC_DIM)
-    norm = np.linalg.norm(d, axis=1, keepdims=True)
-    if n and float(norm.min()) == 0.0:
-        raise ValueError("region print holds an empty descriptor")
-    return RegionPrint(pts, d / np.maximum(norm, 1e-12), (h, w))
+    scales: list[CornerPrint] = []
+    at = 0
+    while at < len(raw):
+        if len(scales) == len(SCALES) or len(raw) - at < _HEADER.size:
+            raise ValueError(f"region print has {len(raw) - at} bytes after its {len(scales)} scale(s)")
+        n, h, w = _HEADER.unpack_from(raw, at)
+        want = _HEADER.size + n * 4 + n * DESC_DIM
+        if len(raw) - at < want or n > KEYPOINTS:
+            raise ValueError(f"region print has {len(raw) - at} bytes, expected {want} for {n} corners")
+        if scales and (h, w) != scales[0].size:
+            raise ValueError("region print's scales disagree on the image size")
+        pts = np.frombuffer(raw, "<u2", n * 2, at + _HEADER.size).astype(np.int64).reshape(n, 2)
+        if n and (pts[:, 0].max() >= h or pts[:, 1].max() >= w):
+            raise ValueError("region print has corners outside its image")
+        d = np.frombuffer(raw, np.int8, n * DESC_DIM, at + _HEADER.size + n * 4).astype(np.float32)
+        d = d.reshape(n, DESC_DIM)
+        norm = np.linalg.norm(d, axis=1, keepdims=True)
+        if n and float(norm.min()) == 0.0:
+            raise ValueError("region print holds an empty descriptor")
+        scales.append(CornerPrint(pts, d / np.maximum(norm, 1e-12), (h, w)))
+        at += want
+    return RegionPrint(tuple(scales))
 
 
 def regions_for_log(image: torch.Tensor) -> str:
@@ -193,8 +230,13 @@ def _distinct(sim: np.ndarray) -> np.ndarray:
 
 
 def shared_regions(a: RegionPrint, b: RegionPrint) -> int:
-    """Corners of ``a`` and ``b`` that agree on one placement of ``b`` in ``a`` (a flip/rotation and a
-    translation): the largest such count over the 8 transforms (module doc). ``>= MIN_SHARED`` = shared."""
+    """:func:`shared_corners` at each scale both prints have; the larger count. ``>= MIN_SHARED`` = shared."""
+    return max(shared_corners(ca, cb) for ca, cb in zip(a.scales, b.scales, strict=False))
+
+
+def shared_corners(a: CornerPrint, b: CornerPrint) -> int:
+    """Corners of ``a`` and ``b`` (one scale) that agree on one placement of ``b`` in ``a`` (a flip/rotation
+    and a translation): the largest such count over the 8 transforms (module doc)."""
     if len(a) < MIN_SHARED or len(b) < MIN_SHARED:
         return 0
     best = 0
@@ -213,16 +255,16 @@ def shared_regions(a: RegionPrint, b: RegionPrint) -> int:
 class RegionIndex:
     """The region prints of the last ``capacity`` queries of all clients, searchable for shared regions.
 
-    A ring of ``capacity`` slots of :data:`KEYPOINTS` descriptor rows each (unused rows are zero, so they
-    never match). :meth:`matches` prefilters with one matrix product of the new print's 8 transformed
-    descriptor sets against every stored corner (a stored query needs ``MIN_SHARED`` of the new print's
-    corners above :data:`MATCH_COS` under one transform) and runs :func:`shared_regions` only on the
-    candidates that pass.
+    A ring of ``capacity`` slots of :data:`KEYPOINTS` descriptor rows per scale (unused rows are zero, so
+    they never match). :meth:`matches` prefilters, per scale, with one matrix product of the new print's 8
+    transformed descriptor sets against every stored corner of that scale (a stored query needs
+    ``MIN_SHARED`` of the new print's corners above :data:`MATCH_COS` under one transform at one scale) and
+    runs :func:`shared_regions` only on the candidates that pass.
     """
 
     def __init__(self, capacity: int = 512) -> None:
         self.capacity = capacity
-        self.desc = np.zeros((capacity * KEYPOINTS, DESC_DIM), np.float32)
+        self.desc = np.zeros((len(SCALES), capacity * KEYPOINTS, DESC_DIM), np.float32)
         self.slots: list[tuple[str, RegionPrint] | None] = [None] * capacity
         self.n = 0
 
@@ -231,9 +273,14 @@ class RegionIndex:
         if len(rp) < MIN_SHARED or self.n == 0:
             return []
         used = min(self.n, self.capacity)
-        variants = np.concatenate([rp.desc[:, perm] for _, _, perm in DIHEDRAL])  # (8 n, DESC_DIM)
-        hits = (variants @ self.desc[: used * KEYPOINTS].T > MATCH_COS).reshape(8, len(rp), used, KEYPOINTS)
-        votes = hits.any(3).sum(1).max(0)  # per stored query: own corners with a match, best transform
+        votes = np.zeros(used, np.int64)
+        for s, c in enumerate(rp.scales[: len(SCALES)]):
+            if len(c) < MIN_SHARED:
+                continue
+            variants = np.concatenate([c.desc[:, perm] for _, _, perm in DIHEDRAL])  # (8 n, DESC_DIM)
+            hits = variants @ self.desc[s, : used * KEYPOINTS].T > MATCH_COS
+            # per stored query: own corners with a match, best transform, best scale
+            votes = np.maximum(votes, hits.reshape(8, len(c), used, KEYPOINTS).any(3).sum(1).max(0))
         out: set[str] = set()
         for i in np.flatnonzero(votes >= MIN_SHARED):
             slot = self.slots[int(i)]
@@ -248,8 +295,9 @@ class RegionIndex:
         if len(rp) < MIN_SHARED:
             return
         i = self.n % self.capacity
-        rows = self.desc[i * KEYPOINTS : (i + 1) * KEYPOINTS]
+        rows = self.desc[:, i * KEYPOINTS : (i + 1) * KEYPOINTS]
         rows[:] = 0.0
-        rows[: len(rp)] = rp.desc
+        for s, c in enumerate(rp.scales[: len(SCALES)]):
+            rows[s, : len(c)] = c.desc
         self.slots[i] = (client, rp)
         self.n += 1

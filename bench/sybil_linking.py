@@ -17,8 +17,9 @@ from ``corpus:victim`` + ``corpus:benchmark``), it reports:
 - ``pool_mean_distance``: the distance between two keys' mean embeddings (a key-level "same photo pool"
   statistic), for Sybil pairs and for benign pairs, and the separation between the two;
 - ``regions``: shared-region linking (:mod:`defenses.monitor.regions`, what the monitor links keys by since
-  round 2): the share of the attacker's keys with a verified shared region with another of its keys (the
-  engine's rule at ``region_shared = 1``, queries in round-robin order), the matched query pairs, and the
+  round 2): the share of the attacker's keys linked to another of its keys by verified shared regions (at
+  the engine's default ``region_shared``, and at 1, 2 and 3: that many of one key's queries matched the
+  other key's; queries in round-robin order), the matched query pairs, and the
   *overlap bound*: the share of keys whose crops overlap a crop of another key by at least a quarter, from
   the strategy's own crop boxes (no content-based linker can link keys whose queries share no pixels).
 
@@ -27,8 +28,13 @@ benign customers' queries within one population (customers own different photos)
 ``corpus:victim``, ``corpus:benchmark`` and ``corpus:attacker``, ``--null-prints`` random crops or whole
 resizes, paired across different photos (the stereo pair motorcycle_left/right excluded: one scene).
 Reported: the pairs, the largest shared-corner count, the pairs at or above ``MIN_SHARED`` (false matches,
-listed) and the exact one-sided 95% upper bound on the per-pair false-match rate. Everything is read with
-the monitor's default :class:`~defenses.monitor.config.SignalParams`.
+listed) and the exact one-sided 95% upper bound on the per-pair false-match rate. From that rate,
+``chance_link``: the probability that an honest customer sending ``q`` novel queries is linked by chance to
+some other client under ``region_shared = n``, at a busy service whose region index is full
+(``region_capacity`` queries of other clients compared per query). Model: chance matches are Poisson with
+``capacity x rate`` per query, and (worst case) all of them land on one other client, so the customer is
+linked when ``n`` or more occur. Everything is read with the monitor's default
+:class:`~defenses.monitor.config.SignalParams`.
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ from translators.images import bicubic_resize  # noqa: E402
 
 log = logging.getLogger("bench.sybil_linking")
 STRATEGIES = ("random", "crops", "tiles", "augment", "diversity", "novel")
+RULES = (1, 2, 3)
+"""``region_shared`` thresholds the linking rates are reported for (``linked_fraction``: the engine's default)."""
 
 
 def _by_client(obs: list[Any]) -> dict[str, list[np.ndarray]]:
@@ -77,23 +85,28 @@ def _prints_by_client(obs: list[Any]) -> dict[str, list[RegionPrint]]:
     return out
 
 
-def region_linking(obs: list[Any]) -> tuple[float, int]:
-    """Replay ``obs`` (one attacker's keys) through a :class:`RegionIndex` as the engine does: the share of
-    keys with a shared region with another key, and the number of (query, earlier query of another key)
-    matches."""
+def region_linking(obs: list[Any], thresholds: tuple[int, ...] = RULES) -> tuple[list[float], int]:
+    """Replay ``obs`` (one attacker's keys) through a :class:`RegionIndex` as the engine does: for each
+    ``region_shared`` threshold ``n``, the share of keys linked to another key (``n`` of one key's queries
+    matched queries of the other, the engine's count), and the number of (query, other key) matches."""
     idx = RegionIndex()
-    linked: set[str] = set()
+    pair_counts: dict[tuple[str, str], int] = {}
     matches = 0
     for o in sorted(obs, key=lambda o: o.ts):
         if o.regions is None:
             continue
         others = idx.matches(o.client, o.regions)
         matches += len(others)
-        if others:
-            linked |= {o.client, *others}
+        for other in others:
+            key = (min(o.client, other), max(o.client, other))
+            pair_counts[key] = pair_counts.get(key, 0) + 1
         idx.add(o.client, o.regions)
     keys = {o.client for o in obs}
-    return len(linked) / len(keys), matches
+    fractions = []
+    for n in thresholds:
+        linked = {c for pair, m in pair_counts.items() if m >= n for c in pair}
+        fractions.append(len(linked) / len(keys))
+    return fractions, matches
 
 
 def overlap_bound(spec: AttackerSpec, photos: list[NamedImage], info: ModelInfo, seed: int) -> float | None:
@@ -116,7 +129,7 @@ def overlap_bound(spec: AttackerSpec, photos: list[NamedImage], info: ModelInfo,
 
 
 def region_null(benign_runs: list[dict[str, list[RegionPrint]]], photos: list[NamedImage], per_photo: int,
-                seed: int) -> dict[str, Any]:
+                seed: int, capacity: int) -> dict[str, Any]:
     """Shared-corner counts of query pairs that share no pixels (module doc): the null of the region match."""
     rng = np.random.default_rng(seed)
     noise = torch.Generator().manual_seed(seed)
@@ -157,7 +170,19 @@ def region_null(benign_runs: list[dict[str, list[RegionPrint]]], photos: list[Na
     return {"pairs": n, "max_shared": int(c.max()) if n else None, "min_shared": MIN_SHARED,
             "false_matches": false, "false_match_rate_upper95": round(upper, 8) if upper is not None else None,
             "false_match_pairs": false_pairs,
-            "histogram": {str(k): int((c == k).sum()) for k in range(int(c.max()) + 1)} if n else {}}
+            "histogram": {str(k): int((c == k).sum()) for k in range(int(c.max()) + 1)} if n else {},
+            "chance_link": chance_link(false / n, upper, capacity) if n and upper is not None else None}
+
+
+def chance_link(rate: float, upper: float, capacity: int, queries: tuple[int, ...] = (10, 50)) -> dict[str, Any]:
+    """P(an honest customer with ``q`` novel queries is linked by chance) under each ``region_shared`` rule,
+    at the per-pair ``rate`` and at its 95% ``upper`` bound (module doc: Poisson, worst case one partner)."""
+    out: dict[str, Any] = {"capacity": capacity, "model": "Poisson(q x capacity x rate), all on one partner"}
+    for q in queries:
+        for name, r in (("rate", rate), ("upper95", upper)):
+            lam = q * capacity * r
+            out[f"q{q}_{name}"] = {str(k): round(float(scipy_stats.poisson.sf(k - 1, lam)), 6) for k in RULES}
+    return out
 
 
 def cross_key_min_distances(keys: dict[str, list[np.ndarray]]) -> np.ndarray:
@@ -216,10 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         ben_min += cross_key_min_distances(ben).tolist()
         ben_pool += pool_mean_distances(ben)
         ben_prints.append(_prints_by_client(ben_obs))
+    rule = RULES.index(p.region_shared)  # the engine's default rule: linked_fraction
     for strategy in STRATEGIES:
         mins: list[float] = []
         pools: list[float] = []
-        linked: list[float] = []
+        linked: list[list[float]] = []
         bounds: list[float] = []
         matched = 0
         for seed in range(args.seeds):
@@ -237,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         rows[strategy] = {"query_min_distance": _summary(mins, p.dup_distance),
                           "pool_mean_distance": _summary(pools, p.dup_distance),
                           "pool_pairs_below_benign_min": round(float(np.mean(np.asarray(pools) < min(ben_pool))), 4),
-                          "regions": {"linked_fraction": round(float(np.mean(linked)), 4),
-                                      "linked_fraction_per_seed": [round(v, 4) for v in linked],
+                          "regions": {"linked_fraction": round(float(np.mean([v[rule] for v in linked])), 4),
+                                      "linked_fraction_per_seed": [round(v[rule], 4) for v in linked],
+                                      "linked_fraction_by_region_shared": {
+                                          str(n): round(float(np.mean([v[i] for v in linked])), 4)
+                                          for i, n in enumerate(RULES)},
                                       "matched_query_pairs": matched,
                                       "overlap_bound": round(float(np.mean(bounds)), 4) if bounds else None}}
         row = rows[strategy]
@@ -248,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                  "%.0f%% of keys (overlap bound %s)", strategy, q["p50"], 100 * q["under_radius"], p.dup_distance,
                  pm["p50"], 100 * rows[strategy]["pool_pairs_below_benign_min"], 100 * rg["linked_fraction"],
                  "-" if rg["overlap_bound"] is None else f"{100 * rg['overlap_bound']:.0f}%")
-    null = region_null(ben_prints, benign_photos + attacker_photos, args.null_prints, seed=12345)
+    null = region_null(ben_prints, benign_photos + attacker_photos, args.null_prints, seed=12345,
+                       capacity=p.region_capacity)
     log.info("region null: %d pairs sharing no pixels, largest count %s, %d at or above %d (95%% upper bound on "
              "the per-pair false-match rate %.2g)", null["pairs"], null["max_shared"], null["false_matches"],
              MIN_SHARED, null["false_match_rate_upper95"] or 0.0)

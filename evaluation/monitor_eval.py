@@ -304,22 +304,34 @@ def benign_customers_fpr(images: Sequence[NamedImage], info: ModelInfo, config: 
                          seed: int = 0, tier_rate: float = 1.0) -> dict[str, Any]:
     """False-positive rate over ``customers`` independent long customers, each sending every photo of
     ``images`` (at random sizes, with retries and re-uploads), scored alone (no cross-key linking: they
-    share the photo pool by construction). The null: a customer sending its own distinct photos."""
+    share the photo pool by construction). The null: a customer sending its own distinct photos.
+
+    ``fpr_if_region_linked``: the same customers, each linked by shared regions to another (silent) client
+    before its first query, so the ``region`` signal is on throughout: what a chance link costs an honest
+    customer (a busy service makes such links; docs/monitor.md). None when region linking is off."""
     bp = BenignParams(clients=1, photos_per_client=len(images))
-    flagged = 0
+    flagged = linked_flagged = 0
     risks: list[float] = []
     queries = 0
+    p = config.signals
     for c in range(customers):
-        engine = MonitorEngine(config, {"free": tier_rate})
         obs = benign_observations(images, info, bp, seed=seed + 1 + c, prefix=f"cust{c}")
-        for o in obs:
-            engine.process(o)
-        s = next(iter(engine.clients.values()))
-        flagged += s.flagged
-        risks.append(s.risk)
-        queries += s.queries
+        for chance_link in (False, True) if p.region_shared > 0 else (False,):
+            engine = MonitorEngine(config, {"free": tier_rate})
+            s = engine.state(obs[0].client)
+            if chance_link:
+                s.region_links["chance-partner"] = p.region_shared
+            for o in obs:
+                engine.process(o)
+            if chance_link:
+                linked_flagged += s.flagged
+            else:
+                flagged += s.flagged
+                risks.append(s.risk)
+                queries += s.queries
     return {"customers": customers, "queries": queries, "flagged": flagged, "fpr": round(flagged / customers, 4),
-            "risk_p50": round(float(np.median(risks)), 4), "risk_p99": round(float(np.percentile(risks, 99)), 4)}
+            "risk_p50": round(float(np.median(risks)), 4), "risk_p99": round(float(np.percentile(risks, 99)), 4),
+            "fpr_if_region_linked": round(linked_flagged / customers, 4) if p.region_shared > 0 else None}
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
@@ -342,6 +354,8 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
         r = results[t]
         c = r.get("benign_customers")
         extra = f"; long customers {c['flagged']}/{c['customers']} flagged ({c['queries']} queries)" if c else ""
+        if c and c.get("fpr_if_region_linked") is not None:
+            extra += f", {c['fpr_if_region_linked']:.0%} if each were linked by a chance shared region"
         fprs.append(f"{t}: population {r['benign']['flagged']}/{r['benign']['clients']} flagged, "
                     f"{r['benign']['linked']} linked{extra}")
     return "\n".join(lines) + "\n\nBenign false positives: " + "; ".join(fprs) + "."

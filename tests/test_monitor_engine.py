@@ -10,11 +10,11 @@ import torch
 
 from attacker.benign import BenignParams
 from attacker.victim_info import ModelInfo
-from defenses.monitor.config import EscalationStep, MonitorConfig
+from defenses.monitor.config import EscalationStep, MonitorConfig, SignalParams, SignalWeights
 from defenses.monitor.embedding import decode_embedding, embed_for_log, source_embedding
 from defenses.monitor.engine import MalformedEntryError, MonitorEngine, observation_from_entry
 from defenses.monitor.scoring import ClientState, Observation
-from evaluation.monitor_eval import AttackerSpec, calibrate, evaluate_offline
+from evaluation.monitor_eval import AttackerSpec, benign_customers_fpr, calibrate, evaluate_offline
 from translators.corpus import load_images
 from translators.images import bicubic_resize
 
@@ -97,6 +97,23 @@ def test_offline_crops_flagged_and_distinct_photos_not() -> None:
     assert crops["queries_to_detection"] is not None
     assert crops["queries_to_detection"] <= 50
     assert sybil["flagged_keys"] >= 1
+
+
+def test_benign_fpr_measures_what_a_chance_region_link_costs() -> None:
+    """``fpr_if_region_linked`` scores the same customers with the region signal on from their first query:
+    never below the plain rate; equal to it when the signal has no weight; every customer when the signal
+    alone reaches ``flag_risk``; absent when region linking is off."""
+    ben = load_images("corpus:victim") + load_images("corpus:benchmark")
+    info = ModelInfo(name="m", task="sr", scale=4, min_side=8)
+    plain = benign_customers_fpr(ben, info, MonitorConfig(), customers=3)
+    assert plain["fpr_if_region_linked"] >= plain["fpr"]
+    silent = benign_customers_fpr(ben, info, MonitorConfig(weights=SignalWeights(region=0.0)), customers=3)
+    assert silent["fpr_if_region_linked"] == silent["fpr"] == plain["fpr"]
+    loud = benign_customers_fpr(ben, info, MonitorConfig(weights=SignalWeights(region=0.5)), customers=3)
+    assert loud["fpr_if_region_linked"] == 1.0
+    off = benign_customers_fpr(ben, info, MonitorConfig(signals=SignalParams(region_shared=0)), customers=3)
+    assert off["fpr_if_region_linked"] is None
+    assert off["fpr"] == plain["fpr"]
 
 
 def test_observation_without_embedding_counts_volume_only() -> None:

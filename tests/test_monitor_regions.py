@@ -86,15 +86,15 @@ def test_overlapping_crops_share_regions_through_noise_and_transforms() -> None:
     graded = (b[:, [2, 0, 1]] * 1.1 - 0.02).clamp(0, 1) ** 0.9  # channel permutation, contrast, gamma
     assert shared_regions(ra, region_print(graded)) >= MIN_SHARED
     # many pairs: clean crops nearly always match; a denoising API's query noise (sigma 0.1 on each copy)
-    # halves that (measured 0.92 and 0.58), which a thief's many overlapping pairs make up for
+    # halves that (measured 0.88 and 0.58), which a thief's many overlapping pairs make up for
     assert _overlap_rate(0.0) >= 0.85
     assert _overlap_rate(0.1) >= 0.4
 
 
 def test_the_coarse_scale_finds_noisy_overlaps_the_fine_scale_misses() -> None:
     """At a denoising API's query noise (sigma 0.15 on each copy), the coarse scale (2 px blur) matches
-    overlapping crops the fine one (1.2 px) loses to the noise (measured over 48 pairs: fine 0.38, coarse
-    0.48, both 0.48); without noise the fine scale does at least as well as the coarse one."""
+    overlapping crops the fine one (1.2 px) loses to the noise (measured over 48 pairs: fine 0.31, coarse
+    0.46, both 0.46); without noise the fine scale does at least as well as the coarse one."""
     both, fine, coarse = _overlap_rates(0.15, pairs=48)
     assert coarse >= fine + 0.05
     assert both >= max(fine, coarse)
@@ -148,8 +148,8 @@ def test_index_finds_the_owner_of_an_overlapping_crop_only() -> None:
     idx = RegionIndex(capacity=16)
     idx.add("thief-1", region_print(_crop(photos[1], 200, 300)))
     idx.add("customer", region_print(_crop(photos[3], 100, 100)))
-    assert idx.matches("thief-2", region_print(_noisy(_crop(photos[1], 230, 320), 0.05, 1))) == ["thief-1"]
-    assert idx.matches("thief-1", region_print(_crop(photos[1], 230, 320))) == []  # its own queries
+    assert idx.matches("thief-2", region_print(_noisy(_crop(photos[1], 220, 315), 0.05, 1))) == ["thief-1"]
+    assert idx.matches("thief-1", region_print(_crop(photos[1], 220, 315))) == []  # its own queries
     assert idx.matches("x", region_print(_crop(photos[2], 10, 10))) == []
 
 
@@ -161,15 +161,17 @@ def _obs(client: str, x: torch.Tensor, i: int) -> dict:
 
 
 def test_engine_links_keys_that_send_overlapping_crops() -> None:
-    """Two keys taking turns over crops of one photo are linked by a shared region; with region linking off
-    (``region_shared = 0``) the same stream is not."""
+    """Two keys taking turns over crops of one photo are linked by shared regions, under one shared region
+    and under the default rule (two); with region linking off (``region_shared = 0``) the same stream is
+    not."""
     photo = _photos()[1]
     rng = np.random.default_rng(0)
     stream = []
     for i in range(12):
         top, left = int(rng.integers(150, 260)), int(rng.integers(250, 380))
         stream.append((f"k{i % 2}", _crop(photo, top, left)))
-    for shared, want in ((1, True), (0, False)):
+    assert SignalParams().region_shared == 2
+    for shared, want in ((1, True), (2, True), (0, False)):
         eng = MonitorEngine(MonitorConfig(signals=SignalParams(region_shared=shared)), {"free": 1.0})
         for i, (c, x) in enumerate(stream):
             eng.process(observation_from_entry(_obs(c, x, i), (1, i)))

@@ -35,6 +35,8 @@ class SignalParams(_Frozen):
         link_shared: distinct shared sources (near-duplicates across two keys) that link the keys.
         region_shared: queries of one key that share a verified region (overlapping pixels of one photo,
             :mod:`defenses.monitor.regions`) with queries of another key, that link the two keys; 0 = off.
+            Two by default: at a busy service one shared region in a customer's first ten queries happens
+            by chance to about one customer in five, two to under one in a hundred (docs/monitor.md).
         region_capacity: recent queries (of all clients) whose region fingerprints are searched.
         min_queries: no image signal before this many admitted queries.
     """
@@ -56,7 +58,7 @@ class SignalParams(_Frozen):
     rate_span: float = Field(0.35, gt=0.0)
     unlimited_rate: float = Field(20.0, gt=0.0)
     link_shared: int = Field(3, ge=1)
-    region_shared: int = Field(1, ge=0)
+    region_shared: int = Field(2, ge=0)
     region_capacity: int = Field(512, ge=8, le=65536)
     min_queries: int = Field(8, ge=1)
 

@@ -63,9 +63,10 @@ RATIO = 0.8
 """Lowe's ratio: the nearest descriptor's distance must be below this times the second nearest's."""
 OFFSET_TOL = 1.5
 """Corner pairs whose translations differ by at most this (px, Chebyshev) vote for one placement."""
-MIN_SHARED = 4
+MIN_SHARED = 5
 """Corner pairs agreeing on one placement that make two queries share a region (calibrated on the null of
-``bench/sybil_linking.py``: pairs of queries that share no pixels)."""
+``bench/sybil_linking.py``: pairs of queries that share no pixels; 4 let through five times as many chance
+matches, mostly between photos of repeated round structures)."""
 _GRID = np.arange(-RADIUS, RADIUS + 1, 2)
 DESC_DIM = len(_GRID) ** 2
 _HEADER = struct.Struct("<BHH")

@@ -65,7 +65,7 @@ from translators.images import bicubic_resize  # noqa: E402
 
 log = logging.getLogger("bench.sybil_linking")
 STRATEGIES = ("random", "crops", "tiles", "augment", "diversity", "novel")
-RULES = (1, 2, 3)
+RULES = tuple(sorted({1, 2, 3, SignalParams().region_shared}))
 """``region_shared`` thresholds the linking rates are reported for (``linked_fraction``: the engine's default)."""
 
 

@@ -35,8 +35,9 @@ class SignalParams(_Frozen):
         link_shared: distinct shared sources (near-duplicates across two keys) that link the keys.
         region_shared: queries of one key that share a verified region (overlapping pixels of one photo,
             :mod:`defenses.monitor.regions`) with queries of another key, that link the two keys; 0 = off.
-            Two by default: at a busy service one shared region in a customer's first ten queries happens
-            by chance to about one customer in five, two to under one in a hundred (docs/monitor.md).
+            Two by default: at a busy service a chance shared region in a customer's first ten queries
+            happens to about one customer in ten, two with one other client to under one in a hundred
+            (docs/monitor.md, "Chance links at a busy service").
         region_capacity: recent queries (of all clients) whose region fingerprints are searched.
         min_queries: no image signal before this many admitted queries.
     """

@@ -14,7 +14,7 @@ from defenses.monitor.config import EscalationStep, MonitorConfig, SignalParams,
 from defenses.monitor.embedding import decode_embedding, embed_for_log, source_embedding
 from defenses.monitor.engine import MalformedEntryError, MonitorEngine, observation_from_entry
 from defenses.monitor.scoring import ClientState, Observation
-from evaluation.monitor_eval import AttackerSpec, benign_customers_fpr, calibrate, evaluate_offline
+from evaluation.monitor_eval import AttackerSpec, benign_customers_fpr, calibrate, default_attackers, evaluate_offline
 from translators.corpus import load_images
 from translators.images import bicubic_resize
 
@@ -123,3 +123,24 @@ def test_observation_without_embedding_counts_volume_only() -> None:
     assert s.queries == 1
     assert s.admitted == 0
     assert not s.flagged
+
+
+def test_cli_offline_eval_writes_every_attacker_and_the_chance_link_cost(tmp_path) -> None:
+    """``heist monitor eval`` (offline engine): one row per built-in attacker and evasion, the benign
+    population, and the long customers with and without a chance shared region, in the JSON and on stdout."""
+    from typer.testing import CliRunner
+
+    from heist.cli.main import app as cli
+
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(cli, ["monitor", "eval", "--task", "sr", "--scale", "4", "--customers", "2",
+                                 "--queries", "12", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert [a["name"] for a in res["attackers"]] == [a.name for a in default_attackers()]
+    assert res["benign"]["clients"] == 5
+    long_run = res["benign_customers"]
+    assert long_run["customers"] == 2
+    assert long_run["fpr_if_region_linked"] >= long_run["fpr"]
+    assert "long customers: " in r.output
+    assert "if each were linked by a chance shared region" in r.output

@@ -334,6 +334,15 @@ def benign_customers_fpr(images: Sequence[NamedImage], info: ModelInfo, config: 
             "fpr_if_region_linked": round(linked_flagged / customers, 4) if p.region_shared > 0 else None}
 
 
+def long_customers_summary(c: dict[str, Any]) -> str:
+    """One line for :func:`benign_customers_fpr`'s result: flagged long customers, with and without a chance
+    shared region."""
+    line = f"long customers {c['flagged']}/{c['customers']} flagged ({c['queries']} queries)"
+    if c.get("fpr_if_region_linked") is not None:
+        line += f", {c['fpr_if_region_linked']:.0%} if each were linked by a chance shared region"
+    return line
+
+
 def results_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table: attacker -> queries to detection per task (``results``: task -> an evaluation's JSON)."""
     tasks = list(results)
@@ -353,9 +362,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     for t in tasks:
         r = results[t]
         c = r.get("benign_customers")
-        extra = f"; long customers {c['flagged']}/{c['customers']} flagged ({c['queries']} queries)" if c else ""
-        if c and c.get("fpr_if_region_linked") is not None:
-            extra += f", {c['fpr_if_region_linked']:.0%} if each were linked by a chance shared region"
+        extra = f"; {long_customers_summary(c)}" if c else ""
         fprs.append(f"{t}: population {r['benign']['flagged']}/{r['benign']['clients']} flagged, "
                     f"{r['benign']['linked']} linked{extra}")
     return "\n".join(lines) + "\n\nBenign false positives: " + "; ".join(fprs) + "."

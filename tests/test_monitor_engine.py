@@ -14,7 +14,14 @@ from defenses.monitor.config import EscalationStep, MonitorConfig, SignalParams,
 from defenses.monitor.embedding import decode_embedding, embed_for_log, source_embedding
 from defenses.monitor.engine import MalformedEntryError, MonitorEngine, observation_from_entry
 from defenses.monitor.scoring import ClientState, Observation
-from evaluation.monitor_eval import AttackerSpec, benign_customers_fpr, calibrate, default_attackers, evaluate_offline
+from evaluation.monitor_eval import (
+    AttackerSpec,
+    benign_customers_fpr,
+    calibrate,
+    default_attackers,
+    evaluate_offline,
+    long_customers_summary,
+)
 from translators.corpus import load_images
 from translators.images import bicubic_resize
 
@@ -142,5 +149,6 @@ def test_cli_offline_eval_writes_every_attacker_and_the_chance_link_cost(tmp_pat
     long_run = res["benign_customers"]
     assert long_run["customers"] == 2
     assert long_run["fpr_if_region_linked"] >= long_run["fpr"]
-    assert "long customers: " in r.output
-    assert "if each were linked by a chance shared region" in r.output
+    printed = " ".join(r.output.split())  # the console may wrap long lines
+    assert long_customers_summary(long_run) in printed
+    assert "if each were linked by a chance shared region" in printed

@@ -210,7 +210,7 @@ class TranslateService:
         admit(served)  # queue-time admission first: refused behind a long queue, no quota or decode spent
         await self._limit(request, client, tier, served, entry, headers)
         data = await self._read(request, served, entry)
-        # small inputs decode on the loop (their fingerprints cost 1-5 ms): a burst then reaches the queue one
+        # small inputs decode on the loop (their fingerprints cost about 1-3 ms): a burst then reaches the queue one
         # request at a time, which the queue-time admission check relies on
         x, ph, emb, regions = await self._codec(
             (entry.width or 0) * (entry.height or 0), decode_request_image, data, served, svc.settings

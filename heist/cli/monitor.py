@@ -92,6 +92,7 @@ def eval_cmd(
         default_attackers,
         evaluate_live,
         evaluate_offline,
+        long_customers_summary,
     )
     from translators.corpus import load_images
 
@@ -119,9 +120,5 @@ def eval_cmd(
                       f"(keys flagged {a['flagged_keys']}/{a['keys']})", highlight=False)
     console.print(f"benign: {result['benign']['flagged']}/{result['benign']['clients']} flagged -> {out}",
                   highlight=False)
-    long_run = result.get("benign_customers")
-    if long_run:
-        linked = long_run.get("fpr_if_region_linked")
-        console.print(f"long customers: {long_run['flagged']}/{long_run['customers']} flagged"
-                      + (f"; {linked:.0%} if each were linked by a chance shared region" if linked is not None else ""),
-                      highlight=False)
+    if result.get("benign_customers"):
+        console.print(long_customers_summary(result["benign_customers"]), highlight=False)

@@ -1,7 +1,8 @@
 """Evaluate the query monitor: benign customers vs attackers (plain and evasive), offline and live.
 
-* :func:`calibrate` sets the monitor's benign-percentile thresholds (k-NN distance, PRADA's delta) from
-  benign traffic only: customers sending distinct photos (:func:`attacker.benign.plan_benign`).
+* :func:`calibrate` sets the monitor's benign-percentile thresholds (k-NN distance, PRADA's delta, the
+  near-duplicate radius) from benign traffic only: customers sending distinct photos
+  (:func:`attacker.benign.plan_benign`).
 * :func:`evaluate_offline` replays benign and attacker streams through the monitor engine (the same code
   the service runs, without HTTP): queries to detection per attacker, benign false-positive rate, Sybil
   linking. Cheap, so it can afford hundreds of benign customers.
@@ -96,9 +97,20 @@ def attacker_observations(spec: AttackerSpec, images: Sequence[NamedImage], info
             for i, b in enumerate(attacker_bodies(spec, images, info, seed))]
 
 
-def _knn_and_w(stream: list[Observation], p: SignalParams) -> tuple[list[float], list[float]]:
-    knn: list[float] = []
-    ws: list[float] = []
+class BenignDistances(BaseModel):
+    """What one benign stream says about the distances between its distinct photos (unit source
+    descriptors, range [0, 2]): per query, the mean distance to the ``k`` nearest earlier queries
+    (``knn``), the distance to the nearest (``dmin``), and Shapiro-Wilk W over the recent ``dmin`` (``w``)."""
+
+    knn: list[float] = Field(default_factory=list)
+    dmin: list[float] = Field(default_factory=list)
+    w: list[float] = Field(default_factory=list)
+
+
+def benign_distances(stream: Sequence[Observation], p: SignalParams) -> BenignDistances:
+    """The k-NN, nearest-neighbour and PRADA statistics of ``stream`` as the monitor computes them per client
+    (byte-identical resends and entries without a descriptor skipped)."""
+    out = BenignDistances()
     embs: list[np.ndarray] = []
     dmins: list[float] = []
     seen: set[str | None] = set()
@@ -110,38 +122,54 @@ def _knn_and_w(stream: list[Observation], p: SignalParams) -> tuple[list[float],
             d = np.linalg.norm(np.stack(embs) - o.embedding, axis=1)
             dmins.append(float(d.min()))
             if len(d) >= p.k:
-                knn.append(float(np.sort(d)[: p.k].mean()))
+                out.knn.append(float(np.sort(d)[: p.k].mean()))
             if len(dmins) >= p.prada_min:
                 w = shapiro_w(dmins[-p.prada_max:])
                 if w is not None:
-                    ws.append(w)
+                    out.w.append(w)
         embs.append(o.embedding)
-    return knn, ws
+    out.dmin = dmins
+    return out
 
 
 def calibrate(images: Sequence[NamedImage], info: ModelInfo, seeds: int = 20, percentile: float = 1.0,
               base: SignalParams | None = None) -> dict[str, Any]:
     """Benign-only thresholds: each seed is one long customer sending every photo once at random sizes.
 
-    Returns ``{"params": SignalParams dict, "knn_values": n, "w_values": n, "percentile": p}`` with
-    ``knn_threshold`` = the ``percentile`` of benign per-query k-NN distances and ``prada_delta`` = the
-    ``percentile`` of benign Shapiro-Wilk W (Chen et al. and Juuti et al. both set them on benign queries).
+    Sets, from benign distances between *distinct* photos only (no retries, no re-uploads):
+
+    * ``knn_threshold``: the ``percentile`` of per-query k-NN distances (Chen et al. 2019);
+    * ``prada_delta``: the ``percentile`` of Shapiro-Wilk W (Juuti et al. 2019), when streams are long enough;
+    * ``dup_distance``: the ``percentile`` of per-query nearest-neighbour distances, but never above
+      ``base.dup_distance``: the default radius (0.12) is what one photo's rescaled copies need (they sit within
+      0.10), so a diverse population keeps it, and a population of look-alike images (charts, screenshots of one
+      dashboard) shrinks it until its distinct images stop counting as re-used sources. The ``reuse`` and
+      ``link`` signals use it.
+
+    Returns ``{"params": SignalParams dict, "knn_values": n, "w_values": n, "dmin_values": n, "percentile": p,
+    "dmin_percentile": d or None, "dup_distance_lowered": bool}``.
     """
     p = base or SignalParams()
     bp = BenignParams(clients=1, photos_per_client=len(images), retry_p=0.0, reupload_p=0.0)
     knn: list[float] = []
     ws: list[float] = []
+    dmins: list[float] = []
     for s in range(seeds):
-        k, w = _knn_and_w(benign_observations(images, info, bp, seed=10_000 + s), p)
-        knn += k
-        ws += w
+        d = benign_distances(benign_observations(images, info, bp, seed=10_000 + s), p)
+        knn += d.knn
+        ws += d.w
+        dmins += d.dmin
     upd: dict[str, Any] = {}
     if knn:
         upd["knn_threshold"] = round(float(np.percentile(knn, percentile)), 4)
     if ws:
         upd["prada_delta"] = round(float(min(0.99, np.percentile(ws, percentile))), 4)
+    dmin_p = round(float(np.percentile(dmins, percentile)), 4) if dmins else None
+    if dmin_p is not None and dmin_p < p.dup_distance:
+        upd["dup_distance"] = max(dmin_p, 1e-3)  # the field must stay > 0 (identical descriptors: 0)
     params = p.model_copy(update=upd)
-    return {"params": params.model_dump(), "knn_values": len(knn), "w_values": len(ws), "percentile": percentile}
+    return {"params": params.model_dump(), "knn_values": len(knn), "w_values": len(ws), "dmin_values": len(dmins),
+            "percentile": percentile, "dmin_percentile": dmin_p, "dup_distance_lowered": "dup_distance" in upd}
 
 
 def _detection(engine: MonitorEngine, spec: AttackerSpec) -> dict[str, Any]:

@@ -17,12 +17,14 @@ from defenses.monitor.scoring import ClientState, Observation
 from evaluation.monitor_eval import (
     AttackerSpec,
     benign_customers_fpr,
+    benign_observations,
     calibrate,
     default_attackers,
     evaluate_offline,
     long_customers_summary,
 )
-from translators.corpus import load_images
+from translators.codecs import write_image
+from translators.corpus import NamedImage, load_images
 from translators.images import bicubic_resize
 
 
@@ -104,6 +106,87 @@ def test_offline_crops_flagged_and_distinct_photos_not() -> None:
     assert crops["queries_to_detection"] is not None
     assert crops["queries_to_detection"] <= 50
     assert sybil["flagged_keys"] >= 1
+
+
+def _dashboard(n: int, seed: int = 0) -> list[NamedImage]:
+    """A look-alike benign population: ``n`` screenshots of one dashboard (a blue line chart on white, with
+    axes and a grid; only the line differs), 120x160."""
+    g = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        x = np.ones((3, 120, 160), np.float32)
+        x[:, 108, 10:] = 0.2
+        x[:, :108, 10] = 0.2
+        x[:, 20:108:25, 11:] = 0.85
+        walk = np.clip(np.cumsum(g.normal(0, 3, 148)) + g.uniform(20, 80), 2, 104).astype(int)
+        colour = np.array([0.12, 0.35, 0.75]) + g.uniform(-0.05, 0.05, 3)
+        for j, y in enumerate(walk):
+            x[:, y - 1:y + 2, 11 + j] = colour[:, None]
+        out.append(NamedImage(f"dash{i:02d}", torch.from_numpy(x)[None]))
+    return out
+
+
+def _reuse_fractions(images: list[NamedImage], info: ModelInfo, params: SignalParams) -> list[float]:
+    """Share of re-used sources (the ``reuse`` signal's input) of 4 long customers sending ``images``."""
+    out = []
+    for c in range(4):
+        eng = MonitorEngine(MonitorConfig(signals=params), {"free": 1.0})
+        for o in benign_observations(images, info, BenignParams(clients=1, photos_per_client=len(images)),
+                                     seed=50 + c):
+            eng.process(o)
+        (state,) = eng.clients.values()
+        out.append(float(np.mean(state.reuse_flags)))
+    return out
+
+
+def test_calibration_shrinks_the_duplicate_radius_only_for_look_alike_customers() -> None:
+    """Distinct screenshots of one dashboard sit closer than the default near-duplicate radius, so the
+    ``reuse`` signal takes honest customers for crop thieves; calibrating ``dup_distance`` on them fixes
+    that. A population of distinct photos keeps the default radius (what rescaled copies need)."""
+    info = ModelInfo(name="m", task="style", scale=1, min_side=8)
+    dash = _dashboard(12)
+    cal = calibrate(dash, info, seeds=4)
+    default = SignalParams()
+    assert cal["dup_distance_lowered"]
+    assert cal["params"]["dup_distance"] == cal["dmin_percentile"] < default.dup_distance
+    assert cal["dmin_values"] == 4 * 11
+    assert min(_reuse_fractions(dash, info, default)) > default.reuse_floor + default.reuse_span  # all flagged
+    assert max(_reuse_fractions(dash, info, SignalParams(**cal["params"]))) < default.reuse_floor
+    photos = calibrate(load_images("corpus:victim") + load_images("corpus:benchmark"),
+                       ModelInfo(name="m", task="sr", scale=4, min_side=8), seeds=3)
+    assert not photos["dup_distance_lowered"]
+    assert photos["dmin_percentile"] > photos["params"]["dup_distance"] == default.dup_distance
+
+
+def test_cli_calibrate_writes_a_settings_table_the_service_loads(tmp_path) -> None:
+    """``heist monitor calibrate`` on a folder of look-alike images writes a ``[monitor.signals]`` TOML table
+    that is a valid settings file; too few images is a one-line error and writes nothing."""
+    from typer.testing import CliRunner
+
+    from heist.cli.main import app as cli
+    from victim_service.settings import Settings
+
+    folder = tmp_path / "dash"
+    folder.mkdir()
+    for im in _dashboard(10):
+        write_image(im.image, folder / f"{im.name}.png")
+    out = tmp_path / "cal" / "monitor.toml"
+    r = CliRunner().invoke(cli, ["monitor", "calibrate", "--benign-images", str(folder), "--extra-benign", "",
+                                 "--task", "style", "--scale", "1", "--seeds", "3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "dup_distance lowered" in " ".join(r.output.split())
+    sig = Settings.from_file(out).monitor.signals
+    assert sig.dup_distance < SignalParams().dup_distance
+    assert sig.knn_threshold < SignalParams().knn_threshold
+    assert f"dup_distance = {sig.dup_distance}" in r.output
+    (one := tmp_path / "one").mkdir()
+    write_image(_dashboard(1)[0].image, one / "a.png")
+    bad = tmp_path / "bad.toml"
+    r = CliRunner().invoke(cli, ["monitor", "calibrate", "--benign-images", str(one), "--extra-benign", "",
+                                 "--out", str(bad)])
+    assert r.exit_code != 0
+    assert "need at least 2 benign images" in str(r.exception or r.output)
+    assert not bad.exists()
 
 
 def test_benign_fpr_measures_what_a_chance_region_link_costs() -> None:

@@ -20,8 +20,9 @@ class SignalParams(_Frozen):
     Attributes:
         history: embeddings kept per client (the "past queries" of the k-NN and PRADA tests).
         window: recent queries the reuse and k-NN hit rates are measured over.
-        dup_distance: two queries closer than this come from one source (calibrated: well below the
-            benign distance between distinct photos).
+        dup_distance: two queries closer than this come from one source. The default covers one photo's
+            rescaled copies (within 0.10); calibration lowers it to the benign percentile of distances between
+            distinct images when a population's images look alike (never raises it).
         reuse_floor / reuse_span: reuse signal = clip((reuse fraction - floor) / span, 0, 1).
         k / knn_threshold: Chen et al. 2019: mean distance to the ``k`` nearest past queries; a query
             below ``knn_threshold`` (calibrated: a low benign percentile) is a hit.

@@ -64,6 +64,73 @@ def status(
     console.print(table)
 
 
+CALIBRATION_SEEDS = 30
+"""Long benign customers (each sends every benign photo once, at random sizes) the thresholds come from."""
+CALIBRATION_PERCENTILE = 0.5
+"""Benign percentile of the calibrated thresholds (docs/monitor.md, Calibration)."""
+CALIBRATED = ("knn_threshold", "dup_distance", "prada_delta")
+
+
+def _benign_images(spec: str, extra: str | None) -> list[Any]:
+    from translators.corpus import load_images
+
+    images = load_images(spec) + (load_images(extra) if extra else [])
+    if len(images) < 2:
+        raise HeistError(f"{spec}: need at least 2 benign images to calibrate on (got {len(images)})")
+    return images
+
+
+def calibration_toml(cal: dict[str, Any], source: str, task: str, scale: int) -> str:
+    """The ``[monitor.signals]`` table of a calibration (:func:`evaluation.monitor_eval.calibrate`), with
+    comments saying what each value was measured on; paste it into the victim's settings file."""
+    from defenses.monitor.config import SignalParams
+
+    default = SignalParams()
+    p = cal["params"]
+    lines = [f"# heist monitor calibrate: {source} ({task} x{scale}), {cal['percentile']} percentile of benign",
+             f"# distances between distinct images ({cal['knn_values']} k-NN, {cal['dmin_values']} nearest-neighbour,",
+             f"# {cal['w_values']} Shapiro-Wilk values); paste into the victim's settings file.",
+             "[monitor.signals]"]
+    for name in CALIBRATED:
+        note = f"default {getattr(default, name)}"
+        if name == "dup_distance" and not cal["dup_distance_lowered"]:
+            note += f"; benign percentile {cal['dmin_percentile']} is wider, the default is kept"
+        if name == "prada_delta" and not cal["w_values"]:
+            note += "; not calibrated: streams shorter than prada_min distinct images"
+        lines.append(f"{name} = {p[name]}  # {note}")
+    return "\n".join(lines) + "\n"
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    out: Path = typer.Option(..., "--out", help="TOML file to write: a [monitor.signals] table for the settings."),
+    benign_images: str = typer.Option("corpus:victim", help="Images your honest customers send (spec or folder)."),
+    extra_benign: str | None = typer.Option("corpus:benchmark", help="More benign images (spec or folder); "
+                                            "'' for none."),
+    task: str = typer.Option("sr", help="Task of the victim the traffic is shaped for: sr, denoise or style."),
+    scale: int = typer.Option(4, min=1, help="The victim's scale."),
+    percentile: float = typer.Option(CALIBRATION_PERCENTILE, min=0.01, max=50.0,
+                                     help="Benign percentile of the thresholds."),
+    seeds: int = typer.Option(CALIBRATION_SEEDS, min=1, help="Long benign customers to measure."),
+) -> None:
+    """Set the monitor's thresholds (k-NN distance, near-duplicate radius, PRADA's delta) on benign images."""
+    from attacker.files import atomic_write_bytes
+    from attacker.victim_info import ModelInfo
+    from evaluation.monitor_eval import calibrate
+
+    ben = _benign_images(benign_images, extra_benign or None)
+    cal = calibrate(ben, ModelInfo(name="offline", task=task, scale=scale, min_side=8), seeds=seeds,
+                    percentile=percentile)
+    source = benign_images + (f" + {extra_benign}" if extra_benign else "")
+    atomic_write_bytes(out, calibration_toml(cal, f"{len(ben)} images of {source}", task, scale).encode())
+    for name in CALIBRATED:
+        console.print(f"{name} = {cal['params'][name]}", highlight=False)
+    if cal["dup_distance_lowered"]:
+        console.print(f"dup_distance lowered to the benign {percentile} percentile: distinct images of this "
+                      "population sit closer than one photo's rescaled copies, so reuse sees less", highlight=False)
+    console.print(f"-> {out}", highlight=False)
+
+
 @app.command("eval")
 def eval_cmd(
     out: Path = typer.Option(..., "--out", help="JSON file to write (atomically)."),
@@ -81,9 +148,9 @@ def eval_cmd(
 ) -> None:
     """Calibrate on benign traffic, then benign population vs every attacker (plain and evasive)."""
     import asyncio
-    import os
 
     from attacker.benign import BenignParams
+    from attacker.files import atomic_write_json
     from attacker.victim_info import ModelInfo
     from defenses.monitor.config import MonitorConfig, SignalParams
     from evaluation.monitor_eval import (
@@ -96,7 +163,7 @@ def eval_cmd(
     )
     from translators.corpus import load_images
 
-    ben = load_images(benign_images) + (load_images(extra_benign) if extra_benign else [])
+    ben = _benign_images(benign_images, extra_benign)
     att = load_images(attacker_images)
     bp = BenignParams(clients=max(1, len(ben) // 3), photos_per_client=3)
     if url:
@@ -106,15 +173,12 @@ def eval_cmd(
                                            time_scale=0.02, run_id=f"eval{seed}"))
     else:
         info = ModelInfo(name="offline", task=task, scale=scale, min_side=8)
-        cal = calibrate(ben, info, seeds=30, percentile=0.5)
+        cal = calibrate(ben, info, seeds=CALIBRATION_SEEDS, percentile=CALIBRATION_PERCENTILE)
         cfg = MonitorConfig(signals=SignalParams(**cal["params"]))
         result = evaluate_offline(ben, att, info, cfg, default_attackers(queries), bp, seed)
         result["calibration"] = cal
         result["benign_customers"] = benign_customers_fpr(ben, info, cfg, customers=customers, seed=seed + 1000)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    atomic_write_json(out, result)
     for a in result["attackers"]:
         console.print(f"{a['name']:>20}: detected after {a['queries_to_detection']} queries "
                       f"(keys flagged {a['flagged_keys']}/{a['keys']})", highlight=False)

@@ -96,7 +96,9 @@ def calibration_toml(cal: dict[str, Any], source: str, task: str, scale: int) ->
         if name == "dup_distance" and not cal["dup_distance_lowered"]:
             note += f"; benign percentile {cal['dmin_percentile']} is wider, the default is kept"
         if name == "prada_delta" and not cal["w_values"]:
-            note += "; not calibrated: streams shorter than prada_min distinct images"
+            note += f"; not calibrated: fewer than {default.prada_min + 1} distinct images"
+        if name == "knn_threshold" and not cal["knn_values"]:
+            note += f"; not calibrated: fewer than {default.k + 1} distinct images"
         lines.append(f"{name} = {p[name]}  # {note}")
     return "\n".join(lines) + "\n"
 
@@ -122,9 +124,11 @@ def calibrate_cmd(
     cal = calibrate(ben, ModelInfo(name="offline", task=task, scale=scale, min_side=8), seeds=seeds,
                     percentile=percentile)
     source = benign_images + (f" + {extra_benign}" if extra_benign else "")
-    atomic_write_bytes(out, calibration_toml(cal, f"{len(ben)} images of {source}", task, scale).encode())
-    for name in CALIBRATED:
-        console.print(f"{name} = {cal['params'][name]}", highlight=False)
+    table = calibration_toml(cal, f"{len(ben)} images of {source}", task, scale)
+    atomic_write_bytes(out, table.encode())
+    for line in table.splitlines():
+        if line.split(" ", 1)[0] in CALIBRATED:
+            console.print(line, highlight=False, soft_wrap=True)
     if cal["dup_distance_lowered"]:
         console.print(f"dup_distance lowered to the benign {percentile} percentile: distinct images of this "
                       "population sit closer than one photo's rescaled copies, so reuse sees less", highlight=False)

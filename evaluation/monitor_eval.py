@@ -112,7 +112,6 @@ def benign_distances(stream: Sequence[Observation], p: SignalParams) -> BenignDi
     (byte-identical resends and entries without a descriptor skipped)."""
     out = BenignDistances()
     embs: list[np.ndarray] = []
-    dmins: list[float] = []
     seen: set[str | None] = set()
     for o in stream:
         if o.embedding is None or o.sha in seen:
@@ -120,15 +119,14 @@ def benign_distances(stream: Sequence[Observation], p: SignalParams) -> BenignDi
         seen.add(o.sha)
         if embs:
             d = np.linalg.norm(np.stack(embs) - o.embedding, axis=1)
-            dmins.append(float(d.min()))
+            out.dmin.append(float(d.min()))
             if len(d) >= p.k:
                 out.knn.append(float(np.sort(d)[: p.k].mean()))
-            if len(dmins) >= p.prada_min:
-                w = shapiro_w(dmins[-p.prada_max:])
+            if len(out.dmin) >= p.prada_min:
+                w = shapiro_w(out.dmin[-p.prada_max:])
                 if w is not None:
                     out.w.append(w)
         embs.append(o.embedding)
-    out.dmin = dmins
     return out
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
 from heist.cli.common import console
 from translators.errors import HeistError
+
+if TYPE_CHECKING:
+    from translators.corpus import NamedImage
 
 app = typer.Typer(help="The victim's query monitor: per-client extraction risk and escalation.",
                   no_args_is_help=True)
@@ -71,7 +74,7 @@ CALIBRATION_PERCENTILE = 0.5
 CALIBRATED = ("knn_threshold", "dup_distance", "prada_delta")
 
 
-def _benign_images(spec: str, extra: str | None) -> list[Any]:
+def _benign_images(spec: str, extra: str | None) -> list[NamedImage]:
     from translators.corpus import load_images
 
     images = load_images(spec) + (load_images(extra) if extra else [])

@@ -51,6 +51,9 @@ class AttackerSpec(BaseModel):
     keys: int = Field(1, ge=1, le=1000)
     rate_fraction: float = Field(1.0, gt=0.0, le=10.0)
     queries: int = Field(50, ge=1)
+    sized_for_budget: bool = False
+    """Size ``crop_size="auto"`` for ``queries`` (as ``heist attack harvest --budget`` does: large crops for
+    small budgets); otherwise the strategy's budget-free default (64 px, ``128 // scale`` for SR)."""
 
 
 def default_attackers(queries: int = 50) -> list[AttackerSpec]:
@@ -64,6 +67,8 @@ def default_attackers(queries: int = 50) -> list[AttackerSpec]:
         AttackerSpec(name="interleave", strategy="interleave", queries=queries),
         AttackerSpec(name="novel", strategy="novel", queries=queries),
         AttackerSpec(name="sybil4-slow-novel", strategy="novel", keys=4, rate_fraction=0.1, queries=queries),
+        AttackerSpec(name="crops-budget", strategy="crops", queries=queries, sized_for_budget=True),
+        AttackerSpec(name="sybil4-crops-budget", strategy="crops", keys=4, queries=queries, sized_for_budget=True),
     ]
 
 
@@ -86,7 +91,8 @@ def benign_observations(images: Sequence[NamedImage], info: ModelInfo, params: B
 
 
 def attacker_bodies(spec: AttackerSpec, images: Sequence[NamedImage], info: ModelInfo, seed: int) -> list[bytes]:
-    st = build_strategy(spec.strategy, images, info, spec.params or None, seed)
+    st = build_strategy(spec.strategy, images, info, spec.params or None, seed,
+                        budget=spec.queries if spec.sized_for_budget else None)
     return [encode_image(st.make(i).image, "png") for i in range(spec.queries)]
 
 

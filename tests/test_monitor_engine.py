@@ -235,3 +235,21 @@ def test_cli_offline_eval_writes_every_attacker_and_the_chance_link_cost(tmp_pat
     printed = " ".join(r.output.split())  # the console may wrap long lines
     assert long_customers_summary(long_run) in printed
     assert "if each were linked by a chance shared region" in printed
+
+
+def test_budget_sized_attackers_send_the_crops_the_harvest_cli_would() -> None:
+    """``sized_for_budget`` sizes the crops from the attacker's query count, as ``heist attack harvest
+    --budget`` does (large crops for few queries); without it the strategy's budget-free 64 px."""
+    from attacker.strategies import build_strategy
+    from evaluation.monitor_eval import attacker_bodies
+    from translators.codecs import decode_image
+
+    att = load_images("corpus:attacker")
+    info = ModelInfo(name="m", task="style", scale=1)
+    small = AttackerSpec(name="a", strategy="crops", queries=3)
+    sized = AttackerSpec(name="b", strategy="crops", queries=3, sized_for_budget=True)
+    assert decode_image(attacker_bodies(small, att, info, 0)[0]).shape[-1] == 64
+    want = build_strategy("crops", att, info, None, 0, budget=3).crop_size
+    assert want > 64
+    assert decode_image(attacker_bodies(sized, att, info, 0)[0]).shape[-1] == want
+    assert {"crops-budget", "sybil4-crops-budget"} <= {a.name for a in default_attackers()}

@@ -194,3 +194,43 @@ def test_linked_keys_are_scored_as_one_history() -> None:
     assert observe(pooled, obs, p, pool=e[None]) == pytest.approx(0.0, abs=1e-3)
     assert pooled.reuse_flags == [1]
     assert len(pooled.embs) == 1  # the pool is not copied into the key's own history
+
+
+def test_a_new_link_rescores_the_queries_sent_before_it() -> None:
+    """When two keys become linked, each key's earlier queries are scored again against the pooled history
+    (``rescan``): queries that repeat a partner's sources become reuse hits, which they were not when they
+    arrived alone. With ``rescan_on_link = False`` only the queries after the link see the pool."""
+    from defenses.monitor.scoring import ClientState, rescan
+
+    g = np.random.default_rng(3)
+    own = g.normal(size=(3, 80)).astype(np.float32)
+    own /= np.linalg.norm(own, axis=1, keepdims=True)
+    state = ClientState("a", embs=own, reuse_flags=[0, 0], knn_flags=[], knn_values=[])
+    p = SignalParams(k=1)
+    rescan(state, p, pool=own + 0.001)  # a partner key that sent the same three sources
+    assert state.reuse_flags == [1, 1, 1]
+    assert len(state.knn_flags) == 3
+    assert state.knn_flags == [1, 1, 1]  # k = 1: the nearest pooled query is the partner's copy
+    before = list(state.reuse_flags)
+    rescan(state, p, pool=None)  # no partner: nothing to rescore
+    assert state.reuse_flags == before
+
+    # k0 sends its 8 crops first, then k1 8 more of the same part of the photo: k0 sends nothing after the
+    # link, so without the rescan its queries are never compared with k1's
+    photo = _photos()[1]
+    rng = np.random.default_rng(0)
+    stream = []
+    for i in range(16):
+        top, left = int(rng.integers(150, 260)), int(rng.integers(250, 380))
+        stream.append((f"k{i // 8}", _crop(photo, top, left)))
+    flags = {}
+    for on in (True, False):
+        eng = MonitorEngine(MonitorConfig(signals=SignalParams(rescan_on_link=on)), {"free": 1.0})
+        for i, (c, x) in enumerate(stream):
+            eng.process(observation_from_entry(_obs(c, x, i), (1, i)))
+        k0 = eng.clients["k0"]
+        assert "k1" in k0.linked_keys(eng.config.signals)
+        flags[on] = (list(k0.reuse_flags), list(k0.knn_flags))
+    assert len(flags[True][0]) == 8  # every query scored, the first one too
+    assert len(flags[False][0]) == 7
+    assert sum(flags[True][1]) > sum(flags[False][1])

@@ -41,6 +41,9 @@ class SignalParams(_Frozen):
             (docs/monitor.md, "Chance links at a busy service").
         region_capacity: recent queries (of all clients) whose region fingerprints are searched.
         min_queries: no image signal before this many admitted queries.
+        rescan_on_link: when two keys become linked, score the last ``window`` queries of each again
+            against the pooled history (:func:`~defenses.monitor.scoring.rescan`), instead of only the
+            queries that arrive after the link.
     """
 
     history: int = Field(128, ge=8, le=4096)
@@ -63,6 +66,7 @@ class SignalParams(_Frozen):
     region_shared: int = Field(2, ge=0)
     region_capacity: int = Field(512, ge=8, le=65536)
     min_queries: int = Field(8, ge=1)
+    rescan_on_link: bool = True
 
 
 class SignalWeights(_Frozen):

@@ -18,7 +18,7 @@ from defenses.monitor.config import MonitorConfig
 from defenses.monitor.embedding import decode_embedding
 from defenses.monitor.linking import SybilIndex
 from defenses.monitor.regions import RegionIndex, decode_regions
-from defenses.monitor.scoring import ClientState, Observation, observe, rescore
+from defenses.monitor.scoring import ClientState, Observation, observe, rescan, rescore
 
 
 class MalformedEntryError(ValueError):
@@ -119,16 +119,20 @@ class MonitorEngine:
         novel = obs.ok and obs.embedding is not None and not (obs.sha is not None and obs.sha in s.shas)
         observe(s, obs, p, self._pool(s))
         changed = {s.client}
-        rescore_these = [s.client]
+        newly_linked: list[str] = []
         if novel:
             e = s.embs[-1]
             others = self.index.matches(s.client, e, p.dup_distance)
-            rescore_these += self._count(s, others, "links", p.link_shared, changed)
+            newly_linked += self._count(s, others, "links", p.link_shared, changed)
             self.index.add(s.client, e)
         if novel and obs.regions is not None and p.region_shared > 0:
             others = self.regions.matches(s.client, obs.regions)
-            rescore_these += self._count(s, others, "region_links", p.region_shared, changed)
+            newly_linked += self._count(s, others, "region_links", p.region_shared, changed)
             self.regions.add(s.client, obs.regions)
+        if newly_linked and p.rescan_on_link:
+            for c in dict.fromkeys([s.client, *newly_linked]):  # a link forms on both sides at once
+                rescan(self.clients[c], p, self._pool(self.clients[c]))
+        rescore_these = [s.client, *newly_linked]
         ups: list[LevelChange] = []
         for c in rescore_these:
             st = self.clients[c]

@@ -169,6 +169,33 @@ def observe(state: ClientState, obs: Observation, p: SignalParams, pool: np.ndar
     return dmin
 
 
+def rescan(state: ClientState, p: SignalParams, pool: np.ndarray | None) -> None:
+    """Re-measure the reuse and k-NN hits of the client's last ``window`` novel queries against its own
+    earlier queries *and* ``pool`` (the embeddings of the keys it is now linked to), in place.
+
+    :func:`observe` compares each query with the history that existed when it arrived, so the queries a
+    Sybil key sent before its link was found were scored alone, and a short key never builds a window of
+    hits. When a link forms, the key's recent queries are scored again as part of the pooled history
+    (all of ``pool``, sent before or after them: linked keys are treated as one client). PRADA's
+    minimum-distance sequence is not rewritten (it is a test of the arrival order)."""
+    if pool is None or not len(pool) or not len(state.embs):
+        return
+    embs = state.embs
+    start = max(0, len(embs) - p.window)
+    reuse: list[int] = []
+    knn_flags: list[int] = []
+    knn_values: list[float] = []
+    for j in range(start, len(embs)):
+        history = np.concatenate([embs[:j], pool])
+        d = np.sqrt(np.maximum(2.0 - 2.0 * (history @ embs[j]), 0.0))  # unit vectors
+        reuse.append(int(float(d.min()) < p.dup_distance))
+        if len(d) >= p.k:
+            m = float(np.partition(d, p.k - 1)[: p.k].mean())
+            knn_values.append(m)
+            knn_flags.append(int(m < p.knn_threshold))
+    state.reuse_flags, state.knn_flags, state.knn_values = reuse, knn_flags, knn_values
+
+
 def shapiro_w(values: list[float]) -> float | None:
     """Shapiro-Wilk W of ``values`` (None when fewer than 3 or all equal)."""
     if len(values) < 3 or float(np.std(values)) < 1e-6:

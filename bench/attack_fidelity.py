@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--surrogate-profile", default="small", help="the CLI default is small")
     ap.add_argument("--arch", default="auto")
     ap.add_argument("--strategy", default="crops", help="harvest strategy (the CLI default is crops)")
+    ap.add_argument("--strategy-params", type=json.loads, default=None,
+                    help='JSON object of strategy parameters, e.g. \'{"zoom": [0.35, 1]}\' (CLI default: none)')
     ap.add_argument("--images", default="corpus:attacker", help="the thief's photos (corpus:SPLIT or a folder)")
     ap.add_argument("--time-budget", type=float, default=300.0, help="training seconds per run (CLI default 300)")
     ap.add_argument("--bench-side", type=int, default=256)
@@ -139,7 +141,8 @@ def main() -> None:
                     t0 = time.monotonic()
                     run = Path(tmp) / f"{name}-{b}"
                     h = harvest(svc.url, key, name, run, budget=b, seed=args.seed, durable=False,
-                                strategy=args.strategy, images=args.images)
+                                strategy=args.strategy, images=args.images,
+                                strategy_params=args.strategy_params)
                     tr = train_surrogate(run, arch=args.arch, profile=args.surrogate_profile, seed=args.seed,
                                          device=args.device, time_budget=args.time_budget)
                     sur = load_model(tr.checkpoint).module
@@ -179,7 +182,9 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], budgets: list[in
         "zoo_profile": args.zoo_profile, "surrogate_profile": args.surrogate_profile, "arch": args.arch,
         "time_budget_s": args.time_budget, "budgets": budgets, "victims": victims,
         "harvest": f"strategy {args.strategy}, crop_size auto (budget, max_pixels), noise auto, {args.images}"
-                   + (" (CLI defaults)" if (args.strategy, args.images) == ("crops", "corpus:attacker") else ""),
+                   + (f", params {json.dumps(args.strategy_params)}" if args.strategy_params else "")
+                   + (" (CLI defaults)" if (args.strategy, args.images, args.strategy_params)
+                      == ("crops", "corpus:attacker", None) else ""),
         "bench_images": "corpus:benchmark centre crops", "bench_side": args.bench_side,
         "metric": "piq PSNR/SSIM, data_range 1, RGB, no border crop", "device": args.device,
         "cpu_count": os.cpu_count(), "torch_threads": args.threads, "wall_s": round(wall_s, 1),

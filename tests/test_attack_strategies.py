@@ -9,6 +9,7 @@ from attacker.errors import ConfigError
 from attacker.strategies import STRATEGY_REGISTRY, build_strategy, patch_features
 from attacker.victim_info import ModelInfo
 from translators.corpus import NamedImage, load_images
+from translators.images import bicubic_resize
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,28 @@ def test_photos_take_turns_whatever_their_size(name: str) -> None:
     sources = [s.make(i).source for i in range(4 * len(photos))]
     assert all(sources.count(p.name) == 4 for p in photos), sources
     assert sources[:4] != sources[4:8] or sources[4:8] != sources[8:12]  # a new seeded order each round
+
+
+def test_zoom_shrinks_the_photo_before_the_crop_and_keeps_the_crop_size(photos: list[NamedImage]) -> None:
+    """``zoom`` cuts the same-size crop from a shrunk photo (more of the photo in each query), draws the
+    factor from the query's own seed (a restart regenerates it) and never shrinks a photo below one crop."""
+    info = ModelInfo(name="style", task="style", scale=1)
+    plain = build_strategy("crops", photos, info, {"crop_size": 48}, seed=1)
+    zoom = build_strategy("crops", photos, info, {"crop_size": 48, "zoom": [0.25, 0.25]}, seed=1)
+    again = build_strategy("crops", photos, info, {"crop_size": 48, "zoom": [0.25, 0.25]}, seed=1)
+    assert zoom.describe()["zoom"] == [0.25, 0.25]
+    assert "zoom" not in plain.describe()  # harvests without zoom describe themselves as before
+    for i in range(6):
+        q, z = plain.make(i), zoom.make(i)
+        assert q.source == z.source
+        assert z.image.shape == q.image.shape == (1, 3, 48, 48)
+        assert torch.equal(z.image, again.make(i).image)
+        src = next(p for p in photos if p.name == z.source).image
+        f = max(0.25, 48 / src.shape[-2], 48 / src.shape[-1])
+        shrunk = bicubic_resize(src, (max(48, round(src.shape[-2] * f)), max(48, round(src.shape[-1] * f))))
+        top, left, h, w = z.crop  # the box lies in the shrunk photo, not the original
+        assert torch.equal(z.image, shrunk[..., top : top + h, left : left + w])
+    with pytest.raises(ConfigError, match="zoom"):
+        build_strategy("crops", photos, info, {"zoom": [0.5, 1.5]})
+    with pytest.raises(ConfigError, match="zoom"):
+        build_strategy("crops", photos, info, {"zoom": [0.0, 1.0]})

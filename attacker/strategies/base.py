@@ -47,6 +47,9 @@ class StrategyParams(BaseModel):
             the victim's noise level), else none. ``null``/``None`` disables it.
         max_side: whole-image strategies shrink photos whose longer side exceeds this.
         pool: candidates per query for the adaptive ``diversity`` strategy.
+        zoom: crop strategies shrink the chosen photo by a factor drawn log-uniformly from ``[lo, hi]``
+            (``0 < lo <= hi <= 1``; bicubic, antialiased) before cutting the crop, never so far that the
+            photo no longer holds one. ``None`` = photos at their own scale.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -56,12 +59,20 @@ class StrategyParams(BaseModel):
     noise_sigma: tuple[float, float] | Literal["auto"] | None = "auto"
     max_side: int = Field(512, ge=8)
     pool: int = Field(16, ge=1, le=1024)
+    zoom: tuple[float, float] | None = None
 
     @field_validator("crop_size", "downscale")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("zoom")
+    @classmethod
+    def _zoom_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0 < v[0] <= v[1] <= 1):
+            raise ValueError("zoom must be [lo, hi] with 0 < lo <= hi <= 1")
         return v
 
     @field_validator("noise_sigma", mode="before")
@@ -174,8 +185,11 @@ class QueryStrategy(ABC):
         """Adaptive strategies learn from each harvested pair (inputs/outputs ``(1, 3, H, W)``)."""
 
     def describe(self) -> dict[str, object]:
-        return {"crop_size": self.crop_size, "crop_hw": list(self.crop_hw), "downscale": self.downscale,
-                "noise_sigma": list(self.noise) if self.noise else None}
+        out: dict[str, object] = {"crop_size": self.crop_size, "crop_hw": list(self.crop_hw),
+                                  "downscale": self.downscale, "noise_sigma": list(self.noise) if self.noise else None}
+        if self.params.zoom:
+            out["zoom"] = list(self.params.zoom)
+        return out
 
     # --- helpers ---------------------------------------------------------------------------------
     def crop_candidates(self) -> list[tuple[int, NamedImage]]:
@@ -208,9 +222,24 @@ class QueryStrategy(ABC):
             order = random.Random(f"heist:crop-turns:{self.seed}:{index // n}").sample(range(n), n)
             im = cands[order[index % n]][1]
         ch, cw = self.crop_hw
-        h, w = im.image.shape[-2:]
+        image = self.zoomed(im.image, rng)
+        h, w = image.shape[-2:]
         top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
-        return im, [top, left, ch, cw], im.image[..., top : top + ch, left : left + cw]
+        return im, [top, left, ch, cw], image[..., top : top + ch, left : left + cw]
+
+    def zoomed(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """``image`` shrunk by a factor drawn log-uniformly from ``params.zoom``, kept large enough for
+        one crop; unchanged without ``zoom``. Draws from ``rng`` only when ``zoom`` is set, so the
+        queries of a harvest without it stay what they were."""
+        if self.params.zoom is None:
+            return image
+        lo, hi = self.params.zoom
+        ch, cw = self.crop_hw
+        h, w = image.shape[-2:]
+        f = max(math.exp(rng.uniform(math.log(lo), math.log(hi))), ch / h, cw / w)
+        if f >= 1.0:
+            return image
+        return bicubic_resize(image, (max(ch, round(h * f)), max(cw, round(w * f))))
 
     def fit_whole(self, x: torch.Tensor) -> torch.Tensor:
         """Shrink to ``max_side`` / ``max_pixels`` and crop to ``size_multiple`` (for whole images).

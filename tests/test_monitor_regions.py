@@ -4,6 +4,7 @@ changes; crops of different photos and disjoint crops of one photo do not; the e
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -160,21 +161,32 @@ def _obs(client: str, x: torch.Tensor, i: int) -> dict:
             "embedding": embed_for_log(x), "regions": regions_for_log(x)}
 
 
+def _two_key_stream(n: int, key_of: Callable[[int], str]) -> list[tuple[str, torch.Tensor]]:
+    """``n`` crops of one part of one photo (they overlap often), query ``i`` sent by key ``key_of(i)``."""
+    photo = _photos()[1]
+    rng = np.random.default_rng(0)
+    stream = []
+    for i in range(n):
+        top, left = int(rng.integers(150, 260)), int(rng.integers(250, 380))
+        stream.append((key_of(i), _crop(photo, top, left)))
+    return stream
+
+
+def _engine_after(stream: list[tuple[str, torch.Tensor]], params: SignalParams) -> MonitorEngine:
+    eng = MonitorEngine(MonitorConfig(signals=params), {"free": 1.0})
+    for i, (c, x) in enumerate(stream):
+        eng.process(observation_from_entry(_obs(c, x, i), (1, i)))
+    return eng
+
+
 def test_engine_links_keys_that_send_overlapping_crops() -> None:
     """Two keys taking turns over crops of one photo are linked by shared regions, under one shared region
     and under the default rule (two); with region linking off (``region_shared = 0``) the same stream is
     not."""
-    photo = _photos()[1]
-    rng = np.random.default_rng(0)
-    stream = []
-    for i in range(12):
-        top, left = int(rng.integers(150, 260)), int(rng.integers(250, 380))
-        stream.append((f"k{i % 2}", _crop(photo, top, left)))
+    stream = _two_key_stream(12, lambda i: f"k{i % 2}")
     assert SignalParams().region_shared == 2
     for shared, want in ((1, True), (2, True), (0, False)):
-        eng = MonitorEngine(MonitorConfig(signals=SignalParams(region_shared=shared)), {"free": 1.0})
-        for i, (c, x) in enumerate(stream):
-            eng.process(observation_from_entry(_obs(c, x, i), (1, i)))
+        eng = _engine_after(stream, SignalParams(region_shared=shared))
         assert ("k1" in eng.clients["k0"].linked_keys(eng.config.signals)) is want
         assert (eng.clients["k0"].signals.get("region", 0.0) == 1.0) is want
 
@@ -217,17 +229,10 @@ def test_a_new_link_rescores_the_queries_sent_before_it() -> None:
 
     # k0 sends its 8 crops first, then k1 8 more of the same part of the photo: k0 sends nothing after the
     # link, so without the rescan its queries are never compared with k1's
-    photo = _photos()[1]
-    rng = np.random.default_rng(0)
-    stream = []
-    for i in range(16):
-        top, left = int(rng.integers(150, 260)), int(rng.integers(250, 380))
-        stream.append((f"k{i // 8}", _crop(photo, top, left)))
+    stream = _two_key_stream(16, lambda i: f"k{i // 8}")
     flags = {}
     for on in (True, False):
-        eng = MonitorEngine(MonitorConfig(signals=SignalParams(rescan_on_link=on)), {"free": 1.0})
-        for i, (c, x) in enumerate(stream):
-            eng.process(observation_from_entry(_obs(c, x, i), (1, i)))
+        eng = _engine_after(stream, SignalParams(rescan_on_link=on))
         k0 = eng.clients["k0"]
         assert "k1" in k0.linked_keys(eng.config.signals)
         flags[on] = (list(k0.reuse_flags), list(k0.knn_flags))

@@ -22,7 +22,9 @@ data_range 1, as ``bench/attack_fidelity.py``). Variants (``--variants`` picks a
 - ``resunet`` / ``resunet-pw2``: ``--arch resunet`` without / with two 1x1 conv layers at full
   resolution before the tail (``arch_kwargs.pointwise = 2``: per-pixel nonlinear capacity for tone
   curves, posterisation and thresholds; an exploratory result, docs/attacker.md);
-- ``unet-res``: the residual U-Net (``--arch unet-l2`` with ``arch_kwargs.residual = true``);
+- ``unet-res``: the residual U-Net (``--arch unet-l2`` with ``arch_kwargs.residual = true``), stopped at its
+  profile's step cap (600 for ``small``);
+- ``unet-res-uncapped``: the same without the step cap (``steps = 10**6``): the time budget decides;
 - ``ema`` / ``ema-fast``: today's defaults with a moving average of the weights (``ema`` 0.999 / 0.99).
 
 Every variant is channels-last (not switchable). Prints JSON and writes
@@ -68,6 +70,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "resunet": {"arch": "resunet"},
     "resunet-pw2": {"arch": "resunet", "arch_kwargs": {"pointwise": 2}},
     "unet-res": {"arch": "unet-l2", "arch_kwargs": {"residual": True}},
+    "unet-res-uncapped": {"arch": "unet-l2", "arch_kwargs": {"residual": True}, "steps": 10**6},
     "ema": {"ema": 0.999},
     "ema-fast": {"ema": 0.99},
 }

@@ -93,7 +93,9 @@ class TrainConfig(BaseModel):
         threads: ``torch.set_num_threads`` for this process (None = torch's default). On a loaded
             machine fewer threads than cores can be many times faster (OpenMP threads spin-wait).
         val_max_side: held-out pairs are centre-cropped to this many input pixels a side.
-        val_split: ``pairs`` (hold out whole pairs) or ``stripes`` (a stripe of every pair; module docstring).
+        val_split: ``pairs`` (hold out whole pairs), ``sources`` (hold out every pair of whole source photos,
+            so held-out PSNR measures photos the surrogate never saw; falls back to ``pairs`` when the
+            manifest names fewer than two sources) or ``stripes`` (a stripe of every pair; module docstring).
         ema: decay of an exponential moving average of the generator's weights (Polyak averaging), with the
             warm-up ``min(ema, (1 + step) / (10 + step))``; when > 0 the average, not the raw weights, is
             validated and kept as the best. 0 = off.
@@ -119,7 +121,7 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(0.1, ge=0, lt=1)
     max_val_pairs: int = Field(32, ge=1)
     val_max_side: int = Field(128, ge=8)
-    val_split: Literal["pairs", "stripes"] = "pairs"
+    val_split: Literal["pairs", "sources", "stripes"] = "pairs"
     ema: float = Field(0.0, ge=0.0, lt=1.0)
     val_every: int | None = Field(None, ge=1)
     time_budget: float | None = Field(300.0, gt=0)
@@ -139,12 +141,14 @@ class TrainConfig(BaseModel):
 
 @dataclass
 class PairSet:
-    """Pairs in memory: ``inputs[i]`` ``(3, h, w)`` uint8, ``outputs[i]`` ``(3, s*h, s*w)`` uint8."""
+    """Pairs in memory: ``inputs[i]`` ``(3, h, w)`` uint8, ``outputs[i]`` ``(3, s*h, s*w)`` uint8;
+    ``sources[i]`` the attacker's photo the query was cut from (empty list: unknown)."""
 
     ids: list[str]
     inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
     scale: int
+    sources: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -171,10 +175,11 @@ def load_pairs(pairs_dir: Path) -> PairSet:
     recs = store.ok_records()
     if not recs:
         raise TrainingError(f"{pairs_dir}: the manifest holds no pairs yet")
-    ids, ins, outs, scales = [], [], [], []
+    ids, ins, outs, scales, sources = [], [], [], [], []
     for rec in recs:
         x, y = store.load_pair(rec)
         ids.append(rec.id)
+        sources.append(rec.source)
         ins.append(_u8(x))
         outs.append(_u8(y))
         h, w = x.shape[-2:]
@@ -186,7 +191,8 @@ def load_pairs(pairs_dir: Path) -> PairSet:
     keep = [i for i, s in enumerate(scales) if s == scale]
     if len(keep) < len(ids):
         log.warning("dropping %d pair(s) whose output size is not %dx the input", len(ids) - len(keep), scale)
-    return PairSet([ids[i] for i in keep], [ins[i] for i in keep], [outs[i] for i in keep], scale)
+    return PairSet([ids[i] for i in keep], [ins[i] for i in keep], [outs[i] for i in keep], scale,
+                   [sources[i] for i in keep])
 
 
 @dataclass
@@ -197,7 +203,7 @@ class Split:
     train: PairSet
     val_inputs: list[torch.Tensor]  # (1, 3, h, w) float
     val_targets: list[torch.Tensor]
-    held_out: Literal["pairs", "region", "stripes", "none"]
+    held_out: Literal["pairs", "sources", "region", "stripes", "none"]
     val_ids: list[str] = field(default_factory=list)
     val_boxes: list[tuple[int, int, int, int] | None] = field(default_factory=list)
 
@@ -241,13 +247,20 @@ def split_pairs(ps: PairSet, cfg: TrainConfig, min_train_side: int) -> Split:
             return striped
     if n >= 2 and cfg.val_fraction > 0:
         n_val = min(cfg.max_val_pairs, max(1, round(cfg.val_fraction * n)), n - 1)
-        order = sorted(range(n), key=lambda i: ps.ids[i])
-        random.Random(f"heist:val:{cfg.seed}").shuffle(order)
-        val = sorted(order[:n_val])
-        tr = sorted(order[n_val:])
+        held = _held_out_sources(ps, n_val, cfg.seed) if cfg.val_split == "sources" else None
+        kind: Literal["pairs", "sources"] = "sources" if held else "pairs"
+        if held:  # every pair of the held-out photos stays out of training; at most max_val_pairs are scored
+            val = sorted(random.Random(f"heist:val:{cfg.seed}").sample(held, min(len(held), cfg.max_val_pairs)))
+        else:
+            order = sorted(range(n), key=lambda i: ps.ids[i])
+            random.Random(f"heist:val:{cfg.seed}").shuffle(order)
+            held = val = sorted(order[:n_val])
+        out = set(held)
+        tr = [i for i in range(n) if i not in out]
         vx, vy = val_of([ps.inputs[i] for i in val], [ps.outputs[i] for i in val])
-        train = PairSet([ps.ids[i] for i in tr], [ps.inputs[i] for i in tr], [ps.outputs[i] for i in tr], s)
-        return Split(train, vx, vy, "pairs", [ps.ids[i] for i in val])
+        train = PairSet([ps.ids[i] for i in tr], [ps.inputs[i] for i in tr], [ps.outputs[i] for i in tr], s,
+                        [ps.sources[i] for i in tr] if ps.sources else [])
+        return Split(train, vx, vy, kind, [ps.ids[i] for i in val])
     if n == 1 and cfg.val_fraction > 0:
         x, y = ps.inputs[0], ps.outputs[0]
         long_side = max(x.shape[-2:])
@@ -258,6 +271,22 @@ def split_pairs(ps: PairSet, cfg: TrainConfig, min_train_side: int) -> Split:
             return Split(PairSet(ps.ids, [tx.contiguous()], [ty.contiguous()], s), vx, vy, "region", ps.ids)
     vx, vy = val_of(ps.inputs, ps.outputs)
     return Split(ps, vx, vy, "none", [])
+
+
+def _held_out_sources(ps: PairSet, n_val: int, seed: int) -> list[int] | None:
+    """Indices of every pair of whole source photos, drawn in a seeded order until at least ``n_val``
+    pairs are held out; None when the sources are unknown or fewer than two (nothing would be left to
+    train on, or nothing unseen to hold out). Never holds out every source."""
+    if not ps.sources or len(set(ps.sources)) < 2:
+        return None
+    names = sorted(set(ps.sources))
+    random.Random(f"heist:val-sources:{seed}").shuffle(names)
+    val: list[int] = []
+    for name in names[:-1]:
+        val += [i for i, src in enumerate(ps.sources) if src == name]
+        if len(val) >= n_val:
+            break
+    return sorted(val)
 
 
 def _cut_long_side(x: torch.Tensor, y: torch.Tensor, cut: int, start: int,
@@ -656,7 +685,7 @@ def train_surrogate(
     info = target.get("info", {})
     ps = load_pairs(pairs_dir)
     counter.fit(ps.outputs)
-    ps = PairSet(ps.ids, ps.inputs, counter.apply_uint8(ps.outputs), ps.scale)
+    ps = PairSet(ps.ids, ps.inputs, counter.apply_uint8(ps.outputs), ps.scale, ps.sources)
     task = str(info.get("task", "translation"))
     if info.get("scale") not in (None, ps.scale):
         log.warning("victim reports scale %s but the pairs show %d; using %d", info.get("scale"), ps.scale, ps.scale)

@@ -25,6 +25,9 @@ data_range 1, as ``bench/attack_fidelity.py``). Variants (``--variants`` picks a
 - ``unet-res``: the residual U-Net (``--arch unet-l2`` with ``arch_kwargs.residual = true``), stopped at its
   profile's step cap (600 for ``small``);
 - ``unet-res-uncapped``: the same without the step cap (``steps = 10**6``): the time budget decides;
+- ``sources`` / ``unet-res-sources``: today's defaults / ``unet-res-uncapped``, holding out whole source
+  photos instead of pairs (``val_split = "sources"``): does held-out PSNR on unseen photos rank the
+  surrogate families the way the benchmark photos do?
 - ``ema`` / ``ema-fast``: today's defaults with a moving average of the weights (``ema`` 0.999 / 0.99).
 
 Every variant is channels-last (not switchable). Prints JSON and writes
@@ -71,6 +74,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "resunet-pw2": {"arch": "resunet", "arch_kwargs": {"pointwise": 2}},
     "unet-res": {"arch": "unet-l2", "arch_kwargs": {"residual": True}},
     "unet-res-uncapped": {"arch": "unet-l2", "arch_kwargs": {"residual": True}, "steps": 10**6},
+    "sources": {"val_split": "sources"},
+    "unet-res-sources": {"arch": "unet-l2", "arch_kwargs": {"residual": True}, "steps": 10**6, "val_split": "sources"},
     "ema": {"ema": 0.999},
     "ema-fast": {"ema": 0.99},
 }

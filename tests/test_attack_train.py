@@ -186,6 +186,41 @@ def test_stripes_hold_out_the_end_of_every_pair_scored_without_its_context() -> 
     assert split_pairs(_pairset(16, 32, 32), stripes, min_train_side=4).held_out == "pairs"
 
 
+def test_sources_split_holds_out_whole_photos() -> None:
+    """``val_split = "sources"``: every pair of the held-out photos leaves training (so held-out PSNR is
+    on photos the surrogate never saw), scored pairs capped at ``max_val_pairs``; without sources, or with
+    one photo only, whole pairs as before."""
+    ps = _pairset(20, 32, 32)
+    ps.sources = [f"photo{i % 4}" for i in range(20)]  # 5 pairs a photo
+    cfg = TrainConfig(val_split="sources")
+    split = split_pairs(ps, cfg, min_train_side=4)
+    assert split.held_out == "sources"
+    held = {ps.sources[ps.ids.index(i)] for i in split.val_ids}
+    assert len(held) == 1  # 2 pairs wanted (10 % of 20): one photo gives 5
+    assert len(split.val_ids) == 5
+    assert not held & set(split.train.sources)
+    assert len(split.train) == 15
+    capped = split_pairs(ps, TrainConfig(val_split="sources", max_val_pairs=3), min_train_side=4)
+    assert len(capped.val_ids) == 3
+    assert len(capped.train) == 15  # the photo's other two pairs are neither scored nor trained on
+    wide = split_pairs(ps, TrainConfig(val_split="sources", val_fraction=0.4), min_train_side=4)
+    assert len(wide.val_ids) == 10  # 8 pairs wanted: two photos
+    assert len(wide.train) == 10
+    assert split_pairs(_pairset(20, 32, 32), cfg, min_train_side=4).held_out == "pairs"  # sources unknown
+    one = _pairset(20, 32, 32)
+    one.sources = ["photo"] * 20
+    assert split_pairs(one, cfg, min_train_side=4).held_out == "pairs"
+
+
+def test_a_harvest_records_the_source_photo_of_every_pair(tmp_path: Path) -> None:
+    from attacker.train import load_pairs
+
+    run = make_run(tmp_path / "run", colour_blur, 1, n=3, side=32, task="style")
+    ps = load_pairs(run / "pairs")
+    assert len(ps.sources) == len(ps) == 3
+    assert all(isinstance(src, str) and src for src in ps.sources)
+
+
 def test_changed_settings_refuse_to_resume(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run", colour_blur, 1, n=3, side=32, task="style")
     kw = {"arch": "unet-l2", "profile": "tiny", "steps": 4, "arch_kwargs": {"base": 8, "depth": 3}}

@@ -122,6 +122,11 @@ class ClientState:
         return self.linked_keys_at(p.link_shared, p.region_shared)
 
 
+def unit_distances(history: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """L2 distances ``(m,)`` from unit vector ``e`` ``(DIM,)`` to each unit row of ``history`` ``(m, DIM)``."""
+    return np.sqrt(np.maximum(2.0 - 2.0 * (history @ e), 0.0))
+
+
 def _push(xs: list, v: object, keep: int) -> None:  # type: ignore[type-arg]
     xs.append(v)
     if len(xs) > keep:
@@ -152,7 +157,7 @@ def observe(state: ClientState, obs: Observation, p: SignalParams, pool: np.ndar
     dmin: float | None = None
     history = state.embs if pool is None or not len(pool) else np.concatenate([state.embs, pool])
     if len(history):
-        d = np.sqrt(np.maximum(2.0 - 2.0 * (history @ e[0]), 0.0))  # unit vectors
+        d = unit_distances(history, e[0])
         dmin = float(d.min())
         _push(state.dmins, dmin, p.prada_max)
         state.n_dmins += 1
@@ -187,7 +192,7 @@ def rescan(state: ClientState, p: SignalParams, pool: np.ndarray | None) -> None
     knn_values: list[float] = []
     for j in range(start, len(embs)):
         history = np.concatenate([embs[:j], pool])
-        d = np.sqrt(np.maximum(2.0 - 2.0 * (history @ embs[j]), 0.0))  # unit vectors
+        d = unit_distances(history, embs[j])
         reuse.append(int(float(d.min()) < p.dup_distance))
         if len(d) >= p.k:
             m = float(np.partition(d, p.k - 1)[: p.k].mean())

@@ -164,11 +164,7 @@ def observe(state: ClientState, obs: Observation, p: SignalParams, pool: np.ndar
         n = state.n_dmins
         if n >= p.prada_min and (n - p.prada_min) % PRADA_EVERY == 0:
             state.prada_w = shapiro_w(state.dmins)  # every few queries: the test costs ~0.5 ms
-        _push(state.reuse_flags, int(dmin < p.dup_distance), p.window)
-        if len(d) >= p.k:
-            m = float(np.partition(d, p.k - 1)[: p.k].mean())
-            _push(state.knn_values, m, p.window)
-            _push(state.knn_flags, int(m < p.knn_threshold), p.window)
+        _record_hits(state, d, p)
     state.embs = np.concatenate([state.embs, e])[-p.history:]
     _push(state.shas, obs.sha or "", p.history)
     return dmin
@@ -185,20 +181,21 @@ def rescan(state: ClientState, p: SignalParams, pool: np.ndarray | None) -> None
     minimum-distance sequence is not rewritten (it is a test of the arrival order)."""
     if pool is None or not len(pool) or not len(state.embs):
         return
-    embs = state.embs
-    start = max(0, len(embs) - p.window)
-    reuse: list[int] = []
-    knn_flags: list[int] = []
-    knn_values: list[float] = []
-    for j in range(start, len(embs)):
-        history = np.concatenate([embs[:j], pool])
-        d = unit_distances(history, embs[j])
-        reuse.append(int(float(d.min()) < p.dup_distance))
-        if len(d) >= p.k:
-            m = float(np.partition(d, p.k - 1)[: p.k].mean())
-            knn_values.append(m)
-            knn_flags.append(int(m < p.knn_threshold))
-    state.reuse_flags, state.knn_flags, state.knn_values = reuse, knn_flags, knn_values
+    embs, n = state.embs, len(state.embs)
+    everything = np.concatenate([embs, pool])
+    state.reuse_flags, state.knn_flags, state.knn_values = [], [], []
+    for j in range(max(0, n - p.window), n):
+        d = unit_distances(everything, embs[j])
+        _record_hits(state, np.concatenate([d[:j], d[n:]]), p)  # own earlier queries and the whole pool
+
+
+def _record_hits(state: ClientState, d: np.ndarray, p: SignalParams) -> None:
+    """Append one query's reuse and k-NN hits (``d``: its distances to the history it is compared with)."""
+    _push(state.reuse_flags, int(float(d.min()) < p.dup_distance), p.window)
+    if len(d) >= p.k:
+        m = float(np.partition(d, p.k - 1)[: p.k].mean())
+        _push(state.knn_values, m, p.window)
+        _push(state.knn_flags, int(m < p.knn_threshold), p.window)
 
 
 def shapiro_w(values: list[float]) -> float | None:

@@ -173,6 +173,18 @@ def test_wrong_key_unknown_model_and_dead_url_are_clear_errors(victim: VictimSer
     cp = _cli("attack", "harvest", "--url", "ftp://x", "--api-key", "k", "--model", "m", "--out", str(tmp_path / "e"))
     assert cp.returncode == 2
     assert "must start with http://" in cp.stderr
+    # --zoom: a malformed or out-of-range value is a one-line error and writes nothing; a good one is recorded
+    base = ["attack", "harvest", "--url", victim.url, "--api-key", victim.keys["open"], "--model", "denoise",
+            "--budget", "2", "--crop-size", "16"]
+    for bad, message in (("abc", "--zoom must be S or LO:HI"), ("0.5:2", "zoom must be [lo, hi]")):
+        cp = _cli(*base, "--out", str(tmp_path / "z-bad"), "--zoom", bad)
+        assert cp.returncode == 2, cp.stderr
+        assert message in cp.stderr
+        assert "Traceback" not in cp.stderr
+        assert not (tmp_path / "z-bad").exists()
+    cp = _cli(*base, "--out", str(tmp_path / "z"), "--zoom", "0.5:1")
+    assert cp.returncode == 0, cp.stderr
+    assert read_run(tmp_path / "z")["harvest"]["strategy"]["zoom"] == [0.5, 1.0]
 
 
 def test_inputs_outside_the_published_limits_are_skipped_and_replaced(victim: VictimServer, tmp_path: Path) -> None:

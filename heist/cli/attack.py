@@ -67,18 +67,21 @@ def _auto_int(value: str, name: str) -> int | str:
     return v
 
 
-def _noise(value: str) -> tuple[float, float] | str | None:
-    if value in ("auto", "none"):
-        return None if value == "none" else "auto"
+def _range(value: str, flag: str, words: str = "") -> tuple[float, float]:
+    """``"S"`` -> ``(S, S)``, ``"LO:HI"`` -> ``(LO, HI)``; anything else is a one-line error naming ``flag``."""
     try:
         parts = [float(p) for p in value.split(":")]
     except ValueError:
-        raise HeistError(f"--noise-sigma must be auto, none, SIGMA or LO:HI (got {value!r})") from None
-    if len(parts) == 1:
-        return (parts[0], parts[0])
-    if len(parts) == 2:
-        return (parts[0], parts[1])
-    raise HeistError(f"--noise-sigma must be auto, none, SIGMA or LO:HI (got {value!r})")
+        parts = []
+    if len(parts) not in (1, 2):
+        raise HeistError(f"{flag} must be {words}S or LO:HI (got {value!r})")
+    return (parts[0], parts[-1])
+
+
+def _noise(value: str) -> tuple[float, float] | str | None:
+    if value in ("auto", "none"):
+        return None if value == "none" else "auto"
+    return _range(value, "--noise-sigma", "auto, none, ")
 
 
 def _keys(api_key: list[str]) -> list[str]:
@@ -124,6 +127,8 @@ def harvest_cmd(
     noise_sigma: str = typer.Option("auto", help="Gaussian noise sigma (0..255) added to queries: auto, none, "
                                                  "S or LO:HI (auto: 0:50 for denoise models)."),
     pool: int = typer.Option(16, min=1, help="Candidates per query (diversity strategy)."),
+    zoom: str | None = typer.Option(None, help="Crop strategies: shrink each photo by a factor in LO:HI "
+                                               "(0 < LO <= HI <= 1) before cutting the crop; off by default."),
     seed: int = typer.Option(0, help="Strategy seed (queries are deterministic in it)."),
     concurrency: int = typer.Option(8, min=1, help="Most requests in flight per key."),
     max_retries: int = typer.Option(6, min=0, help="Retries per query on 5xx/timeouts."),
@@ -136,6 +141,8 @@ def harvest_cmd(
     params: dict[str, Any] = {"crop_size": _auto_int(crop_size, "crop-size"),
                               "downscale": _auto_int(downscale, "downscale"), "noise_sigma": _noise(noise_sigma),
                               "pool": pool}
+    if zoom is not None:
+        params["zoom"] = _range(zoom, "--zoom")
     with progress(transient=True) as bar:
         result = harvest(url, _keys(api_key), model, out, images=images, strategy=strategy, strategy_params=params,
                          budget=budget, budget_pixels=budget_pixels, seed=seed,

@@ -101,7 +101,7 @@ def part_cost(victim: nn.Module, dev: torch.device, side: int, repeats: int, que
     t0 = time.perf_counter()
     res = verify_ownership(cpu_victim, cpu_victim, probes, SECRET, params)
     wall = time.perf_counter() - t0
-    key = ownership_key(SECRET, params.key_id, params.radius, params.carrier)
+    key = ownership_key(SECRET, params.key_id, params.radius, params.carrier, params.scales)
     ps, ss = [], []
     with torch.no_grad():
         for p in probes:
@@ -215,7 +215,7 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     victim = load_model(build(name, "tiny")).module.eval()
     scale = recipe.scale
     params = _params(args)
-    key = ownership_key(SECRET, params.key_id, params.radius, params.carrier)
+    key = ownership_key(SECRET, params.key_id, params.radius, params.carrier, params.scales)
     # in-domain inputs, as the victim's users send them (noisy photos for a denoiser, small ones for SR)
     xs = [_q(recipe.make_pair(c, seed=i)[0]) for i, c in enumerate(_crops(args.pairs, args.crop))]
     with torch.no_grad():
@@ -226,8 +226,9 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     vic = module_translator(victim)
 
     def score(model: nn.Module) -> dict[str, Any]:
-        r = verify_ownership(module_translator(model), vic, probes, SECRET, params)
-        return {"p_value": r["p_value"], "z": r["z"], "max_z": r["max_z"], "alpha": r["alpha"],
+        r = verify_ownership(module_translator(model), vic, probes, SECRET, params, **_nuisance(args))
+        return {"p_value": r["p_value"], "cosine": r["cosine"], "key_dim": r["key_dim"],
+                "nuisance_dims": r["nuisance_dims"], "z": r["z"], "max_z": r["max_z"], "alpha": r["alpha"],
                 "off_key": r["off_key"], "fidelity_probes_psnr": _fidelity(model, victim, probes)}
 
     kinds = [k for k in args.kinds if k != "srresnet" or scale > 1]
@@ -327,10 +328,14 @@ def _variant(variant: str) -> dict[str, Any]:
     return {"arch_kwargs": {"residual": False}} if variant == "sigmoid" else {}
 
 
+def _nuisance(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.nuisance_jpeg is None else {"nuisance_jpeg": args.nuisance_jpeg}
+
+
 def _params(args: argparse.Namespace) -> OwnershipParams:
     return OwnershipParams(carrier=args.carrier, radius=args.radius if args.radius is not None else
                            OwnershipParams().radius if args.carrier == "ring" else 3, source=args.source,
-                           psnr=args.psnr)
+                           psnr=args.psnr, scales=args.scales)
 
 
 def _fidelity(model: nn.Module, victim: nn.Module, probes: list[Probe]) -> float:
@@ -365,6 +370,10 @@ def main() -> None:
     ap.add_argument("--counter-measures", nargs="*", default=["none", "jpeg75", "rescale", "finetune"])
     ap.add_argument("--carrier", choices=["ring", "band"], default=OwnershipParams().carrier)
     ap.add_argument("--radius", type=int, default=None, help="ring radius / band octaves (default: the params')")
+    ap.add_argument("--scales", type=lambda v: tuple(int(a) for a in v.split(",")), default=OwnershipParams().scales,
+                    help="ring scales, comma-separated (default: the params')")
+    ap.add_argument("--nuisance-jpeg", type=lambda v: tuple(int(a) for a in v.split(",") if a), default=None,
+                    help="JPEG qualities projected off the test, comma-separated ('' = none; default: verify's)")
     ap.add_argument("--source", choices=["input", "output"], default=OwnershipParams().source)
     ap.add_argument("--psnr", type=float, default=OwnershipParams().psnr)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)

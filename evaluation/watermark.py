@@ -35,10 +35,22 @@ Translator = Callable[[torch.Tensor], torch.Tensor]
 
 NULL_DESCRIPTION = (
     "t = <k, u>/(|k||u|), u = least-squares filter from the clean outputs' keyed features to the suspect's "
-    "residual (suspect - clean victim), in the key's d-dimensional subspace. H0: the suspect never saw outputs "
-    "marked with key k (k independent of suspect, probes and clean victim) => the direction of k is uniform, "
+    "residual (suspect - clean victim), in the key's d-dimensional subspace, with the filters of key-independent "
+    "nuisances (JPEG of the clean outputs) projected off k and u. H0: the suspect never saw outputs marked with "
+    "key k (k independent of suspect, probes and clean victim) => the direction of the projected k is uniform, "
     "t^2 ~ Beta(1/2, (d-1)/2) exactly; p = P(T >= t), one-sided."
 )
+
+
+#: JPEG qualities whose systematic error on the clean outputs is projected off the test
+#: (:class:`~defenses.watermark.ownership.OwnershipTest`'s nuisances): a thief who re-encodes the harvest as
+#: JPEG learns that error on top of the mark. Three qualities span the codec's error at the qualities in use.
+NUISANCE_JPEG: tuple[int, ...] = (50, 75, 90)
+
+
+def jpeg_round_trip(y: torch.Tensor, quality: int) -> torch.Tensor:
+    """``y (1, 3, H, W)`` in [0, 1] through a JPEG file of ``quality`` (PIL, 4:2:0) and back, float32."""
+    return decode_image(encode_image(y.clamp(0, 1), "jpeg", quality=quality)).float()
 
 
 class VerifyError(HeistError):
@@ -178,6 +190,7 @@ def verify_ownership(
     probes: Sequence[Probe],
     secret: int,
     params: OwnershipParams | None = None,
+    nuisance_jpeg: Sequence[int] = NUISANCE_JPEG,
 ) -> dict[str, Any]:
     """The ownership test on ``probes``.
 
@@ -188,23 +201,27 @@ def verify_ownership(
         probes: the probe images (sent to the suspect as they are).
         secret: the server's defense secret (``victim_service.services.defense_secret``).
         params: the ``ownership_watermark`` parameters the victim serves with (key id, radius).
+        nuisance_jpeg: JPEG qualities whose error on the clean outputs is projected off the test (exact
+            null either way; empty = none).
 
     Returns:
         ``{"p_value", "cosine", "z", "statistic", "null", "probes", "key_dim", "max_z", "per_probe": [...],
         ...}``.
     """
     p = params or OwnershipParams()
-    test = OwnershipTest(ownership_key(secret, p.key_id, p.radius, p.carrier), p.radius, p.carrier)
+    test = OwnershipTest(ownership_key(secret, p.key_id, p.radius, p.carrier, p.scales), p.radius, p.carrier,
+                         p.scales)
     t0 = time.perf_counter()
     for i, pr in enumerate(probes):
         with torch.no_grad():
             clean = victim(pr.image).float().cpu()
         out = suspect_outputs(pr.image) if callable(suspect_outputs) else suspect_outputs[i]
         test.add(clean, _match(out.float().cpu(), clean, pr.name), pr.name,
-                 basis=feature_source(clean, pr.image.float(), p.source))
+                 basis=feature_source(clean, pr.image.float(), p.source),
+                 nuisances=[jpeg_round_trip(clean, q) for q in nuisance_jpeg])
     res = test.result()
     res.update({"null": NULL_DESCRIPTION, "key_id": p.key_id, "radius": p.radius, "source": p.source,
-                "carrier": p.carrier,
+                "carrier": p.carrier, "scales": list(p.scales), "nuisance_jpeg": list(nuisance_jpeg),
                 "per_probe": test.per_probe, "seconds": time.perf_counter() - t0,
                 "probe_side": int(probes[0].image.shape[-1]) if probes else 0})
     return res
@@ -233,7 +250,7 @@ def ownership_pvalue(
 
 
 def verify_url(url: str, model: str, api_key: str, victim: Translator, probes: Sequence[Probe], secret: int,
-               params: OwnershipParams | None = None) -> dict[str, Any]:
+               params: OwnershipParams | None = None, nuisance_jpeg: Sequence[int] = NUISANCE_JPEG) -> dict[str, Any]:
     """:func:`verify_ownership` against a suspect served over HTTP."""
     outs = asyncio.run(query_url(url, model, api_key, probes))
-    return verify_ownership(outs, victim, probes, secret, params)
+    return verify_ownership(outs, victim, probes, secret, params, nuisance_jpeg)

@@ -194,6 +194,9 @@ def test_verify_catches_a_plain_loop_thief_from_a_torchscript_file(theft: Theft)
     assert "Beta(1/2, (d-1)/2)" in out["null"]
     assert out["statistic"] == "cosine"
     assert out["cosine"] == pytest.approx(out["z"] / out["max_z"])
+    assert out["nuisance_jpeg"] == [50, 75, 90]
+    assert out["nuisance_dims"] == 3
+    assert out["key_dim"] == 40 - 3
     assert out["p_value"] < 1e-6, out
 
 
@@ -299,6 +302,9 @@ def test_bad_suspects_are_one_line_errors(theft: Theft, tmp_path: Path) -> None:
     cp = _cli("defend", "verify", "--suspect", str(tmp_path / "missing.safetensors"), "--model", MODEL,
               "--config", cfg, "--queries", "2")
     _one_line_error(cp, "no such checkpoint")
+    cp = _cli("defend", "verify", "--suspect", str(tmp_path / "missing.safetensors"), "--model", MODEL,
+              "--config", cfg, "--nuisance-jpeg", "75,best")
+    _one_line_error(cp, "--nuisance-jpeg")
 
 
 def test_probe_noise_is_seeded_quantised_and_follows_the_task() -> None:

@@ -165,3 +165,69 @@ def test_a_suspect_reproducing_the_mark_is_caught_and_the_clean_victim_is_not(ca
     assert res["cosine"] == pytest.approx(res["z"] / res["max_z"])
     assert res["statistic"] == "cosine"
     assert t_clean.result()["p_value"] > 0.01
+
+
+def test_larger_ring_scales_commute_with_flips_and_draw_their_own_key() -> None:
+    x = torch.rand(1, 3, 48, 48, dtype=torch.float64)
+    f = ring_features(x, 2, scale=3)
+    assert f.shape == (1, 15, 48, 48)
+    for t in (lambda a: a.flip(-1), lambda a: a.rot90(1, (2, 3)), lambda a: a.transpose(2, 3)):
+        assert torch.allclose(ring_features(t(x), 2, scale=3), t(f), atol=1e-9)
+    p = OwnershipParams(scales=(4, 1))
+    assert p.scales == (1, 4)
+    k = ownership_key(5, p.key_id, p.radius, p.carrier, p.scales)
+    assert k.shape == (3, 3 * 5 * 2)
+    assert torch.allclose(grey_free(k), k)
+    assert not torch.equal(k[:, :5], ownership_key(5, p.key_id, p.radius)[:, :5])
+    y = _photos(2, 96)
+    marked = embed(y, k, p, y.flip(1))
+    assert float(psnr(_q(marked), _q(y), reduction="none").min()) >= 40.0
+    from defenses.registry import parse_defense_spec
+
+    assert OwnershipParams(**{k: v for k, v in parse_defense_spec("ownership_watermark:scales=4+1").items()
+                              if k != "name"}).scales == (1, 4)
+    assert OwnershipParams(scales=2).scales == (2,)
+    for bad in ((0,), (2, 2), (1, 2, 3, 4, 5), "1+x"):
+        with pytest.raises(DefenseConfigError, match="scales"):
+            build_defense({"name": "ownership_watermark", "scales": bad})
+
+
+def _jpeg_test(suspect: torch.Tensor, clean: torch.Tensor, basis: torch.Tensor, key: torch.Tensor,
+               nuisance: tuple[int, ...]) -> OwnershipTest:
+    from evaluation.watermark import jpeg_round_trip
+
+    t = OwnershipTest(key, 2)
+    for i in range(len(clean)):
+        c = clean[i : i + 1]
+        t.add(c, suspect[i : i + 1], basis=basis[i : i + 1], nuisances=[jpeg_round_trip(c, q) for q in nuisance])
+    return t
+
+
+def test_projecting_off_the_codecs_own_error_keeps_the_null_exact_and_finds_a_jpeg_thief() -> None:
+    """A thief who re-encodes the harvest as JPEG learns the codec's systematic error on top of the mark;
+    projecting the error of JPEG-encoded *clean* outputs off the key and the estimate (key-independent, so
+    the null stays exact) lets the mark through. Set-up: a perfect denoiser (noisy inputs, clean outputs)."""
+    from evaluation.watermark import NUISANCE_JPEG, jpeg_round_trip
+
+    g = torch.Generator().manual_seed(0)
+    y = _photos(8, 192)
+    x = _q(y + 25 / 255 * torch.randn(y.shape, generator=g))
+    p = OwnershipParams()
+    key = ownership_key(5, p.key_id, p.radius)
+    marked = _q(embed(y, key, p, x))
+    for q in (75, 90):
+        stolen = torch.cat([jpeg_round_trip(m[None], q) for m in marked])
+        plain = _jpeg_test(stolen, y, x, key, ()).result()
+        proj = _jpeg_test(stolen, y, x, key, NUISANCE_JPEG).result()
+        assert proj["nuisance_dims"] == 3
+        assert proj["key_dim"] == plain["key_dim"] - 3
+        assert proj["cosine"] > plain["cosine"] + 0.1, (q, plain["cosine"], proj["cosine"])
+    # null: an innocent suspect that JPEG-encodes (at a quality not in the nuisance set) and blurs our clean
+    # outputs; over 300 independent keys its p-values are uniform
+    innocent = torch.cat([jpeg_round_trip(c[None], 60) for c in
+                          torch.nn.functional.avg_pool2d(y, 3, 1, 1, count_include_pad=False)])
+    t = _jpeg_test(innocent, y, x, key, NUISANCE_JPEG)
+    ps = [t.result(ownership_key(s, "k1", 2))["p_value"] for s in range(1, 301)]
+    ks = stats.kstest(ps, "uniform")
+    assert ks.pvalue > 1e-3, ks
+    assert sum(1 for v in ps if v < 0.01) <= 10

@@ -43,13 +43,14 @@ for another's: best p 3e-7 against 2e-13). The cosine removes ``|k|`` from the t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from defenses.base import DefenseContext, DefenseParams, OutputDefense, request_rng, request_seed
 from defenses.registry import DEFENSE_REGISTRY
@@ -97,17 +98,17 @@ BAND_SIGMA0 = 1.0
 BAND_TONES = 2
 
 
-def n_features(radius: int, carrier: str = "ring") -> int:
-    """Feature maps per image: 3 input channels x (ring orbits, or 2 * TONE_FREQS at ``radius = 0``; for the
-    ``band`` carrier: ``radius`` octaves x (1 + 2 * BAND_TONES) tone functions)."""
+def n_features(radius: int, carrier: str = "ring", scales: tuple[int, ...] = (1,)) -> int:
+    """Feature maps per image: 3 input channels x (ring orbits x ``len(scales)``, or 2 * TONE_FREQS at
+    ``radius = 0``; for the ``band`` carrier: ``radius`` octaves x (1 + 2 * BAND_TONES) tone functions)."""
     if carrier == "band":
         return 3 * radius * (1 + 2 * BAND_TONES)
-    return 3 * (ring_kernels(radius).shape[0] if radius > 0 else 2 * TONE_FREQS)
+    return 3 * (ring_kernels(radius).shape[0] * len(scales) if radius > 0 else 2 * TONE_FREQS)
 
 
-def key_dim(radius: int, carrier: str = "ring") -> int:
+def key_dim(radius: int, carrier: str = "ring", scales: tuple[int, ...] = (1,)) -> int:
     """Entries of the key: 3 output channels x :func:`n_features`."""
-    return 3 * n_features(radius, carrier)
+    return 3 * n_features(radius, carrier, scales)
 
 
 @lru_cache(maxsize=16)
@@ -156,25 +157,40 @@ def band_features(y: torch.Tensor, octaves: int) -> torch.Tensor:
     return torch.cat(feats, 1)
 
 
-def features(y: torch.Tensor, radius: int, carrier: str = "ring") -> torch.Tensor:
-    """The carrier's feature maps of ``y (N, 3, H, W)`` (``ring``: :func:`ring_features`; ``band``:
-    :func:`band_features` with ``radius`` octaves)."""
-    return band_features(y, radius) if carrier == "band" else ring_features(y, radius)
+def features(y: torch.Tensor, radius: int, carrier: str = "ring", scales: tuple[int, ...] = (1,)) -> torch.Tensor:
+    """The carrier's feature maps of ``y (N, 3, H, W)`` (``ring``: :func:`ring_features` at every scale of
+    ``scales``, index ``(c' * len(scales) + j) * n_orbits + o``; ``band``: :func:`band_features` with ``radius``
+    octaves)."""
+    if carrier == "band":
+        return band_features(y, radius)
+    if radius <= 0 or tuple(scales) == (1,):
+        return ring_features(y, radius)
+    n, c, h, w = y.shape
+    per = [ring_features(y, radius, s).reshape(n, c, -1, h, w) for s in scales]
+    return torch.stack(per, 2).flatten(1, 3)
 
 
-def ring_features(y: torch.Tensor, radius: int) -> torch.Tensor:
+def ring_features(y: torch.Tensor, radius: int, scale: int = 1) -> torch.Tensor:
     """``y (N, 3, H, W)`` -> ``(N, 3 * n_orbits, H, W)``: every ring difference of every colour channel.
 
-    Feature index ``c' * n_orbits + o``. Borders are reflect-padded (H, W > radius required).
+    ``scale > 1``: the ring at ``scale`` times its size -- offsets dilated by ``scale``, of ``y`` blurred by a
+    Gaussian of sigma ``scale / 2`` px first (no aliasing), a band around periods of ``4 * scale`` px that
+    JPEG's quantiser and chroma subsampling keep (docs/defenses.md, "Surviving JPEG"). Still commutes with
+    flips and 90-degree rotations. Feature index ``c' * n_orbits + o``. Borders are reflect-padded
+    (H, W > radius * scale required; replicate otherwise).
     """
     if radius <= 0:
         m = torch.arange(1, TONE_FREQS + 1, device=y.device, dtype=y.dtype).view(1, 1, -1, 1, 1)
         a = 2 * math.pi * m * y.unsqueeze(2)
         return torch.cat([a.sin(), a.cos()], 2).flatten(1, 2)
     ker = ring_kernels(radius).to(device=y.device, dtype=y.dtype)
+    if scale > 1:
+        y = gaussian_blur(y, 0.5 * scale)
     n, c, h, w = y.shape
-    pad = F.pad(y.reshape(n * c, 1, h, w), (radius,) * 4, mode=_PAD_MODE)
-    return F.conv2d(pad, ker).reshape(n, c * ker.shape[0], h, w)
+    reach = radius * scale
+    mode = _PAD_MODE if min(h, w) > reach else "replicate"
+    pad = F.pad(y.reshape(n * c, 1, h, w), (reach,) * 4, mode=mode)
+    return F.conv2d(pad, ker, dilation=scale).reshape(n, c * ker.shape[0], h, w)
 
 
 def grey_free(u: torch.Tensor) -> torch.Tensor:
@@ -192,17 +208,22 @@ def grey_free(u: torch.Tensor) -> torch.Tensor:
     return v.reshape(3, 3 * n)
 
 
-def ownership_key(secret: int, key_id: str, radius: int, carrier: str = "ring") -> torch.Tensor:
+def ownership_key(secret: int, key_id: str, radius: int, carrier: str = "ring",
+                  scales: tuple[int, ...] = (1,)) -> torch.Tensor:
     """The secret key ``k (3, n_features)`` float64: ``grey_free(g)`` with ``g`` i.i.d. N(0, 1) drawn from
-    (server secret, key_id, radius, carrier); ``k`` is then a standard Gaussian on the grey-free subspace."""
+    (server secret, key_id, radius, carrier, scales); ``k`` is then a standard Gaussian on the grey-free
+    subspace."""
     parts = (key_id, str(radius)) if carrier == "ring" else (key_id, str(radius), carrier)
+    if carrier == "ring" and tuple(scales) != (1,):
+        parts += ("scales=" + ",".join(map(str, scales)),)
     g = request_rng(request_seed(secret, "ownership_watermark", *parts))
-    return grey_free(torch.randn(3, n_features(radius, carrier), generator=g, dtype=torch.float64))
+    return grey_free(torch.randn(3, n_features(radius, carrier, scales), generator=g, dtype=torch.float64))
 
 
-def mark_signal(y: torch.Tensor, key: torch.Tensor, radius: int, carrier: str = "ring") -> torch.Tensor:
+def mark_signal(y: torch.Tensor, key: torch.Tensor, radius: int, carrier: str = "ring",
+                scales: tuple[int, ...] = (1,)) -> torch.Tensor:
     """``w_k(y)``: ``y (N, 3, H, W)`` -> ``(N, 3, H, W)``, the keyed filter response (unscaled)."""
-    feats = features(y, radius, carrier)
+    feats = features(y, radius, carrier, scales)
     return torch.einsum("cf,nfhw->nchw", key.to(device=y.device, dtype=y.dtype), feats)
 
 
@@ -210,15 +231,37 @@ class OwnershipParams(DefenseParams):
     """``psnr``: bound (dB) on each output's PSNR to the clean one before 8-bit rounding (mark RMS =
     10^(-psnr/20)). ``gain``: the filter's gain on typical photos before the per-image cap (the mark is
     the pure linear filter ``gain * w_k`` where that stays under the bound). ``radius``: ring radius in
-    output pixels (larger reaches lower frequencies, which survive JPEG). ``key_id``: names the key
-    (rotate it to start a new key; verification must use the same id)."""
+    output pixels. ``scales``: the ring's sizes (1 = the ``(2r+1)^2`` window; ``s > 1``: dilated ``s`` times
+    on the image blurred by sigma ``s/2``, lower frequencies, which survive JPEG); the key spans all of
+    them. ``key_id``: names the key (rotate it to start a new key; verification must use the same id)."""
 
     psnr: float = Field(40.5, ge=20.0, le=80.0)
     gain: float = Field(0.5, gt=0.0, le=100.0)
     radius: int = Field(2, ge=0, le=8)
+    scales: tuple[int, ...] = Field((1,), min_length=1, max_length=4)
     key_id: str = Field("k1", min_length=1, max_length=64)
     source: Literal["output", "input"] = "input"
     carrier: Carrier = "ring"
+
+    @field_validator("scales", mode="before")
+    @classmethod
+    def _scales_text(cls, v: Any) -> Any:
+        """One int (``--defense ownership_watermark:scales=4``) or ``"1+4"`` (several, in a ``--defense`` spec)."""
+        if isinstance(v, int):
+            return (v,)
+        if isinstance(v, str):
+            try:
+                return tuple(int(a) for a in v.split("+"))
+            except ValueError:
+                raise ValueError(f"scales {v!r}: write integers joined by '+', e.g. 1+4") from None
+        return v
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(not 1 <= s <= 16 for s in v) or len(set(v)) != len(v):
+            raise ValueError("scales must be distinct integers in 1..16")
+        return tuple(sorted(v))
 
 
 @DEFENSE_REGISTRY.register("ownership_watermark")
@@ -236,7 +279,8 @@ class OwnershipWatermark(OutputDefense):
     def key(self, secret: int) -> torch.Tensor:
         """The key for ``secret`` (cached per secret)."""
         if secret not in self._keys:
-            self._keys[secret] = ownership_key(secret, self.params.key_id, self.params.radius, self.params.carrier)
+            p = self.params
+            self._keys[secret] = ownership_key(secret, p.key_id, p.radius, p.carrier, p.scales)
         return self._keys[secret]
 
     def apply(self, outputs: torch.Tensor, inputs: torch.Tensor, ctx: DefenseContext) -> torch.Tensor:
@@ -258,7 +302,7 @@ def embed(y: torch.Tensor, key: torch.Tensor, p: OwnershipParams, x: torch.Tenso
     r = p.radius
     if min(y.shape[-2:]) <= max(r, 1):
         return y
-    w = mark_signal(feature_source(y, x, p.source).float(), key, r, p.carrier)
+    w = mark_signal(feature_source(y, x, p.source).float(), key, r, p.carrier, p.scales)
     amp = 10.0 ** (-p.psnr / 20.0)
     rms = w.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
     g = torch.minimum(torch.full_like(rms, p.gain), amp / rms.clamp_min(1e-12))
@@ -267,40 +311,56 @@ def embed(y: torch.Tensor, key: torch.Tensor, p: OwnershipParams, x: torch.Tenso
 
 @dataclass
 class OwnershipTest:
-    """Running sums of the regression of residuals on ring features; :meth:`result` gives the test.
+    """Running sums of the regression of residuals on the carrier's features; :meth:`result` gives the test.
 
     ``add(clean, suspect)`` takes one probe's clean victim output and the suspect's output, both
-    ``(1, 3, H, W)`` in [0, 1] (resized beforehand if the suspect's size differs).
+    ``(1, 3, H, W)`` in [0, 1] (resized beforehand if the suspect's size differs), and optionally
+    ``nuisances``: the clean output after key-independent distortions a thief might apply (e.g. JPEG at a
+    few qualities, :data:`evaluation.watermark.NUISANCE_JPEG`). Each nuisance's own filter estimate ``n_i``
+    (regressed like the suspect's residual) is projected off the key and off ``u`` before the cosine: a
+    thief who re-encoded the harvest learns the codec's systematic error (``n_i``) on top of the mark, and
+    that error, not the mark, dominated ``u`` (docs/defenses.md, "Surviving JPEG"). The ``n_i`` depend on
+    the probes and the clean victim only, never on the key, so the projected key is still a standard
+    Gaussian on a ``d - rank(n)`` dimensional subspace and the null stays exact.
     """
 
     key: torch.Tensor
     radius: int
     carrier: str = "ring"
+    scales: tuple[int, ...] = (1,)
     gram: torch.Tensor = field(init=False)
     cross: torch.Tensor = field(init=False)
+    nuisance_cross: list[torch.Tensor] = field(default_factory=list)
     per_probe: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        d = n_features(self.radius, self.carrier)
+        d = n_features(self.radius, self.carrier, self.scales)
         self.gram = torch.zeros(d, d, dtype=torch.float64)
         self.cross = torch.zeros(d, 3, dtype=torch.float64)
 
     def add(
-        self, clean: torch.Tensor, suspect: torch.Tensor, name: str = "", basis: torch.Tensor | None = None
+        self, clean: torch.Tensor, suspect: torch.Tensor, name: str = "", basis: torch.Tensor | None = None,
+        nuisances: Sequence[torch.Tensor] = (),
     ) -> None:
-        phi = features((clean if basis is None else basis).double(), self.radius, self.carrier)  # (1, F, H, W)
-        res = (suspect.double() - clean.double())  # (1, 3, H, W)
+        phi = features((clean if basis is None else basis).double(), self.radius, self.carrier, self.scales)
         phi_m = phi.flatten(2)[0]  # (F, P)
+        res = (suspect.double() - clean.double())  # (1, 3, H, W)
         g = phi_m @ phi_m.T
         c = phi_m @ res.flatten(2)[0].T  # (F, 3)
         self.gram += g
         self.cross += c
+        if not self.nuisance_cross:
+            self.nuisance_cross = [torch.zeros_like(self.cross) for _ in nuisances]
+        if len(nuisances) != len(self.nuisance_cross):
+            raise ValueError("every probe needs the same nuisances")
+        for acc, n in zip(self.nuisance_cross, nuisances, strict=True):
+            acc += phi_m @ (n.double() - clean.double()).flatten(2)[0].T
         z = _z(self.key, g, c)
         self.per_probe.append({"probe": name, "z": z, "residual_rms": float(res.pow(2).mean().sqrt()),
                                "pixels": int(phi_m.shape[1])})
 
     def z_for(self, key: torch.Tensor) -> float:
-        """``<k, u> / |u|`` for another key on the same probes (for calibration checks)."""
+        """``<k, u> / |u|`` for another key on the same probes (for calibration checks; no nuisances)."""
         return _z(key, self.gram, self.cross)
 
     @property
@@ -308,18 +368,38 @@ class OwnershipTest:
         """Dimension ``d`` of the key's grey-free subspace: ``9 n - n`` for ``n`` features per channel."""
         return int(self.key.numel() - self.key.shape[1] // 3)
 
-    def result(self) -> dict[str, Any]:
-        z = _z(self.key, self.gram, self.cross)
-        dim = self.key_dim
-        u = _estimate(self.gram, self.cross)
-        k2 = float(self.key.pow(2).sum())
+    def nuisance_basis(self) -> torch.Tensor:
+        """Orthonormal columns ``(3 F, m)`` spanning the nuisances' grey-free filter estimates (``m`` = their
+        numerical rank; ``(3 F, 0)`` without nuisances)."""
+        cols = [_estimate(self.gram, c).flatten() for c in self.nuisance_cross]
+        if not cols:
+            return torch.zeros(self.key.numel(), 0, dtype=torch.float64)
+        q, r = torch.linalg.qr(torch.stack(cols, 1))
+        keep = r.diagonal().abs() > 1e-9 * float(r.diagonal().abs().max().clamp_min(1e-300))
+        return q[:, keep]
+
+    def result(self, key: torch.Tensor | None = None) -> dict[str, Any]:
+        """The test's statistics for ``self.key`` (or another ``key`` of the same shape, for calibration
+        checks over many keys on the same probes)."""
+        basis = self.nuisance_basis()
+
+        def off(v: torch.Tensor) -> torch.Tensor:
+            f = v.flatten()
+            return (f - basis @ (basis.T @ f)).reshape(v.shape)
+
+        key, u = off(self.key if key is None else key), off(_estimate(self.gram, self.cross))
+        dim = self.key_dim - basis.shape[1]
+        k2 = float(key.pow(2).sum())
+        norm = float(u.norm())
+        z = float((key * u).sum()) / norm if norm > 0.0 and math.isfinite(norm) else 0.0
         cosine = z / math.sqrt(k2)
-        alpha = float((self.key * u).sum()) / k2
+        alpha = float((key * u).sum()) / k2
         return {"statistic": "cosine", "cosine": cosine, "p_value": cosine_sf(cosine, dim),
                 "z": z, "probes": len(self.per_probe), "key_dim": dim, "max_z": math.sqrt(k2),
+                "nuisance_dims": int(basis.shape[1]),
                 # diagnostics (not part of the test): u = alpha * k + e; alpha = share of the mark the suspect
                 # reproduces, off_key = |e| / |k| (the suspect's own filter error in the key's subspace)
-                "alpha": alpha, "off_key": float((u - alpha * self.key).norm()) / math.sqrt(k2)}
+                "alpha": alpha, "off_key": float((u - alpha * key).norm()) / math.sqrt(k2)}
 
 
 def _z(key: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:

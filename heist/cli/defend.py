@@ -109,7 +109,7 @@ def _ownership_params(specs: list[list[dict[str, Any]]], model: str) -> Any:
 
     found = [OwnershipParams(**{k: v for k, v in d.items() if k != "name"})
              for group in specs for d in group if d.get("name") == "ownership_watermark"]
-    if len({(p.key_id, p.radius, p.carrier, p.source) for p in found}) > 1:
+    if len({(p.key_id, p.radius, p.carrier, p.source, p.scales) for p in found}) > 1:
         raise HeistError(f"model {model!r} is served with several ownership_watermark keys; verify each with a "
                          "config that names one")
     return found[0] if found else None
@@ -139,6 +139,21 @@ def _our_model(name: str, settings: Any) -> tuple[Any, Any, int, str | None]:
     return loaded.module.eval(), params, multiple, getattr(card, "task", None)
 
 
+def _qualities(text: str) -> tuple[int, ...]:
+    """``"50,75,90"`` -> ``(50, 75, 90)``; ``"none"`` or ``""`` -> ``()``; anything else: a one-line error."""
+    from translators.errors import HeistError
+
+    if text.strip().lower() in {"", "none"}:
+        return ()
+    try:
+        qs = tuple(int(a) for a in text.split(","))
+    except ValueError:
+        qs = ()
+    if not qs or any(not 1 <= q <= 100 for q in qs):
+        raise HeistError(f"--nuisance-jpeg {text!r}: give JPEG qualities 1..100, comma-separated, or 'none'")
+    return qs
+
+
 def verify(
     suspect: str = typer.Option(..., "--suspect", help="Suspect: a checkpoint Heist loads (.safetensors, "
                                 "TorchScript .pt, .pt2) or the URL of an image-translation API."),
@@ -156,6 +171,9 @@ def verify(
     secret_file: Path | None = typer.Option(None, help="The defense secret file (default: the data dir's)."),
     key_id: str | None = typer.Option(None, help="Override the watermark key id (default: from the config)."),
     radius: int | None = typer.Option(None, help="Override the watermark radius (default: from the config)."),
+    nuisance_jpeg: str = typer.Option(
+        "50,75,90", help="JPEG qualities (comma-separated, or 'none') whose error on our clean outputs is "
+        "projected off the test: a thief who re-encoded the harvest learned that error too. The null stays exact."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """p-value for "SUSPECT was trained on outputs of our watermarked MODEL" (exact one-sided z-test)."""
@@ -173,16 +191,19 @@ def verify(
         OwnershipParams(**params.model_dump())
     except ValueError as exc:
         raise HeistError(f"bad watermark parameters: {exc}") from None
+    nuisance = _qualities(nuisance_jpeg)
     noise = probe_noise_for(task) if probe_noise is None else probe_noise
     probes = load_probes(images, queries, probe_side, multiple, noise)
     victim = module_translator(module)
     if suspect.startswith(("http://", "https://")):
-        result = verify_url(suspect, suspect_model or model, suspect_api_key, victim, probes, secret, params)
+        result = verify_url(suspect, suspect_model or model, suspect_api_key, victim, probes, secret, params,
+                            nuisance)
     else:
         p = Path(suspect).expanduser()
         if not p.is_file():
             raise HeistError(f"suspect {suspect!r}: no such checkpoint file (or give an http(s):// URL)")
-        result = verify_ownership(module_translator(load_model(p).module.eval()), victim, probes, secret, params)
+        result = verify_ownership(module_translator(load_model(p).module.eval()), victim, probes, secret, params,
+                                  nuisance)
     result["suspect"] = suspect
     result["model"] = model
     result["probe_noise"] = noise
@@ -194,6 +215,7 @@ def verify(
     console.print(f"suspect {suspect} vs {model}: p = {result['p_value']:.3g} (cosine {result['cosine']:.3f} "
                   f"in {result['key_dim']} dims; z {result['z']:.2f} of at most {result['max_z']:.1f}, "
                   f"alpha {result['alpha']:.4f}, off-key {result['off_key']:.4f}, "
+                  f"{result['nuisance_dims']} JPEG nuisance dims off, "
                   f"{result['probes']} probes of {result['probe_side']} px, noise sigma {noise:.3f}) "
                   f"-> {verdict}", highlight=False)
     console.print(f"null: {result['null']}", highlight=False)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defenses.jpeg import jpeg_roundtrip
 from defenses.watermark.ownership import OwnershipParams, OwnershipTest, feature_source, ownership_key
 from translators.codecs import decode_image, encode_image
 from translators.corpus import NamedImage, load_images
@@ -46,11 +47,6 @@ NULL_DESCRIPTION = (
 #: (:class:`~defenses.watermark.ownership.OwnershipTest`'s nuisances): a thief who re-encodes the harvest as
 #: JPEG learns that error on top of the mark. Three qualities span the codec's error at the qualities in use.
 NUISANCE_JPEG: tuple[int, ...] = (50, 75, 90)
-
-
-def jpeg_round_trip(y: torch.Tensor, quality: int) -> torch.Tensor:
-    """``y (1, 3, H, W)`` in [0, 1] through a JPEG file of ``quality`` (PIL, 4:2:0) and back, float32."""
-    return decode_image(encode_image(y.clamp(0, 1), "jpeg", quality=quality)).float()
 
 
 class VerifyError(HeistError):
@@ -218,7 +214,7 @@ def verify_ownership(
         out = suspect_outputs(pr.image) if callable(suspect_outputs) else suspect_outputs[i]
         test.add(clean, _match(out.float().cpu(), clean, pr.name), pr.name,
                  basis=feature_source(clean, pr.image.float(), p.source),
-                 nuisances=[jpeg_round_trip(clean, q) for q in nuisance_jpeg])
+                 nuisances=[jpeg_roundtrip(clean, q) for q in nuisance_jpeg])
     res = test.result()
     res.update({"null": NULL_DESCRIPTION, "key_id": p.key_id, "radius": p.radius, "source": p.source,
                 "carrier": p.carrier, "scales": list(p.scales), "nuisance_jpeg": list(nuisance_jpeg),

@@ -36,6 +36,7 @@ from attacker.train import train_surrogate
 from defenses.watermark.ownership import OwnershipParams
 from evaluation.watermark import (
     DENOISE_PROBE_SIGMA,
+    NUISANCE_JPEG,
     Probe,
     add_probe_noise,
     load_probes,
@@ -194,7 +195,7 @@ def test_verify_catches_a_plain_loop_thief_from_a_torchscript_file(theft: Theft)
     assert "Beta(1/2, (d-1)/2)" in out["null"]
     assert out["statistic"] == "cosine"
     assert out["cosine"] == pytest.approx(out["z"] / out["max_z"])
-    assert out["nuisance_jpeg"] == [50, 75, 90]
+    assert out["nuisance_jpeg"] == list(NUISANCE_JPEG)  # the CLI default is the library's
     assert out["nuisance_dims"] == 3
     assert out["key_dim"] == 40 - 3
     assert out["p_value"] < 1e-6, out

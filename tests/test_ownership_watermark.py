@@ -13,6 +13,7 @@ import torch
 from scipy import stats
 
 from defenses import DefenseConfigError, DefenseContext, build_defense, request_rng
+from defenses.jpeg import jpeg_roundtrip
 from defenses.watermark.ownership import (
     P_FLOOR,
     OwnershipParams,
@@ -194,12 +195,10 @@ def test_larger_ring_scales_commute_with_flips_and_draw_their_own_key() -> None:
 
 def _jpeg_test(suspect: torch.Tensor, clean: torch.Tensor, basis: torch.Tensor, key: torch.Tensor,
                nuisance: tuple[int, ...]) -> OwnershipTest:
-    from evaluation.watermark import jpeg_round_trip
-
     t = OwnershipTest(key, 2)
     for i in range(len(clean)):
         c = clean[i : i + 1]
-        t.add(c, suspect[i : i + 1], basis=basis[i : i + 1], nuisances=[jpeg_round_trip(c, q) for q in nuisance])
+        t.add(c, suspect[i : i + 1], basis=basis[i : i + 1], nuisances=[jpeg_roundtrip(c, q) for q in nuisance])
     return t
 
 
@@ -207,7 +206,7 @@ def test_projecting_off_the_codecs_own_error_keeps_the_null_exact_and_finds_a_jp
     """A thief who re-encodes the harvest as JPEG learns the codec's systematic error on top of the mark;
     projecting the error of JPEG-encoded *clean* outputs off the key and the estimate (key-independent, so
     the null stays exact) lets the mark through. Set-up: a perfect denoiser (noisy inputs, clean outputs)."""
-    from evaluation.watermark import NUISANCE_JPEG, jpeg_round_trip
+    from evaluation.watermark import NUISANCE_JPEG
 
     g = torch.Generator().manual_seed(0)
     y = _photos(8, 192)
@@ -216,7 +215,7 @@ def test_projecting_off_the_codecs_own_error_keeps_the_null_exact_and_finds_a_jp
     key = ownership_key(5, p.key_id, p.radius)
     marked = _q(embed(y, key, p, x))
     for q in (75, 90):
-        stolen = torch.cat([jpeg_round_trip(m[None], q) for m in marked])
+        stolen = torch.cat([jpeg_roundtrip(m[None], q) for m in marked])
         plain = _jpeg_test(stolen, y, x, key, ()).result()
         proj = _jpeg_test(stolen, y, x, key, NUISANCE_JPEG).result()
         assert proj["nuisance_dims"] == 3
@@ -224,7 +223,7 @@ def test_projecting_off_the_codecs_own_error_keeps_the_null_exact_and_finds_a_jp
         assert proj["cosine"] > plain["cosine"] + 0.1, (q, plain["cosine"], proj["cosine"])
     # null: an innocent suspect that JPEG-encodes (at a quality not in the nuisance set) and blurs our clean
     # outputs; over 300 independent keys its p-values are uniform
-    innocent = torch.cat([jpeg_round_trip(c[None], 60) for c in
+    innocent = torch.cat([jpeg_roundtrip(c[None], 60) for c in
                           torch.nn.functional.avg_pool2d(y, 3, 1, 1, count_include_pad=False)])
     t = _jpeg_test(innocent, y, x, key, NUISANCE_JPEG)
     ps = [t.result(ownership_key(s, "k1", 2))["p_value"] for s in range(1, 301)]

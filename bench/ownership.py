@@ -3,7 +3,8 @@
 Part ``cost`` (``--part cost``): per image of ``--side`` px, the clean victim's forward (the baseline) and
 the ``ownership_watermark`` embed, in ms (median over repeats; CUDA synchronised with ``--device cuda``),
 their ratio, and the wall time of one verification (``--queries`` probes; suspect = the clean victim run
-locally, so the time is the verifier's own: two forwards + the regression per probe).
+locally, so the time is the verifier's own: two forwards + the regression per probe), with and without the
+JPEG nuisances (three JPEG round trips and regressions more per probe; their ratio in the same run).
 
 Part ``theft`` (``--part theft``): one zoo victim (tiny), 64 harvested pairs (``--crop`` px crops of the
 attacker split; outputs = victim + watermark, 8-bit PNG round trip, exactly what the API serves), and:
@@ -99,6 +100,9 @@ def part_cost(victim: nn.Module, dev: torch.device, side: int, repeats: int, que
     probes = load_probes("corpus:benchmark", queries, side, 16)
     cpu_victim = module_translator(victim.cpu())
     t0 = time.perf_counter()
+    verify_ownership(cpu_victim, cpu_victim, probes, SECRET, params, nuisance_jpeg=())
+    wall_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
     res = verify_ownership(cpu_victim, cpu_victim, probes, SECRET, params)
     wall = time.perf_counter() - t0
     key = ownership_key(SECRET, params.key_id, params.radius, params.carrier, params.scales)
@@ -113,6 +117,7 @@ def part_cost(victim: nn.Module, dev: torch.device, side: int, repeats: int, que
             "honest_user": {"images": len(ps), "psnr_min": min(ps), "psnr_mean": statistics.mean(ps),
                             "ssim_min": min(ss), "ssim_mean": statistics.mean(ss)},
             "embed_over_forward": emb / fwd, "verify_wall_s": wall, "verify_queries": len(probes),
+            "verify_wall_s_without_jpeg_nuisances": wall_plain, "jpeg_nuisances_cost_ratio": wall / wall_plain,
             "verify_p_clean_victim": res["p_value"]}
 
 

@@ -105,7 +105,7 @@ def part_cost(victim: nn.Module, dev: torch.device, side: int, repeats: int, que
     t0 = time.perf_counter()
     res = verify_ownership(cpu_victim, cpu_victim, probes, SECRET, params)
     wall = time.perf_counter() - t0
-    key = ownership_key(SECRET, params.key_id, params.radius, params.carrier, params.scales)
+    key = ownership_key(SECRET, params)
     ps, ss = [], []
     with torch.no_grad():
         for p in probes:
@@ -220,7 +220,7 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     victim = load_model(build(name, "tiny")).module.eval()
     scale = recipe.scale
     params = _params(args)
-    key = ownership_key(SECRET, params.key_id, params.radius, params.carrier, params.scales)
+    key = ownership_key(args.secret, params)
     # in-domain inputs, as the victim's users send them (noisy photos for a denoiser, small ones for SR)
     xs = [_q(recipe.make_pair(c, seed=i)[0]) for i, c in enumerate(_crops(args.pairs, args.crop))]
     with torch.no_grad():
@@ -231,10 +231,12 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     vic = module_translator(victim)
 
     def score(model: nn.Module) -> dict[str, Any]:
-        r = verify_ownership(module_translator(model), vic, probes, SECRET, params, **_nuisance(args))
+        r = verify_ownership(module_translator(model), vic, probes, args.secret, params, **_nuisance(args))
         return {"p_value": r["p_value"], "cosine": r["cosine"], "key_dim": r["key_dim"],
                 "nuisance_dims": r["nuisance_dims"], "z": r["z"], "max_z": r["max_z"], "alpha": r["alpha"],
-                "off_key": r["off_key"], "fidelity_probes_psnr": _fidelity(model, victim, probes)}
+                "off_key": r["off_key"], "fidelity_probes_psnr": _fidelity(model, victim, probes),
+                **({"part": r["part"], "parts_p": {k: v["p_value"] for k, v in r["parts"].items()}}
+                   if "parts" in r else {})}
 
     kinds = [k for k in args.kinds if k != "srresnet" or scale > 1]
     info = {"task": recipe.task, "scale": scale}
@@ -340,7 +342,8 @@ def _nuisance(args: argparse.Namespace) -> dict[str, Any]:
 def _params(args: argparse.Namespace) -> OwnershipParams:
     return OwnershipParams(carrier=args.carrier, radius=args.radius if args.radius is not None else
                            OwnershipParams().radius if args.carrier == "ring" else 3, source=args.source,
-                           psnr=args.psnr, scales=args.scales)
+                           psnr=args.psnr, scales=args.scales, colour=args.colour,
+                           whiten=args.whiten, luma_share=args.luma_share)
 
 
 def _fidelity(model: nn.Module, victim: nn.Module, probes: list[Probe]) -> float:
@@ -375,6 +378,14 @@ def main() -> None:
     ap.add_argument("--counter-measures", nargs="*", default=["none", "jpeg75", "rescale", "finetune"])
     ap.add_argument("--carrier", choices=["ring", "band"], default=OwnershipParams().carrier)
     ap.add_argument("--radius", type=int, default=None, help="ring radius / band octaves (default: the params')")
+    ap.add_argument("--secret", type=int, default=SECRET,
+                    help="the server secret the key is drawn from (theft part; vary it to see the spread over keys)")
+    ap.add_argument("--colour", choices=["rgb", "luma", "split"], default=OwnershipParams().colour,
+                    help="the key's colour subspace (luma: a luminance-only mark; split: chroma + luma parts)")
+    ap.add_argument("--luma-share", type=float, default=OwnershipParams().luma_share,
+                    help="split: the luma part's share of the mark's energy")
+    ap.add_argument("--whiten", type=float, default=OwnershipParams().whiten,
+                    help="luma key: weigh directions by picture energy (0..1)")
     ap.add_argument("--scales", type=lambda v: tuple(int(a) for a in v.split(",")), default=OwnershipParams().scales,
                     help="ring scales, comma-separated (default: the params')")
     ap.add_argument("--nuisance-jpeg", type=lambda v: tuple(int(a) for a in v.split(",") if a), default=None,

@@ -75,7 +75,7 @@ def main() -> None:
     recipe = get_recipe("denoise25")
     victim = load_model(build("denoise25", "tiny")).module.eval()
     params = _params(args)
-    key = ownership_key(SECRET, params.key_id, params.radius, params.carrier)
+    key = ownership_key(SECRET, params)
     xs = [_q(recipe.make_pair(c, seed=i)[0]) for i, c in enumerate(_crops(64, 96))]
     with torch.no_grad():
         marked = [_q(embed(victim(x), key, params, x)) for x in xs]

@@ -36,10 +36,12 @@ Translator = Callable[[torch.Tensor], torch.Tensor]
 
 NULL_DESCRIPTION = (
     "t = <k, u>/(|k||u|), u = least-squares filter from the clean outputs' keyed features to the suspect's "
-    "residual (suspect - clean victim), in the key's d-dimensional subspace, with the filters of key-independent "
+    "residual (suspect - clean victim), in the test coordinates of the key's d-dimensional subspace (a fixed "
+    "linear map; whitened for colour=luma), with the filters of key-independent "
     "nuisances (JPEG of the clean outputs) projected off k and u. H0: the suspect never saw outputs marked with "
     "key k (k independent of suspect, probes and clean victim) => the direction of the projected k is uniform, "
-    "t^2 ~ Beta(1/2, (d-1)/2) exactly; p = P(T >= t), one-sided."
+    "t^2 ~ Beta(1/2, (d-1)/2) exactly; p = P(T >= t), one-sided (colour=split: each part's p so, "
+    "reported p = min(1, 2 min over parts), Bonferroni)."
 )
 
 
@@ -205,8 +207,7 @@ def verify_ownership(
         ...}``.
     """
     p = params or OwnershipParams()
-    test = OwnershipTest(ownership_key(secret, p.key_id, p.radius, p.carrier, p.scales), p.radius, p.carrier,
-                         p.scales)
+    test = OwnershipTest(ownership_key(secret, p), p.key_space())
     t0 = time.perf_counter()
     for i, pr in enumerate(probes):
         with torch.no_grad():
@@ -217,7 +218,8 @@ def verify_ownership(
                  nuisances=[jpeg_roundtrip(clean, q) for q in nuisance_jpeg])
     res = test.result()
     res.update({"null": NULL_DESCRIPTION, "key_id": p.key_id, "radius": p.radius, "source": p.source,
-                "carrier": p.carrier, "scales": list(p.scales), "nuisance_jpeg": list(nuisance_jpeg),
+                "carrier": p.carrier, "scales": list(p.scales), "colour": p.colour, "whiten": p.whiten,
+                "nuisance_jpeg": list(nuisance_jpeg),
                 "per_probe": test.per_probe, "seconds": time.perf_counter() - t0,
                 "probe_side": int(probes[0].image.shape[-1]) if probes else 0})
     return res

@@ -14,21 +14,27 @@ from scipy import stats
 
 from defenses import DefenseConfigError, DefenseContext, build_defense, request_rng
 from defenses.jpeg import jpeg_roundtrip
+from defenses.watermark.carriers import band_features, ring_features, ring_kernels
+from defenses.watermark.keyspace import KeySpace, grey_free, reference_gram
 from defenses.watermark.ownership import (
     P_FLOOR,
     OwnershipParams,
     OwnershipTest,
-    band_features,
     cosine_sf,
     embed,
     feature_source,
-    grey_free,
     ownership_key,
-    ring_features,
-    ring_kernels,
 )
 from evaluation.metrics import psnr
 from translators.corpus import load_images
+
+
+def _key(seed: int, key_id: str = "k1", **params: object) -> torch.Tensor:
+    return ownership_key(seed, OwnershipParams(key_id=key_id, **params))  # type: ignore[arg-type]
+
+
+def _space(**params: object) -> KeySpace:
+    return OwnershipParams(**params).key_space()  # type: ignore[arg-type]
 
 
 def _photos(n: int = 4, side: int = 128) -> torch.Tensor:
@@ -78,9 +84,9 @@ def test_defense_is_registered_keyed_and_costs_at_most_the_psnr_bound() -> None:
 
 
 def test_key_is_grey_free_and_deterministic() -> None:
-    k = ownership_key(7, "k1", 2)
-    assert torch.equal(k, ownership_key(7, "k1", 2))
-    assert not torch.equal(k, ownership_key(7, "k2", 2))
+    k = _key(7)
+    assert torch.equal(k, _key(7))
+    assert not torch.equal(k, _key(7, "k2"))
     assert torch.allclose(grey_free(k), k)
 
 
@@ -88,11 +94,11 @@ def _calibration_z(residual_fn: object, n_keys: int = 400) -> list[float]:
     """z of one fixed suspect for ``n_keys`` independent keys: exactly N(0, 1) under H0."""
     x = _photos(2, 96)
     clean = x.flip(1)
-    t = OwnershipTest(ownership_key(0, "k1", 2), 2)
+    t = OwnershipTest(_key(0), _space())
     for i in range(len(x)):
         t.add(clean[i : i + 1], _q(residual_fn(clean[i : i + 1], x[i : i + 1])),  # type: ignore[operator]
               basis=feature_source(clean[i : i + 1], x[i : i + 1], "input"))
-    return [t.z_for(ownership_key(s, "k1", 2)) for s in range(1, n_keys + 1)]
+    return [t.z_for(_key(s)) for s in range(1, n_keys + 1)]
 
 
 @pytest.mark.parametrize("name", ["blur", "sharpen-grey", "colour-filter"])
@@ -115,8 +121,8 @@ def test_null_is_exactly_standard_normal_for_suspects_that_correlate_with_high_p
     assert abs(sum(z) / len(z)) < 0.2
     assert sum(1 for v in z if 0.5 * math.erfc(v / math.sqrt(2)) < 0.01) <= 12  # ~4 expected of 400
     # the test's own p-value (the cosine's exact null) is uniform over keys: the false-claim rate is alpha
-    dim = OwnershipTest(ownership_key(0, "k1", 2), 2).key_dim
-    p = [cosine_sf(v / float(ownership_key(s, "k1", 2).norm()), dim) for s, v in enumerate(z, start=1)]
+    dim = OwnershipTest(_key(0), _space()).key_dim
+    p = [cosine_sf(v / float(_key(s).norm()), dim) for s, v in enumerate(z, start=1)]
     ks_p = stats.kstest(p, "uniform")
     assert ks_p.pvalue > 1e-3, (name, ks_p)
     assert sum(1 for v in p if v < 0.01) <= 12
@@ -143,15 +149,15 @@ def test_cosine_null_is_exact() -> None:
 @pytest.mark.parametrize("carrier", ["ring", "band"])
 def test_a_suspect_reproducing_the_mark_is_caught_and_the_clean_victim_is_not(carrier: str) -> None:
     p = OwnershipParams(carrier=carrier, radius=2)
-    key = ownership_key(5, p.key_id, p.radius, p.carrier)
-    assert not torch.equal(key.flatten()[:10], ownership_key(5, p.key_id, p.radius, "ring" if carrier == "band"
-                                                             else "band").flatten()[:10])
+    key = ownership_key(5, p)
+    assert not torch.equal(key.flatten()[:10], _key(5, carrier="ring" if carrier == "band" else "band",
+                                                    radius=2).flatten()[:10])
     x = _photos(4, 128)
     y = x.flip(1)
     marked = _q(embed(y, key, p, x))
     assert float(psnr(marked, _q(y), reduction="none").min()) >= 40.0
-    t_marked = OwnershipTest(key, p.radius, p.carrier)
-    t_clean = OwnershipTest(key, p.radius, p.carrier)
+    t_marked = OwnershipTest(key, p.key_space())
+    t_clean = OwnershipTest(key, p.key_space())
     for i in range(len(x)):
         b = feature_source(y[i : i + 1], x[i : i + 1], p.source)
         t_marked.add(y[i : i + 1], marked[i : i + 1], basis=b)
@@ -176,10 +182,10 @@ def test_larger_ring_scales_commute_with_flips_and_draw_their_own_key() -> None:
         assert torch.allclose(ring_features(t(x), 2, scale=3), t(f), atol=1e-9)
     p = OwnershipParams(scales=(4, 1))
     assert p.scales == (1, 4)
-    k = ownership_key(5, p.key_id, p.radius, p.carrier, p.scales)
+    k = ownership_key(5, p)
     assert k.shape == (3, 3 * 5 * 2)
     assert torch.allclose(grey_free(k), k)
-    assert not torch.equal(k[:, :5], ownership_key(5, p.key_id, p.radius)[:, :5])
+    assert not torch.equal(k[:, :5], _key(5)[:, :5])
     y = _photos(2, 96)
     marked = embed(y, k, p, y.flip(1))
     assert float(psnr(_q(marked), _q(y), reduction="none").min()) >= 40.0
@@ -195,7 +201,7 @@ def test_larger_ring_scales_commute_with_flips_and_draw_their_own_key() -> None:
 
 def _jpeg_test(suspect: torch.Tensor, clean: torch.Tensor, basis: torch.Tensor, key: torch.Tensor,
                nuisance: tuple[int, ...]) -> OwnershipTest:
-    t = OwnershipTest(key, 2)
+    t = OwnershipTest(key, _space())
     for i in range(len(clean)):
         c = clean[i : i + 1]
         t.add(c, suspect[i : i + 1], basis=basis[i : i + 1], nuisances=[jpeg_roundtrip(c, q) for q in nuisance])
@@ -212,7 +218,7 @@ def test_projecting_off_the_codecs_own_error_keeps_the_null_exact_and_finds_a_jp
     y = _photos(8, 192)
     x = _q(y + 25 / 255 * torch.randn(y.shape, generator=g))
     p = OwnershipParams()
-    key = ownership_key(5, p.key_id, p.radius)
+    key = ownership_key(5, p)
     marked = _q(embed(y, key, p, x))
     for q in (75, 90):
         stolen = torch.cat([jpeg_roundtrip(m[None], q) for m in marked])
@@ -226,7 +232,79 @@ def test_projecting_off_the_codecs_own_error_keeps_the_null_exact_and_finds_a_jp
     innocent = torch.cat([jpeg_roundtrip(c[None], 60) for c in
                           torch.nn.functional.avg_pool2d(y, 3, 1, 1, count_include_pad=False)])
     t = _jpeg_test(innocent, y, x, key, NUISANCE_JPEG)
-    ps = [t.result(ownership_key(s, "k1", 2))["p_value"] for s in range(1, 301)]
+    ps = [t.result(_key(s))["p_value"] for s in range(1, 301)]
     ks = stats.kstest(ps, "uniform")
     assert ks.pvalue > 1e-3, ks
     assert sum(1 for v in ps if v < 0.01) <= 10
+
+
+def test_luma_key_adds_grey_only_and_its_whitened_coordinates_are_a_standard_gaussian() -> None:
+    """``colour = luma``: one filter on every output channel, so the mark is pure grey (luminance); the
+    key's test coordinates (whitened by the fixed 1/f reference) are i.i.d. N(0, 1) over keys, which is
+    what makes the cosine's null exact."""
+    p = OwnershipParams(colour="luma", radius=3, whiten=0.75)
+    space = p.key_space()
+    assert space.dim() == space.n_feat == 27
+    k = ownership_key(5, p)
+    assert torch.equal(k[0], k[1])
+    assert torch.equal(k[1], k[2])
+    assert not torch.equal(k, ownership_key(5, OwnershipParams(colour="luma", radius=3)))
+    y = _photos(2, 96)
+    x = y.flip(-1)
+    mark = embed(y, k, p, x) - y
+    inside = ((y > 0.1) & (y < 0.9)).all(1, keepdim=True).expand_as(y)  # away from the clamp
+    assert torch.allclose((mark - mark.mean(1, keepdim=True))[inside], torch.zeros(()), atol=1e-6)
+    assert float(psnr(_q(y + mark), _q(y), reduction="none").min()) >= 40.0
+    coords = torch.stack([space.coords(_key(s, colour="luma", radius=3, whiten=0.75)) for s in range(2000)])
+    assert coords.mean(0).abs().max() < 0.1
+    cov = coords.T @ coords / len(coords)
+    assert (cov - torch.eye(27, dtype=cov.dtype)).abs().max() < 0.15
+    g0 = reference_gram(3)
+    assert torch.equal(g0, reference_gram.__wrapped__(3))  # a constant of the method
+    assert float(torch.trace(g0)) == pytest.approx(27.0)
+    with pytest.raises(DefenseConfigError, match="whiten"):
+        build_defense({"name": "ownership_watermark", "whiten": 0.5})
+
+
+def test_luma_and_split_marks_survive_a_jpeg_thief_that_the_rgb_mark_does_not_and_the_null_stays_exact() -> None:
+    """JPEG's chroma subsampling removes most of an ``rgb`` mark (its energy is mostly chroma); a ``luma``
+    mark keeps most of its energy, and the whitened test weighs directions by their picture energy.
+    ``split`` (a chroma part and a luma part, Bonferroni over the two) keeps the luma part's evidence.
+    Set-up as above: a perfect denoiser whose thief copies the JPEG 75 of every marked output; the null:
+    an innocent suspect that blurs and JPEG-encodes our clean outputs, over 300 independent keys."""
+    from evaluation.watermark import NUISANCE_JPEG
+
+    g = torch.Generator().manual_seed(1)
+    y = _photos(8, 192)
+    x = _q(y + 25 / 255 * torch.randn(y.shape, generator=g))
+    blurred = torch.nn.functional.avg_pool2d(y, 3, 1, 1, count_include_pad=False)
+    configs = {"rgb": {}, "luma": {"colour": "luma", "radius": 3, "whiten": 0.75},
+               "split": {"colour": "split", "radius": 3, "whiten": 0.75}}
+    results = {}
+    for name, kw in configs.items():
+        p = OwnershipParams(**kw)  # type: ignore[arg-type]
+        key = ownership_key(5, p)
+        marked = _q(embed(y, key, p, x))
+        assert float(psnr(marked, _q(y), reduction="none").min()) >= 40.0
+        stolen = torch.cat([jpeg_roundtrip(m[None], 75) for m in marked])
+        t, copy, innocent = (OwnershipTest(key, p.key_space()) for _ in range(3))
+        for i in range(len(y)):
+            c, nuis = y[i : i + 1], [jpeg_roundtrip(y[i : i + 1], q) for q in NUISANCE_JPEG]
+            t.add(c, stolen[i : i + 1], basis=x[i : i + 1], nuisances=nuis)
+            copy.add(c, marked[i : i + 1], basis=x[i : i + 1], nuisances=nuis)
+            innocent.add(c, jpeg_roundtrip(blurred[i : i + 1], 60), basis=x[i : i + 1], nuisances=nuis)
+        results[name] = t.result()
+        assert copy.result()["p_value"] < 1e-12, (name, copy.result())
+        if name == "rgb":
+            continue
+        null = [innocent.result(_key(s, **kw)) for s in range(1, 301)]  # type: ignore[arg-type]
+        for part in p.key_space().parts:  # each part's p is exactly uniform
+            ps = [r["parts"][part]["p_value"] if "parts" in r else r["p_value"] for r in null]
+            assert stats.kstest(ps, "uniform").pvalue > 1e-3, (name, part)
+        assert sum(1 for r in null if r["p_value"] < 0.01) <= 10  # Bonferroni: at most the nominal rate
+    assert results["luma"]["key_dim"] == 24
+    assert results["luma"]["cosine"] > results["rgb"]["cosine"] + 0.15, results
+    assert results["luma"]["p_value"] < 1e-3, results
+    assert results["split"]["part"] == "luma"
+    assert results["split"]["p_value"] < 1e-2, results
+    assert set(results["split"]["parts"]) == {"chroma", "luma"}

@@ -109,7 +109,7 @@ def _ownership_params(specs: list[list[dict[str, Any]]], model: str) -> Any:
 
     found = [OwnershipParams(**{k: v for k, v in d.items() if k != "name"})
              for group in specs for d in group if d.get("name") == "ownership_watermark"]
-    if len({(p.key_id, p.radius, p.carrier, p.source, p.scales) for p in found}) > 1:
+    if len({(p.key_id, p.radius, p.carrier, p.source, p.scales, p.colour, p.whiten, p.luma_share) for p in found}) > 1:
         raise HeistError(f"model {model!r} is served with several ownership_watermark keys; verify each with a "
                          "config that names one")
     return found[0] if found else None
@@ -176,7 +176,7 @@ def verify(
         "projected off the test: a thief who re-encoded the harvest learned that error too. The null stays exact."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """p-value for "SUSPECT was trained on outputs of our watermarked MODEL" (exact one-sided z-test)."""
+    """p-value for "SUSPECT was trained on outputs of our watermarked MODEL" (exact one-sided cosine test)."""
     from defenses.watermark.ownership import OwnershipParams
     from evaluation.watermark import load_probes, module_translator, probe_noise_for, verify_ownership, verify_url
     from translators.checkpoint import load_model
@@ -218,6 +218,10 @@ def verify(
                   f"{result['nuisance_dims']} JPEG nuisance dims off, "
                   f"{result['probes']} probes of {result['probe_side']} px, noise sigma {noise:.3f}) "
                   f"-> {verdict}", highlight=False)
+    for name, part in result.get("parts", {}).items():
+        mark = "  <- decides; p above doubled (Bonferroni)" if name == result["part"] else ""
+        console.print(f"  part {name}: p = {part['p_value']:.3g} (cosine {part['cosine']:.3f} in "
+                      f"{part['key_dim']} dims){mark}", highlight=False)
     console.print(f"null: {result['null']}", highlight=False)
     for row in result["per_probe"]:
         console.print(f"  {row['probe']}: z {row['z']:+.2f}, residual rms {row['residual_rms']:.4f}",

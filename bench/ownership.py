@@ -19,6 +19,12 @@ attacker split; outputs = victim + watermark, 8-bit PNG round trip, exactly what
   victim itself, other zoo models, untrained tiny networks: p-values and false claims (p < 0.01);
 - honest-user cost: PSNR/SSIM of marked vs clean outputs on the benchmark split (8-bit).
 
+Part ``survival`` (``--part survival``): how much of the mark a JPEG re-encode (``--survival-quality``)
+keeps, per YCbCr component, over the keys of ``--survival-keys`` secrets (seconds).
+
+Key options (all parts): ``--colour rgb|luma|split``, ``--whiten``, ``--luma-share``, ``--radius``,
+``--scales``, ``--carrier``; ``--secret`` draws another key (the spread over keys is large).
+
 Run (CPU, ~10-20 min on a quiet 2-core box):
 ``.venv/bin/python bench/ownership.py --part all [--victim denoise25] [--device cuda]``;
 prints JSON and writes ``bench/results/ownership[-VICTIM].json``.
@@ -352,6 +358,43 @@ def _fidelity(model: nn.Module, victim: nn.Module, probes: list[Probe]) -> float
         return statistics.mean(float(psnr(_q(model(p.image)), _q(victim(p.image)))) for p in probes)
 
 
+#: JPEG's colour axes (ITU-R BT.601 YCbCr, as libjpeg uses them): rows Y, Cb, Cr of linear RGB in [0, 1].
+_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+
+
+def part_survival(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """How much of the mark a thief's JPEG re-encode keeps, per YCbCr component.
+
+    For ``--pairs`` harvested-size outputs (``--crop`` px) and the keys of secrets ``0..--survival-keys-1``:
+    the share of the mark's energy in Y, Cb and Cr, and ``<J(y + m) - J(y), m> / |m|^2`` per component
+    (``J`` = JPEG at ``--survival-quality``, 4:2:0 as Pillow writes it; 1 = the mark passes untouched).
+    """
+    recipe = get_recipe(name)
+    victim = load_model(build(name, "tiny")).module.eval()
+    params = _params(args)
+    xs = [_q(recipe.make_pair(c, seed=i)[0]) for i, c in enumerate(_crops(args.pairs, args.crop))]
+    with torch.no_grad():
+        ys = [_q(victim(x)) for x in xs]
+    rows = []
+    for secret in range(args.survival_keys):
+        key = ownership_key(secret, params)
+        num, den = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        for x, y in zip(xs, ys, strict=True):
+            with torch.no_grad():
+                m = embed(y, key, params, x) - y
+                kept = decode_image(_jpeg_bytes(y + m, args.survival_quality)) - decode_image(
+                    _jpeg_bytes(y, args.survival_quality))
+            my = torch.einsum("dc,nchw->ndhw", _YCBCR, m).double()
+            ky = torch.einsum("dc,nchw->ndhw", _YCBCR, kept).double()
+            num += (my * ky).sum((0, 2, 3))
+            den += my.pow(2).sum((0, 2, 3))
+        rows.append({"secret": secret, "energy_share_ycbcr": (den / den.sum()).tolist(),
+                     "kept_ycbcr": (num / den).tolist(), "kept_total": float(num.sum() / den.sum())})
+        log.info("%s", rows[-1])
+    return {"victim": name, "pairs": args.pairs, "crop": args.crop, "quality": args.survival_quality,
+            "params": params.model_dump(), "keys": rows}
+
+
 def _jpeg_bytes(y: torch.Tensor, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(y[0].permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy()).save(
@@ -361,7 +404,7 @@ def _jpeg_bytes(y: torch.Tensor, quality: int) -> bytes:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["cost", "theft", "all"], default="all")
+    ap.add_argument("--part", choices=["cost", "theft", "survival", "all"], default="all")
     ap.add_argument("--victim", default="denoise25")
     ap.add_argument("--device", default="cpu", help="device for the cost part (cpu or cuda)")
     ap.add_argument("--train-device", default="cpu")
@@ -397,6 +440,8 @@ def main() -> None:
     ap.add_argument("--innocent-kinds", type=int, default=1, help="0: no attacker-kind surrogates of the clean victim")
     ap.add_argument("--others", nargs="*", default=["style-teal", "style-ink", "denoise25", "sr4x"])
     ap.add_argument("--untrained", type=int, default=8)
+    ap.add_argument("--survival-keys", type=int, default=3, help="survival part: keys (secrets 0..N-1)")
+    ap.add_argument("--survival-quality", type=int, default=75, help="survival part: the thief's JPEG quality")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -414,6 +459,8 @@ def main() -> None:
         dev = torch.device(args.device)
         result["cost"] = [part_cost(victim, dev, s, args.repeats, args.queries, _params(args))
                           for s in (args.side, 2 * args.side)]
+    if args.part in ("survival", "all"):
+        result["survival"] = part_survival(args.victim, args)
     if args.part in ("theft", "all"):
         with tempfile.TemporaryDirectory(prefix="heist-ownership-") as tmp:
             result["theft"] = part_theft(args.victim, args, Path(tmp))

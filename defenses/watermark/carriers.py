@@ -66,11 +66,6 @@ def n_features(radius: int, carrier: str = "ring", scales: tuple[int, ...] = (1,
     return 3 * (ring_kernels(radius).shape[0] * len(scales) if radius > 0 else 2 * TONE_FREQS)
 
 
-def key_dim(radius: int, carrier: str = "ring", scales: tuple[int, ...] = (1,)) -> int:
-    """Entries of the key: 3 output channels x :func:`n_features`."""
-    return 3 * n_features(radius, carrier, scales)
-
-
 @lru_cache(maxsize=16)
 def _gauss1d(sigma: float) -> torch.Tensor:
     half = max(1, math.ceil(3.0 * sigma))

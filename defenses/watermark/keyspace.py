@@ -48,6 +48,7 @@ def grey_reading(u: torch.Tensor) -> torch.Tensor:
     instead was measured worse on the same thieves (docs/defenses.md, "Surviving JPEG")."""
     return u.mean(0)
 
+
 #: The reference for :func:`reference_gram`: coloured 1/f noise fields (the average power spectrum of natural
 #: photos, van der Schaaf & van Hateren 1996), channels correlated at this coefficient.
 REFERENCE_FIELDS = 8
@@ -145,9 +146,9 @@ class KeySpace:
         if self.colour not in ("rgb", "luma", "split"):
             raise ValueError(f"colour must be rgb, luma or split, got {self.colour!r}")
         if self.whiten and self.colour == "rgb":
-            raise ValueError("whiten applies to the luma and split keys only")
-        if self.colour == "split" and (self.carrier != "ring" or tuple(self.scales) != (1,)):
-            raise ValueError("colour=split needs the ring carrier at scale 1")
+            raise ValueError("whiten applies to colour=luma or colour=split only")
+        if self.colour == "split" and (self.carrier != "ring" or tuple(self.scales) != (1,) or self.radius < 2):
+            raise ValueError("colour=split needs the ring carrier at scale 1 and radius >= 2")
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -202,7 +203,7 @@ class KeySpace:
             return self._metric[0] @ grey_reading(u)
         if part == "chroma":  # orthogonal to every grey filter: the luma mark reads 0
             return chroma_basis(self.radius).T @ u.flatten()
-        return grey_free(u.double()).flatten()
+        return grey_free(u).flatten()
 
 
 def split_key(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

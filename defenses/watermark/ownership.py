@@ -124,11 +124,7 @@ class OwnershipParams(DefenseParams):
 
     @model_validator(mode="after")
     def _key_space_valid(self) -> OwnershipParams:
-        if self.whiten and self.colour == "rgb":
-            raise ValueError("whiten applies to colour=luma or colour=split only")
-        if self.colour == "split" and self.radius < 2:
-            raise ValueError("colour=split needs radius >= 2")
-        self.key_space()  # carrier/scales combinations (ValueError with the reason)
+        self.key_space()  # KeySpace checks colour/whiten/carrier/scales/radius (ValueError with the reason)
         return self
 
     def key_space(self) -> KeySpace:

@@ -10,7 +10,7 @@ Part ``theft`` (``--part theft``): one zoo victim (tiny), 64 harvested pairs (``
 attacker split; outputs = victim + watermark, 8-bit PNG round trip, exactly what the API serves), and:
 
 - thieves: ``heist attack train`` kinds (``unet-l2``, ``pix2pix``; ``srresnet`` for SR victims), trained by
-  ``attacker.train.train_surrogate`` (dihedral augmentation on, its default), and a plain L2 loop written
+  ``attacker.train.train_surrogate`` (dihedral augmentation on, crops at any offset), and a plain L2 loop written
   here (flips only);
 - counter-measures: ``none``; ``jpeg75`` (harvested outputs re-encoded as JPEG 75 before training);
   ``rescale`` (each pair also added at 0.5x and 0.75x, random crops of them, i.e. scale + crop augmentation
@@ -337,8 +337,11 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
 
 
 def _variant(variant: str) -> dict[str, Any]:
-    """``KIND/sigmoid``: the non-residual generator (what ``unet-l2`` uses for style tasks)."""
-    return {"arch_kwargs": {"residual": False}} if variant == "sigmoid" else {}
+    """Training options of a thief: dihedral augmentation and crops at every offset (the attacker's defaults
+    when the committed results were measured; augmentation is the break a careful thief tries against a
+    watermark); ``KIND/sigmoid``: the non-residual generator (what ``unet-l2`` uses for style tasks)."""
+    thief: dict[str, Any] = {"augment": True, "align": 1}
+    return thief | {"arch_kwargs": {"residual": False}} if variant == "sigmoid" else thief
 
 
 def _nuisance(args: argparse.Namespace) -> dict[str, Any]:

@@ -41,8 +41,12 @@ from translators.checkpoint import load_model
 from translators.zoo import build, get_recipe
 
 log = logging.getLogger("bench.ownership_ablation")
-VARIANTS: dict[str, dict[str, Any]] = {"default": {}, "noaug": {"augment": False}, "patch48": {"patch": 48},
-                                       "steps900": {"steps": 900}, "noplateau": {"patience": 100}}
+# The committed results' thief: dihedral augmentation (the break a careful thief tries against a watermark)
+# and crops at every offset, the attacker's defaults before round 2 aligned its crops (attacker.train).
+THIEF: dict[str, Any] = {"augment": True, "align": 1}
+VARIANTS: dict[str, dict[str, Any]] = {"default": THIEF, "noaug": THIEF | {"augment": False},
+                                       "patch48": THIEF | {"patch": 48}, "steps900": THIEF | {"steps": 900},
+                                       "noplateau": THIEF | {"patience": 100}}
 KEYS = ("p_value", "z", "max_z", "alpha", "off_key")
 
 

@@ -29,6 +29,11 @@ data_range 1, as ``bench/attack_fidelity.py``). Variants (``--variants`` picks a
   photos instead of pairs (``val_split = "sources"``): does held-out PSNR on unseen photos rank the
   surrogate families the way the benchmark photos do?
 - ``ema`` / ``ema-fast``: today's defaults with a moving average of the weights (``ema`` 0.999 / 0.99).
+- ``no-augment``: today's defaults without the dihedral augmentation of training crops (a victim served by a
+  strided CNN is not flip-equivariant; the augmentation averages its 8 dihedral versions).
+- ``align8`` / ``align8-no-augment``: training crops (and held-out centre crops) at offsets that are multiples
+  of 8 input pixels from the query's corner, with / without the dihedral augmentation (a strided victim's
+  output depends on a pixel's position modulo its stride; aligned crops keep that phase fixed).
 
 Every variant is channels-last (not switchable). Prints JSON and writes
 ``bench/results/train_ablation-VICTIM-BUDGET.json`` after every variant (``partial`` until the last).
@@ -78,6 +83,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "unet-res-sources": {"arch": "unet-l2", "arch_kwargs": {"residual": True}, "steps": 10**6, "val_split": "sources"},
     "ema": {"ema": 0.999},
     "ema-fast": {"ema": 0.99},
+    "no-augment": {"augment": False},
+    "align8": {"align": 8},
+    "align8-no-augment": {"align": 8, "augment": False},
 }
 log = logging.getLogger("bench.train_ablation")
 

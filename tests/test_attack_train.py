@@ -18,7 +18,7 @@ from attacker.errors import ConfigError, TrainingError
 from attacker.fidelity import psnr_ssim_l2
 from attacker.pairstore import PairStore
 from attacker.runinfo import read_run, update_run
-from attacker.train import STRIPE_CONTEXT, PairSet, TrainConfig, split_pairs, train_surrogate
+from attacker.train import STRIPE_CONTEXT, BatchSource, PairSet, TrainConfig, split_pairs, train_surrogate
 from translators.checkpoint import load_model
 from translators.codecs import encode_image
 from translators.corpus import PatchSampler, load_images
@@ -155,6 +155,42 @@ def _pairset(n: int, h: int, w: int, scale: int = 1) -> PairSet:
     xs = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for _ in range(n)]
     ys = [torch.randint(0, 256, (3, scale * h, scale * w), generator=g, dtype=torch.uint8) for _ in range(n)]
     return PairSet([f"{i:06d}" for i in range(n)], xs, ys, scale)
+
+
+def _coordinate_pairs(n: int, side: int, scale: int) -> PairSet:
+    """Pairs whose channels 0 and 1 hold each pixel's row and column in input pixels (uint8)."""
+    def grid(s: int) -> torch.Tensor:
+        r = (torch.arange(side * s) // s).to(torch.uint8)
+        return torch.stack([r.view(-1, 1).expand(-1, side * s), r.view(1, -1).expand(side * s, -1),
+                            torch.zeros(side * s, side * s, dtype=torch.uint8)])
+    return PairSet([f"{i:06d}" for i in range(n)], [grid(1)] * n, [grid(scale)] * n, scale)
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_training_crops_keep_the_victims_grid_and_orientation(scale: int) -> None:
+    """Default batches: every crop starts at a multiple of ``align`` input pixels from the query's corner, its
+    output crop is the same place, nothing is flipped or rotated; held-out centre crops are aligned too.
+    ``align = 1`` with ``augment`` reaches other offsets and orientations (the old behaviour)."""
+    cfg = TrainConfig()
+    ps = _coordinate_pairs(4, 100, scale)
+    src = BatchSource(ps, 24, 8, 0, 0, 40, cfg.augment, cfg.align)
+    offsets = set()
+    for k in range(len(src)):
+        xs, ys = src[k]
+        for x, y in zip(xs, ys, strict=True):
+            t, le = int(x[0, 0, 0]), int(x[1, 0, 0])
+            offsets.add((t % cfg.align, le % cfg.align))
+            assert torch.equal(x[0, :, 0], torch.arange(t, t + 24, dtype=torch.uint8))  # rows in order
+            assert torch.equal(x[1, 0, :], torch.arange(le, le + 24, dtype=torch.uint8))  # columns in order
+            assert torch.equal(y[:2, ::scale, ::scale], x[:2])  # the output crop is the same place
+    assert offsets == {(0, 0)}
+    split = split_pairs(ps, TrainConfig(val_max_side=40), min_train_side=24)
+    corner = split.val_inputs[0][0, :2, 0, 0].mul(255).round().long().tolist()
+    assert corner == [24, 24]  # the centre crop would start at 30; aligned down to a multiple of 8
+    old = BatchSource(ps, 24, 8, 0, 0, 40, True, 1)
+    corners = [(int(x[0, 0, 0]) % 8, int(x[0, 1, 0]) - int(x[0, 0, 0])) for k in range(len(old)) for x in old[k][0]]
+    assert len({c[0] for c in corners}) > 1  # offsets off the grid
+    assert {c[1] for c in corners} != {1}  # and crops not in their original orientation
 
 
 def test_stripes_hold_out_the_end_of_every_pair_scored_without_its_context() -> None:

@@ -202,9 +202,11 @@ def test_verify_catches_a_plain_loop_thief_from_a_torchscript_file(theft: Theft)
 
 
 def test_verify_catches_the_attackers_default_kind(theft: Theft) -> None:
-    """``heist attack train`` (``resunet``, the attacker's default, tiny profile with its own schedule,
-    dihedral augmentation and held-out model selection) on the run folder harvested over HTTP."""
-    sur = train_surrogate(theft.marked_run, theft.root / "stolen-resunet", arch="resunet", profile="tiny")
+    """``heist attack train`` (``resunet``, the attacker's default, tiny profile with its own schedule and
+    held-out model selection) on the run folder harvested over HTTP, with the counter-measure a careful
+    thief adds against a watermark: dihedral augmentation of crops taken at any offset."""
+    sur = train_surrogate(theft.marked_run, theft.root / "stolen-resunet", arch="resunet", profile="tiny",
+                          augment=True, align=1)
     out = _score(theft, load_model(sur.checkpoint).module, queries=QUERIES)
     log.info("resunet thief: p=%.3g z=%.2f (max %.2f) alpha=%.4f off_key=%.4f held-out %.2f dB", out["p_value"],
              out["z"], out["max_z"], out["alpha"], out["off_key"], sur.fidelity["psnr"])

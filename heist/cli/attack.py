@@ -177,6 +177,11 @@ def train_cmd(
                                                           "held-out fidelity stops improving."),
     batch_size: int | None = typer.Option(None, min=1),
     patch: int | None = typer.Option(None, min=4, help="Crop side in input pixels."),
+    align: int | None = typer.Option(None, min=1, help="Training crops start at multiples of this many input "
+                                                       "pixels from each query's corner (default 8)."),
+    augment: bool | None = typer.Option(None, "--augment/--no-augment",
+                                        help="Flip and rotate training crops (default: off; a strided victim is "
+                                             "not flip-equivariant)."),
     lr: float | None = typer.Option(None, min=0.0),
     schedule: str = typer.Option("cosine", help="Learning rate: cosine (decays to 5% over the time budget) or "
                                                 "plateau (constant between plateau drops)."),
@@ -199,7 +204,7 @@ def train_cmd(
     with progress(transient=True) as bar:
         r = train_surrogate(pairs, out, progress=RichProgressHook(bar), **_train_options(
             arch=arch, profile=profile, steps=steps, time_budget=time_budget, batch_size=batch_size, patch=patch,
-            lr=lr, schedule=schedule, amp=amp, seed=seed, device=device,
+            align=align, augment=augment, lr=lr, schedule=schedule, amp=amp, seed=seed, device=device,
             workers=workers, threads=threads, val_every=val_every,
             checkpoint_every=checkpoint_every, restart=restart, counter=counter))
     f, b = r.fidelity, r.baseline

@@ -366,10 +366,11 @@ class BatchSource(Dataset):
     """Item ``k`` is the batch of step ``start + k``: ``(B, 3, p, p)`` and ``(B, 3, s*p, s*p)`` uint8."""
 
     def __init__(self, ps: PairSet, patch: int, batch: int, seed: int, start: int, stop: int, augment: bool,
-                 align: int = 1) -> None:
+                 align: int) -> None:
         self.ps, self.patch, self.batch, self.seed = ps, patch, batch, seed
         self.start, self.stop, self.augment, self.align = start, stop, augment, align
-        self.weights = [(x.shape[-2] - patch + 1) * (x.shape[-1] - patch + 1) for x in ps.inputs]
+        self.weights = [((x.shape[-2] - patch) // align + 1) * ((x.shape[-1] - patch) // align + 1)
+                        for x in ps.inputs]  # crop positions on the grid
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)

@@ -336,12 +336,15 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     }
 
 
+# The thief of the committed results: dihedral augmentation (the break a careful thief tries against a
+# watermark) and crops at every offset, the attacker's defaults before round 2 aligned its crops.
+THIEF: dict[str, Any] = {"augment": True, "align": 1}
+
+
 def _variant(variant: str) -> dict[str, Any]:
-    """Training options of a thief: dihedral augmentation and crops at every offset (the attacker's defaults
-    when the committed results were measured; augmentation is the break a careful thief tries against a
-    watermark); ``KIND/sigmoid``: the non-residual generator (what ``unet-l2`` uses for style tasks)."""
-    thief: dict[str, Any] = {"augment": True, "align": 1}
-    return thief | {"arch_kwargs": {"residual": False}} if variant == "sigmoid" else thief
+    """Training options of a :data:`THIEF`; ``KIND/sigmoid``: the non-residual generator (what ``unet-l2``
+    uses for style tasks)."""
+    return THIEF | {"arch_kwargs": {"residual": False}} if variant == "sigmoid" else THIEF
 
 
 def _nuisance(args: argparse.Namespace) -> dict[str, Any]:

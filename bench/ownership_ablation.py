@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacker.train import train_surrogate
-from bench.ownership import SECRET, PlainNet, _crops, _fidelity, _params, _q, _write_pairs, plain_loop
+from bench.ownership import SECRET, THIEF, PlainNet, _crops, _fidelity, _params, _q, _write_pairs, plain_loop
 from defenses.watermark.ownership import embed, ownership_key
 from evaluation.watermark import Probe, load_probes, module_translator, verify_ownership
 from translators.archs import build_arch
@@ -41,9 +41,6 @@ from translators.checkpoint import load_model
 from translators.zoo import build, get_recipe
 
 log = logging.getLogger("bench.ownership_ablation")
-# The committed results' thief: dihedral augmentation (the break a careful thief tries against a watermark)
-# and crops at every offset, the attacker's defaults before round 2 aligned its crops (attacker.train).
-THIEF: dict[str, Any] = {"augment": True, "align": 1}
 VARIANTS: dict[str, dict[str, Any]] = {"default": THIEF, "noaug": THIEF | {"augment": False},
                                        "patch48": THIEF | {"patch": 48}, "steps900": THIEF | {"steps": 900},
                                        "noplateau": THIEF | {"patience": 100}}

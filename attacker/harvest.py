@@ -215,6 +215,9 @@ class Harvester:
             "seed": self.cfg.seed, "images": _images_id(self.images_spec),
         }
         prev = run.get("harvest", {}).get("identity")
+        if prev is not None and isinstance(prev.get("strategy_params"), dict):
+            # a harvest recorded before a parameter existed was made with the value that reproduces it
+            prev = {**prev, "strategy_params": {**strategy.params.RECORDED_BEFORE, **prev["strategy_params"]}}
         if prev is not None and prev != identity:
             diff = [k for k in identity if prev.get(k) != identity[k]]
             raise RunFolderError(

@@ -214,6 +214,17 @@ def test_a_different_harvest_in_the_same_folder_is_refused(victim: VictimServer,
     more = harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run", budget=4,
                    strategy_params={"crop_size": 16})
     assert (more.pairs, more.new_pairs) == (4, 2)  # a larger budget extends the harvest
+    # a folder harvested before `leaves` existed: its queries were crops only, so it resumes with leaves 0
+    run_json = tmp_path / "run" / "run.json"
+    run = json.loads(run_json.read_text())
+    del run["harvest"]["identity"]["strategy_params"]["leaves"]
+    run_json.write_text(json.dumps(run))
+    with pytest.raises(RunFolderError, match=r"'leaves': 0\.0"):
+        harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run", budget=5,
+                strategy_params={"crop_size": 16})
+    old = harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run", budget=5,
+                  strategy_params={"crop_size": 16, "leaves": 0})
+    assert (old.pairs, old.new_pairs) == (5, 1)
 
 
 def test_5xx_storm_stops_with_pairs_kept_and_resume_finishes(tmp_path: Path, private_redis) -> None:

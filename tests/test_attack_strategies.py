@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from attacker.errors import ConfigError
 from attacker.strategies import STRATEGY_REGISTRY, build_strategy, patch_features
+from attacker.strategies.leaves import dead_leaves, power_law_radius
 from attacker.victim_info import ModelInfo
 from translators.corpus import NamedImage, load_images
 from translators.images import bicubic_resize
@@ -138,7 +141,7 @@ def test_photos_take_turns_whatever_their_size(name: str) -> None:
     g = torch.Generator().manual_seed(0)
     sizes = [(130, 400), (126, 126), (140, 140), (128, 200)]
     photos = [NamedImage(f"p{i}", torch.rand(3, h, w, generator=g)) for i, (h, w) in enumerate(sizes)]
-    s = build_strategy(name, photos, DENOISE, {"crop_size": 125}, seed=1)
+    s = build_strategy(name, photos, DENOISE, {"crop_size": 125, "leaves": 0}, seed=1)
     sources = [s.make(i).source for i in range(4 * len(photos))]
     assert all(sources.count(p.name) == 4 for p in photos), sources
     assert sources[:4] != sources[4:8] or sources[4:8] != sources[8:12]  # a new seeded order each round
@@ -167,3 +170,53 @@ def test_zoom_shrinks_the_photo_before_the_crop_and_keeps_the_crop_size(photos: 
         build_strategy("crops", photos, info, {"zoom": [0.5, 1.5]})
     with pytest.raises(ConfigError, match="zoom"):
         build_strategy("crops", photos, info, {"zoom": [0.0, 1.0]})
+
+
+@pytest.mark.parametrize("name", ["crops", "tiles"])
+def test_half_the_queries_beyond_the_photos_are_dead_leaves(name: str, photos: list[NamedImage]) -> None:
+    """By default the first ``content_queries`` queries are crops as in round 1; of the later ones (the
+    photos are used up) every other one, starting with the first, is a dead-leaves composition of the
+    photos; the others are the crops they would have been; a restart regenerates the same queries;
+    ``leaves=0`` gives round 1's queries throughout."""
+    info = ModelInfo(name="style", task="style", scale=1)
+    plain = build_strategy(name, photos, info, {"crop_size": 96, "leaves": 0}, seed=2)
+    mixed = build_strategy(name, photos, info, {"crop_size": 96}, seed=2)
+    n = mixed.content_queries()
+    assert n == sum((p.image.shape[-2] // 96) * (p.image.shape[-1] // 96) for p in photos)
+    assert mixed.describe()["content_queries"] == n
+    assert mixed.describe()["leaves"] == 0.5
+    assert "leaves" not in plain.describe()  # harvests without leaves describe themselves as before
+    for i in range(n + 6):
+        p, m = plain.make(i), mixed.make(i)
+        assert p.transform is None
+        assert p.source != "dead-leaves"
+        if i < n or (i - n) % 2 == 1:
+            assert torch.equal(m.image, p.image)
+            assert (m.source, m.crop, m.transform) == (p.source, p.crop, None)
+            continue
+        assert (m.source, m.crop, m.transform) == ("dead-leaves", None, "leaves")
+        assert m.image.shape == p.image.shape
+        assert float(m.image.min()) >= 0.0
+        assert float(m.image.max()) <= 1.0
+        assert not torch.equal(m.image, p.image)
+        assert torch.equal(m.image, build_strategy(name, photos, info, {"crop_size": 96}, seed=2).make(i).image)
+    thirds = build_strategy(name, photos, info, {"crop_size": 96, "leaves": 1 / 3}, seed=2)
+    assert sum(thirds.is_leaves(i) for i in range(n, n + 30)) == 10
+    assert all(build_strategy(name, photos, info, {"crop_size": 96, "leaves": 1}).is_leaves(i) for i in range(n, n + 5))
+    with pytest.raises(ConfigError, match="leaves"):
+        build_strategy(name, photos, info, {"leaves": 1.5})
+
+
+def test_dead_leaves_are_cut_from_the_photos_with_power_law_radii() -> None:
+    """Every pixel of a dead-leaves image comes from one of the photos (here: flat colours, so the image
+    holds only those colours), small leaves outnumber big ones as ``r^-3`` says, and it is seeded."""
+    colours = [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]
+    flat = [NamedImage(f"c{i}", torch.tensor(c).view(3, 1, 1).expand(3, 40, 60).clone()) for i, c in enumerate(colours)]
+    x = dead_leaves(70, 50, flat, random.Random(5))
+    assert x.shape == (1, 3, 70, 50)
+    assert {tuple(v) for v in x[0].permute(1, 2, 0).reshape(-1, 3).tolist()} <= set(colours)
+    assert len({tuple(v) for v in x[0].permute(1, 2, 0).reshape(-1, 3).tolist()}) == 3
+    assert torch.equal(x, dead_leaves(70, 50, flat, random.Random(5)))
+    r = [power_law_radius(u / 1000, 3.0, 100.0) for u in range(1000)]
+    assert min(r) == pytest.approx(3.0)
+    assert sum(v < 6 for v in r) > 0.7 * len(r)  # P(r < 2 r_min) = 1 - 1/4 (almost) for alpha = 3

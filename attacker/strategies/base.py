@@ -17,7 +17,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -29,6 +29,7 @@ from translators.images import bicubic_resize, crop_to_multiple
 from translators.registry import Registry
 
 STRATEGY_REGISTRY: Registry[type[QueryStrategy]] = Registry("query strategy")
+LEAVES = "dead-leaves"  # the source name of synthetic queries (``StrategyParams.leaves``)
 AUTO_PIXELS = 64 * 256 * 256  # output pixels an auto-sized harvest aims for (see auto_crop_size)
 
 
@@ -50,9 +51,17 @@ class StrategyParams(BaseModel):
         zoom: crop strategies shrink the chosen photo by a factor drawn log-uniformly from ``[lo, hi]``
             (``0 < lo <= hi <= 1``; bicubic, antialiased) before cutting the crop, never so far that the
             photo no longer holds one. ``None`` = photos at their own scale.
+        leaves: share of the ``crops`` and ``tiles`` queries *beyond the photos* (those numbered
+            :meth:`QueryStrategy.content_queries` and later, when the photos are used up and a crop can only
+            re-cut pixels already sent) that are :func:`attacker.strategies.leaves.dead_leaves` compositions
+            of the photos instead: new edges and textures at new places. Spread evenly, the first one
+            leaves. ``0`` = round 1's queries (crops only).
     """
 
     model_config = ConfigDict(extra="forbid")
+    # Parameters added after harvests were first recorded, with the value that reproduces those harvests'
+    # queries: a resume compares a recorded harvest as if it had named them (and says so when they differ).
+    RECORDED_BEFORE: ClassVar[dict[str, Any]] = {"zoom": None, "leaves": 0.0}
 
     crop_size: int | Literal["auto"] = "auto"
     downscale: int | Literal["auto"] = "auto"
@@ -60,6 +69,7 @@ class StrategyParams(BaseModel):
     max_side: int = Field(512, ge=8)
     pool: int = Field(16, ge=1, le=1024)
     zoom: tuple[float, float] | None = None
+    leaves: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("crop_size", "downscale")
     @classmethod
@@ -189,6 +199,9 @@ class QueryStrategy(ABC):
                                   "downscale": self.downscale, "noise_sigma": list(self.noise) if self.noise else None}
         if self.params.zoom:
             out["zoom"] = list(self.params.zoom)
+        if self.uses_crops and self.params.leaves > 0:
+            out["leaves"] = self.params.leaves
+            out["content_queries"] = self.content_queries()
         return out
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -226,6 +239,31 @@ class QueryStrategy(ABC):
         h, w = image.shape[-2:]
         top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
         return im, [top, left, ch, cw], image[..., top : top + ch, left : left + cw]
+
+    def content_queries(self) -> int:
+        """How many crops the photos hold without overlap: ``sum(max(1, (h // ch) * (w // cw)))`` over the
+        photos that hold one. Queries beyond it can only re-cut pixels already sent (``params.leaves``)."""
+        ch, cw = self.crop_hw
+        return sum(max(1, (im.image.shape[-2] // ch) * (im.image.shape[-1] // cw)) for _, im in self.crop_candidates())
+
+    def is_leaves(self, index: int) -> bool:
+        """Whether query ``index`` is a dead-leaves composition: the ``k``-th query beyond the photos is one
+        when ``ceil((k + 1) f) > ceil(k f)`` (``f = params.leaves``: an even spread, exactly ``f`` of them)."""
+        f, k = self.params.leaves, index - self.content_queries()
+        return f > 0 and k >= 0 and math.ceil((k + 1) * f - 1e-9) > math.ceil(k * f - 1e-9)
+
+    def crop_query(self, index: int, source: str, box: list[int], x: torch.Tensor, rng: random.Random) -> Query:
+        """Query ``index`` from the crop ``x`` (``(1, 3, h, w)``) at ``box`` of photo ``source``, or a
+        dead-leaves composition of the same size in its place (:meth:`is_leaves`; source ``dead-leaves``,
+        no box), then noised (:meth:`add_noise`). Draws from ``rng`` for the leaves only when there are
+        some, so crop queries stay what they were."""
+        tag: str | None = None
+        if self.is_leaves(index):
+            from attacker.strategies.leaves import dead_leaves
+
+            x, tag, source, box = dead_leaves(x.shape[-2], x.shape[-1], self.sources, rng), "leaves", LEAVES, None
+        x, noise = self.add_noise(x, rng)
+        return Query(index, x.contiguous(), source, box, ":".join(t for t in (tag, noise) if t) or None)
 
     def zoomed(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
         """``image`` shrunk by a factor drawn log-uniformly from ``params.zoom``, kept large enough for

@@ -41,8 +41,7 @@ class RandomCrops(QueryStrategy):
     def make(self, index: int) -> Query:
         rng = index_rng(self.seed, index, "crop")
         im, box, x = self.random_crop(rng, index)
-        x, tf = self.add_noise(x, rng)
-        return Query(index, x.contiguous(), im.name, box, tf)
+        return self.crop_query(index, im.name, box, x, rng)
 
 
 @STRATEGY_REGISTRY.register("tiles")
@@ -76,8 +75,7 @@ class GridTiles(QueryStrategy):
         im = self.sources[i]
         ch, cw = self.crop_hw
         x = im.image[..., top : top + ch, left : left + cw]
-        x, tf = self.add_noise(x, index_rng(self.seed, index, "noise"))
-        return Query(index, x.contiguous(), im.name, [top, left, ch, cw], tf)
+        return self.crop_query(index, im.name, [top, left, ch, cw], x, index_rng(self.seed, index, "noise"))
 
 
 def _augment(x: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, str]:

@@ -129,6 +129,10 @@ def harvest_cmd(
     pool: int = typer.Option(16, min=1, help="Candidates per query (diversity strategy)."),
     zoom: str | None = typer.Option(None, help="Crop strategies: shrink each photo by a factor in LO:HI "
                                                "(0 < LO <= HI <= 1) before cutting the crop; off by default."),
+    leaves: float = typer.Option(0.5, min=0.0, max=1.0,
+                                 help="crops/tiles: share of the queries beyond what the photos hold (once "
+                                      "they are used up) that are dead-leaves compositions of the photos; "
+                                      "0 = crops only."),
     seed: int = typer.Option(0, help="Strategy seed (queries are deterministic in it)."),
     concurrency: int = typer.Option(8, min=1, help="Most requests in flight per key."),
     max_retries: int = typer.Option(6, min=0, help="Retries per query on 5xx/timeouts."),
@@ -143,6 +147,7 @@ def harvest_cmd(
                               "pool": pool}
     if zoom is not None:
         params["zoom"] = _range(zoom, "--zoom")
+    params["leaves"] = leaves
     with progress(transient=True) as bar:
         result = harvest(url, _keys(api_key), model, out, images=images, strategy=strategy, strategy_params=params,
                          budget=budget, budget_pixels=budget_pixels, seed=seed,

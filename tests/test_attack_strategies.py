@@ -205,6 +205,9 @@ def test_half_the_queries_beyond_the_photos_are_dead_leaves(name: str, photos: l
     assert all(build_strategy(name, photos, info, {"crop_size": 96, "leaves": 1}).is_leaves(i) for i in range(n, n + 5))
     with pytest.raises(ConfigError, match="leaves"):
         build_strategy(name, photos, info, {"leaves": 1.5})
+    augment = build_strategy("augment", photos, info, {"crop_size": 96}, seed=2)  # builds its own queries
+    assert not any(augment.is_leaves(i) for i in range(n, n + 4))
+    assert "leaves" not in augment.describe()
 
 
 def test_dead_leaves_are_cut_from_the_photos_with_power_law_radii() -> None:

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from attacker.errors import ConfigError
+from attacker.strategies.leaves import dead_leaves
 from attacker.victim_info import ModelInfo
 from translators.corpus import NamedImage
 from translators.images import bicubic_resize, crop_to_multiple
@@ -132,6 +133,7 @@ class QueryStrategy(ABC):
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     adaptive: ClassVar[bool] = False
     uses_crops: ClassVar[bool] = True
+    fills_beyond_photos: ClassVar[bool] = False  # True: queries build with crop_query (params.leaves applies)
 
     def __init__(self, images: Sequence[NamedImage], info: ModelInfo, params: StrategyParams, seed: int = 0,
                  budget: int | None = None) -> None:
@@ -199,7 +201,7 @@ class QueryStrategy(ABC):
                                   "downscale": self.downscale, "noise_sigma": list(self.noise) if self.noise else None}
         if self.params.zoom:
             out["zoom"] = list(self.params.zoom)
-        if self.uses_crops and self.params.leaves > 0:
+        if self.fills_beyond_photos and self.params.leaves > 0:
             out["leaves"] = self.params.leaves
             out["content_queries"] = self.content_queries()
         return out
@@ -249,18 +251,20 @@ class QueryStrategy(ABC):
     def is_leaves(self, index: int) -> bool:
         """Whether query ``index`` is a dead-leaves composition: the ``k``-th query beyond the photos is one
         when ``ceil((k + 1) f) > ceil(k f)`` (``f = params.leaves``: an even spread, exactly ``f`` of them)."""
-        f, k = self.params.leaves, index - self.content_queries()
-        return f > 0 and k >= 0 and math.ceil((k + 1) * f - 1e-9) > math.ceil(k * f - 1e-9)
+        f = self.params.leaves if self.fills_beyond_photos else 0.0
+        if f <= 0:
+            return False
+        k = index - self.content_queries()
+        return k >= 0 and math.ceil((k + 1) * f - 1e-9) > math.ceil(k * f - 1e-9)
 
-    def crop_query(self, index: int, source: str, box: list[int], x: torch.Tensor, rng: random.Random) -> Query:
+    def crop_query(self, index: int, source: str, box: list[int] | None, x: torch.Tensor,
+                   rng: random.Random) -> Query:
         """Query ``index`` from the crop ``x`` (``(1, 3, h, w)``) at ``box`` of photo ``source``, or a
         dead-leaves composition of the same size in its place (:meth:`is_leaves`; source ``dead-leaves``,
         no box), then noised (:meth:`add_noise`). Draws from ``rng`` for the leaves only when there are
         some, so crop queries stay what they were."""
         tag: str | None = None
         if self.is_leaves(index):
-            from attacker.strategies.leaves import dead_leaves
-
             x, tag, source, box = dead_leaves(x.shape[-2], x.shape[-1], self.sources, rng), "leaves", LEAVES, None
         x, noise = self.add_noise(x, rng)
         return Query(index, x.contiguous(), source, box, ":".join(t for t in (tag, noise) if t) or None)

@@ -36,7 +36,10 @@ class RandomImages(QueryStrategy):
 @STRATEGY_REGISTRY.register("crops")
 class RandomCrops(QueryStrategy):
     """Uniformly placed ``crop_size`` crops, the attacker's photos taking turns (each gets an equal share
-    of the queries; :meth:`QueryStrategy.random_crop`). Small crops buy more pairs per pixel of budget."""
+    of the queries; :meth:`QueryStrategy.random_crop`). Small crops buy more pairs per pixel of budget.
+    Once the photos are used up, ``params.leaves`` of the queries are dead-leaves compositions."""
+
+    fills_beyond_photos = True
 
     def make(self, index: int) -> Query:
         rng = index_rng(self.seed, index, "crop")
@@ -47,7 +50,10 @@ class RandomCrops(QueryStrategy):
 @STRATEGY_REGISTRY.register("tiles")
 class GridTiles(QueryStrategy):
     """Non-overlapping ``crop_size`` tiles of every image in a seeded order; once all tiles are used the
-    grid is shifted by a seeded offset (half a tile on average) and the next round starts."""
+    grid is shifted by a seeded offset (half a tile on average) and the next round starts. Once the first
+    round is used up, ``params.leaves`` of the queries are dead-leaves compositions."""
+
+    fills_beyond_photos = True
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]

@@ -154,6 +154,7 @@ class QueryStrategy(ABC):
             raise ConfigError(f"crop_size {size} exceeds the victim's max_pixels {info.max_pixels}")
         self.crop_size = size
         # (height, width) of every crop; a model that takes one size only gets exactly that size
+        self._content_queries: int | None = None
         self.crop_hw: tuple[int, int] = (int(info.fixed_size[0]), int(info.fixed_size[1])) if info.fixed_size \
             else (size, size)
         if self.uses_crops:
@@ -245,8 +246,11 @@ class QueryStrategy(ABC):
     def content_queries(self) -> int:
         """How many crops the photos hold without overlap: ``sum(max(1, (h // ch) * (w // cw)))`` over the
         photos that hold one. Queries beyond it can only re-cut pixels already sent (``params.leaves``)."""
-        ch, cw = self.crop_hw
-        return sum(max(1, (im.image.shape[-2] // ch) * (im.image.shape[-1] // cw)) for _, im in self.crop_candidates())
+        if self._content_queries is None:  # asked once per query: photos and crop size are fixed at build time
+            ch, cw = self.crop_hw
+            self._content_queries = sum(max(1, (im.image.shape[-2] // ch) * (im.image.shape[-1] // cw))
+                                        for _, im in self.crop_candidates())
+        return self._content_queries
 
     def is_leaves(self, index: int) -> bool:
         """Whether query ``index`` is a dead-leaves composition: the ``k``-th query beyond the photos is one

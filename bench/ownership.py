@@ -60,7 +60,7 @@ from attacker.train import train_surrogate
 from defenses import DefenseContext, build_defense, request_rng
 from defenses.watermark.ownership import OwnershipParams, embed, ownership_key
 from evaluation.metrics import psnr, ssim
-from evaluation.watermark import Probe, load_probes, module_translator, verify_ownership
+from evaluation.watermark import KEPT_JPEG, Probe, load_probes, module_translator, verify_ownership
 from translators.checkpoint import load_model
 from translators.codecs import decode_image, encode_image
 from translators.corpus import load_images
@@ -241,6 +241,8 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         return {"p_value": r["p_value"], "cosine": r["cosine"], "key_dim": r["key_dim"],
                 "nuisance_dims": r["nuisance_dims"], "z": r["z"], "max_z": r["max_z"], "alpha": r["alpha"],
                 "off_key": r["off_key"], "fidelity_probes_psnr": _fidelity(model, victim, probes),
+                **({"p_whole": r["whole"]["p_value"], "p_kept": r["kept"]["p_value"],
+                    "kept_dim": r["kept"]["key_dim"], "cosine_kept": r["kept"]["cosine"]} if "kept" in r else {}),
                 **({"part": r["part"], "parts_p": {k: v["p_value"] for k, v in r["parts"].items()}}
                    if "parts" in r else {})}
 
@@ -348,7 +350,8 @@ def _variant(variant: str) -> dict[str, Any]:
 
 
 def _nuisance(args: argparse.Namespace) -> dict[str, Any]:
-    return {} if args.nuisance_jpeg is None else {"nuisance_jpeg": args.nuisance_jpeg}
+    out: dict[str, Any] = {"kept_jpeg": args.kept_jpeg or None}
+    return out if args.nuisance_jpeg is None else {**out, "nuisance_jpeg": args.nuisance_jpeg}
 
 
 def _params(args: argparse.Namespace) -> OwnershipParams:
@@ -439,6 +442,8 @@ def main() -> None:
                     help="ring scales, comma-separated (default: the params')")
     ap.add_argument("--nuisance-jpeg", type=lambda v: tuple(int(a) for a in v.split(",") if a), default=None,
                     help="JPEG qualities projected off the test, comma-separated ('' = none; default: verify's)")
+    ap.add_argument("--kept-jpeg", type=int, default=KEPT_JPEG or 0,
+                    help="JPEG quality of the test's kept-directions view, e.g. 75 (0: the whole-key test only)")
     ap.add_argument("--source", choices=["input", "output"], default=OwnershipParams().source)
     ap.add_argument("--psnr", type=float, default=OwnershipParams().psnr)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)

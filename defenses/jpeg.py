@@ -42,6 +42,24 @@ def jpeg_roundtrip(images: torch.Tensor, quality: int, subsampling: str = "4:2:0
     return t.to(images.device)
 
 
+#: Grid phases of :func:`jpeg_phase_average`: the 8x8 block grid at offset 0 and at 4 px in both directions.
+JPEG_PHASES: tuple[tuple[int, int], ...] = ((0, 0), (4, 4))
+
+
+def jpeg_phase_average(images: torch.Tensor, quality: int,
+                       phases: tuple[tuple[int, int], ...] = JPEG_PHASES) -> torch.Tensor:
+    """:func:`jpeg_roundtrip` averaged over 8x8 block-grid phases: ``(N, 3, H, W) -> (N, 3, H, W)``.
+
+    For each ``(dy, dx)`` the images are reflect-padded by ``dy`` rows on top and ``dx`` columns on the left,
+    round-tripped and cropped back, so the block grid falls at another offset of the content. A surrogate
+    trained on random crops of JPEG files learns the codec's effect averaged over phases, not at one."""
+    outs = []
+    for dy, dx in phases:
+        x = images if not (dy or dx) else torch.nn.functional.pad(images.float(), (dx, 0, dy, 0), mode="reflect")
+        outs.append(jpeg_roundtrip(x, quality)[..., dy:, dx:].to(images.dtype))
+    return torch.stack(outs).mean(0)
+
+
 @DEFENSE_REGISTRY.register("jpeg")
 class JpegDefense(OutputDefense):
     """Re-encode outputs as JPEG at ``quality`` and decode them: ``(N, 3, H, W) -> (N, 3, H, W)``."""

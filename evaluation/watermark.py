@@ -12,6 +12,7 @@ dict (what ``heist defend verify --json`` prints and what a campaign cell stores
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defenses.jpeg import jpeg_roundtrip
+from defenses.jpeg import jpeg_phase_average, jpeg_roundtrip
 from defenses.watermark.ownership import OwnershipParams, OwnershipTest, feature_source, ownership_key
 from translators.codecs import decode_image, encode_image
 from translators.corpus import NamedImage, load_images
@@ -49,6 +50,13 @@ NULL_DESCRIPTION = (
 #: (:class:`~defenses.watermark.ownership.OwnershipTest`'s nuisances): a thief who re-encodes the harvest as
 #: JPEG learns that error on top of the mark. Three qualities span the codec's error at the qualities in use.
 NUISANCE_JPEG: tuple[int, ...] = (50, 75, 90)
+
+
+#: JPEG quality of the test's optional second view (:attr:`~defenses.watermark.ownership.OwnershipTest.kept`):
+#: the key directions JPEG at this quality keeps (averaged over block-grid phases). Off (``None``) by default:
+#: JPEG 75 keeps half or more of only 4 of the default key's 37 directions, and the view found no more
+#: evidence against JPEG thieves than the whole-key test (docs/defenses.md, "Surviving JPEG").
+KEPT_JPEG: int | None = None
 
 
 class VerifyError(HeistError):
@@ -189,6 +197,7 @@ def verify_ownership(
     secret: int,
     params: OwnershipParams | None = None,
     nuisance_jpeg: Sequence[int] = NUISANCE_JPEG,
+    kept_jpeg: int | None = KEPT_JPEG,
 ) -> dict[str, Any]:
     """The ownership test on ``probes``.
 
@@ -201,13 +210,16 @@ def verify_ownership(
         params: the ``ownership_watermark`` parameters the victim serves with (key id, radius).
         nuisance_jpeg: JPEG qualities whose error on the clean outputs is projected off the test (exact
             null either way; empty = none).
+        kept_jpeg: JPEG quality of the optional second view, the key directions JPEG keeps (:data:`KEPT_JPEG`;
+            ``None``, the default: the whole-key test alone).
 
     Returns:
         ``{"p_value", "cosine", "z", "statistic", "null", "probes", "key_dim", "max_z", "per_probe": [...],
         ...}``.
     """
     p = params or OwnershipParams()
-    test = OwnershipTest(ownership_key(secret, p), p.key_space())
+    kept = None if kept_jpeg is None else functools.partial(jpeg_phase_average, quality=kept_jpeg)
+    test = OwnershipTest(ownership_key(secret, p), p.key_space(), kept=kept, kept_rms=10.0 ** (-p.psnr / 20.0))
     t0 = time.perf_counter()
     for i, pr in enumerate(probes):
         with torch.no_grad():
@@ -219,7 +231,7 @@ def verify_ownership(
     res = test.result()
     res.update({"null": NULL_DESCRIPTION, "key_id": p.key_id, "radius": p.radius, "source": p.source,
                 "carrier": p.carrier, "scales": list(p.scales), "colour": p.colour, "whiten": p.whiten,
-                "nuisance_jpeg": list(nuisance_jpeg),
+                "nuisance_jpeg": list(nuisance_jpeg), "kept_jpeg": kept_jpeg,
                 "per_probe": test.per_probe, "seconds": time.perf_counter() - t0,
                 "probe_side": int(probes[0].image.shape[-1]) if probes else 0})
     return res
@@ -248,7 +260,8 @@ def ownership_pvalue(
 
 
 def verify_url(url: str, model: str, api_key: str, victim: Translator, probes: Sequence[Probe], secret: int,
-               params: OwnershipParams | None = None, nuisance_jpeg: Sequence[int] = NUISANCE_JPEG) -> dict[str, Any]:
+               params: OwnershipParams | None = None, nuisance_jpeg: Sequence[int] = NUISANCE_JPEG,
+               kept_jpeg: int | None = KEPT_JPEG) -> dict[str, Any]:
     """:func:`verify_ownership` against a suspect served over HTTP."""
     outs = asyncio.run(query_url(url, model, api_key, probes))
-    return verify_ownership(outs, victim, probes, secret, params, nuisance_jpeg)
+    return verify_ownership(outs, victim, probes, secret, params, nuisance_jpeg, kept_jpeg)

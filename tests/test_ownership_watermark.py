@@ -308,3 +308,56 @@ def test_luma_and_split_marks_survive_a_jpeg_thief_that_the_rgb_mark_does_not_an
     assert results["split"]["part"] == "luma"
     assert results["split"]["p_value"] < 1e-2, results
     assert set(results["split"]["parts"]) == {"chroma", "luma"}
+
+
+def test_key_basis_spans_each_parts_test_coordinates() -> None:
+    """``KeySpace.basis``: filters whose test coordinates are an orthonormal basis, in which every key's
+    coordinates are a standard Gaussian (the fact the kept-directions view relies on)."""
+    for space in (_space(), KeySpace(3, colour="luma", whiten=0.75), KeySpace(3, colour="split", whiten=0.75)):
+        for part in space.parts:
+            b, filters = space.basis(part)
+            assert b.shape[1] == len(filters) == space.dim(part)
+            assert torch.allclose(b.T @ b, torch.eye(b.shape[1], dtype=b.dtype), atol=1e-10)
+            coords = torch.stack([space.coords(f, part) for f in filters], 1)
+            assert torch.allclose(coords, b, atol=1e-10)
+            key = space.draw(torch.Generator().manual_seed(3))
+            k = space.coords(key, part)
+            assert torch.allclose(b @ (b.T @ k), k, atol=1e-10)  # the key lies in the span
+
+
+def test_kept_directions_view_is_exact_under_the_null_and_sharper_on_a_jpeg_copy() -> None:
+    """``OwnershipTest(kept=JPEG 75)``: a second cosine on the key directions JPEG keeps. The view's matrix
+    depends on the probes and the clean outputs only, so over 300 independent keys an innocent suspect's
+    p-values stay uniform; on a thief that copies the JPEG 75 of every marked output, the cosine in the kept
+    directions is far higher than on the whole key (the removed directions no longer dilute it). Without a
+    distortion the view's matrix is the identity (every singular value 1)."""
+    import functools
+
+    from defenses.jpeg import jpeg_phase_average
+    from evaluation.watermark import NUISANCE_JPEG
+
+    g = torch.Generator().manual_seed(1)
+    y = _photos(4, 96)
+    x = _q(y + 25 / 255 * torch.randn(y.shape, generator=g))
+    p = OwnershipParams()
+    key = ownership_key(5, p)
+    marked = _q(embed(y, key, p, x))
+    stolen = torch.cat([jpeg_roundtrip(m[None], 75) for m in marked])
+    innocent = torch.cat([jpeg_roundtrip(c[None], 60) for c in
+                          torch.nn.functional.avg_pool2d(y, 3, 1, 1, count_include_pad=False)])
+    kept = functools.partial(jpeg_phase_average, quality=75)
+    t, null, ident = (OwnershipTest(key, p.key_space(), kept=k) for k in (kept, kept, lambda v: v))
+    for i in range(len(y)):
+        c, nuis = y[i : i + 1], [jpeg_roundtrip(y[i : i + 1], q) for q in NUISANCE_JPEG]
+        t.add(c, stolen[i : i + 1], basis=x[i : i + 1], nuisances=nuis)
+        null.add(c, innocent[i : i + 1], basis=x[i : i + 1], nuisances=nuis)
+        if i < 2:
+            ident.add(c, stolen[i : i + 1], basis=x[i : i + 1])
+    assert ident.result()["kept"]["kept_singular_values"] == pytest.approx([1.0] * 40, abs=1e-6)
+    r = t.result()
+    assert 2 <= r["kept"]["key_dim"] < r["whole"]["key_dim"]
+    assert r["kept"]["cosine"] > r["whole"]["cosine"] + 0.3, r
+    assert r["p_value"] == pytest.approx(min(1.0, 2 * min(r["whole"]["p_value"], r["kept"]["p_value"])))
+    ps = [null.result(_key(s))["kept"]["p_value"] for s in range(1, 301)]
+    assert stats.kstest(ps, "uniform").pvalue > 1e-3
+    assert sum(1 for v in ps if v < 0.01) <= 10

@@ -193,6 +193,25 @@ class KeySpace:
         v = self._metric[1] @ torch.randn(f, generator=g, dtype=torch.float64)
         return key + v.unsqueeze(0).repeat(3, 1)
 
+    def basis(self, part: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """An orthonormal basis of a part's key subspace, as ``(B, filters)``: ``B (D, d)`` orthonormal columns
+        in test coordinates (``D`` = :meth:`coords`' length, ``d`` = :meth:`dim`) and ``filters (d, 3, F)``
+        with ``coords(filters[i]) = B[:, i]``. Every key's test coordinates are ``B kappa`` with ``kappa`` a
+        standard Gaussian on ``R^d`` (:meth:`draw`), so ``B^T coords(key)`` is that ``kappa``."""
+        part = part or self.parts[0]
+        f = self.n_feat
+        if part == "luma":
+            inv = self._metric[1]
+            return torch.eye(f, dtype=torch.float64), inv.T.unsqueeze(1).repeat(1, 3, 1).contiguous()
+        if part == "chroma":
+            cb = chroma_basis(self.radius)
+            return torch.eye(cb.shape[1], dtype=torch.float64), cb.T.reshape(-1, 3, f).contiguous()
+        eye = torch.eye(3 * f, dtype=torch.float64)
+        proj = torch.stack([grey_free(e.reshape(3, f)).flatten() for e in eye], 1)  # the grey-free projection
+        ev, vec = torch.linalg.eigh(proj)
+        b = vec[:, ev > 0.5].contiguous()
+        return b, b.T.reshape(-1, 3, f).contiguous()
+
     def coords(self, u: torch.Tensor, part: str | None = None) -> torch.Tensor:
         """Test coordinates of a filter ``u (3, F)`` in one part (default: the first): ``(3 F,)`` for ``rgb``
         (the grey-free projection, which spans ``dim`` dimensions), ``(F,)`` for ``luma``, ``(25,)`` for

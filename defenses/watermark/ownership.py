@@ -44,7 +44,7 @@ for another's: best p 3e-7 against 2e-13). The cosine removes ``|k|`` from the t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -204,9 +204,18 @@ class OwnershipTest:
 
     key: torch.Tensor
     space: KeySpace
+    kept: Distortion | None = None
+    """A key-independent distortion of served outputs (e.g. JPEG 75 averaged over grid phases,
+    :func:`evaluation.watermark.jpeg_phases`). With it, each part is tested twice: on the whole key, and on
+    the key directions the distortion keeps (:meth:`_kept_result`); the part's p is the smaller one,
+    doubled (Bonferroni)."""
+    kept_rms: float = 10.0 ** (-40.5 / 20.0)
+    """RMS of the basis marks pushed through ``kept`` (the served mark's, ``10^(-psnr/20)``): JPEG's quantiser is
+    not linear, so its effect is measured at the size the mark is served at."""
     gram: torch.Tensor = field(init=False)
     cross: torch.Tensor = field(init=False)
     nuisance_cross: list[torch.Tensor] = field(default_factory=list)
+    kept_cross: dict[str, torch.Tensor] = field(default_factory=dict)
     per_probe: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -232,9 +241,25 @@ class OwnershipTest:
             raise ValueError("every probe needs the same nuisances")
         for acc, n in zip(self.nuisance_cross, nuisances, strict=True):
             acc += phi_m @ (n.double() - clean.double()).flatten(2)[0].T
+        if self.kept is not None:
+            for part in sp.parts:
+                acc = self.kept_cross.setdefault(part, torch.zeros(sp.dim(part), *c.shape, dtype=torch.float64))
+                acc += torch.einsum("fp,ncp->nfc", phi_m, self._kept_response(clean, phi, part))
         z = _z(sp.coords(self.key), sp.coords(_estimate(g, c)))  # first part
         self.per_probe.append({"probe": name, "z": z, "residual_rms": float(res.pow(2).mean().sqrt()),
                                "pixels": int(phi_m.shape[1])})
+
+    def _kept_response(self, clean: torch.Tensor, phi: torch.Tensor, part: str) -> torch.Tensor:
+        """``(d, 3, P)``: for each basis filter of ``part`` (:meth:`KeySpace.basis`), what ``kept`` leaves of
+        its mark on this probe, ``(kept(clean + g w_i) - kept(clean)) / g`` with ``g`` giving the mark RMS
+        :attr:`kept_rms`."""
+        assert self.kept is not None
+        _, filters = self.space.basis(part)
+        w = torch.einsum("ncf,fhw->nchw", filters, phi[0])  # (d, 3, H, W): each basis filter's mark
+        g = self.kept_rms / w.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+        base = clean.double()
+        out = (self.kept(base + g * w) - self.kept(base).expand_as(w)) / g
+        return out.flatten(2)
 
     def z_for(self, key: torch.Tensor) -> float:
         """``<k, u> / |u|`` (test coordinates) for another key on the same probes (calibration checks; no
@@ -270,6 +295,47 @@ class OwnershipTest:
                 "parts": {k: {a: b for a, b in v.items() if a != "statistic"} for k, v in parts.items()}}
 
     def _part_result(self, key: torch.Tensor, part: str) -> dict[str, Any]:
+        whole = self._whole_result(key, part)
+        if self.kept is None or part not in self.kept_cross:
+            return whole
+        kept = self._kept_result(key, part)
+        p = min(1.0, 2.0 * min(whole["p_value"], kept["p_value"]))
+        return {**whole, "statistic": "min of the whole-key and kept-directions cosine p-values, Bonferroni",
+                "p_value": max(p, P_FLOOR), "whole": {a: b for a, b in whole.items() if a != "statistic"},
+                "kept": kept}
+
+    def _kept_result(self, key: torch.Tensor, part: str) -> dict[str, Any]:
+        """The cosine test on the key directions :attr:`kept` keeps at least half of.
+
+        ``A (d x d)``: column ``i`` is the filter estimate (test coordinates, in the part's basis ``B``) of
+        what ``kept`` leaves of basis mark ``i`` on the probes (identity without a distortion). After the
+        nuisances are projected off (``Q``, orthonormal, ``d - m`` columns), ``Q^T A Q = U S V^T``; the
+        directions with singular value ``>= 0.5`` are kept (``r`` of them). The key's coordinates there,
+        ``V_r^T Q^T B^T k``, are a standard Gaussian on ``R^r`` for any key-independent ``A`` and ``Q``, and
+        the suspect's, ``U_r^T Q^T B^T u``, are fixed under H0: the cosine has the same exact law as the
+        whole-key test, in ``r`` dimensions. A thief that learned ``kept(marked outputs)`` adds ``u ~ alpha A k``,
+        whose coordinates are ``alpha S_r V_r^T Q^T B^T k``: the directions the distortion removed, where the
+        thief adds only its own error, no longer dilute the cosine."""
+        sp = self.space
+        b, _ = sp.basis(part)
+        cols = torch.stack([b.T @ sp.coords(_estimate(self.gram, c), part)
+                            for c in self.kept_cross[part]], 1)  # (d, d)
+        nb = b.T @ self.nuisance_basis(part)
+        q = _complement(nb, cols.shape[0])
+        u_s, s_v, vh = torch.linalg.svd(q.T @ cols @ q)
+        keep = s_v >= KEPT_SHARE
+        r = int(keep.sum())
+        kappa = vh[keep] @ (q.T @ (b.T @ sp.coords(key, part)))
+        u = u_s[:, keep].T @ (q.T @ (b.T @ sp.coords(_estimate(self.gram, self.cross), part)))
+        out: dict[str, Any] = {"key_dim": r, "kept_share_min": KEPT_SHARE,
+                               "kept_singular_values": [round(float(v), 4) for v in s_v]}
+        if r < 2:
+            return {**out, "cosine": 0.0, "p_value": 1.0}
+        k2 = float(kappa.pow(2).sum())
+        cosine = _z(kappa, u) / math.sqrt(k2)
+        return {**out, "cosine": cosine, "p_value": cosine_sf(cosine, r)}
+
+    def _whole_result(self, key: torch.Tensor, part: str) -> dict[str, Any]:
         basis = self.nuisance_basis(part)
 
         def off(v: torch.Tensor) -> torch.Tensor:
@@ -289,6 +355,21 @@ class OwnershipTest:
                 # diagnostics (not part of the test): u = alpha * k + e in test coordinates; alpha = share of
                 # the mark the suspect reproduces, off_key = |e| / |k| (the suspect's own error there)
                 "alpha": alpha, "off_key": float((u - alpha * key).norm()) / math.sqrt(k2)}
+
+
+#: :meth:`OwnershipTest._kept_result` keeps the key directions a distortion keeps at least this share of.
+KEPT_SHARE = 0.5
+
+#: A key-independent image distortion ``(N, 3, H, W) -> (N, 3, H, W)`` in [0, 1].
+Distortion = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _complement(cols: torch.Tensor, d: int) -> torch.Tensor:
+    """Orthonormal columns ``(d, d - m)`` spanning the orthogonal complement of ``cols (d, m)``."""
+    if cols.shape[1] == 0:
+        return torch.eye(d, dtype=torch.float64)
+    q, _ = torch.linalg.qr(cols, mode="complete")
+    return q[:, cols.shape[1]:]
 
 
 def _z(key: torch.Tensor, u: torch.Tensor) -> float:

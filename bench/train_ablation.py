@@ -34,6 +34,8 @@ data_range 1, as ``bench/attack_fidelity.py``). Variants (``--variants`` picks a
 - ``align8`` / ``align8-no-augment``: training crops (and held-out centre crops) at offsets that are multiples
   of 8 input pixels from the query's corner, with / without the dihedral augmentation (a strided victim's
   output depends on a pixel's position modulo its stride; aligned crops keep that phase fixed).
+- ``resunet-c2`` / ``resunet-b32c2`` / ``resunet-l4c2``: ``--arch resunet`` with more capacity than the
+  ``small`` profile's (base 16, 3 levels, 1 conv a level): 2 convs a level; and base 32; and 4 levels.
 
 Every variant is channels-last (not switchable). Prints JSON and writes
 ``bench/results/train_ablation-VICTIM-BUDGET.json`` after every variant (``partial`` until the last).
@@ -86,6 +88,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-augment": {"augment": False},
     "align8": {"align": 8},
     "align8-no-augment": {"align": 8, "augment": False},
+    "resunet-c2": {"arch": "resunet", "arch_kwargs": {"convs": 2}},
+    "resunet-b32c2": {"arch": "resunet", "arch_kwargs": {"base": 32, "convs": 2}},
+    "resunet-l4c2": {"arch": "resunet", "arch_kwargs": {"levels": 4, "convs": 2}},
 }
 log = logging.getLogger("bench.train_ablation")
 

@@ -46,6 +46,13 @@ def _q(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 1).mul(255).round().div(255)
 
 
+def _denoiser_probes(n: int, side: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A perfect denoiser's probes: clean photos ``y`` and their noisy inputs ``x`` (sigma 25/255, 8-bit)."""
+    g = torch.Generator().manual_seed(seed)
+    y = _photos(n, side)
+    return y, _q(y + 25 / 255 * torch.randn(y.shape, generator=g))
+
+
 def test_ring_features_are_zero_mean_and_commute_with_flips_and_rotations() -> None:
     ker = ring_kernels(3)
     assert ker.shape == (9, 1, 7, 7)  # orbits of D4 on a 7x7 window without the centre
@@ -214,9 +221,7 @@ def test_projecting_off_the_codecs_own_error_keeps_the_null_exact_and_finds_a_jp
     the null stays exact) lets the mark through. Set-up: a perfect denoiser (noisy inputs, clean outputs)."""
     from evaluation.watermark import NUISANCE_JPEG
 
-    g = torch.Generator().manual_seed(0)
-    y = _photos(8, 192)
-    x = _q(y + 25 / 255 * torch.randn(y.shape, generator=g))
+    y, x = _denoiser_probes(8, 192, 0)
     p = OwnershipParams()
     key = ownership_key(5, p)
     marked = _q(embed(y, key, p, x))
@@ -274,9 +279,7 @@ def test_luma_and_split_marks_survive_a_jpeg_thief_that_the_rgb_mark_does_not_an
     an innocent suspect that blurs and JPEG-encodes our clean outputs, over 300 independent keys."""
     from evaluation.watermark import NUISANCE_JPEG
 
-    g = torch.Generator().manual_seed(1)
-    y = _photos(8, 192)
-    x = _q(y + 25 / 255 * torch.randn(y.shape, generator=g))
+    y, x = _denoiser_probes(8, 192, 1)
     blurred = torch.nn.functional.avg_pool2d(y, 3, 1, 1, count_include_pad=False)
     configs = {"rgb": {}, "luma": {"colour": "luma", "radius": 3, "whiten": 0.75},
                "split": {"colour": "split", "radius": 3, "whiten": 0.75}}
@@ -336,9 +339,7 @@ def test_kept_directions_view_is_exact_under_the_null_and_sharper_on_a_jpeg_copy
     from defenses.jpeg import jpeg_phase_average
     from evaluation.watermark import NUISANCE_JPEG
 
-    g = torch.Generator().manual_seed(1)
-    y = _photos(4, 96)
-    x = _q(y + 25 / 255 * torch.randn(y.shape, generator=g))
+    y, x = _denoiser_probes(4, 96, 1)
     p = OwnershipParams()
     key = ownership_key(5, p)
     marked = _q(embed(y, key, p, x))

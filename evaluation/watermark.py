@@ -260,8 +260,7 @@ def ownership_pvalue(
 
 
 def verify_url(url: str, model: str, api_key: str, victim: Translator, probes: Sequence[Probe], secret: int,
-               params: OwnershipParams | None = None, nuisance_jpeg: Sequence[int] = NUISANCE_JPEG,
-               kept_jpeg: int | None = KEPT_JPEG) -> dict[str, Any]:
+               params: OwnershipParams | None = None, nuisance_jpeg: Sequence[int] = NUISANCE_JPEG) -> dict[str, Any]:
     """:func:`verify_ownership` against a suspect served over HTTP."""
     outs = asyncio.run(query_url(url, model, api_key, probes))
-    return verify_ownership(outs, victim, probes, secret, params, nuisance_jpeg, kept_jpeg)
+    return verify_ownership(outs, victim, probes, secret, params, nuisance_jpeg)

@@ -206,10 +206,10 @@ class OwnershipTest:
     space: KeySpace
     kept: Distortion | None = None
     """A key-independent distortion of served outputs (e.g. JPEG 75 averaged over grid phases,
-    :func:`evaluation.watermark.jpeg_phases`). With it, each part is tested twice: on the whole key, and on
+    :func:`defenses.jpeg.jpeg_phase_average`). With it, each part is tested twice: on the whole key, and on
     the key directions the distortion keeps (:meth:`_kept_result`); the part's p is the smaller one,
     doubled (Bonferroni)."""
-    kept_rms: float = 10.0 ** (-40.5 / 20.0)
+    kept_rms: float = 10.0 ** (-OwnershipParams().psnr / 20.0)
     """RMS of the basis marks pushed through ``kept`` (the served mark's, ``10^(-psnr/20)``): JPEG's quantiser is
     not linear, so its effect is measured at the size the mark is served at."""
     gram: torch.Tensor = field(init=False)
@@ -217,6 +217,9 @@ class OwnershipTest:
     nuisance_cross: list[torch.Tensor] = field(default_factory=list)
     kept_cross: dict[str, torch.Tensor] = field(default_factory=dict)
     per_probe: list[dict[str, float]] = field(default_factory=list)
+    _bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _kept_frames: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         d = self.space.n_feat
@@ -242,6 +245,7 @@ class OwnershipTest:
         for acc, n in zip(self.nuisance_cross, nuisances, strict=True):
             acc += phi_m @ (n.double() - clean.double()).flatten(2)[0].T
         if self.kept is not None:
+            self._kept_frames.clear()  # the frames depend on every probe added so far
             for part in sp.parts:
                 acc = self.kept_cross.setdefault(part, torch.zeros(sp.dim(part), *c.shape, dtype=torch.float64))
                 acc += torch.einsum("fp,ncp->nfc", phi_m, self._kept_response(clean, phi, part))
@@ -254,7 +258,7 @@ class OwnershipTest:
         its mark on this probe, ``(kept(clean + g w_i) - kept(clean)) / g`` with ``g`` giving the mark RMS
         :attr:`kept_rms`."""
         assert self.kept is not None
-        _, filters = self.space.basis(part)
+        _, filters = self._basis(part)
         w = torch.einsum("ncf,fhw->nchw", filters, phi[0])  # (d, 3, H, W): each basis filter's mark
         g = self.kept_rms / w.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
         base = clean.double()
@@ -317,16 +321,9 @@ class OwnershipTest:
         whose coordinates are ``alpha S_r V_r^T Q^T B^T k``: the directions the distortion removed, where the
         thief adds only its own error, no longer dilute the cosine."""
         sp = self.space
-        b, _ = sp.basis(part)
-        cols = torch.stack([b.T @ sp.coords(_estimate(self.gram, c), part)
-                            for c in self.kept_cross[part]], 1)  # (d, d)
-        nb = b.T @ self.nuisance_basis(part)
-        q = _complement(nb, cols.shape[0])
-        u_s, s_v, vh = torch.linalg.svd(q.T @ cols @ q)
-        keep = s_v >= KEPT_SHARE
+        key_map, u, s_v, keep = self._kept_frame(part)
         r = int(keep.sum())
-        kappa = vh[keep] @ (q.T @ (b.T @ sp.coords(key, part)))
-        u = u_s[:, keep].T @ (q.T @ (b.T @ sp.coords(_estimate(self.gram, self.cross), part)))
+        kappa = key_map @ sp.coords(key, part)
         out: dict[str, Any] = {"key_dim": r, "kept_share_min": KEPT_SHARE,
                                "kept_singular_values": [round(float(v), 4) for v in s_v]}
         if r < 2:
@@ -334,6 +331,27 @@ class OwnershipTest:
         k2 = float(kappa.pow(2).sum())
         cosine = _z(kappa, u) / math.sqrt(k2)
         return {**out, "cosine": cosine, "p_value": cosine_sf(cosine, r)}
+
+    def _basis(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`KeySpace.basis`, computed once per part."""
+        if part not in self._bases:
+            self._bases[part] = self.space.basis(part)
+        return self._bases[part]
+
+    def _kept_frame(self, part: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The key-independent part of :meth:`_kept_result`, computed once per part after the last probe:
+        ``(V_r^T Q^T B^T (r, D), the suspect's coordinates U_r^T Q^T B^T u (r,), S (d - m,), keep mask)``."""
+        if part not in self._kept_frames:
+            sp = self.space
+            b, _ = self._basis(part)
+            cols = torch.stack([b.T @ sp.coords(_estimate(self.gram, c), part)
+                                for c in self.kept_cross[part]], 1)  # (d, d)
+            q = _complement(b.T @ self.nuisance_basis(part), cols.shape[0])
+            u_s, s_v, vh = torch.linalg.svd(q.T @ cols @ q)
+            keep = s_v >= KEPT_SHARE
+            u = u_s[:, keep].T @ (q.T @ (b.T @ sp.coords(_estimate(self.gram, self.cross), part)))
+            self._kept_frames[part] = (vh[keep] @ q.T @ b.T, u, s_v, keep)
+        return self._kept_frames[part]
 
     def _whole_result(self, key: torch.Tensor, part: str) -> dict[str, Any]:
         basis = self.nuisance_basis(part)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import piq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +28,8 @@ def psnr_ssim_l2(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     side = min(pred.shape[-2:])
     k = min(11, side if side % 2 else side - 1)
     if k >= 3:
+        import piq  # here, not at the top: piq imports torchvision and torch._dynamo (~1 s of CLI start-up)
+
         ssim = piq.ssim(pred, target, data_range=1.0, kernel_size=k, downsample=False, reduction="none")
         ssim_v = float(ssim.mean())
     else:
@@ -38,6 +39,8 @@ def psnr_ssim_l2(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 
 def piq_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
     """PSNR through ``piq.psnr`` (data_range 1, mean over the batch) for reports that want piq's number."""
+    import piq
+
     return float(piq.psnr(pred.clamp(0, 1), target.clamp(0, 1), data_range=1.0, reduction="mean"))
 
 

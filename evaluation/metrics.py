@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from types import ModuleType
 from typing import ClassVar, Literal
 
-import piq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -214,6 +214,14 @@ class ImageMetric:
 METRICS: Registry[ImageMetric] = Registry("image metric")
 
 
+def _piq() -> ModuleType:
+    """piq, imported on first use: it imports torchvision and torch._dynamo (about 1 s), which commands that
+    never score an image should not pay at start-up."""
+    import piq
+
+    return piq
+
+
 @METRICS.register("psnr")
 class PSNR(ImageMetric):
     """Peak signal-to-noise ratio in dB (higher is better); per image ``(N,)``."""
@@ -223,7 +231,7 @@ class PSNR(ImageMetric):
     unit = "dB"
 
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return piq.psnr(x, y, data_range=self.settings.data_range, reduction="none")
+        return _piq().psnr(x, y, data_range=self.settings.data_range, reduction="none")
 
 
 @METRICS.register("ssim")
@@ -239,7 +247,7 @@ class SSIM(ImageMetric):
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         s = self.settings
         x, y = _channels_last(x), _channels_last(y)
-        return piq.ssim(x, y, kernel_size=s.ssim_kernel_size, kernel_sigma=s.ssim_kernel_sigma,
+        return _piq().ssim(x, y, kernel_size=s.ssim_kernel_size, kernel_sigma=s.ssim_kernel_sigma,
                         data_range=s.data_range, reduction="none", downsample=s.ssim_downsample)
 
 
@@ -256,7 +264,7 @@ class MSSSIM(ImageMetric):
     def _score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         s = self.settings
         x, y = _channels_last(x), _channels_last(y)
-        return piq.multi_scale_ssim(x, y, kernel_size=s.ssim_kernel_size, kernel_sigma=s.ssim_kernel_sigma,
+        return _piq().multi_scale_ssim(x, y, kernel_size=s.ssim_kernel_size, kernel_sigma=s.ssim_kernel_sigma,
                                     data_range=s.data_range, reduction="none")
 
 

@@ -71,3 +71,21 @@ def test_usage_errors_exit_2_without_traceback() -> None:
     assert "Usage: heist data fetch" in result.stderr
     assert "Missing argument" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_start_up_does_not_import_piq_or_torchvision() -> None:
+    """piq imports torchvision and torch._dynamo (about half of ``heist --help`` before they were imported
+    where used); every command pays for what the CLI imports at start-up, so only scoring code imports them."""
+    import sys
+
+    probe = ("import sys, heist.cli.main, victim_service.app, attacker.fidelity, evaluation.metrics; "
+             "print(sorted(m for m in ('piq', 'torchvision') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=180,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+    from evaluation.metrics import psnr
+
+    x = torch.rand(1, 3, 16, 16)
+    assert float(psnr(x, x.clamp(0, 0.5), data_range=1.0)) > 0  # the lazy import still scores

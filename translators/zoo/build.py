@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import piq
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +69,8 @@ def evaluate_recipe_model(
 
     Returns the model's mean PSNR (dB) and SSIM and the same for the recipe's trivial baseline.
     """
+    import piq  # here, not at the top: piq imports torchvision and torch._dynamo (~1 s of CLI start-up)
+
     device = device or torch.device("cpu")
     images = load_images("corpus:benchmark", seed=seed)
     multiple = int(getattr(model, "size_multiple", 1))

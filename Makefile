@@ -3,6 +3,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# pytest-xdist workers for `make test` (auto: one per core; 0: one process), each running whole test files
+PYTEST_WORKERS ?= auto
 
 .PHONY: setup test demo lint bench clean-venv
 
@@ -19,7 +21,7 @@ test: setup  ## lint, then the whole test suite against a real Redis (started he
 	bash scripts/ensure-tools.sh
 	bash scripts/ensure-redis.sh
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: setup  ## the demo campaign on CPU with the bundled corpus; prints where the report is
 	bash scripts/ensure-redis.sh

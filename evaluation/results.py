@@ -198,6 +198,33 @@ class DefenseEntry(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class SurrogateTraining(_Model):
+    """How a cell's surrogate was trained (from ``attacker.train``'s summary). Campaigns give training a time
+    budget, so the steps a machine managed within it decide the surrogate as much as the queries do: the
+    report names them so that cells from different machines can be compared."""
+
+    steps: int  # optimisation steps of the kept surrogate kind
+    stop_reason: str | None = None  # "time" (budget spent), "plateau" (held-out fidelity stopped improving), "steps"
+    time_budget_s: float | None = None
+    train_s: float | None = None  # seconds spent in the optimisation loop
+    device: str | None = None
+    amp_dtype: str | None = None  # autocast dtype (bfloat16 on CPUs with its kernels), None for float32
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> SurrogateTraining:
+        """Pick the fields from ``TrainResult.summary`` (``run.json``'s ``train``)."""
+        return cls(steps=int(summary["steps"]), stop_reason=summary.get("stop_reason"),
+                   time_budget_s=summary.get("time_budget_s"), train_s=summary.get("train_s"),
+                   device=summary.get("device"), amp_dtype=summary.get("amp_dtype"))
+
+    def describe(self) -> str:
+        """``"1455 steps (time, 300 s budget, bfloat16)"``."""
+        bits = [b for b in (self.stop_reason,
+                            f"{self.time_budget_s:g} s budget" if self.time_budget_s else None,
+                            self.amp_dtype) if b]
+        return f"{self.steps} steps" + (f" ({', '.join(bits)})" if bits else "")
+
+
 class CampaignCell(_Model):
     """One extraction attack: victim x defense x budget x strategy (cell kind ``extraction``).
 
@@ -229,6 +256,7 @@ class CampaignCell(_Model):
     counter_fidelity: dict[str, float] = Field(
         default_factory=dict,
         description="adaptive: counter-measure spec -> PSNR (dB) of its surrogate to the clean victim")
+    training: SurrogateTraining | None = None  # the kept surrogate's steps and stop (absent in older results)
 
 
 class PaperComparison(_Model):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def test_every_cell_ran_through_the_http_api(finished: Path) -> None:
     results = read_results(finished / "results.json")
     assert results.kind == "campaign"
     assert len(results.cells) == 4  # 1 victim x 2 defenses x 2 budgets x 1 strategy
+    steps = tomllib.loads(TINY.read_text())["victims"][0]["train_steps"]
     assert {c.status for c in results.cells} == {"done"}
     for cell in results.cells:
         assert cell.queries_used == cell.budget
@@ -50,6 +52,11 @@ def test_every_cell_ran_through_the_http_api(finished: Path) -> None:
         assert cell.fidelity is not None
         assert cell.fidelity.metrics["psnr"].summary.mean > 10
         assert Path(cell.surrogate.path).exists()  # type: ignore[union-attr]
+        # tiny.toml gives a step count and the default 300 s budget: the steps are what ran, and they stopped there
+        assert cell.training is not None
+        assert cell.training.steps == steps, cell.training
+        assert cell.training.stop_reason == "steps", cell.training
+        assert cell.training.time_budget_s == 300.0
     # The JPEG defense changed what honest users get; the clean tier is identical to itself.
     util = {u.defense: u for u in results.utility}
     assert util["none"].defended_vs_clean.metrics["psnr"].summary.mean == pytest.approx(80.0)
@@ -71,6 +78,8 @@ def test_report_numbers_come_from_results_json(finished: Path) -> None:
         row = next(line for line in md.splitlines() if line.startswith(f"| {cell.id} |"))
         assert _fmt(psnr, 2) in row
         assert _fmt(psnr, 2) in html
+        assert cell.training is not None
+        assert cell.training.describe() in row  # the machine-dependent part of the cell, named in the report
     for u in results.utility:
         row = next(line for line in md.splitlines() if line.startswith(f"| {u.defense} |"))
         assert _fmt(u.defended_vs_clean.metrics["psnr"].summary.mean, 2) in row

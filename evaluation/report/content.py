@@ -345,10 +345,14 @@ class _Builder:
             rows.append([c.id + (f" ({c.attacker}: {c.counter})" if c.attacker != "plain" else ""), c.status,
                          num(c.queries_used), num(c.queries_refused),
                          mean_ci(fid.summary if fid else None, "psnr"), mean_ci(ssim.summary if ssim else None, "ssim"),
-                         mean_ci(qual.summary if qual else None, "psnr"), times, c.error or ""])
+                         mean_ci(qual.summary if qual else None, "psnr"),
+                         c.training.describe() if c.training else DASH, times, c.error or ""])
         s.add(Table(["Cell (victim/defense/budget/strategy)", "Status", "Queries used", "Refused (429)",
-                     "Fidelity PSNR (dB)", "Fidelity SSIM", "Surrogate PSNR vs GT", "Wall time", "Error"], rows,
-                    caption="Fidelity: surrogate vs clean victim on benchmark images (results.json: cells)"))
+                     "Fidelity PSNR (dB)", "Fidelity SSIM", "Surrogate PSNR vs GT", "Surrogate training", "Wall time",
+                     "Error"], rows,
+                    caption="Fidelity: surrogate vs clean victim on benchmark images; training: optimisation steps "
+                            "and why they stopped (time budget, plateau of held-out fidelity, step limit), which "
+                            "depend on the machine when the budget is time (results.json: cells)"))
         return s
 
     def paper(self) -> Section:

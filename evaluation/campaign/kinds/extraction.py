@@ -40,7 +40,7 @@ from evaluation.campaign.kinds.base import (
 if TYPE_CHECKING:
     from evaluation.campaign.config import CampaignConfig
     from evaluation.extraction import PairSet
-    from evaluation.results import CampaignCell
+    from evaluation.results import CampaignCell, SurrogateTraining
 
 
 DEFAULT_COUNTERS = ("lowpass:sigma=1.0", "median", "jpeg:quality=75", "aware")
@@ -165,6 +165,7 @@ class ExtractionRun:
     wall_times: dict[str, float]
     input_pixels: int = 0  # input pixels the harvest sent (the single-example paper's x axis)
     surrogate_kind: str = ""  # what ``auto`` chose, or the configured kind
+    training: SurrogateTraining | None = None  # steps and stop reason of the kept surrogate
 
 
 def harvest_and_train(spec: ExtractionSpec, paths: CellPaths, counter: str | None = None,
@@ -178,6 +179,7 @@ def harvest_and_train(spec: ExtractionSpec, paths: CellPaths, counter: str | Non
     from attacker.harvest import harvest
     from attacker.train import TrainConfig, train_surrogate
     from evaluation.campaign.runner import CampaignError
+    from evaluation.results import SurrogateTraining
 
     t0 = time.perf_counter()
     h = harvest(spec.url, spec.api_key, spec.victim, paths.run, images=spec.images, strategy=spec.strategy,
@@ -196,7 +198,8 @@ def harvest_and_train(spec: ExtractionSpec, paths: CellPaths, counter: str | Non
         time_budget=spec.train_time_s, counter=spec.counter if counter is None else counter))
     times["training"] = round(time.perf_counter() - t0, 2)
     return ExtractionRun(tr.checkpoint, h.pairs, used, refused, times,
-                         input_pixels=int(h.summary.get("input_pixels") or 0), surrogate_kind=str(tr.summary["kind"]))
+                         input_pixels=int(h.summary.get("input_pixels") or 0), surrogate_kind=str(tr.summary["kind"]),
+                         training=SurrogateTraining.from_summary(tr.summary))
 
 
 def run_extraction_cell(spec: ExtractionSpec, paths: CellPaths) -> CampaignCell:
@@ -243,7 +246,7 @@ def run_extraction_cell(spec: ExtractionSpec, paths: CellPaths) -> CampaignCell:
     _, counter, r, cell.fidelity, cell.quality = best
     cell.counter = counter if spec.attacker == "adaptive" else None
     cell.queries_used, cell.queries_refused = r.queries_used, r.queries_refused
-    cell.input_pixels, cell.surrogate_kind = r.input_pixels, r.surrogate_kind
+    cell.input_pixels, cell.surrogate_kind, cell.training = r.input_pixels, r.surrogate_kind, r.training
     model = load_model(r.checkpoint)
     cell.receptive_field = receptive_field(model.module, model.card.scale)
     cell.surrogate = ModelRef(name=f"surrogate-{spec.id}", path=str(r.checkpoint), task=model.card.task,

@@ -218,11 +218,11 @@ class SurrogateTraining(_Model):
                    device=summary.get("device"), amp_dtype=summary.get("amp_dtype"))
 
     def describe(self) -> str:
-        """``"1455 steps (time, 300 s budget, bfloat16)"``."""
-        bits = [b for b in (self.stop_reason,
-                            f"{self.time_budget_s:g} s budget" if self.time_budget_s else None,
-                            self.amp_dtype) if b]
-        return f"{self.steps} steps" + (f" ({', '.join(bits)})" if bits else "")
+        """``"1455 steps, stopped on the time budget (300 s budget, bfloat16)"``."""
+        why = {"time": "on the time budget", "plateau": "on a plateau", "steps": "at the step limit"}
+        bits = [b for b in (f"{self.time_budget_s:g} s budget" if self.time_budget_s else None, self.amp_dtype) if b]
+        stop = f", stopped {why.get(self.stop_reason, self.stop_reason)}" if self.stop_reason else ""
+        return f"{self.steps} steps{stop}" + (f" ({', '.join(bits)})" if bits else "")
 
 
 class CampaignCell(_Model):

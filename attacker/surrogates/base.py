@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -145,6 +146,19 @@ class Surrogate(ABC):
             for group in opt.param_groups:
                 group["lr"] = lr
         return lr
+
+    def regression_step(self, x: torch.Tensor, y: torch.Tensor,
+                        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+                        ) -> dict[str, float]:
+        """One step of ``self.opt_g`` on ``criterion(G(x), y)`` (L2 by default), under autocast with the
+        grad scaler: the whole ``train_step`` of the kinds without a discriminator."""
+        self.opt_g.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = criterion(self.G(x).float(), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt_g)
+        self.scaler.update()
+        return {"loss": float(loss.detach())}
 
     def adam(self, params: Iterator[nn.Parameter]) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=self.profile.lr, betas=self.profile.betas)

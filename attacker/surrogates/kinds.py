@@ -48,13 +48,7 @@ class UNetL2(Surrogate):
         self.opt_g = self.adam(self.G.parameters())
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        self.opt_g.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = F.mse_loss(self.G(x).float(), y)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt_g)
-        self.scaler.update()
-        return {"loss": float(loss.detach())}
+        return self.regression_step(x, y)
 
 
 _P2P_PROFILES = {
@@ -160,13 +154,7 @@ class SRResNetSurrogate(Surrogate):
         self.crit = F.l1_loss if self.profile.loss == "l1" else F.mse_loss
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        self.opt_g.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = self.crit(self.G(x).float(), y)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt_g)
-        self.scaler.update()
-        return {"loss": float(loss.detach())}
+        return self.regression_step(x, y, self.crit)
 
 
 @SURROGATE_REGISTRY.register("resunet")
@@ -202,10 +190,4 @@ class ResUNetL2(Surrogate):
         self.opt_g = self.adam(self.G.parameters())
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        self.opt_g.zero_grad(set_to_none=True)
-        with self.autocast():
-            loss = F.mse_loss(self.G(x).float(), y)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt_g)
-        self.scaler.update()
-        return {"loss": float(loss.detach())}
+        return self.regression_step(x, y)

@@ -487,6 +487,7 @@ class WatermarkCell(_Model):
     run_dir: str | None = None
     surrogate: ModelRef | None = None
     surrogate_kind: str | None = None
+    training: SurrogateTraining | None = None  # the surrogate's steps and stop (absent in older results)
     ownership_marked: bool = False  # the defense embeds ownership_watermark (else the surrogate is innocent)
     trace_marked: bool = False  # the defense embeds trace_watermark
     fidelity: Comparison | None = None

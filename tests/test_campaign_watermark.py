@@ -99,6 +99,9 @@ def test_watermark_campaign_records_trace_rate_and_p_values_and_reports_them(fin
     for c in (none, both):
         row = next(line for line in md.splitlines() if line.startswith(f"| denoise25 | {c.defense} | none |"))
         assert verdict(c.ownership.p_value) in row  # type: ignore[union-attr]
+        assert c.training is not None
+        assert c.training.steps >= 1
+        assert f"{c.surrogate_kind}, {c.training.steps} steps" in row
         assert f"{c.trace.identified}/{c.trace.images}" in row  # type: ignore[union-attr]
     assert "theft provable" in md
     assert "theft provable" in html

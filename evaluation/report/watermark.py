@@ -47,6 +47,12 @@ def _fidelity(c: WatermarkCell) -> str:
     return mean_ci(m.summary if m else None, "psnr")
 
 
+def _surrogate(c: WatermarkCell) -> str:
+    """``"resunet, 600 steps"``: how strongly a surrogate carries the mark grows with its training."""
+    kind = c.surrogate_kind or DASH
+    return f"{kind}, {c.training.steps} steps" if c.training else kind
+
+
 def watermark_sections(results: Results, builder: Any) -> list[Section]:
     """The watermark section: the per-cell table, the counter-measure pivot and the false-claim count."""
     cells = results.watermark_cells
@@ -73,10 +79,10 @@ def watermark_sections(results: Results, builder: Any) -> list[Section]:
     for c in cells:
         p = c.ownership.p_value if c.ownership else None
         rows.append([c.victim, c.defense, c.counter, c.status, _honest(results, c, "psnr"), _honest(results, c, "ssim"),
-                     _fidelity(c), c.surrogate_kind or DASH, trace_text(c), verdict(p),
+                     _fidelity(c), _surrogate(c), trace_text(c), verdict(p),
                      pvalue(c.calibration_p_value), c.error or ""])
     s.add(Table(["Victim", "Defense", "Counter-measure", "Status", "Honest PSNR (dB)", "Honest SSIM",
-                 "Fidelity PSNR (dB)", "Surrogate", "Trace identified", "Ownership", "Calibration p (innocent)",
+                 "Fidelity PSNR (dB)", "Surrogate (steps)", "Trace identified", "Ownership", "Calibration p (innocent)",
                  "Error"], rows,
                 caption="results.json: cells[kind=watermark] (trace, ownership, calibration_p_value), utility"))
     counters = list(dict.fromkeys(c.counter for c in cells))

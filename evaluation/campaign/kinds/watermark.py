@@ -282,6 +282,7 @@ def run_watermark_cell(spec: WatermarkSpec, paths: CellPaths) -> WatermarkCell:
                          budget=ext.budget, strategy=ext.strategy, seed=ext.seed, status="running",
                          run_dir=ext.run_dir, queries_used=ext.queries_used, queries_refused=ext.queries_refused,
                          wall_times=dict(ext.wall_times), surrogate=ext.surrogate, surrogate_kind=ext.surrogate_kind,
+                         training=ext.training,
                          fidelity=ext.fidelity, quality=ext.quality, ownership_marked=spec.ownership_marked,
                          trace_marked=spec.trace_marked)
     t0 = time.perf_counter()

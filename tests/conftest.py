@@ -23,10 +23,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _worker_threads() -> int:
-    """Torch threads for one test process: the CLI's policy (half the cores) split over the pytest-xdist
+    """Torch threads for one test process: the CLI's policy (``default_threads``) split over the pytest-xdist
     workers (``make test`` runs one per core), so workers and the servers they start do not oversubscribe."""
+    from translators.device import default_threads
+
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-    return max(1, (os.cpu_count() or 2) // (2 * workers))
+    return max(1, default_threads() // workers)
 
 
 os.environ.setdefault("HEIST_TORCH_THREADS", str(_worker_threads()))  # inherited by servers the tests start

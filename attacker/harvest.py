@@ -365,13 +365,15 @@ class Harvester:
                 elif not busy and not self._retry and len(self.store) + len(self._active) >= self.cfg.budget:
                     break
                 if lane is not None and job is not None:
+                    now = time.monotonic()  # building the job (crop, PNG) may have taken a while
                     seq = lane.pacer.on_send(now)
                     lane.sent += 1
                     self.stats.sent += 1
                     self.stats.first_send = self.stats.first_send or now
-                    t = asyncio.create_task(self._send(job, lane, seq, now))
+                    t = asyncio.create_task(self._send(job, lane, seq))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
+                    await asyncio.sleep(0)  # let the request start before the next job is built
                     continue
                 timeout = wait
                 if self._retry:
@@ -394,7 +396,7 @@ class Harvester:
         if self.fatal is not None:
             raise self.fatal
 
-    async def _send(self, job: _Job, lane: _Lane, seq: int, t_send: float) -> None:
+    async def _send(self, job: _Job, lane: _Lane, seq: int) -> None:
         try:
             out = await self.client.translate(self.cfg.model, lane.key, job.png)
             now = time.monotonic()

@@ -24,6 +24,11 @@ for 429s with ``Retry-After-Ms = x`` (exactly one token at ``t + x``: a virtual 
 at once: its 429 and ``Retry-After-Ms`` pin the rate down. While the bucket keeps showing full and no
 exact rate is known the pace doubles per response (exploration); a 429 ends it.
 
+**Dates.** "Send time" above is when the limiter saw the request, as far as the client can tell: the
+send time on an idle server, the answer minus the shortest latency seen for that kind of answer on a
+busy one (``LanePacer._limiter_time``). Lower bounds divide by the widest span the two limiter times can
+have (first send to last answer), so that they stay lower bounds under any queueing.
+
 **Back-off.** After a 429 no request goes before ``Retry-After-Ms`` (else ``Retry-After``). The
 concurrency cap is AIMD: halved on 503 and transport errors, ``+1/cap`` per success, within
 ``[1, max_concurrency]``. Until the first answer only one request is in flight.
@@ -81,14 +86,18 @@ class RateHeaders:
 
 @dataclass
 class _Point:
-    t: float  # seconds (monotonic)
+    t: float  # seconds (monotonic): the best estimate of when the limiter saw the request
     c: float  # tokens granted so far, as far as the responses tell
     exact: bool = False
+    lo: float = -math.inf  # the limiter saw it no earlier than this (the send time) ...
+    hi: float = math.inf  # ... and no later than this (the answer's arrival)
 
 
 @dataclass
 class _Done:
-    t: float
+    t: float  # when the limiter saw the request, as dated by LanePacer._limiter_time
+    sent: float  # send time: the limiter saw it no earlier ...
+    answered: float  # ... and no later than the answer's arrival
     consumed: bool
     remaining: int | None
     rate_limited: bool
@@ -132,6 +141,8 @@ class LanePacer:
     _probe_at: float | None = None
     _probing: bool = False
     _probed: bool = False
+    _lat_ok: float | None = None  # shortest send-to-answer time of a success (s)
+    _lat_429: float | None = None  # ... and of a 429
 
     def __post_init__(self) -> None:
         self.conc_cap = float(self.max_concurrency)
@@ -243,8 +254,9 @@ class LanePacer:
             self.conc_cap = max(1.0, self.conc_cap / 2)
         elif status == 200:
             self.conc_cap = min(float(self.max_concurrency), self.conc_cap + 1.0 / max(self.conc_cap, 1.0))
+        t_limiter = self._limiter_time(t_send, now, status)
         if has_rl and (self._obs is None or seq > self._obs[0]):
-            self._obs = (seq, int(h.remaining), t_send)  # type: ignore[arg-type]
+            self._obs = (seq, int(h.remaining), t_limiter)  # type: ignore[arg-type]
             self._after_consumed = {s: t for s, t in self._after_consumed.items() if s > seq}
             if consumed and h.reset_s and h.limit and h.remaining is not None:
                 boot = (h.limit - h.remaining - 1) / h.reset_s
@@ -252,9 +264,30 @@ class LanePacer:
                     self._bootstrap = max(self._bootstrap or 0.0, boot)
         elif consumed and not has_rl and self._obs is not None and seq > self._obs[0]:
             self._after_consumed[seq] = t_send
-        self._done[seq] = _Done(t_send, consumed, h.remaining if has_rl else None, rate_limited,
+        self._done[seq] = _Done(t_limiter, t_send, now, consumed, h.remaining if has_rl else None, rate_limited,
                                 h.retry_after_s, h.retry_exact)
         self._settle()
+
+    def _limiter_time(self, sent: float, answered: float, status: int | None) -> float:
+        """When the server's limiter saw a request sent at ``sent`` and answered at ``answered``, on the
+        send-time clock (minus the fixed half round trip, which cancels in every slope).
+
+        On an idle server that is the send time, but a busy one queues requests before its handler (and
+        so the limiter) runs, and the send time then dates the limiter's clock seconds too early
+        (measured on the real service with two busy cores: a 1/s tier read as 4/s). The limiter runs
+        first in the handler, so the answer comes a fixed time after it: a round trip for a 429 (nothing
+        runs after the limiter), a round trip plus the model's time for a success. The shortest latency
+        seen of each kind (an unqueued request) measures that time; the date is the answer minus it,
+        never before the send. Approximate when request sizes (and so service times) vary a lot.
+        """
+        latency = answered - sent
+        if status == 429:
+            self._lat_429 = latency if self._lat_429 is None else min(self._lat_429, latency)
+            return max(sent, answered - self._lat_429)
+        if status is not None and 200 <= status < 300:
+            self._lat_ok = latency if self._lat_ok is None else min(self._lat_ok, latency)
+            return max(sent, answered - self._lat_ok)
+        return sent
 
     def _close_segment(self) -> None:
         long, ex = self._segment_rate()
@@ -273,7 +306,9 @@ class LanePacer:
             if self.limit is None:
                 continue
             if d.rate_limited and d.retry_exact and d.retry_after_s is not None:
-                self._segment.append(_Point(d.t + d.retry_after_s, self._consumed + 1, exact=True))
+                x = d.retry_after_s
+                self._segment.append(_Point(d.t + x, self._consumed + 1, exact=True, lo=d.sent + x,
+                                            hi=d.answered + x))
                 ex = self._segment_rate()[1]
                 if ex is not None:
                     self._exact_rate = ex
@@ -281,10 +316,12 @@ class LanePacer:
             if d.remaining is None:
                 continue
             full = d.consumed and d.remaining >= self.limit - 1
-            point = _Point(d.t, self._consumed + d.remaining, exact=full)
+            point = _Point(d.t, self._consumed + d.remaining, exact=full, lo=d.sent, hi=d.answered)
             if full:
-                bounds = [(point.c - a.c - (0 if a.exact else 1)) / (point.t - a.t + self.jitter_s)
-                          for a in self._segment[-32:] if point.t > a.t]
+                # widest interval the two limiter times can span, so that a queueing server (admission
+                # long after the send) cannot turn the bound into an overestimate
+                bounds = [(point.c - a.c - (0 if a.exact else 1)) / (point.hi - a.lo + self.jitter_s)
+                          for a in self._segment[-32:] if point.t > a.t and point.hi > a.lo]
                 if bounds and max(bounds) > 0:
                     self._lower_bounds = [*self._lower_bounds[-7:], max(bounds)]
                 if self._segment and self._exact_rate is None:

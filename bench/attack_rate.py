@@ -2,10 +2,11 @@
 
     .venv/bin/python bench/attack_rate.py            # 4 limits, ~12 s of harvesting each
     .venv/bin/python bench/attack_rate.py --quick    # 2 limits, shorter
+    .venv/bin/python bench/attack_rate.py --busy 2 --out bench/results/attack_rate-busy.json
 
 A real victim (``victim_service.process``, one uvicorn worker, GCRA limiter; Redis when ``--redis-url``
 is given, else the in-process limiter with the same arithmetic) serves a tiny random DnCNN. For each
-tier ``(rate r, burst B)`` the bench harvests ``B + r * seconds`` pairs of 32x32 crops and reports,
+tier ``(rate r, burst B)`` the bench harvests ``B + r * seconds`` pairs of 32x32 crops (``--crop``) and reports,
 printing JSON and writing ``bench/results/attack_rate.json``:
 
 - ``ratio``: pairs / (B + r * active time) - the share of what a perfect client could have got in the
@@ -15,6 +16,10 @@ printing JSON and writing ``bench/results/attack_rate.json``:
   the attacker/naive ratio of both numbers.
 
 One tier is harvested with two keys (a Sybil attacker): its allowed rate is ``2 r``.
+
+``--busy N`` keeps N processes spinning on the CPU for the whole run (a loaded machine): the server then
+queues requests before its limiter sees them, and the client's own event loop is late to send, so send
+times no longer date the limiter's clock (the case ``LanePacer._limiter_time`` handles).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import asyncio
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -92,11 +98,19 @@ async def naive_client(url: str, key: str, n: int, crops: list[bytes], concurren
     return {"pairs": ok, "sent": sent, "limited": limited, "active_s": time.monotonic() - t0}
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seconds", type=float, default=None, help="harvest length per tier (default 12, quick 5)")
     ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes kept running during the bench")
+    ap.add_argument("--crop", type=int, default=32, help="side of the harvested crops (px)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attack_rate.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -109,9 +123,12 @@ def main() -> None:
         keys[f"a-{t}"], keys[f"n-{t}"] = t, t
     keys["sybil1"], keys["sybil2"] = "t5", "t5"
     photos = [im.image for im in load_images("corpus:attacker", max_side=256)]
-    sampler = PatchSampler(photos, 32, seed=0)
+    sampler = PatchSampler(photos, args.crop, seed=0)
     crops = [encode_image(sampler.crop()) for _ in range(64)]
     rows = []
+    spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
+    for p in spinners:
+        p.start()
     with tempfile.TemporaryDirectory(prefix="bench-attack-rate-") as tmp:
         svc, plain = start_victim(Path(tmp), tiers, keys, args.redis_url)
         try:
@@ -119,7 +136,7 @@ def main() -> None:
                 rate, burst = float(spec["rate"]), int(spec["burst"])
                 budget = int(burst + rate * seconds)
                 r = harvest(svc.url, plain[f"a-{t}"], "denoise", Path(tmp) / f"run-{t}", budget=budget,
-                            strategy_params={"crop_size": 32, "noise_sigma": None}, durable=False)
+                            strategy_params={"crop_size": args.crop, "noise_sigma": None}, durable=False)
                 s = r.summary["sessions"][-1]
                 nv = asyncio.run(naive_client(svc.url, plain[f"n-{t}"], budget, crops))
                 row = {
@@ -140,7 +157,7 @@ def main() -> None:
             rate, burst = 2 * float(tiers["t5"]["rate"]), 2 * int(tiers["t5"]["burst"])
             budget = int(burst + rate * seconds)
             r = harvest(svc.url, [plain["sybil1"], plain["sybil2"]], "denoise", Path(tmp) / "run-sybil",
-                        budget=budget, strategy_params={"crop_size": 32, "noise_sigma": None}, durable=False)
+                        budget=budget, strategy_params={"crop_size": args.crop, "noise_sigma": None}, durable=False)
             s = r.summary["sessions"][-1]
             rows.append({"tier": "t5 x 2 keys", "rate": rate, "burst": burst, "keys": 2, "pairs": r.pairs,
                          "attacker": {"ratio": round(r.pairs / (burst + rate * s["active_s"]), 4),
@@ -149,15 +166,18 @@ def main() -> None:
                                       "pairs_per_key": [k["pairs"] for k in s["keys"]]}})
         finally:
             svc.stop()
+            for p in spinners:
+                p.terminate()
     result = {
         "benchmark": "attack_rate", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "limiter": "redis" if args.redis_url else "memory (same GCRA arithmetic as the Redis script)",
-        "seconds_per_tier": seconds, "cpu_count": os.cpu_count(), "tiers": rows,
+        "seconds_per_tier": seconds, "crop": args.crop, "cpu_count": os.cpu_count(),
+        "busy_processes": args.busy, "tiers": rows,
         "min_attacker_ratio": min(r["attacker"]["ratio"] for r in rows),
         "max_attacker_wasted_429_per_100": max(r["attacker"]["wasted_429_per_100"] for r in rows),
         "target": "ratio >= 0.95",
     }
-    out = ROOT / "bench" / "results" / "attack_rate.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.write(json.dumps(result, indent=2) + "\n")

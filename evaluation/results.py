@@ -371,6 +371,7 @@ class MonitorCostPoint(_Model):
     flagged_at_query: int | None = None
     level: int | None = None
     cell_id: str = ""
+    training: SurrogateTraining | None = None  # the surrogate's steps and stop (absent in older results)
 
 
 class MonitorCell(_Model):

@@ -71,7 +71,8 @@ def test_unknown_defense_and_strategy() -> None:
 
 
 def test_unknown_model_and_impossible_budget() -> None:
-    assert "no zoo recipe 'nope'" in _error(GOOD.replace('name = "denoise25"', 'name = "nope"'))
+    msg = _error(GOOD.replace('name = "denoise25"', 'name = "nope"'))
+    assert msg.startswith("c.toml:8: victims.0: victim 'nope': no zoo recipe 'nope'")  # the victim's table
     assert "exceeds the tier's quota_total" in _error(GOOD.replace("budgets = [4, 16]", "budgets = [4, 160]"))
     assert "strictly increasing" in _error(GOOD.replace("budgets = [4, 16]", "budgets = [16, 4]"))
     msg = _error(GOOD.replace('label = "none"', 'label = "clean"'))

@@ -95,6 +95,7 @@ def test_monitor_campaign_end_to_end(tmp_path: Path, redis_url: str) -> None:
         assert all(p.level >= 1 for p in c.timeline if p.query >= first + 2)
         assert [p.budget for p in c.cost] == [6]
         assert all(p.psnr is not None and p.psnr > 0 for p in c.cost)
+        assert all(p.training is not None and p.training.steps > 0 for p in c.cost)
         assert c.queries_used is not None
         assert c.queries_used >= 60 + 8 + 45 + 6
     # the target (8 dB) is reached without escalation; the ratio compares the two tiers' queries to target
@@ -106,7 +107,8 @@ def test_monitor_campaign_end_to_end(tmp_path: Path, redis_url: str) -> None:
     else:
         assert on.ratio_lower_bound
     md = (path.parent / "report.md").read_text()
-    for heading in ("Query monitor", "queries to detection", "Escalation cost ratio", "Benign clients escalated"):
+    for heading in ("Query monitor", "queries to detection", "Escalation cost ratio", "Benign clients escalated",
+                    "Surrogate training", f"{off.cost[0].training.steps} steps"):
         assert heading in md
     assert (path.parent / "figures" / "monitor_roc.png").stat().st_size > 1000
 

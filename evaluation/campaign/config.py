@@ -121,6 +121,15 @@ class VictimSection(_Strict):
                 raise ValueError(str(exc)) from None
         return v
 
+    @model_validator(mode="after")
+    def _recipe(self) -> VictimSection:
+        from translators.zoo import ZOO
+
+        if (self.recipe or self.name) not in ZOO:
+            raise ValueError(f"victim {self.name!r}: no zoo recipe {self.recipe or self.name!r} gives its ground "
+                             f"truth; set recipe to one of {', '.join(ZOO.names())}")
+        return self
+
 
 class DefenseSection(_Strict):
     """A defense configuration: an ordered pipeline of output defenses, ``[]`` for none.
@@ -263,12 +272,6 @@ class CampaignConfig(_Strict):
             missing = [d.label for d in self.defenses if not d.api_key]
             if missing:
                 raise ValueError(f"with victim_service.url every defense needs an api_key (missing: {missing})")
-        from translators.zoo import ZOO
-
-        for v in self.victims:
-            if (v.recipe or v.name) not in ZOO:
-                raise ValueError(f"victim {v.name!r}: no zoo recipe {v.recipe or v.name!r} gives its ground truth; "
-                                 f"set recipe to one of {', '.join(ZOO.names())}")
         if self.paper is not None:
             if self.extraction is None and (self.paper.rows or self.paper.extraction):
                 raise ValueError("paper: rows and extraction tables compare extraction cells; give [attack]")

@@ -73,9 +73,11 @@ def cost_table(cells: list[MonitorCell]) -> Table:
         for p in c.cost:
             rows.append([c.defense, "on" if c.escalation else "off", str(p.budget), str(p.queries_used or DASH),
                          DASH if p.psnr is None else f"{p.psnr:.2f}", _q(p.flagged_at_query),
-                         DASH if p.level is None else str(p.level)])
+                         DASH if p.level is None else str(p.level),
+                         p.training.describe() if p.training else DASH])
     return Table(["Tier", "Escalation", "Budget (answered queries)", "Requests (incl. 503s)",
-                  "Surrogate PSNR to clean victim (dB)", "Flagged at query", "Final level"], rows,
+                  "Surrogate PSNR to clean victim (dB)", "Flagged at query", "Final level", "Surrogate training"],
+                 rows,
                  caption="results.json: cells[kind=monitor].cost")
 
 

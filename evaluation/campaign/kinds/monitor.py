@@ -282,7 +282,8 @@ def run_monitor_cell(spec: MonitorSpec, paths: CellPaths) -> MonitorCell:
         psnr = prev.fidelity.mean("psnr") if prev.fidelity else None
         cell.cost.append(MonitorCostPoint(budget=b, queries_used=prev.queries_used, cell_id=prev.id,
                                           psnr=round(psnr, 3) if psnr is not None else None,
-                                          flagged_at_query=row.get("flagged_at_query"), level=row.get("level")))
+                                          flagged_at_query=row.get("flagged_at_query"), level=row.get("level"),
+                                          training=prev.training))
         used += prev.queries_used or 0
     # x = answered queries (the budget): refusals of an overloaded service (503) are not the attacker's cost
     pts = [(p.budget, p.psnr) for p in cell.cost if p.psnr is not None]

@@ -36,6 +36,7 @@ from defenses.monitor.embedding import source_embedding
 from defenses.monitor.engine import MonitorEngine
 from defenses.monitor.regions import region_print
 from defenses.monitor.scoring import Observation, shapiro_w
+from evaluation.errors import EvaluationError
 from translators.codecs import decode_image, encode_image
 from translators.corpus import NamedImage
 
@@ -229,11 +230,24 @@ def evaluate_offline(benign_images: Sequence[NamedImage], attacker_images: Seque
 
 
 async def make_keys(url: str, admin_key: str, names: list[str], tier: str) -> dict[str, str]:
+    """Create one API key per name in ``tier`` through the admin API; ``{name: key}``. A refusal (a name
+    that already has a key, a wrong admin key, an unknown tier) raises :class:`EvaluationError` with the
+    server's error code and detail."""
     out = {}
     async with httpx.AsyncClient(base_url=url, timeout=30) as h:
         for n in names:
-            r = await h.post("/v1/admin/keys", json={"name": n, "tier": tier}, headers={"X-API-Key": admin_key})
-            r.raise_for_status()
+            try:
+                r = await h.post("/v1/admin/keys", json={"name": n, "tier": tier}, headers={"X-API-Key": admin_key})
+            except httpx.HTTPError as exc:
+                raise EvaluationError(f"cannot reach {url} to create keys: {type(exc).__name__}: {exc}") from None
+            if r.status_code >= 400:
+                try:
+                    body = r.json()
+                    why = f"{body.get('error')}: {body.get('detail')}"
+                except ValueError:
+                    why = " ".join(r.text.split())[:200]
+                raise EvaluationError(f"the victim refused to create key {n!r} (tier {tier!r}): HTTP "
+                                      f"{r.status_code} {why}")
             out[n] = r.json()["key"]
     return out
 

@@ -78,6 +78,41 @@ def test_engine_skips_replayed_entries_and_resends() -> None:
     assert json.loads(s.to_json())["client"] == "c"
 
 
+def test_re_uploads_of_one_shared_photo_do_not_link_two_customers() -> None:
+    """Two customers who share one photo, one of them uploading it at three sizes: three matching queries,
+    but all against one query of the other customer, so not linked (``source_linked`` asks for two distinct
+    queries on each side). Two keys that share three different photos are linked."""
+    ims = [im.image for im in load_images("corpus:victim")[:4]]
+
+    def emb(im: torch.Tensor, side: int) -> np.ndarray:
+        return source_embedding(bicubic_resize(im, (side, side)))
+
+    eng = MonitorEngine(MonitorConfig())
+    stream = [("a", ims[0], 128), ("a", ims[1], 128), ("b", ims[0], 96), ("b", ims[0], 64), ("b", ims[0], 150)]
+    for i, (client, im, side) in enumerate(stream):
+        eng.process(observation_from_entry(_entry(client, float(i), emb(im, side), f"{client}{i}"), (1, i)))
+    a, b = eng.clients["a"], eng.clients["b"]
+    assert a.links == {"b": 3}
+    assert b.links == {"a": 3}
+    assert a.distinct_shared("b") == b.distinct_shared("a") == 1
+    for st in (a, b):
+        assert st.signals["link"] == 0.0
+        assert not st.flagged
+        assert st.summary(eng.config.signals)["linked"] == []
+    for i, im in enumerate(ims[1:3]):  # b also sends photos 1 and 2, a sends 2: photos 0, 1, 2 are shared
+        eng.process(observation_from_entry(_entry("b", 10.0 + i, emb(im, 100), f"b1{i}"), (2, i)))
+        if i:
+            eng.process(observation_from_entry(_entry("a", 20.0 + i, emb(im, 120), f"a1{i}"), (3, i)))
+    assert a.distinct_shared("b") == 3
+    assert a.signals["link"] == b.signals["link"] == 1.0
+    assert a.summary(eng.config.signals)["linked"] == ["b"]
+    assert b.summary(eng.config.signals)["linked"] == ["a"]
+    again = MonitorEngine(MonitorConfig())  # after a restart the persisted states keep the query numbers
+    again.load([type(a).from_json(a.to_json()), type(b).from_json(b.to_json())])
+    assert again.clients["a"].link_ids == a.link_ids
+    assert sorted(set(again.index.qids[: again.index.n])) == sorted({*range(a.sources), *range(b.sources)})
+
+
 def test_policy_levels_per_tier_and_validation() -> None:
     cfg = MonitorConfig(escalation={"default": [EscalationStep(risk=0.5, level=1)],
                                     "pro": [EscalationStep(risk=0.9, level=2)]})

@@ -268,6 +268,10 @@ def test_redis_down_gives_503_then_recovers(tmp_path: Path, models: dict[str, Pa
         assert ready.status_code == 503
         assert ready.json()["redis"] == "down"
         assert httpx.get(f"{srv.url}/healthz").status_code == 200
+        for route in ("/v1/admin/clients", "/v1/admin/clients/k/risk", "/v1/admin/clients/k/level"):
+            admin = httpx.get(f"{srv.url}{route}", headers=srv.admin_headers)  # monitor and level views: 503 too
+            assert admin.status_code == 503, (route, admin.text)
+            assert admin.json()["error"] == "backend_unavailable"
         private_redis.start()  # same port, empty: no script cache, no data
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _post(srv, "k").status_code != 200:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from heist.cli.main import app
+from tests.conftest import free_port
 from tests.servers import VictimServer, image_bytes, start_victim, tiny_models
 from translators.codecs import decode_image, encode_image
 from victim_service.phash import dct_matrix, hamming, phash64
@@ -184,3 +187,14 @@ def test_admin_log_route_reads_the_stream(srv: VictimServer, traffic: dict[str, 
     bad = httpx.get(f"{srv.url}/v1/admin/log", params={"limit": 0}, headers=srv.admin_headers)
     assert bad.status_code == 422
     assert bad.json()["error"] == "invalid_request"
+
+
+def test_log_cli_says_in_one_line_that_redis_is_unreachable(srv: VictimServer, tmp_path: Path) -> None:
+    dead = ["--config", str(srv.settings_path), "--redis-url", f"redis://127.0.0.1:{free_port()}/0"]
+    for args in (["log", "tail", "-n", "2"], ["log", "export", "--out", str(tmp_path / "q.jsonl")]):
+        res = subprocess.run([sys.executable, "-c", "from heist.cli.main import main; main()", *args, *dead],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.startswith("error: the query log (Redis) is unreachable"), res.stderr
+        assert "Traceback" not in res.stderr
+    assert not (tmp_path / "q.jsonl").exists()

@@ -29,7 +29,8 @@ class ClientRisk(BaseModel):
     flagged_at_query: int | None = Field(None, description="value of `queries` when first flagged")
     signals: dict[str, float] = Field(default_factory=dict, description="signal -> value in [0, 1] "
                                       "(prada_w is the raw Shapiro-Wilk statistic)")
-    linked: list[str] = Field(default_factory=list, description="keys sharing near-duplicate sources with this one")
+    linked: list[str] = Field(default_factory=list,
+                              description="keys the monitor links to this one (shared sources or regions)")
 
 
 class MonitorStatus(BaseModel):
@@ -51,7 +52,7 @@ async def admin_clients(request: Request) -> MonitorStatus:
     """All clients the monitor has seen, highest risk first."""
     mon = _monitor(request)
     states = await mon.states()
-    rows = [ClientRisk.model_validate(s.summary()) for s in states.values()]
+    rows = [ClientRisk.model_validate(s.summary(mon.config.signals)) for s in states.values()]
     rows.sort(key=lambda c: (-c.risk, c.client))
     return MonitorStatus(enabled=True, clients=rows)
 
@@ -64,4 +65,4 @@ async def admin_client_risk(request: Request, client: str) -> ClientRisk:
     s = await mon.state(client)
     if s is None:
         raise ApiError(404, "unknown_client", f"the monitor has seen no query from client {client!r}")
-    return ClientRisk.model_validate(s.summary())
+    return ClientRisk.model_validate(s.summary(mon.config.signals))

@@ -16,7 +16,7 @@ import numpy as np
 
 from defenses.monitor.config import MonitorConfig
 from defenses.monitor.embedding import decode_embedding
-from defenses.monitor.linking import SybilIndex
+from defenses.monitor.linking import SybilIndex, shared_count
 from defenses.monitor.regions import RegionIndex, decode_regions
 from defenses.monitor.scoring import ClientState, Observation, observe, rescan, rescore
 
@@ -78,8 +78,9 @@ class MonitorEngine:
         queries (shared regions already counted stay in the states)."""
         self.clients = {s.client: s for s in states}
         for s in self.clients.values():
-            for e in s.embs:
-                self.index.add(s.client, e)
+            first = s.sources - len(s.embs)  # the kept embeddings are the client's last novel queries
+            for j, e in enumerate(s.embs):
+                self.index.add(s.client, e, first + j)
 
     def state(self, client: str) -> ClientState:
         s = self.clients.get(client)
@@ -94,13 +95,33 @@ class MonitorEngine:
             return None
         return np.concatenate(partners)[-self.config.signals.history:]
 
-    def _count(self, s: ClientState, others: list[str], field: str, threshold: int, changed: set[str]) -> list[str]:
-        """Count one more shared source (``field = "links"``) or region (``"region_links"``) between ``s`` and
-        each of ``others``, on both sides; returns the others whose link just reached ``threshold`` (their
-        signals changed and must be rescored). Every touched client goes into ``changed`` (to persist)."""
+    def _link(self, s: ClientState, others: dict[str, list[int]], changed: set[str]) -> list[str]:
+        """Fold one match of ``s``'s newest query (number ``s.sources - 1``) with queries of each of ``others``
+        into both sides' counts: matching queries (``links``) and the distinct query numbers on each side
+        (``link_ids``, :func:`~defenses.monitor.linking.shared_count`); returns the others that just became
+        linked (:meth:`~defenses.monitor.scoring.ClientState.source_linked`: their signals must be rescored)."""
+        threshold = self.config.signals.link_shared
+        q = s.sources - 1
+        reached = []
+        for other, their_q in others.items():
+            o = self.state(other)
+            mine, theirs = s.link_ids.get(other, [[], []])
+            mine, theirs = shared_count(mine, theirs, q, their_q)
+            s.link_ids[other], o.link_ids[s.client] = [mine, theirs], [theirs, mine]
+            was = o.source_linked(s.client, threshold)
+            s.links[other] = o.links[s.client] = o.links.get(s.client, 0) + 1
+            changed.add(other)
+            if not was and o.source_linked(s.client, threshold):
+                reached.append(other)
+        return reached
+
+    def _count_regions(self, s: ClientState, others: list[str], changed: set[str]) -> list[str]:
+        """Count one more shared region between ``s`` and each of ``others``, on both sides; returns the others
+        whose region link just reached ``region_shared`` (their signals changed and must be rescored)."""
+        threshold = self.config.signals.region_shared
         reached = []
         for other in others:
-            mine, theirs = getattr(s, field), getattr(self.state(other), field)
+            mine, theirs = s.region_links, self.state(other).region_links
             mine[other] = mine.get(other, 0) + 1
             theirs[s.client] = theirs.get(s.client, 0) + 1
             changed.add(other)
@@ -122,12 +143,12 @@ class MonitorEngine:
         newly_linked: list[str] = []
         if novel:
             e = s.embs[-1]
-            others = self.index.matches(s.client, e, p.dup_distance)
-            newly_linked += self._count(s, others, "links", p.link_shared, changed)
-            self.index.add(s.client, e)
+            s.sources += 1
+            newly_linked += self._link(s, self.index.matches(s.client, e, p.dup_distance), changed)
+            self.index.add(s.client, e, s.sources - 1)
         if novel and obs.regions is not None and p.region_shared > 0:
             others = self.regions.matches(s.client, obs.regions)
-            newly_linked += self._count(s, others, "region_links", p.region_shared, changed)
+            newly_linked += self._count_regions(s, others, changed)
             self.regions.add(s.client, obs.regions)
         if newly_linked and p.rescan_on_link:
             for c in dict.fromkeys([s.client, *newly_linked]):  # a link forms on both sides at once

@@ -76,7 +76,9 @@ class ClientState:
     knn_values: list[float] = field(default_factory=list)
     prada_w: float | None = None
     n_dmins: int = 0
-    links: dict[str, int] = field(default_factory=dict)
+    links: dict[str, int] = field(default_factory=dict)  # other client -> matching queries of the pair
+    link_ids: dict[str, list[list[int]]] = field(default_factory=dict)  # other -> [my, their] matching query numbers
+    sources: int = 0  # novel embedded queries so far (the query numbers of the cross-key index)
     region_links: dict[str, int] = field(default_factory=dict)
     risk: float = 0.0
     signals: dict[str, float] = field(default_factory=dict)
@@ -101,19 +103,34 @@ class ClientState:
         d["last_seq"] = tuple(d.get("last_seq", (0, 0)))
         return cls(embs=embs.reshape(-1, DIM), **d)
 
-    def summary(self) -> dict[str, object]:
-        """The admin view: risk, flag, level, counts and the contributing signals."""
+    def summary(self, p: SignalParams) -> dict[str, object]:
+        """The admin view: risk, flag, level, counts, the contributing signals and the keys linked under ``p``
+        (the monitor's own rule, :meth:`linked_keys`)."""
         return {"client": self.client, "tier": self.tier, "risk": round(self.risk, 4), "flagged": self.flagged,
                 "level": self.level, "queries": self.queries, "admitted": self.admitted, "resends": self.resends,
                 "flagged_at_query": self.flagged_at_query,
                 "signals": {k: round(v, 4) for k, v in self.signals.items()},
-                "linked": self.linked_keys_at(None)}
+                "linked": self.linked_keys(p)}
+
+    def distinct_shared(self, other: str) -> int:
+        """The fewer of the pair's distinct matching queries on either side (the matching-query count for states
+        written before query numbers were kept)."""
+        ids = self.link_ids.get(other)
+        return min(len(ids[0]), len(ids[1])) if ids else self.links.get(other, 0)
+
+    def source_linked(self, other: str, threshold: int) -> bool:
+        """Linked to ``other`` by shared sources: ``>= threshold`` matching queries, from at least
+        ``min(threshold, 2)`` distinct queries on *each* side. One customer re-uploading, at several sizes, one
+        photo that another customer also sent matches one query of the other: no link."""
+        return self.links.get(other, 0) >= threshold and self.distinct_shared(other) >= min(threshold, 2)
 
     def linked_keys_at(self, threshold: int | None, region_threshold: int = 1) -> list[str]:
-        """Other clients with ``>= threshold`` shared sources (None: any) or ``>= region_threshold`` shared
-        regions (0: regions ignored)."""
-        t = 1 if threshold is None else threshold
-        by_source = {c for c, n in self.links.items() if n >= t}
+        """Other clients linked by shared sources (:meth:`source_linked` at ``threshold``; None: any match) or
+        with ``>= region_threshold`` shared regions (0: regions ignored)."""
+        if threshold is None:
+            by_source = {c for c, n in self.links.items() if n >= 1}
+        else:
+            by_source = {c for c in self.links if self.source_linked(c, threshold)}
         by_region = {c for c, n in self.region_links.items() if n >= region_threshold} if region_threshold else set()
         return sorted(by_source | by_region)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 
@@ -27,6 +29,17 @@ def _reader(config: Path | None, redis_url: str | None):  # type: ignore[no-unty
     from victim_service.querylog import LogReader
 
     return LogReader(victim_settings(config, redis_url=redis_url).settings)
+
+
+@contextlib.contextmanager
+def _log_store() -> Iterator[None]:
+    """Turn an unreachable Redis into the CLI's one-line error (exit 2), not a traceback."""
+    import redis
+
+    try:
+        yield
+    except redis.RedisError as exc:
+        raise HeistError(f"the query log (Redis) is unreachable: {type(exc).__name__}: {exc}") from None
 
 
 def _since(value: str | None) -> float | None:
@@ -68,6 +81,11 @@ def tail(
 ) -> None:
     """Show the most recent query-log entries."""
     reader = _reader(config, redis_url)
+    with _log_store():
+        _tail(reader, n, client, follow, as_json)
+
+
+def _tail(reader, n: int, client: str | None, follow: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
     entries = reader.tail(n, client)
     if as_json:
         for e in entries:
@@ -102,9 +120,14 @@ def export(
     redis_url: str | None = typer.Option(None, "--redis-url"),
 ) -> None:
     """Export the query log (oldest first) as JSONL or Parquet; written atomically."""
+    reader = _reader(config, redis_url)
+    with _log_store():
+        _export(reader, out, fmt, client, since)
+
+
+def _export(reader, out: Path, fmt: ExportFormat, client: str | None, since: str | None) -> None:  # type: ignore[no-untyped-def]
     from victim_service.querylog import export_entries
 
-    reader = _reader(config, redis_url)
     total = reader.count()
     with progress(transient=True) as bar:
         task = bar.add_task("exporting", total=total or None, info="")

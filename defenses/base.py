@@ -26,21 +26,33 @@ Hooks a defense may use:
 from __future__ import annotations
 
 import hashlib
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from translators.errors import HeistError
 
 
 class DefenseParams(BaseModel):
-    """Base of every defense's parameter model: unknown keys are an error, values are immutable."""
+    """Base of every defense's parameter model: unknown keys are an error, values are immutable, and a number
+    field refuses ``true``/``false`` (pydantic would read them as 1 and 0: ``quality = true`` would serve
+    JPEG quality 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) and info.field_name is not None:
+            ann = cls.model_fields[info.field_name].annotation
+            if ann is not bool and bool not in typing.get_args(ann):
+                raise ValueError(f"expected {getattr(ann, '__name__', ann)}, got the boolean {str(v).lower()}")
+        return v
 
 
 def request_seed(secret: int, *parts: str) -> int:

@@ -6,6 +6,7 @@ built-in defense module (each registers its class), and this module imports none
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -50,6 +51,16 @@ def build_defenses(specs: Iterable[Mapping[str, Any]]) -> list[OutputDefense]:
     return [build_defense(s) for s in specs]
 
 
+def _takes_text(cls: type[OutputDefense], key: str) -> bool:
+    """Whether parameter ``key`` of ``cls`` is a text field (``str`` or ``str | None``): its value stays text,
+    so that ``key_id=42`` or ``layer=3`` mean the strings "42" and "3"."""
+    field = cls.Params.model_fields.get(key)
+    if field is None:
+        return False
+    ann = field.annotation
+    return ann is str or (str in typing.get_args(ann) and not {int, float, bool} & set(typing.get_args(ann)))
+
+
 def _parse_value(text: str) -> Any:
     low = text.strip().lower()
     if low in ("true", "false"):
@@ -69,11 +80,18 @@ def parse_defense_spec(text: str) -> dict[str, Any]:
     name = name.strip()
     if not name:
         raise DefenseConfigError(f"defense spec {text!r} has no name; write NAME or NAME:key=value,...")
+    try:
+        cls = DEFENSE_REGISTRY.get(name)
+    except UnknownNameError as exc:
+        raise DefenseConfigError(str(exc)) from None
     spec: dict[str, Any] = {"name": name}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key = key.strip()
+        if not eq or not key:
             raise DefenseConfigError(f"defense spec {text!r}: {item!r} is not key=value")
-        spec[key.strip()] = _parse_value(value)
+        if key in spec:
+            raise DefenseConfigError(f"defense spec {text!r}: {key!r} is given twice")
+        spec[key] = value.strip() if _takes_text(cls, key) else _parse_value(value)
     build_defense(spec)
     return spec

@@ -40,6 +40,26 @@ def test_registry_is_complete_after_import_and_specs_parse() -> None:
         parse_defense_spec("jpeg:qualty=3")
 
 
+@pytest.mark.parametrize(("spec", "message"), [
+    ("jpeg:quality=true", "quality: .*got the boolean true"),  # pydantic alone reads true as JPEG quality 1
+    ("noise:sigma=true", "sigma: .*got the boolean true"),
+    ("jpeg:quality=80,quality=90", "'quality' is given twice"),
+])
+def test_spec_mistakes_that_used_to_serve_something_else_are_refused(spec: str, message: str) -> None:
+    with pytest.raises(DefenseConfigError, match=message):
+        parse_defense_spec(spec)
+
+
+def test_settings_refuse_booleans_for_numbers_and_specs_keep_digits_as_text_for_text_fields() -> None:
+    with pytest.raises(SettingsError, match="quality: .*boolean true"):
+        Settings.from_mapping({"tiers": {"free": {"defenses": [{"name": "jpeg", "quality": True}]}}}, "victim.toml")
+    with pytest.raises(SettingsError, match="sigma: .*boolean false"):
+        Settings.from_mapping({"tiers": {"free": {"defenses": [{"name": "noise", "sigma": False}]}}}, "victim.toml")
+    assert parse_defense_spec("ownership_watermark:key_id=42")["key_id"] == "42"
+    assert parse_defense_spec("feature_amplify:layer=3")["layer"] == "3"
+    assert parse_defense_spec("noise:sigma=0.1,per_input=false")["per_input"] is False
+
+
 def test_unknown_defense_in_a_level_is_refused_with_its_place_and_the_choices() -> None:
     bad = {"tiers": {"free": {"levels": [[{"name": "noise"}], [{"name": "nosie"}]]}}}
     with pytest.raises(SettingsError) as exc:

@@ -76,6 +76,16 @@ def test_resolution_order_flag_then_env_then_defaults(tmp_path: Path, monkeypatc
     assert cli.settings.port == 8104
     assert cli.settings.key_prefix == "flag:"
 
+    # a bad value from a variable is blamed on the variable, not on the file
+    monkeypatch.setenv("HEIST_VICTIM_PORT", "abc")
+    with pytest.raises(SettingsError, match=r"^environment variable HEIST_VICTIM_PORT: port: "):
+        resolve_settings(flag)
+    monkeypatch.setenv("HEIST_VICTIM_PORT", "8103")
+    monkeypatch.setenv("HEIST_VICTIM_TIERS__GOLD__RATE", "fast")
+    with pytest.raises(SettingsError, match=r"^environment variable HEIST_VICTIM_TIERS__GOLD__RATE: tiers\.gold\.rate"):
+        resolve_settings(flag)
+    monkeypatch.setenv("HEIST_VICTIM_TIERS__GOLD__RATE", "7")
+
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "missing.toml"))
     with pytest.raises(SettingsError, match=r"missing\.toml: cannot read"):
         resolve_settings(None)

@@ -230,6 +230,19 @@ class QueryLogSettings(_Strict):
     images_dir: Path | None = None
 
 
+
+def _env_origin(loc: list[str], data: dict[str, Any]) -> str | None:
+    """The ``HEIST_VICTIM_*`` variable that set the invalid value at ``loc``, or None when the value came from
+    the settings file or defaults: the variable named after the whole path (``HEIST_VICTIM_TIERS__FREE__RATE``),
+    or one under a top-level key the file does not set (``HEIST_VICTIM_PORT``)."""
+    exact = "HEIST_VICTIM_" + "__".join(loc).upper()
+    top = f"HEIST_VICTIM_{loc[0].upper()}"
+    for name in os.environ:
+        up = name.upper()
+        if up == exact or (loc[0] not in data and (up == top or up.startswith(top + "__"))):
+            return f"environment variable {name}"
+    return None
+
 class Settings(BaseSettings):
     """Everything the victim service reads at start. See the module docstring and ``docs/victim-service.md``."""
 
@@ -377,9 +390,12 @@ class Settings(BaseSettings):
             return cls(**data) if env else cls(_env_prefix="HEIST_VICTIM_NO_ENV__", **data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            loc = ".".join(str(x) for x in first.get("loc", ()))
+            parts = [str(x) for x in first.get("loc", ())]
+            loc = ".".join(parts)
             msg = first["msg"].removeprefix("Value error, ")
             more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+            if env and parts:
+                origin = _env_origin(parts, data) or origin
             raise SettingsError(f"{origin}: {loc + ': ' if loc else ''}{msg}{more}") from None
 
     # ------------------------------------------------------------------ derived

@@ -87,10 +87,12 @@ def test_payload_round_trip_and_null_on_unmarked_images() -> None:
     assert codes.encode(codes.client_id(secret, "a")).shape == (codes.CODE_BITS,)
 
 
-def _trace_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``heist defend trace ARGS`` as a user runs it (a subprocess: exit code, stdout, stderr)."""
+def _trace_cli(*args: str, cwd: Path,
+               command: tuple[str, ...] = ("defend", "trace")) -> subprocess.CompletedProcess[str]:
+    """``heist defend trace ARGS`` (or ``heist COMMAND ARGS``) as a user runs it (a subprocess: exit code,
+    stdout, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HEIST_TORCH_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "heist.cli.main", "defend", "trace", *args],
+    return subprocess.run([sys.executable, "-m", "heist.cli.main", *command, *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=180)
 
 
@@ -116,6 +118,17 @@ def test_served_outputs_name_their_key(tmp_path: Path, redis_url: str, key_prefi
             return r.content
 
         alice, bob, clean = (decode_image(get(w)) for w in ("alice", "bob", "dave"))
+        made = c.post("/v1/admin/keys", json={"name": "erin", "tier": "free"}, headers=srv.admin_headers)
+        assert made.status_code in (200, 201), made.text
+        erin = c.post("/v1/models/denoise/translate", content=photo,
+                      headers={"X-API-Key": made.json()["key"], "Content-Type": "image/png", "Accept": "image/png"})
+        assert erin.status_code == 200
+        revoked = _trace_cli("keys", "revoke", "erin", "--config", str(srv.settings_path), cwd=tmp_path,
+                             command=())  # detect, revoke, then trace what leaked: the log still knows erin
+        assert revoked.returncode == 0, revoked.stderr
+        (tmp_path / "erin.png").write_bytes(erin.content)
+        traced = _trace_cli(str(tmp_path / "erin.png"), "--json", "--config", str(srv.settings_path), cwd=tmp_path)
+        assert json.loads(traced.stdout)["client"] == "erin", traced.stdout  # a revoked key's client, from the log
         alice_jpeg = get("alice", "image/jpeg")
         log = c.get("/v1/admin/log", params={"limit": 10}, headers=srv.admin_headers).json()
         assert any(e["client"] == "alice" and e["defenses"] == ["trace_watermark(strength=0.0075,max_rms=0.009)"]

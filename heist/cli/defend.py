@@ -44,20 +44,25 @@ def _server_secret(config: Path | None, secret_file: Path | None) -> tuple[int, 
 
 
 def _known_clients(settings: object) -> list[str]:
-    """Static keys of the settings plus every stored key's client (Redis or the data-dir key file)."""
+    """Static keys of the settings, every stored key's client (Redis or the data-dir key file) and every client
+    the query log has served: a revoked key's client (the usual case: detect, revoke, then trace what leaked)
+    stays a candidate through its log entries."""
     from victim_service.keys import KeyStoreError, open_key_store
+    from victim_service.querylog import LogReader
     from victim_service.settings import Settings
 
     assert isinstance(settings, Settings)
     names = {k.name for k in settings.keys}
-    try:
-        names |= {r.name for r in open_key_store(settings).records()}
-    except (KeyStoreError, OSError) as exc:
-        err_console.print(f"[yellow]warning:[/yellow] key store unreadable ({exc}); only static keys are "
-                          "candidates", highlight=False)
-    except Exception as exc:  # noqa: BLE001 - Redis errors: keep going with the static keys
-        err_console.print(f"[yellow]warning:[/yellow] key store unreachable ({type(exc).__name__}); only "
-                          "static keys are candidates", highlight=False)
+    for what, read in (("key store", lambda: {r.name for r in open_key_store(settings).records()}),
+                       ("query log", lambda: {e.client for e in LogReader(settings).iter_entries() if e.client})):
+        try:
+            names |= read()
+        except (KeyStoreError, OSError) as exc:
+            err_console.print(f"[yellow]warning:[/yellow] {what} unreadable ({exc}); its clients are not "
+                              "candidates", highlight=False)
+        except Exception as exc:  # noqa: BLE001 - Redis errors: keep going with the other sources
+            err_console.print(f"[yellow]warning:[/yellow] {what} unreachable ({type(exc).__name__}); its clients "
+                              "are not candidates", highlight=False)
     return sorted(names)
 
 
@@ -78,6 +83,9 @@ def trace(
 
     secret, settings = _server_secret(config, secret_file)
     clients = sorted({*_known_clients(settings), *client})
+    if not clients:
+        raise HeistError("no candidate clients: the settings name no keys and neither the key store nor the query "
+                         "log could be read or held any; name the suspects with --client NAME")
     for path in images:
         row: dict[str, object] = {"image": str(path)}
         try:

@@ -66,21 +66,35 @@ class Outcome:
 
 
 def check_url(url: str) -> str:
+    """``url`` without trailing slashes; raises :class:`ConfigError` (one line) unless it is a valid http(s) URL
+    with a host."""
     u = url.strip().rstrip("/")
     if not u.startswith(("http://", "https://")):
         raise ConfigError(f"--url must start with http:// or https:// (got {url!r})")
+    try:
+        host = httpx.URL(u).host
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ConfigError(f"--url {url!r} is not a valid URL ({one_line(str(exc))})") from None
+    if not host:
+        raise ConfigError(f"--url {url!r} names no host")
     return u
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space, cut to ``limit`` chars."""
+    s = " ".join(text.split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 def _error_fields(resp: httpx.Response) -> tuple[str | None, str]:
     try:
         data: Any = json.loads(resp.content)
     except (ValueError, UnicodeDecodeError):
-        return None, resp.text[:200].strip()
+        return None, one_line(resp.text)
     if isinstance(data, dict):
         code = data.get("error")
-        return (str(code) if code is not None else None), str(data.get("detail", ""))[:500]
-    return None, str(data)[:200]
+        return (str(code) if code is not None else None), one_line(str(data.get("detail", "")), 500)
+    return None, one_line(str(data))
 
 
 def describe_transport_error(exc: BaseException) -> str:
@@ -139,8 +153,9 @@ class VictimClient:
                 continue
             if resp.status_code != 200:
                 code, detail = _error_fields(resp)
-                msg = f"{self.url}/v1/models answered {resp.status_code} {code or ''} {detail}"
-                raise VictimFailingError(msg.strip())
+                hint = "" if code else "; is this a Heist victim API?"
+                msg = " ".join(f"{self.url}/v1/models answered HTTP {resp.status_code} {code or ''} {detail}".split())
+                raise VictimFailingError(msg + hint)
             try:
                 data = resp.json()
                 if not isinstance(data, list):
@@ -182,3 +197,14 @@ class VictimClient:
         else:
             out.code, out.detail = _error_fields(resp)
         return out
+
+
+def fetch_model_info(url: str, model: str) -> ModelInfo:
+    """``model``'s public entry of ``GET /v1/models`` (no query spent); one-line errors as
+    :meth:`VictimClient.model_info`."""
+
+    async def go() -> ModelInfo:
+        async with VictimClient(url) as client:
+            return await client.model_info(model)
+
+    return asyncio.run(go())

@@ -5,6 +5,8 @@ Policy (documented in ``docs/attacker.md``):
 - :class:`VictimUnreachableError`: the URL cannot be reached (connection refused, DNS, TLS) after the
   configured retries. The run stops; pairs written so far are kept and a re-run resumes.
 - :class:`UnauthorizedError`: the victim answered 401 for a key that never worked. The run stops.
+- :class:`QuotaExhaustedError`: the key's quota ran out in a command that cannot keep a partial result
+  (``heist attack mia``; a harvest stops cleanly instead).
 - :class:`UnknownModelError`: the model is not in ``GET /v1/models`` or the victim answered 404.
 - :class:`VictimFailingError`: a storm of 5xx answers / timeouts exhausted the retries. The run stops.
 - :class:`InputsRefusedError`: the victim refused too many inputs (4xx image errors); the strategy makes
@@ -31,6 +33,12 @@ class VictimUnreachableError(AttackError):
 
 class UnauthorizedError(AttackError):
     code = "unauthorized"
+
+
+class QuotaExhaustedError(AttackError):
+    """The key's quota ran out where the command cannot stop early and keep a partial result (``mia``)."""
+
+    code = "quota_exhausted"
 
 
 class UnknownModelError(AttackError):

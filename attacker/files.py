@@ -55,12 +55,29 @@ def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), durable)
 
 
+def check_out_folder(folder: str | Path, flag: str = "--out") -> Path:
+    """``folder`` as a Path, after checking it can be (or is) a folder: neither it nor a folder above it is
+    an existing file. Raises :class:`RunFolderError` (one line naming ``flag``) otherwise. Every attacker
+    command calls this before it sends anything, so a bad ``--out`` never wastes queries."""
+    p = Path(folder)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            where = "" if q == p else f" ({q} is a file)"
+            raise RunFolderError(f"{flag} {p}: not a folder{where}; name a new or existing folder")
+    return p
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from ``path``, or None when it does not exist. Raises RunFolderError when corrupt."""
+    """A JSON object from ``path``, or None when it does not exist. Raises RunFolderError when corrupt or
+    when a folder on its path is a file."""
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise RunFolderError(f"{path.parent}: not a folder (a file is in the way); check the path") from None
+    except IsADirectoryError:
+        raise RunFolderError(f"{path}: is a folder, expected a JSON file; move it away or use a new --out") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RunFolderError(f"{path}: not valid JSON ({exc}); move it away or use a new --out") from None
     if not isinstance(data, dict):
@@ -169,6 +186,7 @@ def open_jsonl_for_append(path: Path, durable: bool = False) -> tuple[JsonlAppen
 @contextmanager
 def folder_lock(folder: Path, what: str = "run folder") -> Iterator[None]:
     """Exclusive, non-blocking ``flock`` on ``folder/.lock``; the kernel releases it if the process dies."""
+    check_out_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / ".lock"
     fh = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the context

@@ -59,7 +59,7 @@ from attacker.errors import (
     VictimProtocolError,
     VictimUnreachableError,
 )
-from attacker.files import folder_lock, open_jsonl_for_append
+from attacker.files import check_out_folder, folder_lock, open_jsonl_for_append
 from attacker.pacing import LanePacer, RateHeaders
 from attacker.pairstore import PairStore
 from attacker.progress import NO_PROGRESS, ProgressHook
@@ -636,6 +636,7 @@ async def harvest_async(
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(f"bad harvest option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    check_out_folder(cfg.out)  # before anything is sent
     if not isinstance(images, str):
         images = [im if isinstance(im, NamedImage) else NamedImage(f"image{i:04d}", im) for i, im in enumerate(images)]
     return await Harvester(cfg, images, progress or NO_PROGRESS).run()

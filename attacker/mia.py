@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from attacker.client import ClientConfig, VictimClient
-from attacker.errors import ConfigError
+from attacker.client import ClientConfig, VictimClient, fetch_model_info
+from attacker.errors import ConfigError, QuotaExhaustedError, UnauthorizedError, VictimFailingError
+from attacker.files import check_out_folder
 from attacker.pacing import LanePacer, PacedSender
 from attacker.victim_info import ModelInfo
 from translators.codecs import decode_image, encode_image, read_image
@@ -89,6 +90,7 @@ async def _query_all(url: str, key: str, model: str, cands: list[Candidate], con
     sem = asyncio.Semaphore(concurrency)
     outputs: dict[str, torch.Tensor] = {}
     sent = 0
+    key_label = f"(…{key[-4:]})"
 
     async with VictimClient(url, ClientConfig(max_concurrency=concurrency)) as client:
         await client.model_info(model)
@@ -106,13 +108,23 @@ async def _query_all(url: str, key: str, model: str, cands: list[Candidate], con
                     if out.ok:
                         outputs[c.name] = decode_image(out.body)
                         break
-                    if out.status == 429 and out.code != "quota_exhausted":
+                    if out.status == 429 and out.code == "quota_exhausted":
+                        when = (f"; it resets in {out.headers.retry_after_s:.0f} s" if out.headers.retry_after_s
+                                else "")
+                        raise QuotaExhaustedError(
+                            f"API key {key_label} has no quota left (429 quota_exhausted{when}); membership "
+                            f"inference needs {len(cands)} queries, {len(outputs)} answered")
+                    if out.status == 429:
                         continue  # the pacer now waits for Retry-After
+                    if out.status in (401, 403):
+                        raise UnauthorizedError(f"the victim refused API key {key_label}: {out.status} "
+                                                f"{out.code or 'unauthorized'}: {out.detail or 'check --api-key'}")
                     if out.status is None or out.status >= 500:
                         failures += 1
                         if failures > client.config.max_retries:
                             why = out.error or f"HTTP {out.status} {out.code or ''}".strip()
-                            raise ConfigError(f"candidate {c.name!r}: no answer after {failures} tries ({why})")
+                            raise VictimFailingError(f"candidate {c.name!r}: no answer after {failures} tries "
+                                                     f"({why})")
                         await asyncio.sleep(min(client.config.backoff_base_s * 2**failures,
                                                 client.config.backoff_max_s))
                         continue
@@ -121,16 +133,55 @@ async def _query_all(url: str, key: str, model: str, cands: list[Candidate], con
             if on_done:
                 on_done()
 
-        await asyncio.gather(*(one(c) for c in cands))
+        tasks = [asyncio.create_task(one(c)) for c in cands]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one failed (or we were cancelled): stop the others and wait for them, leaking nothing
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     return outputs, sent
 
 
-def fetch_model_info(url: str, model: str) -> ModelInfo:
-    async def go() -> ModelInfo:
-        async with VictimClient(url) as client:
-            return await client.model_info(model)
+def load_reference(path: str | Path, candidates: list[Candidate]) -> torch.nn.Module:
+    """Load the reference model of the calibrated score and check it fits ``candidates``: a same-size (x1)
+    model whose size rules (``min_side``, ``size_multiple``) accept every candidate. Raises a one-line
+    :class:`ConfigError` (or :class:`~translators.errors.CheckpointError`) before any query is sent."""
+    from translators.checkpoint import load_model
 
-    return asyncio.run(go())
+    loaded = load_model(path)
+    card = loaded.card
+    if card.scale != 1:
+        raise ConfigError(f"--reference {path}: a x{card.scale} {card.task} model; the calibrated score compares "
+                          "its output with the candidates' targets pixel by pixel, so it needs a same-size (x1) "
+                          "model such as `heist attack mia-reference` trains")
+    for c in candidates:
+        h, w = (int(v) for v in c.x.shape[-2:])
+        if min(h, w) < card.min_side or h % card.size_multiple or w % card.size_multiple:
+            raise ConfigError(f"--reference {path}: candidate {c.name!r} is {w}x{h} but the reference takes "
+                              f"sides of at least {card.min_side} px in multiples of {card.size_multiple}; train "
+                              f"one with `heist attack mia-reference --side {h}`")
+    return loaded.module
+
+
+def reference_l2(reference: torch.nn.Module, candidates: list[Candidate]) -> list[float]:
+    """The reference model's ``l2`` score of every candidate (run before any query, so a reference that does
+    not fit fails as a one-line :class:`ConfigError` without wasting the victim's quota)."""
+    out = []
+    with torch.no_grad():
+        for c in candidates:
+            try:
+                g = reference(c.x)
+            except RuntimeError as exc:
+                raise ConfigError(f"the reference model fails on candidate {c.name!r} "
+                                  f"({str(exc).splitlines()[0][:200]}); use a reference for this candidate size "
+                                  "(`heist attack mia-reference --side`)") from None
+            if g.shape != c.y.shape:
+                raise ConfigError(f"the reference model maps candidate {c.name!r} {tuple(c.x.shape[-2:])} to "
+                                  f"{tuple(g.shape[-2:])}, not the target's {tuple(c.y.shape[-2:])}; it needs a "
+                                  "same-size (x1) reference")
+            out.append(reconstruction_scores(g.clamp(0, 1), c.y)["l2"])
+    return out
 
 
 def reconstruction_scores(out: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -168,24 +219,24 @@ def run_mia(
     info = fetch_model_info(url, model)
     check_candidates(info, members, non_members)
     cands = [*members, *non_members]
+    ref_l2 = reference_l2(reference, cands) if reference is not None else None
     t0 = time.perf_counter()
     outputs, sent = query_outputs(url, key, model, cands, concurrency, on_done)
     seconds = time.perf_counter() - t0
     scores: dict[str, list[float]] = {s: [] for s in SCORES if s != "calibrated" or reference is not None}
-    for c in cands:
+    for i, c in enumerate(cands):
         s = reconstruction_scores(outputs[c.name], c.y)
         scores["l1"].append(s["l1"])
         scores["l2"].append(s["l2"])
-        if reference is not None:
-            with torch.no_grad():
-                ref = reconstruction_scores(reference(c.x).clamp(0, 1), c.y)
-            scores["calibrated"].append(s["l2"] - ref["l2"])
+        if ref_l2 is not None:
+            scores["calibrated"].append(s["l2"] - ref_l2[i])
     labels = [1] * len(members) + [0] * len(non_members)
     return MiaResult([c.name for c in cands], labels, scores, sent, outputs, seconds)
 
 
 def write_scores(result: MiaResult, out: Path) -> Path:
     """``OUT/scores.json``: per-candidate scores and labels (atomic write)."""
+    check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "scores.json"
     tmp = path.with_name(".scores.json.tmp")
@@ -207,14 +258,27 @@ def public_pairs(images: str, side: int, n: int, seed: int = 0) -> list[Candidat
 
 def train_reference(images: str, side: int, steps: int, out: Path, seed: int = 0, n_pairs: int = 256,
                     arch_kwargs: dict[str, object] | None = None) -> Path:
-    """Train the attacker's reference model (U-Net, L1) on public pairs; save it as a checkpoint."""
+    """Train the attacker's reference model (U-Net, L1) on public pairs; save it as a checkpoint.
+
+    Returns the path written (``out`` with the ``.safetensors`` suffix; its card is beside it). Raises a
+    one-line :class:`ConfigError` when ``side`` does not suit the U-Net or ``out`` cannot be written."""
     from translators.archs import build_arch
     from translators.checkpoint import ModelCard, save_checkpoint
     from translators.training import fit
 
+    out = Path(out)
+    check_out_folder(out.parent)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; name the checkpoint file to write (e.g. {out / 'ref'}"
+                          ".safetensors)")
     kwargs = arch_kwargs or {"base": 24, "depth": 4, "max_channels": 96, "norm": "none", "residual": False}
     torch.manual_seed(seed)
     model = build_arch("unet", kwargs)
+    mult = int(getattr(model, "size_multiple", 1) or 1)
+    if side % mult or side < mult:
+        raise ConfigError(f"--side {side}: the reference U-Net needs a multiple of {mult} (it halves the crop "
+                          f"{mult.bit_length() - 1} times), e.g. {max(mult, side // mult * mult)} or "
+                          f"{(side // mult + 1) * mult}")
     pairs = public_pairs(images, side, n_pairs, seed)
     g = torch.Generator().manual_seed(seed)
 
@@ -227,5 +291,4 @@ def train_reference(images: str, side: int, steps: int, out: Path, seed: int = 0
                      size_multiple=int(model.size_multiple), min_side=int(model.size_multiple),
                      description="attacker's reference model for difficulty calibration (public pairs)",
                      training={"images": images, "pairs": n_pairs, "steps": steps, "seed": seed})
-    save_checkpoint(model, out, card)
-    return out
+    return save_checkpoint(model, out, card)

@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader, Dataset
 from attacker.countermeasures import build_counter
 from attacker.errors import ConfigError, TrainingError
 from attacker.fidelity import baseline, psnr_ssim_l2, translate
-from attacker.files import atomic_write_json, folder_lock, read_json
+from attacker.files import atomic_write_json, check_out_folder, folder_lock, read_json
 from attacker.pairstore import MANIFEST, PairStore
 from attacker.progress import NO_PROGRESS, ProgressHook
 from attacker.runinfo import read_run, update_run
@@ -81,6 +81,7 @@ from translators.device import pick_device
 
 log = logging.getLogger(__name__)
 ArchValue = int | float | bool | str
+DEFAULT_ADVICE = "harvest more or larger queries, or train longer (--time-budget)"  # `heist attack train`'s options
 STRIPE_CONTEXT = 16  # input pixels of the training side fed in front of a held-out stripe, not scored
 
 
@@ -530,6 +531,28 @@ def _new_loop(kind_name: str, cfg: TrainConfig, scale: int, task: str, device: t
     return _Loop(kind_name, sur, patch, copy.deepcopy(sur.G), avg, lr=profile.lr)
 
 
+def surrogate_min_side(cfg: TrainConfig, scale: int, task: str) -> int:
+    """The smallest training-input side (input pixels) the surrogate of ``cfg`` (every candidate of ``auto``)
+    trains on at ``scale``: its crops must be a multiple of this (a U-Net of depth d: ``2**d``). Raises
+    :class:`ConfigError` for an unknown kind, profile or option, or a ``patch`` below that side."""
+    names = auto_candidates(task, scale) if cfg.arch == "auto" else [cfg.arch]
+    need = 1
+    for name in names:
+        kind = get_surrogate(name)
+        try:
+            sur = kind(scale, task, _resolve_profile(kind, cfg), torch.device("cpu"), amp=False)
+        except ConfigError:
+            if len(names) == 1:
+                raise
+            continue  # auto skips a kind that does not fit the task, as training does
+        mult = sur.patch_multiple()
+        if sur.input_patch(sur.profile.patch) < mult:
+            raise ConfigError(f"training crops of {sur.input_patch(sur.profile.patch)}px are below the {name} "
+                              f"{cfg.profile} surrogate's minimum of {mult}px: raise --patch")
+        need = max(need, mult)
+    return need
+
+
 def _observe(loop: _Loop, split: Split, cfg: TrainConfig) -> None:
     """Validate, keep the best weights, and apply the plateau rule (see :class:`TrainConfig`)."""
     val = _validate(loop.judged, loop.sur.device, split)
@@ -677,6 +700,7 @@ def train_surrogate(
     config: TrainConfig | None = None,
     *,
     progress: ProgressHook | None = None,
+    advice: str = DEFAULT_ADVICE,
     **options: Any,
 ) -> TrainResult:
     """Train a surrogate on the pairs of a run folder and save it in the Foundation checkpoint format.
@@ -688,6 +712,7 @@ def train_surrogate(
             ``auto.json`` (the candidates' trial scores and the choice, so a resume does not re-try).
         config: a :class:`TrainConfig`; or pass its fields as keyword ``options``.
         progress: optional :class:`ProgressHook`.
+        advice: what the baseline ``warning`` advises, in the caller's terms (its options).
 
     Training stops at the first of: ``steps`` (the profile's cap), ``time_budget`` seconds, or a
     plateau of held-out PSNR; the checkpoint holds the *best* held-out weights. Returns a
@@ -703,7 +728,7 @@ def train_surrogate(
     progress = progress or NO_PROGRESS
     counter = build_counter(cfg.counter)  # a bad spec fails before any pair is read
     pairs_dir, run_dir = resolve_pairs_dir(pairs)
-    out_dir = Path(out) if out is not None else (run_dir or pairs_dir.parent) / "surrogate"
+    out_dir = check_out_folder(Path(out) if out is not None else (run_dir or pairs_dir.parent) / "surrogate")
     target = read_run(run_dir).get("target", {}) if run_dir else {}
     info = target.get("info", {})
     ps = load_pairs(pairs_dir)
@@ -792,8 +817,7 @@ def train_surrogate(
         beats = margin > 0.0
         warning = None if beats else (
             f"the surrogate is NOT better than the trivial {name} baseline on held-out pairs "
-            f"({fidelity['psnr']:.2f} dB vs {base_scores['psnr']:.2f} dB): harvest more or larger queries, or "
-            "train longer (--time-budget)")
+            f"({fidelity['psnr']:.2f} dB vs {base_scores['psnr']:.2f} dB): {advice}")
         if warning:
             log.warning("%s", warning)
         summary: dict[str, Any] = {

@@ -51,9 +51,9 @@ def test_spec_mistakes_that_used_to_serve_something_else_are_refused(spec: str, 
 
 
 def test_settings_refuse_booleans_for_numbers_and_specs_keep_digits_as_text_for_text_fields() -> None:
-    with pytest.raises(SettingsError, match="quality: .*boolean true"):
+    with pytest.raises(SettingsError, match=r"quality: .*boolean true"):
         Settings.from_mapping({"tiers": {"free": {"defenses": [{"name": "jpeg", "quality": True}]}}}, "victim.toml")
-    with pytest.raises(SettingsError, match="sigma: .*boolean false"):
+    with pytest.raises(SettingsError, match=r"sigma: .*boolean false"):
         Settings.from_mapping({"tiers": {"free": {"defenses": [{"name": "noise", "sigma": False}]}}}, "victim.toml")
     assert parse_defense_spec("ownership_watermark:key_id=42")["key_id"] == "42"
     assert parse_defense_spec("feature_amplify:layer=3")["layer"] == "3"

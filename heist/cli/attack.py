@@ -84,6 +84,14 @@ def _noise(value: str) -> tuple[float, float] | str | None:
     return _range(value, "--noise-sigma", "auto, none, ")
 
 
+def _strategy_names() -> str:
+    """The registered query strategies, for ``--strategy`` help ("a, b or c")."""
+    from attacker.strategies import STRATEGY_REGISTRY
+
+    names = STRATEGY_REGISTRY.names()
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
 def _keys(api_key: list[str]) -> list[str]:
     keys = [k.strip() for raw in api_key for k in raw.split(",") if k.strip()]
     if not keys:
@@ -121,7 +129,7 @@ def harvest_cmd(
     images: str = typer.Option("corpus:attacker", help="corpus:victim|attacker|benchmark|all or a folder."),
     budget: int = typer.Option(100, min=1, help="Pairs to harvest."),
     budget_pixels: int | None = typer.Option(None, min=1, help="Also stop when this many input pixels are spent."),
-    strategy: str = typer.Option("crops", help="random, crops, tiles, augment or diversity."),
+    strategy: str = typer.Option("crops", help=f"Query strategy: {_strategy_names()}."),
     crop_size: str = typer.Option("auto", help="Crop/tile side in input pixels, or auto."),
     downscale: str = typer.Option("auto", help="Shrink photos by this factor first (auto = the model's scale)."),
     noise_sigma: str = typer.Option("auto", help="Gaussian noise sigma (0..255) added to queries: auto, none, "
@@ -233,7 +241,9 @@ def imitate_cmd(
     out: Path = typer.Option(..., "--out", help="Run folder."),
     add_noise: float | None = typer.Option(None, min=0.0, help="Add Gaussian noise (sigma, 0..255) first."),
     profile: str = typer.Option("small", help="U-Net size: tiny, small, default or full."),
-    steps: int | None = typer.Option(None, min=1),
+    steps: int | None = typer.Option(None, min=1, help="Most training steps (default: the profile's cap)."),
+    time_budget: float = typer.Option(300.0, min=1.0, help="Seconds of training; it also stops earlier when "
+                                                          "held-out fidelity stops improving."),
     patch: int | None = typer.Option(None, min=4),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
@@ -246,11 +256,14 @@ def imitate_cmd(
     with progress(transient=True) as bar:
         r = imitate(url, _keys(api_key), model, image, out, add_noise=add_noise, profile=profile, steps=steps,
                     seed=seed, device=device, progress=RichProgressHook(bar),
-                    **_train_options(patch=patch, threads=threads))
+                    **_train_options(patch=patch, threads=threads, time_budget=time_budget))
     f, b = r.train.fidelity, r.train.baseline
-    console.print(f"1 query -> surrogate {r.checkpoint}")
+    sh, sw = r.sent_size
+    console.print(f"1 query -> surrogate {r.checkpoint} (image sent at {sw}x{sh})")
     console.print(f"held-out region ({r.train.held_out}) vs victim: PSNR {f['psnr']:.2f} dB "
-                  f"(identity/bicubic baseline {b['psnr']:.2f} dB)")
+                  f"({r.train.summary['baseline_name']} baseline {b['psnr']:.2f} dB)")
+    if r.warning:
+        err_console.print(f"[bold red]WARNING: {r.warning}[/bold red]")
 
 
 @app.command("status")
@@ -258,6 +271,8 @@ def status_cmd(run: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Print the run summary (run.json) without the long curves."""
     from attacker.runinfo import read_run
 
+    if run.exists() and not run.is_dir():
+        raise HeistError(f"{run}: not a folder (a file); give a run folder")
     data = read_run(run)
     if not data:
         raise HeistError(f"{run}: no run.json here")
@@ -285,15 +300,16 @@ def mia_cmd(
     concurrency: int = typer.Option(4, min=1, help="Most requests in flight."),
 ) -> None:
     """Membership inference: score each (x, y) by the API output's reconstruction loss; AUC, TPR@FPR, ROC."""
-    from attacker.mia import load_candidates, run_mia, write_scores
+    from attacker.files import check_out_folder
+    from attacker.mia import load_candidates, load_reference, run_mia, write_scores
     from evaluation.privacy import membership_scores
     from evaluation.report.membership import roc_png
-    from translators.checkpoint import load_model
 
     _quiet_http()
+    check_out_folder(out)  # every mistake fails before the first query
     m = load_candidates(members, "members")
     n = load_candidates(non_members, "non-members")
-    ref = load_model(reference).module if reference else None
+    ref = load_reference(reference, [*m, *n]) if reference else None
     with progress(transient=True) as bar:
         task = bar.add_task("membership queries", total=len(m) + len(n), info="")
         res = run_mia(url, api_key, model, m, n, reference=ref, concurrency=concurrency,
@@ -313,7 +329,7 @@ def mia_cmd(
 def mia_reference_cmd(
     out: Path = typer.Option(..., "--out", help="Checkpoint to write (.safetensors)."),
     images: str = typer.Option("corpus:attacker", help="Public images (never the victim's)."),
-    side: int = typer.Option(32, min=8, help="Crop side (the candidates' size)."),
+    side: int = typer.Option(32, min=16, help="Crop side (the candidates' size); a multiple of 16."),
     steps: int = typer.Option(300, min=1, help="Training steps."),
     seed: int = typer.Option(0),
 ) -> None:

@@ -301,15 +301,21 @@ def test_fail_open_admits_without_limits_while_redis_is_down(
     srv = start_victim(
         tmp_path, models=[{"name": "denoise", "source": str(models["denoise"]), "max_batch": 1}],
         tiers={"t": {"rate": 0.01, "burst": 1}}, keys={"k": "t"}, redis_url=private_redis.url,
-        extra={"on_redis_error": "open", "redis_timeout_s": 0.3},
+        extra={"on_redis_error": "open", "redis_timeout_s": 0.3, "key_cache_s": 0.3},
     )
     try:
+        made = httpx.post(f"{srv.url}/v1/admin/keys", json={"name": "stored", "tier": "t"}, headers=srv.admin_headers)
+        stored = {"X-API-Key": made.json()["key"], "Content-Type": "image/png"}
+        assert httpx.post(f"{srv.url}/v1/models/denoise/translate", content=PNG, headers=stored).status_code == 200
         assert _post(srv, "k").status_code == 200
         assert _post(srv, "k").status_code == 429
         private_redis.stop()
         opened = [_post(srv, "k") for _ in range(3)]
         assert [r.status_code for r in opened] == [200, 200, 200]
         assert "ratelimit-limit" not in opened[0].headers
+        time.sleep(0.5)  # past key_cache_s: a stored key the store vouched for is still known during the outage
+        again = httpx.post(f"{srv.url}/v1/models/denoise/translate", content=PNG, headers=stored, timeout=30)
+        assert again.status_code == 200, again.text
         assert httpx.get(f"{srv.url}/readyz").status_code == 200  # fail-open stays ready
         private_redis.start()
         deadline = time.monotonic() + 10

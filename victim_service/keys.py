@@ -225,8 +225,9 @@ class KeyResolver:
     """Resolves a presented key to a :class:`Client` for the server: static keys, then the store (cached).
 
     Positive lookups are cached ``cache_s`` seconds, negative ones at most 2 s (a flood of bad keys costs
-    at most one store read per distinct key every 2 s). Raises :class:`BackendUnavailableError` when the
-    Redis store cannot be read.
+    at most one store read per distinct key every 2 s). While the Redis store cannot be read, a key it
+    resolved before keeps its (expired) cached client, so that ``on_redis_error = "open"`` goes on admitting
+    known customers for the whole outage; an unknown key raises :class:`BackendUnavailableError`.
     """
 
     def __init__(self, settings: Settings, aredis: aioredis.Redis | None) -> None:
@@ -257,7 +258,12 @@ class KeyResolver:
         hit = self._cache.get(h)
         if hit is not None and hit[0] > now:
             return hit[1]
-        record = await self._lookup(h)
+        try:
+            record = await self._lookup(h)
+        except BackendUnavailableError:
+            if hit is None or hit[1] is None:
+                raise
+            return hit[1]  # the store is down: a key it vouched for earlier keeps its client until it is back
         client = Client(record.name, record.tier, "stored") if record is not None else None
         ttl = self.cache_s if client is not None else min(self.cache_s, 2.0)
         if len(self._cache) > 100_000:

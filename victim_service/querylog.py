@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,6 +112,8 @@ class QueryLog:
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
         self.spilled = 0
+        self.replayed = 0
+        self._spilling = False
 
     def start(self) -> None:
         if self.backend != "off" and self._task is None:
@@ -159,18 +162,50 @@ class QueryLog:
         lines = [e.model_dump_json() for e in batch]
         if self.backend == "redis" and self.r is not None:
             try:
-                pipe = self.r.pipeline(transaction=False)
-                for line in lines:
-                    pipe.xadd(self.key, {STREAM_FIELD: line}, maxlen=self.maxlen, approximate=True)
-                await pipe.execute()
-                return
+                await self._xadd(lines)
             except (redis.RedisError, OSError) as exc:
-                log.warning("query log: Redis unreachable (%s); %d entries spilled to %s",
-                            type(exc).__name__, len(lines), self.spill)
+                if not self._spilling:  # one warning per outage, not one per batch
+                    log.warning("query log: Redis unreachable (%s); spilling entries to %s until it is back",
+                                type(exc).__name__, self.spill)
+                    self._spilling = True
                 await asyncio.to_thread(_append_lines, self.spill, lines)
                 self.spilled += len(lines)
                 return
+            if self._spilling or self.spill.exists():
+                await self._replay_spill()
+            return
         await asyncio.to_thread(_append_lines, self.path, lines)
+
+    async def _xadd(self, lines: list[str]) -> None:
+        pipe = self.r.pipeline(transaction=False)  # type: ignore[union-attr]
+        for line in lines:
+            pipe.xadd(self.key, {STREAM_FIELD: line}, maxlen=self.maxlen, approximate=True)
+        await pipe.execute()
+
+    async def _replay_spill(self) -> None:
+        """Move the entries spilled during an outage into the stream (the monitor and ``heist log`` read only the
+        stream). One worker claims the spill file by renaming it, so workers sharing the data dir never replay
+        an entry twice; entries keep their own ``ts`` and land after the ones written since Redis came back.
+        On a new failure the unsent rest goes back to the spill file."""
+        claimed = self.spill.with_name(f"querylog-spill.{os.getpid()}.{uuid.uuid4().hex[:8]}.replaying")
+        try:
+            os.replace(self.spill, claimed)
+        except FileNotFoundError:
+            self._spilling = False
+            return
+        lines = [ln for ln in (await asyncio.to_thread(claimed.read_text)).splitlines() if ln.strip()]
+        sent = 0
+        try:
+            for i in range(0, len(lines), 500):
+                await self._xadd(lines[i:i + 500])
+                sent = min(len(lines), i + 500)
+        except (redis.RedisError, OSError):
+            await asyncio.to_thread(_append_lines, self.spill, lines[sent:])
+        finally:
+            claimed.unlink(missing_ok=True)
+        self.replayed += sent
+        self._spilling = sent < len(lines)
+        log.info("query log: Redis is back; %d spilled entries moved into the stream", sent)
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until every submitted entry is written (or ``timeout`` passes)."""

@@ -190,6 +190,17 @@ def test_embedded_mode_replays_the_jsonl_log(tmp_path: Path, models: dict[str, P
         assert again["flagged_at_query"] == first["flagged_at_query"]
         assert _metric(srv, "heist_monitor_malformed_total") == 1.0
         assert httpx.get(f"{srv.url}/v1/admin/clients/nobody/risk", headers=srv.admin_headers).status_code == 404
+        # an admin's by-hand level is the one in force; the risk view shows both
+        assert again["level"] >= 1
+        assert again["level_in_force"] == again["level"]  # the monitor's escalation, from the level store
+        done = httpx.post(f"{srv.url}/v1/admin/clients/alice/level", json={"level": 0, "reason": "checked"},
+                          headers=srv.admin_headers)
+        assert done.status_code == 200, done.text
+        risk = httpx.get(f"{srv.url}/v1/admin/clients/alice/risk", headers=srv.admin_headers).json()
+        assert (risk["level"], risk["level_in_force"]) == (again["level"], 0)
+        bad = httpx.get(f"{srv.url}/v1/admin/clients/bad%20name!/level", headers=srv.admin_headers)
+        assert bad.status_code == 400
+        assert bad.json()["error"] == "bad_client"
         # benign customers through the CLI: keys made through the admin API, photos sent, nobody flagged
         out = CliRunner().invoke(cli, ["traffic", "benign", "--url", srv.url, "--model", "sr4x", "--admin-key",
                                        srv.admin_key, "--clients", "2", "--photos", "3", "--tier", "open",

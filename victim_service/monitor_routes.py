@@ -6,10 +6,11 @@ when Redis is configured, so any worker answers the same), see :mod:`victim_serv
 
 from __future__ import annotations
 
+import redis
 from fastapi import APIRouter, Request, Security
 from pydantic import BaseModel, Field
 
-from victim_service.errors import ApiError
+from victim_service.errors import ApiError, BackendUnavailableError
 from victim_service.routes import _ADMIN_RESPONSES, _ERR, _require_admin, api_key_scheme, bearer_scheme
 
 router = APIRouter(tags=["admin"])
@@ -23,6 +24,9 @@ class ClientRisk(BaseModel):
     risk: float = Field(description="noisy-OR of the weighted signals, in [0, 1]")
     flagged: bool = Field(description="risk reached flag_risk at some point")
     level: int = Field(description="escalation level the monitor set (the level store may hold an admin's)")
+    level_in_force: int | None = Field(None, description="the level store's level for this client, the one that "
+                                       "chooses its defenses (an admin's or the monitor's, whichever was set "
+                                       "last; clamped per model and tier when served); None when never set")
     queries: int = Field(description="query-log entries of this client seen so far, refused ones included")
     admitted: int = 0
     resends: int = Field(0, description="byte-identical resends (retries), not scored as new inputs")
@@ -45,6 +49,22 @@ def _monitor(request: Request):  # type: ignore[no-untyped-def]
     return svc.monitor
 
 
+async def _levels(request: Request, client: str | None = None) -> dict[str, int]:
+    """The level store's levels (of every client, or of ``client``); 503 when it cannot be read."""
+    store = _require_admin(request).levels
+    try:
+        if client is not None:
+            rec = await store.record(client)
+            return {client: rec.level} if rec is not None else {}
+        return {name: rec.level for name, rec in (await store.all()).items()}
+    except (redis.RedisError, OSError) as exc:
+        raise BackendUnavailableError(f"the level store cannot be read: {type(exc).__name__}") from None
+
+
+def _risk(summary: dict[str, object], levels: dict[str, int]) -> ClientRisk:
+    return ClientRisk.model_validate({**summary, "level_in_force": levels.get(str(summary["client"]))})
+
+
 @router.get("/v1/admin/clients", summary="Every client's risk", response_model=MonitorStatus,
             responses={**_ADMIN_RESPONSES, 404: {**_ERR, "description": "monitor_disabled"}},
             dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
@@ -52,7 +72,8 @@ async def admin_clients(request: Request) -> MonitorStatus:
     """All clients the monitor has seen, highest risk first."""
     mon = _monitor(request)
     states = await mon.states()
-    rows = [ClientRisk.model_validate(s.summary(mon.config.signals)) for s in states.values()]
+    levels = await _levels(request)
+    rows = [_risk(s.summary(mon.config.signals), levels) for s in states.values()]
     rows.sort(key=lambda c: (-c.risk, c.client))
     return MonitorStatus(enabled=True, clients=rows)
 
@@ -65,4 +86,4 @@ async def admin_client_risk(request: Request, client: str) -> ClientRisk:
     s = await mon.state(client)
     if s is None:
         raise ApiError(404, "unknown_client", f"the monitor has seen no query from client {client!r}")
-    return ClientRisk.model_validate(s.summary(mon.config.signals))
+    return _risk(s.summary(mon.config.signals), await _levels(request, client))

@@ -320,12 +320,23 @@ class LevelInfo(BaseModel):
 _CLIENT_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
+def _check_client_name(name: str) -> None:
+    """400 ``bad_client`` unless ``name`` could be a client (API key) name."""
+    import re
+
+    if not re.match(_CLIENT_RE, name):
+        raise ApiError(400, "bad_client", f"{name!r} is not a client name (letters, digits, '.', '_', '-'; at most "
+                                          "64)")
+
+
 @router.get("/v1/admin/clients/{name}/level", tags=["admin"], summary="A client's escalation level",
-            response_model=LevelInfo, responses=_ADMIN_RESPONSES,
+            response_model=LevelInfo,
+            responses={**_ADMIN_RESPONSES, 400: {**_ERR, "description": "bad_client (not a client name)"}},
             dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
 async def admin_get_level(request: Request, name: str) -> LevelInfo:
     """The level that chooses this client's defenses (0 when never set)."""
     svc = _require_admin(request)
+    _check_client_name(name)
     try:
         rec = await svc.levels.record(name)
     except (redis.RedisError, OSError) as exc:
@@ -339,15 +350,13 @@ async def admin_get_level(request: Request, name: str) -> LevelInfo:
 
 @router.post("/v1/admin/clients/{name}/level", tags=["admin"], summary="Set a client's escalation level",
              response_model=LevelInfo,
-             responses={**_ADMIN_RESPONSES, 400: {**_ERR, "description": "bad_level or bad client name"}},
+             responses={**_ADMIN_RESPONSES,
+                        400: {**_ERR, "description": "bad_level or bad_client (not a client name)"}},
              dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
 async def admin_set_level(request: Request, name: str, body: LevelSet) -> LevelInfo:
     """Set the level by hand; every worker applies it within its level cache time (about a second)."""
-    import re
-
     svc = _require_admin(request)
-    if not re.match(_CLIENT_RE, name):
-        raise ApiError(400, "bad_level", f"{name!r} is not a client name")
+    _check_client_name(name)
     top = svc.host.policy.max_level
     if body.level > top:
         raise ApiError(400, "bad_level", f"level {body.level} is above the highest configured level ({top})")

@@ -57,14 +57,17 @@ def status(
         return
     rows = [data] if client else data["clients"]
     table = Table()
-    for col in ("client", "tier", "risk", "flagged", "level", "queries", "flagged at", "signals", "linked"):
+    for col in ("client", "tier", "risk", "flagged", "level (monitor)", "level in force", "queries", "flagged at",
+                "signals", "linked"):
         table.add_column(col)
     for c in rows:
         sig = ", ".join(f"{k}={v:.2f}" for k, v in sorted(c["signals"].items()) if v)
+        force = c.get("level_in_force")
         table.add_row(c["client"], c.get("tier") or "-", f"{c['risk']:.3f}", "yes" if c["flagged"] else "no",
-                      str(c["level"]), str(c["queries"]), str(c["flagged_at_query"] or "-"), sig,
-                      ", ".join(c.get("linked", [])))
-    console.print(table)
+                      str(c["level"]), "-" if force is None else str(force), str(c["queries"]),
+                      str(c["flagged_at_query"] or "-"), sig, ", ".join(c.get("linked", [])))
+    # piped into grep or a file, rich would squeeze the table into 80 columns and cut client names
+    console.print(table, width=None if console.is_terminal else 1000)
 
 
 CALIBRATION_SEEDS = 30

@@ -91,6 +91,15 @@ def test_resolution_order_flag_then_env_then_defaults(tmp_path: Path, monkeypatc
         resolve_settings(None)
 
 
+def test_monitor_escalation_for_an_unknown_tier_is_refused() -> None:
+    from victim_service.settings import Settings
+
+    with pytest.raises(SettingsError, match=r"v\.toml: monitor\.escalation names tier\(s\) 'gold' not defined"):
+        Settings.from_mapping({"monitor": {"escalation": {"default": [], "gold": []}}}, "v.toml")
+    ok = Settings.from_mapping({"monitor": {"escalation": {"default": [], "free": []}}}, "v.toml")
+    assert set(ok.monitor.escalation) == {"default", "free"}
+
+
 def test_store_names_redis_without_password_and_compares_spellings() -> None:
     assert redis_url_public("redis://user:s3cret@LOCALHOST") == "redis://127.0.0.1:6379/0"
     assert redis_url_public("rediss://cache.example:6380/2") == "rediss://cache.example:6380/2"

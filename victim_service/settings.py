@@ -327,6 +327,10 @@ class Settings(BaseSettings):
             seen.add(k.name)
         if self.admin_key is not None and len(self.admin_key.get_secret_value()) < 16:
             raise ValueError("admin_key must be at least 16 characters")
+        unknown = sorted(set(self.monitor.escalation) - set(self.tiers) - {"default"})
+        if unknown:
+            raise ValueError(f"monitor.escalation names tier(s) {', '.join(map(repr, unknown))} not defined in "
+                             f"[tiers] ({', '.join(sorted(self.tiers))}); 'default' covers the others")
         return self
 
     @classmethod

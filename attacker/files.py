@@ -184,16 +184,21 @@ def open_jsonl_for_append(path: Path, durable: bool = False) -> tuple[JsonlAppen
 
 
 @contextmanager
-def folder_lock(folder: Path, what: str = "run folder") -> Iterator[None]:
-    """Exclusive, non-blocking ``flock`` on ``folder/.lock``; the kernel releases it if the process dies."""
+def folder_lock(folder: Path, what: str = "run folder", *, shared: bool = False) -> Iterator[None]:
+    """Non-blocking ``flock`` on ``folder/.lock``, exclusive (a harvest or training writing the folder) or
+    ``shared`` (readers: training reading a run folder's pairs, which no harvest may be writing); the kernel
+    releases it if the process dies."""
     check_out_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder / ".lock"
     fh = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the context
     try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
+            if shared:
+                raise RunFolderError(f"{folder}: a harvest is still writing to this {what}; wait for it to finish "
+                                     "(or stop it) before training on its pairs") from None
             raise RunFolderError(f"{folder}: another heist process is using this {what}; wait for it or "
                                  "use a different --out") from None
         yield

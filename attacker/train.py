@@ -731,7 +731,8 @@ def train_surrogate(
     out_dir = check_out_folder(Path(out) if out is not None else (run_dir or pairs_dir.parent) / "surrogate")
     target = read_run(run_dir).get("target", {}) if run_dir else {}
     info = target.get("info", {})
-    ps = load_pairs(pairs_dir)
+    with folder_lock(run_dir, shared=True) if run_dir is not None else contextlib.nullcontext():
+        ps = load_pairs(pairs_dir)  # not while a harvest is adding pairs to it
     counter.fit(ps.outputs)
     ps = PairSet(ps.ids, ps.inputs, counter.apply_uint8(ps.outputs), ps.scale, ps.sources)
     task = str(info.get("task", "translation"))

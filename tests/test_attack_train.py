@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from attacker.errors import ConfigError, TrainingError
+from attacker.errors import ConfigError, RunFolderError, TrainingError
 from attacker.fidelity import psnr_ssim_l2
+from attacker.files import folder_lock
 from attacker.pairstore import PairStore
 from attacker.runinfo import read_run, update_run
 from attacker.train import STRIPE_CONTEXT, BatchSource, PairSet, TrainConfig, split_pairs, train_surrogate
@@ -281,6 +282,15 @@ def test_training_mistakes_are_one_line_errors(tmp_path: Path) -> None:
         train_surrogate(tmp_path / "empty")
     with pytest.raises(ConfigError, match="bad training option steps"):
         train_surrogate(run, steps=0)
+
+
+def test_training_refuses_pairs_a_harvest_is_still_writing(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", colour_blur, 1, n=2, side=16, task="style")
+    with folder_lock(run):  # what a running `heist attack harvest` holds on its run folder
+        with pytest.raises(RunFolderError, match="a harvest is still writing to this run folder"):
+            train_surrogate(run, arch="unet-l2", profile="tiny", steps=2)
+        assert not (run / "surrogate" / "model.safetensors").exists()
+    assert train_surrogate(run, arch="unet-l2", profile="tiny", steps=2).checkpoint.exists()  # once it is done
 
 
 def test_cosine_schedule_decays_the_learning_rate_to_its_floor(tmp_path: Path) -> None:

@@ -790,8 +790,11 @@ def train_surrogate(
                 raise TrainingError(f"{state_dir}: holds training with different settings or pairs; pass "
                                     "--restart to start over (or use another --out)")
             loop.restore(meta)
-            loop.stop_reason = None
-            log.info("resuming training at step %d of at most %d", loop.step, steps)
+            if loop.stop_reason == "plateau":  # finished: held-out fidelity had stopped improving; nothing to add
+                log.info("training already stopped on a plateau at step %d; keeping it", loop.step)
+            else:  # interrupted, or stopped on time or steps (a larger budget goes on)
+                loop.stop_reason = None
+                log.info("resuming training at step %d of at most %d", loop.step, steps)
 
         def ckpt() -> None:
             save_state(state_dir, loop.step, loop.networks(), sur.optimizers(), sur.scaler,

@@ -321,3 +321,7 @@ def test_training_stops_on_a_plateau_of_held_out_psnr(tmp_path: Path) -> None:
     assert r.steps < 3000
     assert r.steps - r.summary["best_step"] >= 0.25 * r.steps  # the best is old, not just a few checks back
     assert [v["lr"] for v in r.val_curve][-1] < r.val_curve[0]["lr"] / 3  # dropped (and cosine-decayed) once
+    again = train_surrogate(run, arch="resunet", profile="tiny", steps=3000, val_every=5, patience=2, lr_drops=1,
+                            time_budget=None)  # the same command again: finished, nothing added
+    assert again.steps == r.steps
+    assert again.summary["stop_reason"] == "plateau"

@@ -19,11 +19,11 @@ import torch
 from pydantic import ValidationError
 
 from attacker.client import ClientConfig, fetch_model_info
-from attacker.errors import ConfigError
+from attacker.errors import ConfigError, RunFolderError
 from attacker.files import check_out_folder
 from attacker.harvest import HarvestResult, harvest
 from attacker.progress import ProgressHook
-from attacker.runinfo import update_run
+from attacker.runinfo import read_run, update_run
 from attacker.strategies import build_strategy
 from attacker.surrogates import get_surrogate
 from attacker.train import TrainConfig, TrainResult, surrogate_min_side, train_surrogate
@@ -144,8 +144,16 @@ def imitate(
                   else "", f"size_multiple {info.size_multiple}" if info.size_multiple > 1 else ""]
         log.info("%s is %dx%d; sending it as %dx%d to fit model %r (%s)", label, w, h, sw, sh, model,
                  ", ".join(s for s in limits if s) or "its limits")
-    hv = harvest(url, api_keys, model, out, images=images, strategy="random", strategy_params=params, budget=1,
-                 seed=seed, client=client, progress=progress)
+    try:
+        hv = harvest(url, api_keys, model, out, images=images, strategy="random", strategy_params=params, budget=1,
+                     seed=seed, client=client, progress=progress)
+    except RunFolderError as exc:
+        if "holds a harvest with different" not in str(exc):
+            raise
+        done = read_run(out).get("imitate", {})
+        what = f" of {done['image']!r}" if done.get("image") else ""
+        raise RunFolderError(f"{out} already holds an imitation{what} with another image, model or options; use a "
+                             "new --out (the query is not sent again)") from None
     tr = train_surrogate(out, config=cfg, progress=progress, advice=ADVICE)
     warning = tr.summary.get("warning")
     update_run(out, imitate={

@@ -122,3 +122,10 @@ def test_cli_imitate_runs_end_to_end(zoo_victim: VictimServer, tmp_path: Path) -
     assert run["imitate"]["queries"] == 1
     assert run["imitate"]["add_noise"] == 25
     assert Path(run["imitate"]["checkpoint"]).exists()
+    other = tmp_path / "other.png"
+    write_image(center_crop(load_images("corpus:attacker")[2].image, 96), other)
+    again = _cli("attack", "imitate", "--url", zoo_victim.url, "--api-key", zoo_victim.keys["attacker"], "--model",
+                 "denoise25", "--image", str(other), "--add-noise", "25", "--out", str(tmp_path / "im"), "--profile",
+                 "tiny", "--steps", "30")
+    assert again.returncode == 2
+    assert "already holds an imitation of 'one' with another image" in again.stderr, again.stderr

@@ -20,12 +20,17 @@ Policy for answers (documented in ``docs/attacker.md``):
                            replaces it. More than ``max_refused`` refusals stop the run
                            (:class:`InputsRefusedError`)
 5xx, timeouts, transport   retried with full-jitter exponential backoff (503 also halves concurrency),
-                           up to ``max_retries`` per query; ``storm_limit`` consecutive failures stop the
-                           run (:class:`VictimFailingError` / :class:`VictimUnreachableError`)
+                           up to ``max_retries`` per query; nothing at all is sent until the failed query
+                           may go again (the victim is down or overloaded: a burst of new queries would
+                           only fail too); ``storm_limit`` failures in a row (queries in flight together
+                           count once) stop the run (:class:`VictimFailingError` /
+                           :class:`VictimUnreachableError`)
 =========================  ==========================================================================
 
-Every answer (and transport failure) is appended to ``harvest_log.jsonl``; ``run.json`` gets the
-``target`` and ``harvest`` sections (updated every few seconds and at the end).
+Every answer (and transport failure) is appended to ``harvest_log.jsonl``, each line naming its session;
+``run.json`` gets the ``target`` and ``harvest`` sections (updated every few seconds and at the end). A
+session that died without its last update (``kill -9``, a crash) is rebuilt from ``harvest_log.jsonl`` on
+resume (status ``killed``), so the totals count every query ever answered.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import hashlib
 import heapq
 import itertools
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -142,6 +148,7 @@ class _Job:
     query: Query
     png: bytes
     attempts: int = 0  # failed attempts so far (5xx, transport)
+    sent_at: float = -math.inf  # when the last attempt was sent (monotonic s)
 
 
 @dataclass
@@ -201,6 +208,8 @@ class Harvester:
         self._next_index = 0
         self._scale_warned = False
         self._consecutive_failures = 0
+        self._pause_until = 0.0  # after a 5xx/transport failure nothing is sent before this (monotonic s)
+        self._last_failure = -math.inf  # when the last 5xx/transport failure was seen (monotonic s)
         self._session = 0
         self._last_run_json = 0.0
         self._quota_warned = False
@@ -226,6 +235,31 @@ class Harvester:
                 "or use a new --out")
         self._session = len(run.get("harvest", {}).get("sessions", [])) + 1
         return identity
+
+    def _reconcile_dead_sessions(self, logged: list[dict[str, Any]]) -> None:
+        """Rebuild, from ``harvest_log.jsonl``, every earlier session ``run.json`` still calls ``running``.
+
+        Called under the folder lock, so such a session is dead: killed (``kill -9``) or crashed before its
+        last ``run.json`` update, which then undercounts it. The log has one line per answer, each naming its
+        session; the session becomes ``killed`` with the counts of its lines.
+        """
+        section = read_run(self.run_dir).get("harvest", {})
+        sessions = section.get("sessions", [])
+        logged_sessions = {r["session"] for r in logged if isinstance(r.get("session"), int)}
+        self._session = max([len(sessions), *logged_sessions]) + 1  # never reuse a number the log holds
+        if not any(s.get("status") == "running" for s in sessions):
+            return
+        by_session: dict[Any, list[dict[str, Any]]] = {}
+        for r in logged:
+            by_session.setdefault(r.get("session"), []).append(r)
+        stored = {r.query_index: r.request_id for r in self.store.ok_records()}
+        fixed = [_session_from_log(s, by_session.get(s.get("session"), []), stored) if s.get("status") == "running"
+                 else s for s in sessions]
+        for s in fixed:
+            if s.get("status") == "killed":
+                log.warning("harvest session %s ended without a word (kill -9 or crash): %d queries, %d pairs, "
+                            "counted from harvest_log.jsonl", s.get("session"), s["queries_sent"], s["pairs_added"])
+        update_run(self.run_dir, harvest={**section, "sessions": fixed})
 
     # --- job supply ----------------------------------------------------------------------------------
     def _pixels_used(self) -> int:
@@ -280,6 +314,8 @@ class Harvester:
 
     def _pick_lane(self, now: float) -> tuple[_Lane | None, float | None]:
         """A lane that may send now (fewest sent first), or None and how long to wait (None = a response)."""
+        if now < self._pause_until:  # backing off after a 5xx/transport failure: no lane sends
+            return None, self._pause_until - now
         best: _Lane | None = None
         wait: float | None = None
         for ln in self._live_lanes():
@@ -311,7 +347,8 @@ class Harvester:
             with folder_lock(self.run_dir):
                 self.identity = self._check_resume(self.info, self.strategy)  # again, now that we hold the lock
                 self.store = PairStore(self.run_dir / "pairs", durable=self.cfg.durable).open()
-                self.log_file, _ = open_jsonl_for_append(self.run_dir / "harvest_log.jsonl")
+                self.log_file, logged = open_jsonl_for_append(self.run_dir / "harvest_log.jsonl")
+                self._reconcile_dead_sessions(logged.records)
                 try:
                     if self.strategy.adaptive:
                         for rec in self.store.ok_records():
@@ -365,19 +402,15 @@ class Harvester:
                 elif not busy and not self._retry and len(self.store) + len(self._active) >= self.cfg.budget:
                     break
                 if lane is not None and job is not None:
-                    now = time.monotonic()  # building the job (crop, PNG) may have taken a while
-                    seq = lane.pacer.on_send(now)
-                    lane.sent += 1
-                    self.stats.sent += 1
-                    self.stats.first_send = self.stats.first_send or now
+                    seq = self._mark_sent(job, lane, time.monotonic())  # building the job may have taken a while
                     t = asyncio.create_task(self._send(job, lane, seq))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
                     await asyncio.sleep(0)  # let the request start before the next job is built
                     continue
                 timeout = wait
-                if self._retry:
-                    r = max(0.0, self._retry[0][0] - now)
+                if self._retry and self._retry[0][0] > now:  # a due retry waits for a lane, like a new query
+                    r = self._retry[0][0] - now
                     timeout = r if timeout is None else min(timeout, r)
                 if lane is not None and job is None and not self._retry:
                     timeout = None  # budget covered: wait for outstanding answers
@@ -395,6 +428,14 @@ class Harvester:
                 await asyncio.gather(*tasks, return_exceptions=True)
         if self.fatal is not None:
             raise self.fatal
+
+    def _mark_sent(self, job: _Job, lane: _Lane, now: float) -> int:
+        """Book ``job`` as sent on ``lane`` at ``now``; returns the pacer's sequence number."""
+        job.sent_at = now
+        lane.sent += 1
+        self.stats.sent += 1
+        self.stats.first_send = self.stats.first_send or now
+        return lane.pacer.on_send(now)
 
     async def _send(self, job: _Job, lane: _Lane, seq: int) -> None:
         try:
@@ -427,11 +468,21 @@ class Harvester:
             rec["detail"] = out.detail[:200]
         self.log_file.append({k: v for k, v in rec.items() if v is not None})
 
-    def _fail_attempt(self, job: _Job, what: str, now: float, retry_after: float | None, transport: bool) -> None:
-        """A 5xx/transport failure: back off and retry, or stop the run after too many."""
+    def _fail_attempt(self, job: _Job, what: str, now: float, retry_after: float | None, transport: bool,
+                      pause: bool = True) -> None:
+        """A 5xx/transport failure: back off and retry, or stop the run after too many.
+
+        With ``pause`` (the victim failed, not just this answer) no query at all goes before the failed one
+        may go again, so ``storm_limit`` failures in a row take the backoff schedule, not milliseconds, and
+        a victim that restarts within it finds the harvest still running. A failure counts towards
+        ``storm_limit`` only when its query was sent after the previous failure: the queries already in
+        flight when the victim went down (up to ``max_concurrency`` per key) fail as one event.
+        """
         job.attempts += 1
         self.stats.retries += 1
-        self._consecutive_failures += 1
+        if job.sent_at >= self._last_failure:
+            self._consecutive_failures += 1
+        self._last_failure = max(self._last_failure, now)
         c = self.cfg.client
         if job.attempts > c.max_retries or self._consecutive_failures >= c.storm_limit:
             many = (f"{self._consecutive_failures} failures in a row" if self._consecutive_failures >= c.storm_limit
@@ -440,7 +491,10 @@ class Harvester:
             raise err(f"the victim at {self.url} keeps failing ({many}; last: {what}); pairs so far are kept, "
                       "re-run the same command to resume")
         backoff = random.uniform(0, min(c.backoff_max_s, c.backoff_base_s * 2 ** job.attempts))
-        self._requeue(job, now + max(backoff, retry_after or 0.0))
+        not_before = now + max(backoff, retry_after or 0.0)
+        self._requeue(job, not_before)
+        if pause:
+            self._pause_until = max(self._pause_until, not_before)
 
     def _handle(self, job: _Job, lane: _Lane, out: Outcome, now: float) -> None:
         st = self.stats
@@ -512,9 +566,11 @@ class Harvester:
         try:
             y = decode_image(out.body, _DECODE_LIMITS)
         except ImageError as exc:
-            self._fail_attempt(job, f"answer is not an image ({exc})", time.monotonic(), None, transport=False)
+            self._fail_attempt(job, f"answer is not an image ({exc})", time.monotonic(), None, transport=False,
+                               pause=False)
             return
         self._consecutive_failures = 0
+        self._pause_until = 0.0  # the victim answers again
         h, w = q.image.shape[-2:]
         oh, ow = y.shape[-2:]
         if (oh, ow) != (h * self.info.scale, w * self.info.scale) and not self._scale_warned:
@@ -605,6 +661,45 @@ class Harvester:
         target = {"url": self.url, "model": self.cfg.model, "info": self.info.model_dump(exclude_none=True)}
         update_run(self.run_dir, target=target, harvest=harvest_section)
         return harvest_section
+
+
+def _session_from_log(session: dict[str, Any], lines: list[dict[str, Any]],
+                      stored: dict[int, str | None]) -> dict[str, Any]:
+    """``session`` (a dead one from ``run.json``) with its counts rebuilt from its ``harvest_log.jsonl`` lines.
+
+    ``stored`` maps the query index of every stored pair to its request id: a 2xx line is a pair this
+    session added when the pair store holds that answer (the same request id when both are known).
+    """
+    statuses = Counter(str(r.get("status")) if r.get("status") is not None else "transport" for r in lines)
+    sent = len(lines)
+    limited = sum(1 for r in lines if r.get("status") == 429 and r.get("code") != "quota_exhausted")
+    failed = sum(1 for r in lines if r.get("status") is None or r["status"] >= 500)
+    refused = sum(1 for r in lines if isinstance(r.get("status"), int) and 400 <= r["status"] < 500
+                  and r["status"] not in (401, 403, 404, 429))
+
+    def added(r: dict[str, Any]) -> bool:
+        i, rid = r.get("query_index"), r.get("request_id")
+        return (isinstance(r.get("status"), int) and 200 <= r["status"] < 300 and i in stored
+                and (stored[i] is None or rid is None or stored[i] == rid))
+
+    pairs = [r for r in lines if added(r)]
+    keys = []
+    for k in session.get("keys", []):
+        mine = [r for r in lines if r.get("key") == k.get("label")]
+        keys.append({**k, "sent": len(mine), "pairs": sum(1 for r in pairs if r.get("key") == k.get("label"))})
+    started = float(session.get("started", 0.0))
+    last = max((float(r.get("t", 0.0)) for r in lines), default=0.0)
+    return {
+        **session, "status": "killed", "queries_sent": sent, "pairs_added": len(pairs), "responses": dict(statuses),
+        "rate_limited_429": limited, "quota_429": statuses["429"] - limited, "retries": failed,
+        "refused": refused, "transport_errors": statuses["transport"],
+        "wasted_429_per_100": round(100 * limited / sent, 3) if sent else 0.0,
+        "mean_latency_ms": round(sum(float(r.get("latency_ms", 0.0)) for r in lines) / max(1, sent), 2),
+        "wall_s": round(max(float(session.get("wall_s", 0.0)), last - started if started else 0.0), 3),
+        "keys": keys,
+        "error": "the process ended without updating run.json (kill -9, crash or power loss); counts rebuilt "
+                 "from harvest_log.jsonl",
+    }
 
 
 async def harvest_async(

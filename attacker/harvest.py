@@ -157,7 +157,7 @@ class _Stats:
     first_send: float | None = None
     last_answer: float | None = None
     saturated_at: float | None = None  # first sign the rate limit binds (R == 0 or a 429)
-    ok_after_saturation: int = 0
+    ok_after_saturation: int = 0  # successes of queries sent after ``saturated_at``: the steady rate
     sent: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     rate_limited: int = 0
@@ -588,8 +588,8 @@ class Harvester:
         lane.ok += 1
         lane.ever_ok = True
         self.stats.ok += 1
-        if self.stats.saturated_at is not None:
-            self.stats.ok_after_saturation += 1
+        if self.stats.saturated_at is not None and job.sent_at >= self.stats.saturated_at:
+            self.stats.ok_after_saturation += 1  # the burst's answers still in flight at saturation do not count
         if self.strategy.adaptive:
             x = q.image
             self.strategy.observe(rec.query_index, x, y)

@@ -46,9 +46,10 @@ TIERS = {
     "quota": {"rate": None, "quota_total": 7},
     "sybil": {"rate": 4.0, "burst": 2},
     "open": {"rate": None},
+    "bursty": {"rate": 2.0, "burst": 10},
 }
 CLIENTS = {"rate": "fast", "crash": "fast", "cli": "fast", "quota": "quota", "quota2": "quota", "s1": "sybil",
-           "s2": "sybil", "open": "open"}
+           "s2": "sybil", "open": "open", "bursty": "bursty"}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,9 @@ def test_harvest_respects_the_rate_limit_and_reaches_90_percent_of_it(victim: Vi
     ideal = burst + rate * session["active_s"]  # what a perfect client could get in the same time
     assert 45 / ideal >= 0.9, session
     assert r.summary["allowed_rate_estimate"] == pytest.approx(rate, rel=0.1)
+    bursty = harvest(victim.url, victim.keys["bursty"], "denoise", tmp_path / "bursty", budget=20,
+                     strategy_params={"crop_size": 32})
+    assert bursty.summary["steady_rate"] <= 2.0 * 1.15, bursty.summary  # the burst's late answers are not steady
     run = read_run(tmp_path / "run")
     assert run["target"]["info"]["task"] == "denoise"
     assert "arch" not in json.dumps(run["target"])  # the API never reveals it

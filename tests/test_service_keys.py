@@ -150,7 +150,7 @@ def test_cli_mistakes_are_one_line_errors(
     cfg.write_text("[tiers\nrate = 1\n")
     one_line_error(heist("serve", "--config", str(cfg)), "not valid TOML")
     cfg.write_text('[[models]]\nname = "m"\nsource = "missing.safetensors"\n')
-    one_line_error(heist("serve", "--config", str(cfg)), "no such file")
+    one_line_error(heist("serve", "--config", str(cfg)), "model 'm': model source", "no such file")
     cfg.write_text('[[models]]\nname = "m"\nsource = "zoo:sr4x"\n')
     one_line_error(heist("serve", "--config", str(cfg), "--workers", "2"), "several workers need redis_url")
     cfg.write_text('[[models]]\nname = "m"\nsource = "x.pt"\ndefenses = [{name = "jpeg", quality = 500}]\n')

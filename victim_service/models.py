@@ -63,6 +63,18 @@ def resolve_source(source: str) -> Path:
     return p
 
 
+def check_sources(specs: list[ModelSpec]) -> None:
+    """Every non-zoo model file exists and is readable as a source; the error names the model entry (the
+    settings may list many)."""
+    for spec in specs:
+        if spec.source.startswith("zoo:"):
+            continue
+        try:
+            resolve_source(spec.source)
+        except (CheckpointError, SettingsError) as exc:
+            raise type(exc)(f"model {spec.name!r}: {exc}") from None
+
+
 def prebuild_zoo(settings: Settings) -> None:
     """Build every ``zoo:`` model the settings name, once, before workers start (they then hit the cache)."""
     for m in settings.models:

@@ -151,15 +151,13 @@ class ServiceProcess:
 def _preflight(config_path: Path, env: dict[str, str], prebuild: bool) -> None:
     """Fail fast, with one clear error, on bad settings or missing model files (before any worker starts);
     build ``zoo:`` models once so the workers find them cached."""
-    from victim_service.models import model_specs, prebuild_zoo, resolve_source
+    from victim_service.models import check_sources, model_specs, prebuild_zoo
 
     old = dict(os.environ)
     os.environ.update(env)  # the server will see these overrides; so must the check
     try:
         settings = resolve_settings(config_path).settings  # what the workers will resolve from HEIST_VICTIM_CONFIG
-        for spec in model_specs(settings):
-            if not spec.source.startswith("zoo:"):
-                resolve_source(spec.source)
+        check_sources(model_specs(settings))
         if prebuild:
             prebuild_zoo(settings)
     finally:

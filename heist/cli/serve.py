@@ -33,7 +33,7 @@ def serve(
     import uvicorn
 
     from defenses import parse_defense_spec
-    from victim_service.models import model_specs, prebuild_zoo, resolve_source
+    from victim_service.models import check_sources, model_specs, prebuild_zoo
     from victim_service.settings import CONFIG_ENV, Settings
 
     resolved = victim_settings(config, host=host, port=port, workers=workers, redis_url=redis_url,
@@ -51,9 +51,7 @@ def serve(
         defaults = {**base, "defenses": [*base.get("defenses", []), *specs_cli]}
         settings = Settings.from_mapping({**settings.to_dict(), "models_dir_defaults": defaults}, resolved.origin)
     specs = model_specs(settings)  # fails early, with one line, when there is nothing to serve
-    for spec in specs:
-        if not spec.source.startswith("zoo:"):
-            resolve_source(spec.source)
+    check_sources(specs)
     if settings.workers > 1 and not settings.redis_url:
         raise HeistError(
             "several workers need redis_url: the in-process rate limiter is exact only inside one process "

@@ -106,9 +106,12 @@ def test_keys_added_by_cli_work_on_heist_serve_models_dir(
         later = heist("keys", "add", "dora", "--tier", "pro").out.strip()
         assert httpx.post(f"{url}/v1/models/sr4x/translate", content=PNG,
                           headers={"Authorization": f"Bearer {later}", "Content-Type": "image/png"}).status_code == 200
+        long = "customer-with-a-name-longer-than-an-80-column-table-leaves"
+        assert heist("keys", "add", long, "--tier", "pro").rc == 0
         listed = heist("keys", "list")
         assert "carol" in listed.out
         assert "dora" in listed.out
+        assert long in listed.out  # piped or captured, rich must not cut it to fit 80 columns
         assert key not in listed.out
         assert heist("keys", "revoke", "carol").rc == 0
         gone = httpx.post(f"{url}/v1/models/sr4x/translate", content=PNG,

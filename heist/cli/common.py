@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,20 @@ from rich.progress import (
 if TYPE_CHECKING:
     from victim_service.settings import ResolvedSettings, Settings
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+PIPE_WIDTH = 1000
+"""Console width when output goes to a pipe or file (and ``COLUMNS`` is unset): rich would otherwise lay
+tables out in 80 columns and cut client names, paths and numbers that ``grep`` or a script then miss."""
+
+
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr, soft_wrap=stderr)
+    if c.is_terminal or "COLUMNS" in os.environ:
+        return c
+    return Console(stderr=stderr, soft_wrap=stderr, width=PIPE_WIDTH)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -66,8 +66,7 @@ def status(
         table.add_row(c["client"], c.get("tier") or "-", f"{c['risk']:.3f}", "yes" if c["flagged"] else "no",
                       str(c["level"]), "-" if force is None else str(force), str(c["queries"]),
                       str(c["flagged_at_query"] or "-"), sig, ", ".join(c.get("linked", [])))
-    # piped into grep or a file, rich would squeeze the table into 80 columns and cut client names
-    console.print(table, width=None if console.is_terminal else 1000)
+    console.print(table)
 
 
 CALIBRATION_SEEDS = 30

@@ -89,3 +89,23 @@ def test_cli_start_up_does_not_import_piq_or_torchvision() -> None:
 
     x = torch.rand(1, 3, 16, 16)
     assert float(psnr(x, x.clamp(0, 0.5), data_range=1.0)) > 0  # the lazy import still scores
+
+
+def test_mistakes_found_by_users_are_one_line_errors(tmp_path: Path) -> None:
+    """Each of these printed a traceback (or, for ``--target-psnr nan``, rewrote the results file first)."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    assert_user_error(heist("corpus", "export", str(blocker), "--split", "benchmark"), "notes.txt is a file")
+    assert_user_error(heist("zoo", "build", "denoise25", "--profile", "tiny", "--force", "--device", "tpu",
+                            env={"HEIST_DATA_DIR": str(tmp_path / "data")}), "device 'tpu': use auto, cpu, cuda")
+    yaml_cfg = tmp_path / "victim.yaml"
+    yaml_cfg.write_text("foo: [1,\n")
+    assert_user_error(heist("keys", "list", "--config", str(yaml_cfg)), "not valid YAML")
+    json_cfg = tmp_path / "victim.json"
+    json_cfg.write_text('{"models": 5}')
+    assert_user_error(heist("keys", "list", "--config", str(json_cfg)), "models: must be a list")
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    assert_user_error(heist("eval", "report", str(results), "--target-psnr", "nan"), "--target-psnr nan")
+    assert results.read_text() == "{}"  # checked before anything is read or written
+    assert_user_error(heist("eval", "report", str(results), "--out", str(blocker)), "is a file")

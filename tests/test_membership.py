@@ -182,6 +182,16 @@ def test_akd_student_lowers_the_auc_and_its_proxy_set_is_checked(victim_path: Pa
 
     with pytest.raises(ValueError, match="lambda_l1 must be > 0"):
         distill(victim_path, tmp_path / "bad.safetensors", name="bad", steps=1, lambda_l1=0.0)
+    before = victim_path.read_bytes()
+    for out in (victim_path, victim_path.with_suffix(".json")):  # the private victim is never overwritten
+        with pytest.raises(ModelDefenseError, match="the victim's own checkpoint"):
+            distill(victim_path, out, name="oops", adversarial=False, steps=1)
+    assert victim_path.read_bytes() == before
+    with pytest.raises(ModelDefenseError, match="is a folder"):
+        distill(victim_path, tmp_path, name="oops", adversarial=False, steps=1)
+    written = distill(victim_path, tmp_path / "student.bin", name="s", adversarial=False, steps=1)
+    assert written == tmp_path / "student.safetensors"  # the path actually written, for the CLI to print
+    assert written.exists()
     with pytest.raises(ModelDefenseError, match="overlap the victim's private split"):
         proxy_inputs("corpus:victim", 16, 4, set(), seed=0)
     digests = set(split["members"]["digests"])  # type: ignore[arg-type]

@@ -276,6 +276,9 @@ def export_split(spec: str, out_dir: str | Path, seed: int = DEFAULT_SEED) -> li
 
     images = load_images(spec, seed)  # fail on a bad spec before creating any folder
     out = Path(out_dir)
+    blocked = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocked is not None:
+        raise CorpusError(f"{out}: {blocked} is a file; name a folder to export into")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for im in images:

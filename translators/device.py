@@ -6,15 +6,27 @@ import os
 
 import torch
 
+from translators.errors import HeistError
+
+
+class DeviceError(HeistError, RuntimeError):
+    """A device that does not exist here (a one-line CLI error; still a ``RuntimeError`` for old callers)."""
+
+    code = "bad_device"
+
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """``requested`` may be ``auto``/None, ``cpu``, ``cuda`` or ``cuda:N``; ``HEIST_DEVICE`` overrides auto."""
+    """``requested`` may be ``auto``/None, ``cpu``, ``cuda`` or ``cuda:N``; ``HEIST_DEVICE`` overrides auto.
+    Raises :class:`DeviceError` for an unknown device or CUDA on a machine without it."""
     choice = (requested or os.environ.get("HEIST_DEVICE") or "auto").lower()
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(choice)
+    try:
+        dev = torch.device(choice)
+    except RuntimeError:
+        raise DeviceError(f"device {choice!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {choice!r} requested but CUDA is not available on this machine")
+        raise DeviceError(f"device {choice!r} requested but CUDA is not available on this machine")
     return dev
 
 

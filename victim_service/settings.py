@@ -373,9 +373,15 @@ class Settings(BaseSettings):
             raise SettingsError(f"{p}: not valid {suffix[1:].upper()} ({exc})") from None
         except ImportError:
             raise SettingsError("reading YAML settings needs PyYAML (pip install pyyaml)") from None
+        except Exception as exc:  # yaml.YAMLError: PyYAML is optional, so it is not imported at the top
+            if type(exc).__module__.split(".")[0] != "yaml":
+                raise
+            raise SettingsError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise SettingsError(f"{p}: the settings file must hold a table/mapping at the top level")
         base = p.parent
+        if not isinstance(data.get("models", []) or [], list):
+            raise SettingsError(f"{p}: models: must be a list of model tables ([[models]])")
         for m in data.get("models", []) or []:
             if isinstance(m, dict) and isinstance(m.get("source"), str) and not m["source"].startswith("zoo:"):
                 src = Path(m["source"]).expanduser()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from defenses.model_level.common import load_teacher, proxy_inputs, save_student
+from defenses.model_level.common import load_teacher, proxy_inputs, save_student, student_path
 from translators.archs import build_arch
 from translators.device import pick_device
 from translators.training import fit
@@ -38,6 +38,7 @@ def distill(
     if lambda_l1 <= 0:
         raise ValueError(f"lambda_l1 must be > 0, got {lambda_l1}")
     teacher, split = load_teacher(teacher_path)
+    student_path(out, teacher)  # a bad --out fails before any training
     dev = pick_device(str(device))
     side = int(split["members"]["side"])
     n = n_proxy or 4 * int(split["members"]["n"])

@@ -64,11 +64,22 @@ def proxy_inputs(images: str, side: int, n: int, private_digests: set[str], seed
     return [x for x, _ in pairs]
 
 
+def student_path(out: str | Path, teacher: LoadedModel) -> Path:
+    """The ``.safetensors`` path a student written to ``out`` gets, checked before any training: it must not
+    be the teacher's own checkpoint (the private victim would be overwritten) nor a folder."""
+    p = Path(out)
+    p = p if p.suffix == ".safetensors" else p.with_suffix(".safetensors")
+    if Path(out).is_dir() or p.is_dir():
+        raise ModelDefenseError(f"--out {out}: is a folder; name the student's checkpoint file (NAME.safetensors)")
+    if p.resolve() == Path(teacher.source).with_suffix(".safetensors").resolve():
+        raise ModelDefenseError(f"--out {out}: that is the victim's own checkpoint; write the student elsewhere")
+    return p
+
+
 def save_student(module: torch.nn.Module, teacher: LoadedModel, out: Path, name: str, method: str,
                  training: dict[str, Any]) -> Path:
     """Save ``module`` with the teacher's architecture card (and its membership split, for evaluation)."""
     card = teacher.card.model_copy(update={
         "name": name, "description": f"{method} of {teacher.card.name}: {teacher.card.description}",
         "training": {"method": method, "teacher": teacher.card.name, **training}, "metrics": {}})
-    save_checkpoint(module.cpu().eval(), out, card)
-    return out
+    return save_checkpoint(module.cpu().eval(), student_path(out, teacher), card)

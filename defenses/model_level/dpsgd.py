@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from defenses.model_level.common import ModelDefenseError, load_teacher, save_student
+from defenses.model_level.common import ModelDefenseError, load_teacher, save_student, student_path
 from translators.archs import build_arch
 from translators.codecs import read_image
 from translators.device import pick_device
@@ -40,6 +40,7 @@ def train_dpsgd(
     except ImportError:
         raise ModelDefenseError("DP-SGD needs opacus: pip install 'i2i-heist[privacy]'") from None
     victim, split = load_teacher(victim_path)
+    student_path(out, victim)  # a bad --out fails before any training
     dev = pick_device(str(device))
     xs, ys = private_pairs(split)
     torch.manual_seed(seed)

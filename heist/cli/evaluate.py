@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import sys
 import time
@@ -13,6 +14,7 @@ import typer
 
 from heist.cli.common import console, progress
 from translators.corpus import DEFAULT_SEED
+from translators.errors import HeistError
 
 if TYPE_CHECKING:  # the evaluator (torch, piq, matplotlib) is imported when a command runs, not at CLI start
     from evaluation.features import FeatureNetwork
@@ -130,6 +132,8 @@ def extraction(
     from translators.device import pick_device
     from translators.registry import UnknownNameError
 
+    if out.exists() and not out.is_dir():
+        raise HeistError(f"--out {out}: is a file; name a folder for results.json and the report")
     t0 = time.perf_counter()
     settings = metric_settings(data_range, crop_border, color_space)
     names = parse_metrics(metrics)
@@ -201,6 +205,10 @@ def report(
     from evaluation.report import render_report
     from evaluation.results import read_results, write_results
 
+    if target_psnr is not None and not math.isfinite(target_psnr):
+        raise HeistError(f"--target-psnr {target_psnr}: give a finite PSNR in dB")
+    if out is not None and out.exists() and not out.is_dir():
+        raise HeistError(f"--out {out}: is a file; name a folder for the report")
     path = results / "results.json" if results.is_dir() else results
     res = read_results(path)
     if res.kind == "campaign" and (res.derived is None or target_psnr is not None):

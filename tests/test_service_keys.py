@@ -108,6 +108,7 @@ def test_keys_added_by_cli_work_on_heist_serve_models_dir(
                           headers={"Authorization": f"Bearer {later}", "Content-Type": "image/png"}).status_code == 200
         long = "customer-with-a-name-longer-than-an-80-column-table-leaves"
         assert heist("keys", "add", long, "--tier", "pro").rc == 0
+        monkeypatch.delenv("COLUMNS", raising=False)  # as in a user's pipe (pytest-xdist workers set 80)
         listed = heist("keys", "list")
         assert "carol" in listed.out
         assert "dora" in listed.out

@@ -17,7 +17,7 @@ import typer
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
-from heist.cli.common import console, err_console, progress
+from heist.cli.common import console, err_console, print_table, progress
 from translators.errors import HeistError
 
 app = typer.Typer(
@@ -116,7 +116,7 @@ def models(url: str = typer.Option(..., "--url", help="Victim API base URL, e.g.
     for m in asyncio.run(go()):
         table.add_row(m.name, m.task, str(m.scale), str(m.min_side), str(m.size_multiple), str(m.max_pixels),
                       str(m.max_bytes))
-    console.print(table)
+    print_table(table)
 
 
 @app.command("harvest")

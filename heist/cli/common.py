@@ -23,20 +23,21 @@ from rich.progress import (
 if TYPE_CHECKING:
     from victim_service.settings import ResolvedSettings, Settings
 
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
 PIPE_WIDTH = 1000
-"""Console width when output goes to a pipe or file (and ``COLUMNS`` is unset): rich would otherwise lay
-tables out in 80 columns and cut client names, paths and numbers that ``grep`` or a script then miss."""
+"""Table width when output goes to a pipe or file and ``COLUMNS`` is unset: rich would otherwise lay tables
+out in 80 columns and cut client names, paths and numbers that ``grep`` or a script then miss."""
 
 
-def _console(stderr: bool = False) -> Console:
-    c = Console(stderr=stderr, soft_wrap=stderr)
-    if c.is_terminal or "COLUMNS" in os.environ:
-        return c
-    return Console(stderr=stderr, soft_wrap=stderr, width=PIPE_WIDTH)
-
-
-console = _console()
-err_console = _console(stderr=True)
+def print_table(table: Any) -> None:
+    """Print a rich table on stdout: as wide as the terminal, or unwrapped (up to :data:`PIPE_WIDTH`) when
+    piped; decided at print time (``COLUMNS`` wins when set)."""
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        console.print(table)
+    else:  # print(width=) can only narrow a console, so a wide one for this table, on the same stream
+        Console(file=console.file, width=PIPE_WIDTH).print(table)
 
 
 def setup_logging(verbose: bool = False) -> None:

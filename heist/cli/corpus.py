@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from heist.cli.common import console
+from heist.cli.common import console, print_table
 from translators.corpus import DEFAULT_SEED, SPLITS, available_photos, export_split, split_assignment
 
 app = typer.Typer(help="The bundled photo corpus and its deterministic victim/attacker/benchmark splits.",
@@ -28,7 +28,7 @@ def list_photos(seed: int = typer.Option(DEFAULT_SEED, help="Split seed.")) -> N
         path = p.path()
         size = "npz" if path.suffix == ".npz" else "{}x{}".format(*Image.open(path).size)
         table.add_row(p.id, assignment[p.id], p.package, size, "yes" if p.color else "gray", p.description)
-    console.print(table)
+    print_table(table)
     counts = {s: sum(1 for p in photos if assignment[p.id] == s) for s in SPLITS}
     console.print(", ".join(f"{s}: {n}" for s, n in counts.items()))
 

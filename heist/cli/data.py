@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from heist.cli.common import console, err_console
+from heist.cli.common import console, err_console, print_table
 from translators.corpus import DEFAULT_SEED, image_sizes
 from translators.datasets import DATASETS, MIRROR_ENV, fetch, get_dataset
 from translators.paths import datasets_dir
@@ -54,7 +54,7 @@ def list_datasets(
         subsets = ", ".join(f"{k}*" if k == spec.default_subset else k for k in spec.subsets)
         table.add_row(spec.name, _human(spec.size), spec.checksum_kind, subsets,
                       "yes" if spec.is_fetched(root) else "no", spec.used_by)
-    console.print(table)
+    print_table(table)
     console.print(f"Mirror: set {MIRROR_ENV}=BASE_URL to download BASE_URL/<archive>. "
                   "Checksums are verified only where a published one is known (column 'checksum').")
 
@@ -103,4 +103,4 @@ def inspect(
     table.add_column("size (WxH)")
     for name, w, h in sizes:
         table.add_row(name, f"{w}x{h}")
-    console.print(table)
+    print_table(table)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from heist.cli.common import config_option, console, err_console, store_mismatch, victim_settings
+from heist.cli.common import config_option, console, err_console, print_table, store_mismatch, victim_settings
 from translators.errors import HeistError
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def list_keys(config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt)
         table.add_row(r.name, r.tier, "stored", created)
     for k in s.keys:
         table.add_row(k.name, k.tier, "static (settings)", "")
-    console.print(table)
+    print_table(table)
     _warn_other_store(resolved)
 
 

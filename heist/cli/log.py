@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from heist.cli.common import config_option, console, progress, victim_settings
+from heist.cli.common import config_option, console, print_table, progress, victim_settings
 from translators.errors import HeistError
 
 app = typer.Typer(help="The victim's query log: every translate request, admitted or refused.", no_args_is_help=True)
@@ -91,7 +91,7 @@ def _tail(reader, n: int, client: str | None, follow: bool, as_json: bool) -> No
         for e in entries:
             print(e.model_dump_json())  # noqa: T201 - machine-readable output on stdout
     else:
-        console.print(_table(entries))
+        print_table(_table(entries))
     if not follow:
         return
     last = entries[-1].ts if entries else time.time()
@@ -107,7 +107,7 @@ def _tail(reader, n: int, client: str | None, follow: bool, as_json: bool) -> No
                 for e in new:
                     print(e.model_dump_json())  # noqa: T201 - machine-readable stream on stdout
             else:
-                console.print(_table(new))
+                print_table(_table(new))
 
 
 @app.command("export")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from heist.cli.common import console
+from heist.cli.common import console, print_table
 from translators.errors import HeistError
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def status(
         table.add_row(c["client"], c.get("tier") or "-", f"{c['risk']:.3f}", "yes" if c["flagged"] else "no",
                       str(c["level"]), "-" if force is None else str(force), str(c["queries"]),
                       str(c["flagged_at_query"] or "-"), sig, ", ".join(c.get("linked", [])))
-    console.print(table)
+    print_table(table)
 
 
 CALIBRATION_SEEDS = 30

@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from heist.cli.common import console, progress
+from heist.cli.common import console, print_table, progress
 from translators.zoo import PROFILES, ZOO, build, get_recipe, zoo_checkpoint
 
 app = typer.Typer(help="The victim zoo: models the project trains itself from the bundled corpus.",
@@ -33,7 +33,7 @@ def list_models(
             if "psnr" in m:
                 score = f"{m['psnr']:.2f} / {m['baseline_psnr']:.2f} ({m['baseline']})"
         table.add_row(name, r.task, str(r.scale), r.arch, built, score, r.description)
-    console.print(table)
+    print_table(table)
 
 
 @app.command("build")

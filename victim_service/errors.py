@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import redis
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -30,6 +34,15 @@ class BackendUnavailableError(HeistError):
     """Redis (limiter, key store) cannot be reached; the API answers 503 ``backend_unavailable``."""
 
     code = "backend_unavailable"
+
+
+@contextlib.contextmanager
+def redis_unavailable(what: str) -> Iterator[None]:
+    """Turn a Redis failure inside the block into :class:`BackendUnavailableError` (503) naming ``what``."""
+    try:
+        yield
+    except (redis.RedisError, OSError) as exc:
+        raise BackendUnavailableError(f"{what} (Redis) is unreachable: {type(exc).__name__}") from None
 
 
 class OverloadedError(HeistError):

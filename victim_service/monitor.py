@@ -37,7 +37,7 @@ from prometheus_client import Counter, Gauge
 from defenses.monitor.config import MonitorConfig
 from defenses.monitor.engine import LevelChange, MalformedEntryError, MonitorEngine, observation_from_entry
 from defenses.monitor.scoring import ClientState
-from victim_service.errors import BackendUnavailableError
+from victim_service.errors import redis_unavailable
 from victim_service.levels import LevelStore
 from victim_service.metrics import Metrics
 from victim_service.querylog import STREAM_FIELD, backend_of, jsonl_path, stream_key
@@ -119,24 +119,18 @@ class QueryMonitor:
 
     async def states(self) -> dict[str, ClientState]:
         """Every client's state as the admin routes show it (Redis: shared by all workers). Raises
-        :class:`BackendUnavailableError` (503) when Redis cannot be reached."""
+        :class:`~victim_service.errors.BackendUnavailableError` (503) when Redis cannot be reached."""
         if self.backend == "redis" and self.r is not None:
-            try:
+            with redis_unavailable("the monitor's state"):
                 raw = await self.r.hgetall(self.clients_key)
-            except (redis.RedisError, OSError) as exc:
-                raise BackendUnavailableError(f"the monitor's state (Redis) is unreachable: {type(exc).__name__}") \
-                    from None
             return {k.decode(): ClientState.from_json(v) for k, v in raw.items()}
         return dict(self.engine.clients) if self.engine is not None else {}
 
     async def state(self, client: str) -> ClientState | None:
         """One client's state, None if the monitor has not seen it; :class:`BackendUnavailableError` as above."""
         if self.backend == "redis" and self.r is not None:
-            try:
+            with redis_unavailable("the monitor's state"):
                 raw = await self.r.hget(self.clients_key, client)
-            except (redis.RedisError, OSError) as exc:
-                raise BackendUnavailableError(f"the monitor's state (Redis) is unreachable: {type(exc).__name__}") \
-                    from None
             return ClientState.from_json(raw) if raw else None
         return self.engine.clients.get(client) if self.engine is not None else None
 

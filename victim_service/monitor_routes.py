@@ -6,11 +6,10 @@ when Redis is configured, so any worker answers the same), see :mod:`victim_serv
 
 from __future__ import annotations
 
-import redis
 from fastapi import APIRouter, Request, Security
 from pydantic import BaseModel, Field
 
-from victim_service.errors import ApiError, BackendUnavailableError
+from victim_service.errors import ApiError, redis_unavailable
 from victim_service.routes import _ADMIN_RESPONSES, _ERR, _require_admin, api_key_scheme, bearer_scheme
 
 router = APIRouter(tags=["admin"])
@@ -52,13 +51,11 @@ def _monitor(request: Request):  # type: ignore[no-untyped-def]
 async def _levels(request: Request, client: str | None = None) -> dict[str, int]:
     """The level store's levels (of every client, or of ``client``); 503 when it cannot be read."""
     store = _require_admin(request).levels
-    try:
+    with redis_unavailable("the level store"):
         if client is not None:
             rec = await store.record(client)
             return {client: rec.level} if rec is not None else {}
         return {name: rec.level for name, rec in (await store.all()).items()}
-    except (redis.RedisError, OSError) as exc:
-        raise BackendUnavailableError(f"the level store cannot be read: {type(exc).__name__}") from None
 
 
 def _risk(summary: dict[str, object], levels: dict[str, int]) -> ClientRisk:

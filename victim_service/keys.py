@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from translators.errors import HeistError
-from victim_service.errors import BackendUnavailableError
+from victim_service.errors import BackendUnavailableError, redis_unavailable
 from victim_service.settings import Settings
 
 KEY_PREFIX = "hk_"
@@ -178,10 +178,8 @@ class RedisKeyStore(KeyStore):
         return f"{self.prefix}keynames"
 
     def _call(self, fn, *args):  # type: ignore[no-untyped-def]
-        try:
+        with redis_unavailable("the key store"):
             return fn(*args)
-        except redis.RedisError as exc:
-            raise BackendUnavailableError(f"Redis is unreachable ({exc})") from None
 
     def add(self, name: str, tier: str) -> str:
         key = new_key()
@@ -276,8 +274,6 @@ class KeyResolver:
             return self._file.lookup(key_hash)
         if self._aredis is None:
             return None
-        try:
+        with redis_unavailable("the key store"):
             v = await self._aredis.hget(self._keys_key, key_hash)
-        except (redis.RedisError, OSError) as exc:
-            raise BackendUnavailableError(f"the key store (Redis) is unreachable: {type(exc).__name__}") from None
         return KeyRecord.model_validate_json(v) if v is not None else None

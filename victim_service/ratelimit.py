@@ -31,7 +31,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from victim_service.errors import BackendUnavailableError
+from victim_service.errors import redis_unavailable
 from victim_service.settings import TierSpec
 
 _US = 1_000_000
@@ -200,13 +200,11 @@ class RedisLimiter(Limiter):
     async def check(self, client: str, tier: TierSpec, cost: int = 1) -> Decision:
         keys = self.keys(client)
         args = _args(tier, cost)
-        try:
+        with redis_unavailable("the rate limiter"):
             try:
                 raw = await self.r.evalsha(self.sha, len(keys), *keys, *args)
             except NoScriptError:
                 raw = await self.r.eval(self.script, len(keys), *keys, *args)
-        except (redis.RedisError, OSError) as exc:
-            raise BackendUnavailableError(f"the rate limiter (Redis) is unreachable: {type(exc).__name__}") from None
         return _decision(raw, tier)
 
     async def ping(self) -> bool:

@@ -6,14 +6,19 @@ import asyncio
 import logging
 from typing import Any
 
-import redis
 from fastapi import APIRouter, Query, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
-from victim_service.errors import ApiError, BackendUnavailableError, ErrorBody, error_parts, error_response
+from victim_service.errors import (
+    ApiError,
+    ErrorBody,
+    error_parts,
+    error_response,
+    redis_unavailable,
+)
 from victim_service.keys import open_key_store
 from victim_service.levels import LevelError
 from victim_service.models import ServedModel
@@ -267,10 +272,8 @@ async def admin_log(
     svc = _require_admin(request)
     await svc.log.flush(timeout=10.0)
     reader = LogReader(svc.settings)
-    try:
+    with redis_unavailable("the query log"):
         return await asyncio.to_thread(reader.tail, limit, client)
-    except (redis.RedisError, OSError) as exc:
-        raise BackendUnavailableError(f"the query log cannot be read: {type(exc).__name__}") from None
 
 
 @router.get("/v1/admin/clients/{client}/log", tags=["admin"], summary="A client's recent queries",
@@ -337,10 +340,8 @@ async def admin_get_level(request: Request, name: str) -> LevelInfo:
     """The level that chooses this client's defenses (0 when never set)."""
     svc = _require_admin(request)
     _check_client_name(name)
-    try:
+    with redis_unavailable("the level store"):
         rec = await svc.levels.record(name)
-    except (redis.RedisError, OSError) as exc:
-        raise BackendUnavailableError(f"the level store cannot be read: {type(exc).__name__}") from None
     top = svc.host.policy.max_level
     if rec is None:
         return LevelInfo(client=name, level=0, max_level=top)
@@ -361,11 +362,10 @@ async def admin_set_level(request: Request, name: str, body: LevelSet) -> LevelI
     if body.level > top:
         raise ApiError(400, "bad_level", f"level {body.level} is above the highest configured level ({top})")
     try:
-        rec = await svc.levels.set(name, body.level, reason=body.reason, source="admin")
+        with redis_unavailable("the level store"):
+            rec = await svc.levels.set(name, body.level, reason=body.reason, source="admin")
     except LevelError as exc:
         raise ApiError(400, "bad_level", str(exc)) from None
-    except (redis.RedisError, OSError) as exc:
-        raise BackendUnavailableError(f"the level store cannot be written: {type(exc).__name__}") from None
     log.info("admin set client %s to level %d (%s)", name, rec.level, body.reason or "no reason given")
     return LevelInfo(client=name, level=rec.level, reason=rec.reason, source=rec.source, set_at=rec.set_at,
                      max_level=top)

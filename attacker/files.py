@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from attacker.errors import RunFolderError
+from translators.paths import file_in_the_way
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ def check_out_folder(folder: str | Path, flag: str = "--out") -> Path:
     an existing file. Raises :class:`RunFolderError` (one line naming ``flag``) otherwise. Every attacker
     command calls this before it sends anything, so a bad ``--out`` never wastes queries."""
     p = Path(folder)
-    for q in (p, *p.parents):
-        if q.exists() and not q.is_dir():
-            where = "" if q == p else f" ({q} is a file)"
-            raise RunFolderError(f"{flag} {p}: not a folder{where}; name a new or existing folder")
+    q = file_in_the_way(p)
+    if q is not None:
+        where = "" if q == p else f" ({q} is a file)"
+        raise RunFolderError(f"{flag} {p}: not a folder{where}; name a new or existing folder")
     return p
 
 

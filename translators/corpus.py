@@ -31,6 +31,7 @@ from PIL import Image
 from translators.codecs import read_image
 from translators.errors import CorpusError, ImageError
 from translators.images import from_uint8
+from translators.paths import file_in_the_way
 
 Split = Literal["victim", "attacker", "benchmark"]
 SPLITS: tuple[Split, ...] = ("victim", "attacker", "benchmark")
@@ -276,7 +277,7 @@ def export_split(spec: str, out_dir: str | Path, seed: int = DEFAULT_SEED) -> li
 
     images = load_images(spec, seed)  # fail on a bad spec before creating any folder
     out = Path(out_dir)
-    blocked = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    blocked = file_in_the_way(out)
     if blocked is not None:
         raise CorpusError(f"{out}: {blocked} is a file; name a folder to export into")
     out.mkdir(parents=True, exist_ok=True)

@@ -26,3 +26,11 @@ def zoo_dir() -> Path:
 def datasets_dir() -> Path:
     """Downloaded public datasets (``heist data fetch``)."""
     return data_dir() / "datasets"
+
+
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """The existing non-folder that stops ``folder`` from being (or becoming) a folder: ``folder`` itself
+    or a folder above it; None when nothing is in the way. Every ``--out FOLDER`` check uses this, so a
+    bad path is refused before any work is done."""
+    p = Path(folder)
+    return next((q for q in (p, *p.parents) if q.exists() and not q.is_dir()), None)

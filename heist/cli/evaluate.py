@@ -15,6 +15,7 @@ import typer
 from heist.cli.common import console, progress
 from translators.corpus import DEFAULT_SEED
 from translators.errors import HeistError
+from translators.paths import file_in_the_way
 
 if TYPE_CHECKING:  # the evaluator (torch, piq, matplotlib) is imported when a command runs, not at CLI start
     from evaluation.features import FeatureNetwork
@@ -132,8 +133,8 @@ def extraction(
     from translators.device import pick_device
     from translators.registry import UnknownNameError
 
-    if out.exists() and not out.is_dir():
-        raise HeistError(f"--out {out}: is a file; name a folder for results.json and the report")
+    if (blocked := file_in_the_way(out)) is not None:
+        raise HeistError(f"--out {out}: {blocked} is a file; name a folder for results.json and the report")
     t0 = time.perf_counter()
     settings = metric_settings(data_range, crop_border, color_space)
     names = parse_metrics(metrics)
@@ -207,8 +208,8 @@ def report(
 
     if target_psnr is not None and not math.isfinite(target_psnr):
         raise HeistError(f"--target-psnr {target_psnr}: give a finite PSNR in dB")
-    if out is not None and out.exists() and not out.is_dir():
-        raise HeistError(f"--out {out}: is a file; name a folder for the report")
+    if out is not None and (blocked := file_in_the_way(out)) is not None:
+        raise HeistError(f"--out {out}: {blocked} is a file; name a folder for the report")
     path = results / "results.json" if results.is_dir() else results
     res = read_results(path)
     if res.kind == "campaign" and (res.derived is None or target_psnr is not None):

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attacker.fidelity import baseline, psnr_ssim_l2, translate  # noqa: E402
+from attacker.files import atomic_write_json  # noqa: E402
 from attacker.harvest import harvest  # noqa: E402
 from attacker.train import train_surrogate  # noqa: E402
 from translators.checkpoint import load_model  # noqa: E402
@@ -180,7 +181,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], budgets: list[in
     result = {
         "benchmark": "attack_fidelity", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "zoo_profile": args.zoo_profile, "surrogate_profile": args.surrogate_profile, "arch": args.arch,
-        "time_budget_s": args.time_budget, "budgets": budgets, "victims": victims,
+        "time_budget_s": args.time_budget, "seed": args.seed, "budgets": budgets, "victims": victims,
         "harvest": f"strategy {args.strategy}, crop_size auto (budget, max_pixels), noise auto, {args.images}"
                    + (f", params {json.dumps(args.strategy_params)}" if args.strategy_params else "")
                    + (" (CLI defaults)" if (args.strategy, args.images, args.strategy_params)
@@ -190,10 +191,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], budgets: list[in
         "cpu_count": os.cpu_count(), "torch_threads": args.threads, "wall_s": round(wall_s, 1),
         "partial": partial, "rows": rows, "table_md": table(rows),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result, durable=False)
     return result
 
 

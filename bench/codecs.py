@@ -42,6 +42,7 @@ import PIL
 import torch
 from PIL import Image
 
+from attacker.files import atomic_write_json
 from translators.codecs import decode_image, encode_image
 from translators.corpus import load_images, tiles
 from translators.images import from_uint8, to_uint8
@@ -161,10 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result, durable=False)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return result
 

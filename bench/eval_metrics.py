@@ -40,6 +40,7 @@ import skimage
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from attacker.files import atomic_write_json
 from evaluation.aggregate import ScoreAggregator
 from evaluation.metrics import PSNR, SSIM, ImageMetric, MetricSettings
 from translators.corpus import load_images, tiles
@@ -155,10 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, result, durable=False)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -109,3 +109,22 @@ def test_mistakes_found_by_users_are_one_line_errors(tmp_path: Path) -> None:
     assert_user_error(heist("eval", "report", str(results), "--target-psnr", "nan"), "--target-psnr nan")
     assert results.read_text() == "{}"  # checked before anything is read or written
     assert_user_error(heist("eval", "report", str(results), "--out", str(blocker)), "is a file")
+    assert_user_error(heist("eval", "report", str(results), "--out", str(blocker / "sub")), "notes.txt is a file")
+
+
+def test_empty_secrets_and_impossible_dp_settings_are_refused(tmp_path: Path) -> None:
+    """An empty secret keys every watermark alike (a truncated copy, not a secret); a clipping norm of 0
+    makes DP-SGD learn nothing. Both were accepted."""
+    env = {"HEIST_DATA_DIR": str(tmp_path / "data")}
+    empty = tmp_path / "secret"
+    empty.write_text("\n")
+    suspect = tmp_path / "suspect.safetensors"
+    suspect.write_bytes(b"")
+    assert_user_error(heist("defend", "verify", "--suspect", str(suspect), "--model", str(suspect), "--secret-file", str(empty), env=env),
+                      f"--secret-file {empty} is empty")
+    cfg = tmp_path / "victim.toml"
+    cfg.write_text('defense_secret = "  "\n')
+    assert_user_error(heist("keys", "list", "--config", str(cfg), env=env), "defense_secret is empty")
+    victim = tmp_path / "victim.safetensors"
+    assert_user_error(heist("defend", "dpsgd", "--victim", str(victim), "--out", str(tmp_path / "dp.safetensors"),
+                            "--noise-multiplier", "1", "--max-grad-norm", "0", env=env), "--max-grad-norm 0.0")

@@ -16,6 +16,7 @@ import torch
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from translators.errors import HeistError
 from victim_service.batching import ModelHost
 from victim_service.codecpool import CodecPool
 from victim_service.errors import BackendUnavailableError
@@ -44,8 +45,13 @@ def make_redis(settings: Settings) -> aioredis.Redis:
     )
 
 
-def secret_from_text(raw: bytes) -> int:
-    """The 64-bit defense secret derived from its text (the settings value, or a secret file's stripped contents)."""
+def secret_from_text(raw: bytes, source: str = "the defense secret") -> int:
+    """The 64-bit defense secret derived from its text (the settings value, or a secret file's stripped contents).
+
+    Raises :class:`HeistError` naming ``source`` when the text is empty: every empty secret would key the
+    same watermarks, so an empty file is a mistake (a truncated copy), never a secret."""
+    if not raw.strip():
+        raise HeistError(f"{source} is empty; it must hold the server's secret")
     return int.from_bytes(hashlib.sha256(raw).digest()[:8], "big")
 
 
@@ -59,7 +65,7 @@ def read_defense_secret(settings: Settings) -> int | None:
     if settings.defense_secret is not None:
         return secret_from_text(settings.defense_secret.get_secret_value().encode())
     path = defense_secret_path(settings)
-    return secret_from_text(path.read_bytes().strip()) if path.exists() else None
+    return secret_from_text(path.read_bytes().strip(), f"the defense-secret file {path}") if path.exists() else None
 
 
 def defense_secret(settings: Settings) -> int:
@@ -77,7 +83,7 @@ def defense_secret(settings: Settings) -> int:
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
         tmp.unlink(missing_ok=True)
-    return secret_from_text(path.read_bytes().strip())
+    return secret_from_text(path.read_bytes().strip(), f"the defense-secret file {path}")
 
 
 @dataclass

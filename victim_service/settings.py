@@ -312,6 +312,13 @@ class Settings(BaseSettings):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         return v
 
+    @field_validator("defense_secret")
+    @classmethod
+    def _secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("defense_secret is empty; give a secret, or leave it out for a generated one")
+        return v
+
     @model_validator(mode="after")
     def _cross(self) -> Settings:
         names = [m.name for m in self.models]

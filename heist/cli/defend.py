@@ -31,7 +31,7 @@ def _server_secret(config: Path | None, secret_file: Path | None) -> tuple[int, 
     settings = victim_settings(config).settings
     if secret_file is not None:
         try:
-            return secret_from_text(secret_file.read_bytes().strip()), settings
+            return secret_from_text(secret_file.read_bytes().strip(), f"--secret-file {secret_file}"), settings
         except OSError as exc:
             raise HeistError(f"cannot read the secret file {secret_file}: {exc.strerror or exc}") from None
     secret = read_defense_secret(settings)

@@ -305,7 +305,7 @@ def _service_secret_and_clients(ctx: RunContext, params: WatermarkParams) -> tup
 
     if params.secret_file is not None:
         try:
-            return secret_from_text(params.secret_file.read_bytes().strip()), ()
+            return secret_from_text(params.secret_file.read_bytes().strip(), f"secret_file {params.secret_file}"), ()
         except OSError as exc:
             raise CampaignError(f"cannot read secret_file {params.secret_file}: {exc.strerror or exc}") from None
     settings = Settings.from_file(ctx.out / "victim" / "settings.json")

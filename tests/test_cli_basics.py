@@ -122,6 +122,12 @@ def test_empty_secrets_and_impossible_dp_settings_are_refused(tmp_path: Path) ->
     suspect.write_bytes(b"")
     assert_user_error(heist("defend", "verify", "--suspect", str(suspect), "--model", str(suspect), "--secret-file", str(empty), env=env),
                       f"--secret-file {empty} is empty")
+    secret = tmp_path / "real-secret"
+    secret.write_text("s3cret\n")
+    verify = ("defend", "verify", "--suspect", str(suspect), "--secret-file", str(secret), "--model")
+    # with no [[models]] these said "add [[models]] ... or pass --models-dir", an option verify lacks
+    assert_user_error(heist(*verify, "nosuch", env=env), "--model nosuch: no served model of that name")
+    assert_user_error(heist(*verify, "./mine.safetensors", env=env), "--model ./mine.safetensors: no such checkpoint")
     cfg = tmp_path / "victim.toml"
     cfg.write_text('defense_secret = "  "\n')
     assert_user_error(heist("keys", "list", "--config", str(cfg), env=env), "defense_secret is empty")

@@ -129,15 +129,22 @@ def _our_model(name: str, settings: Any) -> tuple[Any, Any, int, str | None]:
     from translators.checkpoint import load_model
     from translators.errors import HeistError
     from victim_service.models import model_specs, resolve_source
+    from victim_service.settings import SettingsError
 
     path = Path(name).expanduser()
-    if path.suffix in {".safetensors", ".pt", ".pt2"} and path.exists():
+    if path.suffix in {".safetensors", ".pt", ".pt2"} or "/" in name:
+        if not path.is_file():
+            raise HeistError(f"--model {name}: no such checkpoint file")
         loaded, params = load_model(path), None
     else:
-        specs = {s.name: s for s in model_specs(settings)}
+        try:
+            specs = {s.name: s for s in model_specs(settings)}
+        except SettingsError:
+            specs = {}
         if name not in specs:
-            raise HeistError(f"no served model {name!r} in the settings (models: {', '.join(specs) or 'none'}) "
-                             "and no such checkpoint file")
+            raise HeistError(f"--model {name}: no served model of that name in the settings (models: "
+                             f"{', '.join(specs) or 'none; pass --config with the server settings'}) and not a "
+                             "checkpoint path")
         spec = specs[name]
         tier_defs = [t.defenses for t in settings.tiers.values()]
         params = _ownership_params([spec.defenses, *tier_defs], name)

@@ -120,8 +120,8 @@ def test_empty_secrets_and_impossible_dp_settings_are_refused(tmp_path: Path) ->
     empty.write_text("\n")
     suspect = tmp_path / "suspect.safetensors"
     suspect.write_bytes(b"")
-    assert_user_error(heist("defend", "verify", "--suspect", str(suspect), "--model", str(suspect), "--secret-file", str(empty), env=env),
-                      f"--secret-file {empty} is empty")
+    assert_user_error(heist("defend", "verify", "--suspect", str(suspect), "--model", str(suspect),
+                            "--secret-file", str(empty), env=env), f"--secret-file {empty} is empty")
     secret = tmp_path / "real-secret"
     secret.write_text("s3cret\n")
     verify = ("defend", "verify", "--suspect", str(suspect), "--secret-file", str(secret), "--model")

@@ -100,6 +100,22 @@ def test_monitor_escalation_for_an_unknown_tier_is_refused() -> None:
     assert set(ok.monitor.escalation) == {"default", "free"}
 
 
+def test_relative_paths_in_a_settings_file_are_relative_to_the_file(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """query_log.path and images_dir were taken from the working directory, unlike data_dir: a server
+    started from another folder wrote its query log somewhere else than `heist log` read it."""
+    from victim_service.settings import Settings
+
+    cfg = tmp_path / "conf" / "v.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('data_dir = "state"\n[query_log]\npath = "logs/q.jsonl"\nimages_dir = "/abs/images"\n')
+    monkeypatch.chdir(tmp_path)
+    s = Settings.from_file(cfg)
+    assert s.data_dir == cfg.parent / "state"
+    assert s.query_log.path == cfg.parent / "logs" / "q.jsonl"
+    assert s.query_log.images_dir == Path("/abs/images")
+
+
 def test_store_names_redis_without_password_and_compares_spellings() -> None:
     assert redis_url_public("redis://user:s3cret@LOCALHOST") == "redis://127.0.0.1:6379/0"
     assert redis_url_public("rediss://cache.example:6380/2") == "rediss://cache.example:6380/2"

@@ -393,10 +393,14 @@ class Settings(BaseSettings):
             if isinstance(m, dict) and isinstance(m.get("source"), str) and not m["source"].startswith("zoo:"):
                 src = Path(m["source"]).expanduser()
                 m["source"] = str(src if src.is_absolute() else (base / src))
-        for key in ("models_dir", "data_dir"):
-            if isinstance(data.get(key), str):
-                d = Path(data[key]).expanduser()
-                data[key] = str(d if d.is_absolute() else base / d)
+        tables = [(data, ("models_dir", "data_dir"))]
+        if isinstance(data.get("query_log"), dict):
+            tables.append((data["query_log"], ("path", "images_dir")))
+        for table, keys in tables:
+            for key in keys:
+                if isinstance(table.get(key), str):
+                    d = Path(table[key]).expanduser()
+                    table[key] = str(d if d.is_absolute() else base / d)
         return cls.from_mapping(data, str(p))
 
     @classmethod

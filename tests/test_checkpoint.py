@@ -99,9 +99,48 @@ def test_torch_export_round_trip_with_static_shape(tmp_path: Path) -> None:
     loaded = load_model(tmp_path / "sr2.pt2")
     assert loaded.kind == "export"
     assert loaded.card.scale == 2
-    assert loaded.card.model_extra == {"fixed_size": [12, 10]}, "the probe used the program's only input size"
+    assert loaded.card.model_extra == {"fixed_size": [12, 10], "fixed_batch": 1}, "the program's only input shape"
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), model(x), rtol=0, atol=0)
+    # a sidecar card gets the static shape too (the server must neither resize nor batch)
+    (tmp_path / "sr2.json").write_text(_card("sr2", "export", {}, scale=2).model_dump_json())
+    assert load_model(tmp_path / "sr2.pt2").card.model_extra == {"fixed_size": [12, 10], "fixed_batch": 1}
+    torch.export.save(torch.export.export(model, (_rand(2, 3, 12, 10),)), str(tmp_path / "b2.pt2"))
+    with pytest.raises(CheckpointError, match="exported for batches of exactly 2"):
+        load_model(tmp_path / "b2.pt2")
+
+
+def test_a_sidecar_card_is_checked_by_a_probe_forward(tmp_path: Path) -> None:
+    """A TorchScript x4 model with a card saying scale 1 loaded, and a server then answered every request
+    with a 500 (its output did not match the card)."""
+    torch.jit.script(_trained_like(SRResNet(channels=4, n_blocks=1))).save(str(tmp_path / "m.pt"))
+    (tmp_path / "m.json").write_text(_card("m", "torchscript", {}, scale=1).model_dump_json())
+    with pytest.raises(CheckpointError, match=r"card says scale=1 but the model maps a 32x32 probe to 128x128"):
+        load_model(tmp_path / "m.pt")
+    (tmp_path / "m.json").write_text(_card("m", "torchscript", {}, scale=4, task="sr").model_dump_json())
+    assert load_model(tmp_path / "m.pt").card.scale == 4
+
+
+def test_weights_that_would_serve_garbage_are_refused(dncnn_ckpt: Path) -> None:
+    """NaN weights served black images and int32 weights were cast to (mostly) zeros, both with 200."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(dncnn_ckpt))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    save_file({**state, key: torch.full_like(state[key], float("nan"))}, str(dncnn_ckpt))
+    with pytest.raises(CheckpointError, match=f"tensor '{key}' holds NaN or infinity"):
+        load_model(dncnn_ckpt)
+    save_file({**state, key: state[key].to(torch.int32)}, str(dncnn_ckpt))
+    with pytest.raises(CheckpointError, match=f"tensor '{key}' is stored as int32"):
+        load_model(dncnn_ckpt)
+    save_file({**state, key: state[key].half()}, str(dncnn_ckpt))  # a lossless-enough float cast is fine
+    load_model(dncnn_ckpt)
+    nan_ts = DnCNN(channels=4, depth=2)
+    with torch.no_grad():
+        next(nan_ts.parameters()).fill_(float("nan"))
+    torch.jit.script(nan_ts).save(str(dncnn_ckpt.with_name("n.pt")))
+    with pytest.raises(CheckpointError, match="output on a probe holds NaN"):
+        load_model(dncnn_ckpt.with_name("n.pt"))
 
 
 def test_find_models(tmp_path: Path) -> None:
@@ -110,7 +149,9 @@ def test_find_models(tmp_path: Path) -> None:
     torch.jit.script(DnCNN(channels=4, depth=2)).save(str(tmp_path / "a.pt"))
     (tmp_path / ".c.safetensors.tmp").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("x")
-    assert [p.name for p in find_models(tmp_path)] == ["a.pt", "b.safetensors"]
+    (tmp_path / "dir.safetensors").mkdir()
+    (tmp_path / "old.pth").write_bytes(b"")  # listed, so that loading it says pickles are refused
+    assert [p.name for p in find_models(tmp_path)] == ["a.pt", "b.safetensors", "old.pth"]
     with pytest.raises(CheckpointError, match="not a directory"):
         find_models(tmp_path / "nope")
 
@@ -175,6 +216,9 @@ def _edit_card(path: Path, **changes: object) -> None:
         ({"scale": 4}, r"card says scale=4 but the dncnn architecture has scale=1"),
         ({"scale": "four"}, r"invalid model card \(scale: Input should be a valid integer"),
         ({"arch": None}, r"invalid model card \(arch: Input should be a valid string"),
+        ({"min_side": 0}, r"invalid model card \(min_side: Input should be greater than or equal to 1"),
+        ({"size_multiple": -4}, r"invalid model card \(size_multiple: Input should be greater than or equal to 1"),
+        ({"kwargs": {"channels": -3, "depth": 3}}, r"card describes an unbuildable model: .*negative dimension"),
     ],
 )
 def test_mismatched_cards_are_clear_errors(dncnn_ckpt: Path, change: dict[str, object], message: str) -> None:

@@ -134,3 +134,24 @@ def test_empty_secrets_and_impossible_dp_settings_are_refused(tmp_path: Path) ->
     victim = tmp_path / "victim.safetensors"
     assert_user_error(heist("defend", "dpsgd", "--victim", str(victim), "--out", str(tmp_path / "dp.safetensors"),
                             "--noise-multiplier", "1", "--max-grad-norm", "0", env=env), "--max-grad-norm 0.0")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_serve_refuses_bad_model_files_with_one_line_before_starting(tmp_path: Path) -> None:
+    """A corrupt model file stopped `heist serve` with a 40-line uvicorn traceback from inside the worker's
+    start-up; two files served under one name served one of them, chosen by file order, in silence."""
+    from translators.archs import build_arch
+
+    env = {"HEIST_DATA_DIR": str(tmp_path / "data")}
+    models = tmp_path / "models"
+    models.mkdir()
+    module = build_arch("dncnn", {"channels": 4, "depth": 2}).eval()
+    torch.jit.script(module).save(str(models / "m.pt"))
+    (models / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    (models / "broken.json").write_text('{"name": "broken", "arch": "dncnn"}')
+    serve = ("serve", "--models-dir", str(models), "--port", "1", "--no-monitor")
+    assert_user_error(heist(*serve, env=env), "model 'broken': ")
+    (models / "broken.safetensors").unlink()
+    (models / "m b.pt").write_bytes((models / "m.pt").read_bytes())
+    (models / "m-b.pt").write_bytes((models / "m.pt").read_bytes())
+    assert_user_error(heist(*serve, env=env), "m b.pt and m-b.pt would both be served as 'm-b'")

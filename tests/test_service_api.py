@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.servers import VictimServer, image_bytes, start_victim, tiny_models, tiny_torchscript
+from translators.archs import build_arch
 from translators.checkpoint import load_model
 from translators.codecs import decode_image
 from translators.images import to_uint8
@@ -28,6 +29,9 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     models = tiny_models(root / "models")
     drop = root / "dropped"
     tiny_torchscript(drop, "scripted")
+    torch.manual_seed(0)
+    exported = build_arch("dncnn", {"channels": 4, "depth": 2}).eval()
+    torch.export.save(torch.export.export(exported, (torch.rand(1, 3, 24, 24),)), str(drop / "exported.pt2"))
     return {"root": root, "drop": drop, **models}
 
 
@@ -86,7 +90,7 @@ def test_health_ready_and_model_list_without_architecture(srv: VictimServer) -> 
     assert ready.status_code == 200
     assert ready.json()["redis"] == "ok"
     models = {m["name"]: m for m in httpx.get(f"{srv.url}/v1/models").json()}
-    assert set(models) == {"sr4x", "denoise", "unet8", "auto", "tinyq", "scripted"}
+    assert set(models) == {"sr4x", "denoise", "unet8", "auto", "tinyq", "scripted", "exported"}
     sr = models["sr4x"]
     assert (sr["task"], sr["scale"], sr["min_side"], sr["max_batch"]) == ("sr", 4, 8, 4)
     assert sr["max_pixels"] == 2048 * 2048 // 16
@@ -205,6 +209,16 @@ def test_torchscript_dropped_in_models_dir_is_served(srv: VictimServer, paths: d
     out = as_uint8(r.content)
     assert out.shape == (20, 28, 3)
     assert (out - local_forward(paths["drop"] / "scripted.pt", png)).abs().max() <= 1
+
+
+def test_an_export_traced_with_one_image_is_served_one_at_a_time(srv: VictimServer) -> None:
+    """The usual torch.export (static shapes, batch 1) crashed the batch probe at start-up, and with a fixed
+    max_batch every request batched with another got a 500."""
+    info = {m["name"]: m for m in httpx.get(f"{srv.url}/v1/models", timeout=10).json()}["exported"]
+    assert info["max_batch"] == 1
+    rs = asyncio.run(_concurrent(srv, "exported", [image_bytes(24, 24, seed=i) for i in range(4)]))
+    assert [r.status_code for r in rs] == [200] * 4, [r.text for r in rs]
+    assert post(srv, "exported", image_bytes(20, 28)).json()["error"] == "bad_size"
 
 
 # ---------------------------------------------------------------------------------------------- batching

@@ -38,11 +38,11 @@ class ModelCard(BaseModel):
     arch: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     task: str = "translation"
-    scale: int = 1
-    in_channels: int = 3
-    out_channels: int = 3
-    size_multiple: int = 1
-    min_side: int = 8
+    scale: int = Field(1, ge=1)
+    in_channels: int = Field(3, ge=1)
+    out_channels: int = Field(3, ge=1)
+    size_multiple: int = Field(1, ge=1)
+    min_side: int = Field(8, ge=1)
     description: str = ""
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
@@ -120,26 +120,66 @@ def _is_pickle(p: Path) -> bool:
     return False
 
 
-def _probe_card(module: nn.Module, name: str, kind: str, fixed: tuple[int, int] | None = None) -> ModelCard:
-    """Infer scale from a forward pass on a probe (models with no card).
-
-    ``fixed`` is the only input size a static ``torch.export`` program accepts; else a 32x32 probe.
-    """
-    h, w = fixed or (32, 32)
+def _probe_forward(module: nn.Module, name: str, h: int, w: int) -> torch.Tensor:
+    """``module`` on one ``(1, 3, h, w)`` random probe; refuses a failing forward, an output that is not
+    ``(1, 3, H', W')`` and non-finite outputs (NaN weights answer black images otherwise)."""
     with torch.inference_mode():
         try:
             y = module(torch.rand(1, 3, h, w))
         except Exception as exc:  # noqa: BLE001 - any failure means the probe failed
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CheckpointError(f"{name}: probe forward on a (1, 3, {h}, {w}) input failed: {msg}") from None
-    if not isinstance(y, torch.Tensor) or y.ndim != 4 or y.shape[1] != 3:
-        raise CheckpointError(f"{name}: the model must map (N, 3, H, W) to (N, 3, sH, sW)")
+    if not isinstance(y, torch.Tensor) or y.ndim != 4 or y.shape[:2] != (1, 3):
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise CheckpointError(f"{name}: the model must map (N, 3, H, W) to (N, 3, sH, sW); a (1, 3, {h}, {w}) "
+                              f"probe gave {got}")
+    if not bool(torch.isfinite(y).all()):
+        raise CheckpointError(f"{name}: the model's output on a probe holds NaN or infinity (corrupt weights?)")
+    return y
+
+
+def _probe_card(module: nn.Module, name: str, kind: str, fixed: tuple[int, int] | None = None) -> ModelCard:
+    """Infer scale from a forward pass on a probe (models with no card).
+
+    ``fixed`` is the only input size a static ``torch.export`` program accepts; else a 32x32 probe.
+    """
+    h, w = fixed or (32, 32)
+    y = _probe_forward(module, name, h, w)
     scale = y.shape[-1] // w
     if scale < 1 or y.shape[-1] != w * scale or y.shape[-2] != h * scale:
         raise CheckpointError(f"{name}: output {tuple(y.shape)} is not an integer upscaling of the input")
     extra: dict[str, Any] = {"fixed_size": [h, w]} if fixed else {}
     return ModelCard(name=name, arch=kind, scale=scale, task="sr" if scale > 1 else "translation",
                      description=f"{kind} model; scale inferred by probe", **extra)
+
+
+def _check_card_by_probe(p: Path, card: ModelCard, module: nn.Module, fixed: tuple[int, int] | None) -> None:
+    """A TorchScript or export model's sidecar card against one forward pass: the output must be the card's
+    ``scale`` times the input and finite. (Safetensors cards are checked against the architecture instead.)"""
+    if fixed is not None:
+        h, w = fixed
+    else:
+        m = card.size_multiple
+        h = w = -(-max(32, card.min_side) // m) * m
+    y = _probe_forward(module, str(p), h, w)
+    if tuple(y.shape[-2:]) != (h * card.scale, w * card.scale):
+        raise CheckpointError(f"{p}: card says scale={card.scale} but the model maps a {h}x{w} probe to "
+                              f"{y.shape[-2]}x{y.shape[-1]}")
+
+
+def _check_weights(p: Path, state: dict[str, torch.Tensor], module: nn.Module) -> None:
+    """Refuse stored tensors that ``load_state_dict`` would silently cast into garbage (integers into
+    float parameters) and non-finite floating-point weights."""
+    targets = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    for key, t in state.items():
+        target = targets.get(key)
+        if target is None or not target.is_floating_point():
+            continue
+        if not t.is_floating_point():
+            raise CheckpointError(f"{p}: tensor {key!r} is stored as {str(t.dtype).removeprefix('torch.')}; "
+                                  "the model needs floating-point weights")
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{p}: tensor {key!r} holds NaN or infinity (corrupt weights)")
 
 
 def _check_card_matches(p: Path, card: ModelCard, module: nn.Module) -> None:
@@ -160,17 +200,19 @@ def _check_card_matches(p: Path, card: ModelCard, module: nn.Module) -> None:
         )
 
 
-def _export_static_size(program: Any) -> tuple[int, int] | None:
-    """(H, W) of the first user input when a ``torch.export`` program was exported with static shapes."""
+def _export_static_shape(program: Any) -> tuple[int | None, tuple[int, int] | None]:
+    """(batch, (H, W)) of the first user input of a ``torch.export`` program, each None where the export
+    left that dimension dynamic (``torch.export.export`` makes every dimension static unless told)."""
     user_inputs = set(program.graph_signature.user_inputs)
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in user_inputs:
-            val = node.meta.get("val")
-            shape = getattr(val, "shape", None)
-            if shape is not None and len(shape) == 4 and all(isinstance(d, int) for d in shape[-2:]):
-                return int(shape[-2]), int(shape[-1])
-            return None
-    return None
+            shape = getattr(node.meta.get("val"), "shape", None)
+            if shape is None or len(shape) != 4:
+                return None, None
+            batch = int(shape[0]) if isinstance(shape[0], int) else None
+            size = (int(shape[-2]), int(shape[-1])) if all(isinstance(d, int) for d in shape[-2:]) else None
+            return batch, size
+    return None, None
 
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
@@ -189,8 +231,9 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         card = read_card(p)
         try:
             module = build_arch(card.arch, card.kwargs)
-        except (UnknownNameError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{p}: card describes an unbuildable model: {exc}") from None
+        except (UnknownNameError, TypeError, ValueError, RuntimeError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{p}: card describes an unbuildable model: {msg}") from None
         try:
             state = load_file(str(p))
         except (SafetensorError, OSError, ValueError) as exc:
@@ -203,6 +246,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
             msg = " ".join(lines[1:] or lines)
             msg = msg if len(msg) <= 300 else msg[:297] + "..."
             raise CheckpointError(f"{p}: weights do not match the card's architecture ({msg})") from None
+        _check_weights(p, state, module)
         _check_card_matches(p, card, module)
         module.eval().to(device)
         return LoadedModel(module, card, p, "safetensors")
@@ -214,13 +258,18 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
             )
         module: nn.Module
         fixed: tuple[int, int] | None = None
+        batch: int | None = None
         if suffix == ".pt2":
             try:
                 program = torch.export.load(str(p))
                 module = program.module()
-                fixed = _export_static_size(program)
+                batch, fixed = _export_static_shape(program)
             except Exception as exc:  # noqa: BLE001 - torch raises many types for bad archives
-                raise CheckpointError(f"{p}: not a loadable torch.export program ({exc})") from None
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise CheckpointError(f"{p}: not a loadable torch.export program ({msg})") from None
+            if batch not in (None, 1):
+                raise CheckpointError(f"{p}: exported for batches of exactly {batch}; export with a (1, 3, H, W) "
+                                      "example input, or a dynamic batch dimension")
             kind = "export"
         else:
             try:
@@ -230,7 +279,15 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
             kind = "torchscript"
             module.eval()  # before the probe, so BatchNorm statistics are not updated by it
         card_path = p.with_suffix(".json")
-        card = read_card(card_path) if card_path.exists() else _probe_card(module, name, kind, fixed)
+        if card_path.exists():
+            card = read_card(card_path)
+            _check_card_by_probe(p, card, module, fixed)
+            if fixed is not None:
+                card = ModelCard(**{**card.model_dump(), "fixed_size": list(fixed)})
+        else:
+            card = _probe_card(module, name, kind, fixed)
+        if batch == 1:  # one image per forward: the server must not batch requests
+            card = ModelCard(**{**card.model_dump(), "fixed_batch": 1})
         module.to(device)
         return LoadedModel(module, card, p, kind)
     raise CheckpointError(f"{p}: unknown model file type {suffix!r}; use .safetensors (+ .json), .pt or .pt2")
@@ -241,8 +298,8 @@ def find_models(folder: str | os.PathLike[str]) -> list[Path]:
     d = Path(folder)
     if not d.is_dir():
         raise CheckpointError(f"{d}: not a directory")
-    exts = {".safetensors", ".pt", ".ts", ".pt2"}
-    return sorted(f for f in d.iterdir() if f.suffix.lower() in exts and not f.name.startswith("."))
+    exts = {".safetensors", ".pt", ".ts", ".pth", ".pt2"}
+    return sorted(f for f in d.iterdir() if f.suffix.lower() in exts and not f.name.startswith(".") and f.is_file())
 
 
 def card_dict(card: ModelCard) -> dict[str, Any]:

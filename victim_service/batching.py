@@ -34,7 +34,7 @@ from defenses import DefenseContext, DefensePipeline, DefenseTiming
 from translators.errors import ImageError
 from victim_service.errors import OverloadedError
 from victim_service.metrics import Metrics
-from victim_service.models import ServedModel, load_served_model, model_specs, warm_up
+from victim_service.models import ServedModel, load_served_model, model_specs, set_configured_batch, warm_up
 from victim_service.policy import DefensePolicy
 from victim_service.settings import Settings
 
@@ -309,7 +309,7 @@ class ModelHost:
             if self.settings.warmup or spec.max_batch == "auto":
                 await worker.run_in_thread(warm_up, model, self.settings.batch_probe_s, self.settings.warmup)
             else:
-                model.max_batch = int(spec.max_batch)
+                set_configured_batch(model)
             self.models[model.name] = model
             await self.policy.setup_model(model, worker.run_in_thread)
             log.info("serving %s (%s, x%d) from %s on %s, max_batch=%d (%s)", model.name, model.task, model.scale,

@@ -64,13 +64,14 @@ def resolve_source(source: str) -> Path:
 
 
 def check_sources(specs: list[ModelSpec]) -> None:
-    """Every non-zoo model file exists and is readable as a source; the error names the model entry (the
-    settings may list many)."""
+    """Every non-zoo model file exists and loads (on the CPU: card, weights, and the probe forward that
+    checks a TorchScript or export card), so that ``heist serve`` refuses a bad file with one line naming
+    the model entry before any worker starts; a worker failing at start-up can only print a traceback."""
     for spec in specs:
         if spec.source.startswith("zoo:"):
             continue
         try:
-            resolve_source(spec.source)
+            load_model(resolve_source(spec.source), "cpu")
         except (CheckpointError, SettingsError) as exc:
             raise type(exc)(f"model {spec.name!r}: {exc}") from None
 
@@ -83,6 +84,8 @@ def prebuild_zoo(settings: Settings) -> None:
 
 
 def _safe_name(stem: str) -> str:
+    """The served name of a ``models_dir`` file: its stem with every character other than ASCII letters,
+    digits, ``.``, ``_`` and ``-`` turned into ``-`` (at most 64 characters; ``model`` when nothing is left)."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip("._-")[:64]
     return name or "model"
 
@@ -93,11 +96,15 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
     if settings.models_dir is not None:
         taken = {m.name for m in specs}
         base = settings.models_dir_defaults
+        files: dict[str, Path] = {}
         for f in find_models(settings.models_dir):
             name = _safe_name(f.stem)
-            if name in taken:
+            if name in files:  # m.pt beside m.safetensors, or "a b" beside "a-b": which one would be a guess
+                raise SettingsError(f"{settings.models_dir}: {files[name].name} and {f.name} would both be served "
+                                    f"as {name!r}; rename or move one of them")
+            files[name] = f
+            if name in taken:  # an explicit [[models]] entry of that name wins
                 continue
-            taken.add(name)
             if base is not None:
                 specs.append(base.model_copy(update={"name": name, "source": str(f)}))
             else:
@@ -124,6 +131,7 @@ class ServedModel:
     max_pixels: int
     max_bytes: int
     max_batch: int = 1
+    fixed_batch: int | None = None  # 1: a torch.export program traced with one image, never batched
     max_batch_source: str = "config"
     batch_probe: dict[int, float] = field(default_factory=dict)
     amp_dtype: torch.dtype | None = None
@@ -215,6 +223,7 @@ def load_served_model(spec: ModelSpec, settings: Settings) -> ServedModel:
         min_side=spec.min_side or max(int(card.min_side), 1),
         size_multiple=max(int(card.size_multiple), 1),
         fixed_size=fixed_size,
+        fixed_batch=1 if getattr(card, "fixed_batch", None) == 1 else None,
         max_pixels=spec.max_pixels or default_pixels,
         max_bytes=spec.max_bytes or settings.images.max_bytes,
     )
@@ -254,6 +263,18 @@ def max_batch_limit(spec: ModelSpec, device: torch.device) -> int:
     return 128 if device.type == "cuda" else 8
 
 
+def set_configured_batch(model: ServedModel) -> None:
+    """``max_batch`` from the settings, or 1 for an export traced with one image (``fixed_batch``)."""
+    spec = model.spec
+    if model.fixed_batch == 1:
+        if spec.max_batch not in ("auto", 1):
+            log.warning("model %s: max_batch = %s ignored: its export takes one image per forward", model.name,
+                        spec.max_batch)
+        model.max_batch, model.max_batch_source = 1, "fixed (export)"
+    else:
+        model.max_batch, model.max_batch_source = int(spec.max_batch), "config"
+
+
 def warm_up(model: ServedModel, probe_s: float, warm: bool = True) -> None:
     """Run a warm-up forward and, for ``max_batch = "auto"``, pick the batch limit by measuring.
 
@@ -262,8 +283,8 @@ def warm_up(model: ServedModel, probe_s: float, warm: bool = True) -> None:
     the same throughput).
     """
     spec = model.spec
-    if spec.max_batch != "auto":
-        model.max_batch, model.max_batch_source = int(spec.max_batch), "config"
+    if model.fixed_batch == 1 or spec.max_batch != "auto":
+        set_configured_batch(model)
         if warm:
             h, w = model.probe_side()
             with torch.inference_mode():

@@ -185,24 +185,32 @@ def parse_image_set(text: str) -> tuple[str, str]:
 
 
 class _Sampler:
-    """Writes the first ``limit`` images of a test set as PNGs for the report's image grid."""
+    """Keeps the first ``limit`` images of a test set for the report's image grid; :meth:`write` saves them
+    as PNGs once every set has been scored, so a run that fails half-way leaves the previous run's samples
+    (which its results.json shows) untouched."""
 
     def __init__(self, out_dir: Path | None, base: Path | None, set_name: str, limit: int) -> None:
         self.dir = out_dir / _safe(set_name) if out_dir else None
         self.base = base
         self.limit = limit if out_dir else 0
         self.rows: list[GridRow] = []
+        self._pending: list[tuple[Path, torch.Tensor]] = []
 
     def add(self, name: str, images: dict[str, torch.Tensor]) -> None:
         if len(self.rows) >= self.limit or self.dir is None:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
         paths = {}
         for col, t in images.items():
             p = self.dir / f"{_safe(name)}__{_safe(col)}.png"
-            write_image(t, p)
+            self._pending.append((p, t))
             paths[col] = str(p.relative_to(self.base)) if self.base else str(p)
         self.rows.append(GridRow(name=name, images=paths))
+
+    def write(self) -> None:
+        for p, t in self._pending:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            write_image(t, p)
+        self._pending.clear()
 
 
 def _safe(s: str) -> str:
@@ -242,6 +250,7 @@ def evaluate_extraction(
     sides = {"A": ("victim", "ground_truth"), "B": ("surrogate", "victim"), "C": ("surrogate", "ground_truth")}
     tables: list[ExtractionTestSet] = []
     grids: list[ImageGrid] = []
+    samplers: list[_Sampler] = []
     for ps in test_sets:
         builders = {
             c: ComparisonBuilder(out, ref, ps.name, built, settings, feature_network, kid.subsets, kid.subset_size,
@@ -249,6 +258,7 @@ def evaluate_extraction(
             for c, (out, ref) in sides.items()
         }
         sampler = _Sampler(sample_dir, results_dir, ps.name, n_samples)
+        samplers.append(sampler)
         names: list[str] = []
         for pair in ps.pairs():
             images = {"victim": victim(pair.input), "surrogate": surrogate(pair.input), "ground_truth": pair.target}
@@ -281,6 +291,8 @@ def evaluate_extraction(
             grids.append(ImageGrid(title=f"{ps.name}: input | victim | surrogate | ground truth",
                                    columns=["input", "victim", "surrogate", "ground truth"], rows=sampler.rows))
         log.info("extraction %s: %d images", ps.name, len(names))
+    for sampler in samplers:
+        sampler.write()
     table = ExtractionTable(victim=victim_ref, surrogate=surrogate_ref, task=task,
                             pair_source=", ".join(sorted({ps.source for ps in test_sets})),
                             d_bound=d_bound, alpha=alpha, test_sets=tables)

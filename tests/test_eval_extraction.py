@@ -171,6 +171,31 @@ def test_output_shape_mismatch_is_a_clear_error(models) -> None:
                             ModelRef(name="v"), "denoise25")
 
 
+def test_a_failed_run_leaves_the_previous_samples_alone(models, tmp_path: Path) -> None:
+    """The samples of a run that failed half-way replaced those of the good run that results.json shows."""
+    victim, surrogate = models
+    _, ps = _bench(max_side=64)
+    run = {"sample_dir": tmp_path / "samples", "results_dir": tmp_path, "n_samples": 2}
+    evaluate_extraction(as_translator(victim), as_translator(surrogate), [ps], ModelRef(name="v"),
+                        ModelRef(name="s"), "sr4x", **run)
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "samples").rglob("*.png"))}
+    assert len(before) == 8
+    bad = recipe_pairs("bad", "corpus:benchmark", get_recipe("denoise25").make_pair, 1, 1, max_side=64)  # x1 pairs
+    with pytest.raises(EvaluationError, match="does not match the ground truth"):
+        evaluate_extraction(as_translator(surrogate), as_translator(surrogate), [ps, bad], ModelRef(name="v"),
+                            ModelRef(name="s"), "sr4x", **run)
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "samples").rglob("*.png"))} == before
+
+
+def test_cli_refuses_a_data_range_its_images_cannot_have(tmp_path: Path) -> None:
+    """--data-range 255 scored photos read as [0, 1] at 73 dB instead of 26 dB, and recorded it as valid."""
+    r = _run("eval", "extraction", "--victim", str(tmp_path / "v.safetensors"), "--surrogate",
+             str(tmp_path / "v.safetensors"), "--task", "sr4x", "--data-range", "255", "--out", str(tmp_path / "o"),
+             env_dir=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "--data-range 255: heist eval reads every image as floats in [0, 1]" in " ".join(r.stderr.split())
+
+
 def _save(model: torch.nn.Module, path: Path, name: str) -> Path:
     return save_checkpoint(model, path, ModelCard(name=name, arch="srresnet", kwargs=KW, task="sr", scale=4))
 

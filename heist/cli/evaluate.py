@@ -100,7 +100,9 @@ def extraction(
                                                           "from clean images: sr4x, denoise25, style-ink, ..."),
     out: Path = typer.Option(..., "--out", help="Folder for results.json, report.md, report.html and figures/."),
     metrics: str = typer.Option("psnr,ssim,ms_ssim", help="Comma list of psnr, ssim, ms_ssim."),
-    data_range: float = typer.Option(1.0, help="Pixel value range of the images (Heist uses 1.0)."),
+    data_range: float = typer.Option(
+        1.0, help="Pixel value range of the images. Every image is read as floats in [0, 1], so only 1.0 is "
+        "accepted here (evaluation.metrics takes other ranges for tensors you pass yourself)."),
     crop_border: int = typer.Option(0, help="Pixels cropped from every side before scoring (SR papers: the scale)."),
     color_space: str = typer.Option("rgb", help="rgb, or y for ITU-R BT.601 luma as in SR papers."),
     fid: str = typer.Option("auto", help="FID/KID: auto (if weights are found), on (required) or off."),
@@ -136,6 +138,9 @@ def extraction(
     if (blocked := file_in_the_way(out)) is not None:
         raise HeistError(f"--out {out}: {blocked} is a file; name a folder for results.json and the report")
     t0 = time.perf_counter()
+    if data_range != 1.0:  # 255 scored 8-bit photos read as [0, 1] at 73 dB instead of 26
+        raise HeistError(f"--data-range {data_range:g}: heist eval reads every image as floats in [0, 1], so the "
+                         "range is 1.0 whatever the file's bit depth; leave the option out")
     settings = metric_settings(data_range, crop_border, color_space)
     names = parse_metrics(metrics)
     dev = str(pick_device(device))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,15 @@ import torch
 from translators.checkpoint import load_model
 from translators.corpus import load_images
 from translators.images import center_crop
-from translators.zoo import ZOO, build, evaluate_recipe_model, get_recipe, train_recipe, zoo_checkpoint
+from translators.zoo import (
+    ZOO,
+    build,
+    cached_checkpoint,
+    evaluate_recipe_model,
+    get_recipe,
+    train_recipe,
+    zoo_checkpoint,
+)
 from translators.zoo.stylizers import STYLIZERS
 
 
@@ -89,6 +98,23 @@ def test_build_uses_the_cache() -> None:
     mtime = path.stat().st_mtime_ns
     assert build("denoise25", "tiny") == path
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_cache_needs_the_card_and_the_seed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`heist zoo build` said "cached" for weights whose card was lost (a kill between the two writes) and
+    for a model trained with another seed than --seed asked for."""
+    monkeypatch.setenv("HEIST_DATA_DIR", str(tmp_path))
+    path = build("denoise25", "tiny")
+    assert cached_checkpoint("denoise25", "tiny", seed=0) == path
+    assert cached_checkpoint("denoise25", "tiny", seed=7) is None
+    path.with_suffix(".json").unlink()
+    assert cached_checkpoint("denoise25", "tiny") is None
+    res = subprocess.run([sys.executable, "-m", "heist.cli.main", "zoo", "build", "denoise25", "--seed", "3"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0, res.stderr
+    assert "cached" not in res.stdout
+    assert "PSNR" in res.stdout
+    assert json.loads(path.with_suffix(".json").read_text())["training"]["seed"] == 3
 
 
 def test_victim_is_trained_on_victim_split_only() -> None:

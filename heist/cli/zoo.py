@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from heist.cli.common import console, print_table, progress
-from translators.zoo import PROFILES, ZOO, build, get_recipe, zoo_checkpoint
+from translators.zoo import PROFILES, ZOO, build, cached_checkpoint, get_recipe, zoo_checkpoint
 
 app = typer.Typer(help="The victim zoo: models the project trains itself from the bundled corpus.",
                   no_args_is_help=True)
@@ -51,9 +51,9 @@ def build_models(
         get_recipe(name)  # fail fast on unknown names, before any training
     with progress() as bar:
         for name in targets:
-            cached = zoo_checkpoint(name, profile)
-            if cached.exists() and not force:
-                console.print(f"{name}: cached at {cached}")
+            cached = cached_checkpoint(name, profile, seed)
+            if cached is not None and not force:
+                console.print(f"{name}: cached at {cached} (seed {seed})")
                 continue
             task = bar.add_task(f"{name} ({profile})", total=None, info="")
 

@@ -7,7 +7,7 @@ See :mod:`translators.zoo.recipes` for the tasks and :mod:`translators.zoo.styli
 style templates.
 """
 
-from translators.zoo.build import build, evaluate_recipe_model, train_recipe, zoo_checkpoint
+from translators.zoo.build import build, cached_checkpoint, evaluate_recipe_model, train_recipe, zoo_checkpoint
 from translators.zoo.recipes import PROFILES, ZOO, Recipe, TrainSpec, get_recipe
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Recipe",
     "TrainSpec",
     "build",
+    "cached_checkpoint",
     "evaluate_recipe_model",
     "get_recipe",
     "train_recipe",

@@ -9,6 +9,7 @@ A file lock makes concurrent builds of the same model (several server workers) t
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 import time
@@ -141,6 +142,21 @@ def train_recipe(
     return model, provenance
 
 
+def cached_checkpoint(name: str, profile: str = "tiny", seed: int = 0) -> Path | None:
+    """The cached checkpoint of ``name`` at ``profile`` when it is complete (weights and card) and was
+    trained with ``seed``; else None (then :func:`build` trains it). A kill between the two writes of
+    :func:`save_checkpoint` leaves weights without a card: not cached."""
+    path = zoo_checkpoint(name, profile)
+    card = path.with_suffix(".json")
+    if not (path.exists() and card.exists()):
+        return None
+    try:
+        trained = json.loads(card.read_bytes()).get("training", {}).get("seed", 0)
+    except (ValueError, AttributeError):
+        return None
+    return path if trained == seed else None
+
+
 def build(
     name: str,
     profile: str = "tiny",
@@ -149,11 +165,12 @@ def build(
     device: str | torch.device | None = None,
     on_step: ProgressFn | None = None,
 ) -> Path:
-    """Train ``name`` at ``profile`` unless cached (or ``force``); return the ``.safetensors`` path."""
+    """Train ``name`` at ``profile`` unless cached with ``seed`` (see :func:`cached_checkpoint`) or ``force``;
+    return the ``.safetensors`` path."""
     recipe = get_recipe(name)
     path = zoo_checkpoint(name, profile)
     with _locked(path):
-        if path.exists() and path.with_suffix(".json").exists() and not force:
+        if not force and cached_checkpoint(name, profile, seed) is not None:
             return path
         log.info("training zoo model %s (profile %s, seed %d)", name, profile, seed)
         model, provenance = train_recipe(recipe, profile, seed, device, on_step)

@@ -291,6 +291,10 @@ def evaluate_extraction(
             grids.append(ImageGrid(title=f"{ps.name}: input | victim | surrogate | ground truth",
                                    columns=["input", "victim", "surrogate", "ground truth"], rows=sampler.rows))
         log.info("extraction %s: %d images", ps.name, len(names))
+    cells = [cell for t in tables for cell in t.cells.values()]
+    if not any(cell.metrics or cell.fid is not None for cell in cells):  # a report with no number in it
+        notes = [n for cell in cells for n in cell.notes if "not computed on" in n]
+        raise EvaluationError("no metric could be computed on any image" + (f" ({notes[0]})" if notes else ""))
     for sampler in samplers:
         sampler.write()
     table = ExtractionTable(victim=victim_ref, surrogate=surrogate_ref, task=task,

@@ -187,13 +187,35 @@ def test_a_failed_run_leaves_the_previous_samples_alone(models, tmp_path: Path) 
     assert {p: p.read_bytes() for p in sorted((tmp_path / "samples").rglob("*.png"))} == before
 
 
-def test_cli_refuses_a_data_range_its_images_cannot_have(tmp_path: Path) -> None:
+def test_a_run_that_can_compute_no_metric_is_an_error(tmp_path: Path) -> None:
+    """A border crop larger than the images wrote a report with no number in it and exited 0."""
+    recipe = get_recipe("denoise25")
+    ps = recipe_pairs("b", "corpus:benchmark", recipe.make_pair, 1, 1, max_side=48)
+    same = as_translator(torch.nn.Identity())
+    with pytest.raises(EvaluationError, match=r"no metric could be computed on any image \(PSNR not computed"):
+        evaluate_extraction(same, same, [ps], ModelRef(name="v"), ModelRef(name="s"), "denoise25",
+                            settings=MetricSettings(crop_border=30), metrics=["psnr"],
+                            sample_dir=tmp_path / "samples", results_dir=tmp_path)
+    assert not (tmp_path / "samples").exists()
+
+
+def test_cli_refuses_settings_its_images_cannot_have(tmp_path: Path) -> None:
     """--data-range 255 scored photos read as [0, 1] at 73 dB instead of 26 dB, and recorded it as valid."""
     r = _run("eval", "extraction", "--victim", str(tmp_path / "v.safetensors"), "--surrogate",
              str(tmp_path / "v.safetensors"), "--task", "sr4x", "--data-range", "255", "--out", str(tmp_path / "o"),
              env_dir=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "--data-range 255: heist eval reads every image as floats in [0, 1]" in " ".join(r.stderr.split())
+    pairs = tmp_path / "pairs"
+    for sub, side in (("inputs", 8), ("targets", 32)):
+        (pairs / sub).mkdir(parents=True)
+        for i in range(2):
+            write_image(torch.rand(1, 3, side, side), pairs / sub / f"im{i}.png")
+    v = _save(_sr_model(0), tmp_path / "v.safetensors", "v")
+    r = _run("eval", "extraction", "--victim", str(v), "--surrogate", str(v), "--images", f"paired:{pairs}",
+             "--max-side", "16", "--out", str(tmp_path / "o"), env_dir=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "--max-side 16: paired: sets are scored at the size of their files" in " ".join(r.stderr.split())
 
 
 def _save(model: torch.nn.Module, path: Path, name: str) -> Path:

@@ -113,7 +113,8 @@ def extraction(
     kid_subset_size: int = typer.Option(1000, help="KID subset size (capped at the set size)."),
     d_bound: float = typer.Option(0.3, help="TOST equivalence bound as Cohen's d."),
     alpha: float = typer.Option(0.05, help="Significance level of Welch and TOST."),
-    max_side: int = typer.Option(0, help="Downsize clean images to this longest side first (0: keep)."),
+    max_side: int = typer.Option(0, help="Downsize clean images (corpus:SPLIT, folders; not paired: sets) to this "
+                                 "longest side first (0: keep)."),
     samples: int = typer.Option(3, help="Sample images per test set in the report's image grid."),
     seed: int = typer.Option(0, help="Seed for make_pair noise, bootstrap CIs and KID subsets."),
     corpus_seed: int = typer.Option(DEFAULT_SEED, help="Seed of the corpus split assignment."),
@@ -171,6 +172,9 @@ def extraction(
                                      max_side or None, corpus_seed))
     if len({s.name for s in sets}) != len(sets):
         raise EvaluationError("two image sets share a label; name them with LABEL=SPEC")
+    if max_side and all(parse_image_set(t)[1].startswith("paired:") for t in images):
+        raise EvaluationError(f"--max-side {max_side}: paired: sets are scored at the size of their files; the "
+                              "option applies to clean image sets (corpus:SPLIT, folders)")
     net, net_note = feature_network_for(fid, feature_network, feature_weights, dev)
     out.mkdir(parents=True, exist_ok=True)
     t_eval = time.perf_counter()

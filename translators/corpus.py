@@ -9,7 +9,9 @@ are ordered by ``sha256(seed:group)`` and dealt round-robin in the pattern
 Image specs accepted by :func:`load_images` (and every ``--images`` option):
 ``corpus:victim``, ``corpus:attacker``, ``corpus:benchmark``, ``corpus:all``, a folder path, or
 ``dataset:NAME[:SUBSET]`` for a public dataset fetched with ``heist data fetch NAME``
-(see :mod:`translators.datasets`).
+(see :mod:`translators.datasets`). A folder (or dataset) yields every PNG/JPEG/WebP/BMP/TIFF file below it
+(:func:`image_files`: hidden files and folders, names starting with a dot, are left out); files that cannot
+be decoded are logged by name and counted, then skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import logging
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from translators.codecs import read_image
+from translators.codecs import probe_file, read_image
 from translators.errors import CorpusError, ImageError
 from translators.images import from_uint8
 from translators.paths import file_in_the_way
@@ -38,6 +42,7 @@ SPLITS: tuple[Split, ...] = ("victim", "attacker", "benchmark")
 DEFAULT_SEED = 1234
 _PATTERN: tuple[Split, ...] = ("victim", "attacker", "benchmark", "victim")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,26 +140,65 @@ class NamedImage:
     image: torch.Tensor  # (1, 3, H, W) in [0, 1]
 
 
-def _folder_files(folder: Path) -> list[Path]:
+def is_hidden(name: str) -> bool:
+    """True for a hidden file or folder name (it starts with a dot): ``.DS_Store``, Mac ``._*`` resource
+    forks, ``.thumbs/`` and similar are never photos."""
+    return name.startswith(".")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files (by suffix, :data:`IMAGE_SUFFIXES`) under ``folder``, sorted, hidden files and folders
+    below it left out (:func:`is_hidden`; ``folder`` itself may sit inside a hidden folder)."""
     if not folder.is_dir():
         raise CorpusError(
             f"{folder}: not a folder (give corpus:victim|attacker|benchmark|all, dataset:NAME or a folder path)"
         )
-    return sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    found = []
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not is_hidden(d)]
+        found += [Path(top) / f for f in files if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(f for f in found if f.is_file())
+
+
+_NAMED_SKIPS = 10  # unreadable files named one by one in the log; the rest are only counted
+
+
+def _report_skipped(folder: Path, skipped: list[ImageError], total: int) -> None:
+    """Log each unreadable file (the first few by name) and how many were skipped."""
+    for exc in skipped[:_NAMED_SKIPS]:
+        log.warning("skipped an unreadable image: %s", exc)
+    if skipped:
+        more = f" ({len(skipped) - _NAMED_SKIPS} more not named)" if len(skipped) > _NAMED_SKIPS else ""
+        log.warning("%s: %d of %d image files could not be read and were skipped%s", folder, len(skipped), total,
+                    more)
+
+
+def _files(n: int) -> str:
+    return f"{n} image file{'' if n == 1 else 's'}"
+
+
+def _nothing_readable(folder: Path, skipped: list[ImageError]) -> CorpusError:
+    why = f" ({_files(len(skipped))} could not be read, e.g. {skipped[0]})" if skipped else ""
+    return CorpusError(f"{folder}: no readable PNG/JPEG/WebP/BMP/TIFF image inside{why}")
 
 
 def _folder_images(folder: Path, max_side: int | None = None) -> list[NamedImage]:
     """Decode every readable image under ``folder``; each is downsized as soon as it is read, so a folder
-    of 2K photos never sits in memory at full resolution when ``max_side`` is given."""
+    of 2K photos never sits in memory at full resolution when ``max_side`` is given. Unreadable files are
+    logged by name, counted and skipped; none readable is a :class:`CorpusError`."""
     out: list[NamedImage] = []
-    for f in _folder_files(folder):
+    skipped: list[ImageError] = []
+    files = image_files(folder)
+    for f in files:
         try:
             x = read_image(f)
-        except ImageError:
-            continue  # unreadable files are skipped; an empty result is an error below
+        except ImageError as exc:
+            skipped.append(exc)
+            continue
         out.append(NamedImage(str(f.relative_to(folder)), _limit_side(x, max_side) if max_side else x))
     if not out:
-        raise CorpusError(f"{folder}: no readable PNG/JPEG/WebP/BMP/TIFF image inside")
+        raise _nothing_readable(folder, skipped)
+    _report_skipped(folder, skipped, len(files))
     return out
 
 
@@ -198,7 +242,8 @@ def load_images(spec: str, seed: int = DEFAULT_SEED, max_side: int | None = None
 def image_sizes(spec: str, seed: int = DEFAULT_SEED) -> list[tuple[str, int, int]]:
     """``(name, width, height)`` for every image ``spec`` names, read from headers only (cheap for big folders).
 
-    Files whose header cannot be read are left out, as :func:`load_images` skips undecodable ones; a
+    Sizes are upright (EXIF orientation applied), as :func:`load_images` loads them. Files whose header
+    cannot be read are logged, counted and left out, as :func:`load_images` does with undecodable ones; a
     folder with no readable image is a :class:`CorpusError`, as there.
     """
     folder = _spec_folder(spec)
@@ -207,15 +252,18 @@ def image_sizes(spec: str, seed: int = DEFAULT_SEED) -> list[tuple[str, int, int
         return [(p.id, im.shape[-1], im.shape[-2]) for p in photos_in_split(split, seed)  # type: ignore[arg-type]
                 for im in (p.load(),)]
     out = []
-    for f in _folder_files(folder):
+    skipped: list[ImageError] = []
+    files = image_files(folder)
+    for f in files:
         try:
-            with Image.open(f) as img:
-                w, h = img.size
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            _, w, h = probe_file(f)
+        except ImageError as exc:
+            skipped.append(exc)
             continue
         out.append((str(f.relative_to(folder)), w, h))
     if not out:
-        raise CorpusError(f"{folder}: no readable PNG/JPEG/WebP/BMP/TIFF image inside")
+        raise _nothing_readable(folder, skipped)
+    _report_skipped(folder, skipped, len(files))
     return out
 
 

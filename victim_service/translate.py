@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from defenses import DefenseContext, request_rng, request_seed
 from defenses.monitor.embedding import embed_for_log
 from defenses.monitor.regions import regions_for_log
-from translators.codecs import MEDIA_TYPES, ImageFormat, decode_image, encode_image, probe_image
+from translators.codecs import MEDIA_TYPES, ImageFormat, check_dimensions, decode_image, encode_image, probe_header
 from translators.errors import ImageError
 from victim_service.batching import admit
 from victim_service.errors import ApiError, error_parts, error_response
@@ -66,19 +66,44 @@ def presented_key(request: Request) -> str | None:
     return None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (Content-Length checked first)."""
+async def read_body(request: Request, max_bytes: int, slack: int = 0) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_bytes + slack`` bytes (Content-Length
+    checked first). ``slack`` is room for multipart framing; the error names ``max_bytes``, the configured limit."""
+    limit = max_bytes + slack
     cl = request.headers.get("content-length", "")
     if cl.isdigit() and int(cl) > limit:
-        raise ImageError("too_many_bytes", f"the body is {int(cl)} bytes; the limit is {limit}", 413)
+        raise ImageError("too_many_bytes", f"the body is {int(cl)} bytes; the limit is {max_bytes}", 413)
     chunks: list[bytes] = []
     n = 0
     async for chunk in request.stream():
         n += len(chunk)
         if n > limit:
-            raise ImageError("too_many_bytes", f"the body is over {limit} bytes", 413)
+            raise ImageError("too_many_bytes", f"the body is over {max_bytes} bytes; the limit is {max_bytes}", 413)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _multipart_image(request: Request, body: bytes) -> bytes:
+    """The one ``image`` part of a multipart body. Raises :class:`ImageError` ``bad_multipart``."""
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=2, max_fields=10)
+    except (StarletteHTTPException, ValueError, AssertionError, KeyError) as exc:
+        detail = getattr(exc, "detail", None) or str(exc) or "malformed multipart body"
+        raise ImageError("bad_multipart", f"could not parse the multipart body: {detail}") from None
+    try:
+        parts = form.getlist("image")
+        if not parts:
+            raise ImageError("bad_multipart", "the multipart body has no 'image' field")
+        if len(parts) > 1:
+            raise ImageError("bad_multipart", f"the multipart body has {len(parts)} 'image' parts; send one image part")
+        part = parts[0]
+        return await part.read() if isinstance(part, UploadFile) else str(part).encode()
+    finally:
+        await form.close()
 
 
 async def image_bytes(request: Request, max_bytes: int) -> bytes:
@@ -86,7 +111,7 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
     ctype = request.headers.get("content-type", "")
     main = ctype.split(";")[0].strip().lower()
     is_multipart = main == "multipart/form-data"
-    body = await read_body(request, max_bytes + (MULTIPART_SLACK if is_multipart else 0))
+    body = await read_body(request, max_bytes, MULTIPART_SLACK if is_multipart else 0)
     if not body:
         raise ImageError("empty_body", "the request body is empty; send the image bytes")
     if main in RAW_TYPES:
@@ -98,22 +123,7 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
             "bytes, or multipart/form-data with an 'image' field",
             415,
         )
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=2, max_fields=10)
-    except (StarletteHTTPException, ValueError, AssertionError, KeyError) as exc:
-        detail = getattr(exc, "detail", None) or str(exc) or "malformed multipart body"
-        raise ImageError("bad_multipart", f"could not parse the multipart body: {detail}") from None
-    try:
-        part = form.get("image")
-        if part is None:
-            raise ImageError("bad_multipart", "the multipart body has no 'image' field")
-        data = await part.read() if isinstance(part, UploadFile) else str(part).encode()
-    finally:
-        await form.close()
+    data = await _multipart_image(request, body)
     if not data:
         raise ImageError("empty_body", "the 'image' field is empty")
     if len(data) > max_bytes:
@@ -124,7 +134,7 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
 async def hash_refused_body(request: Request, served: ServedModel, entry: QueryLogEntry) -> None:
     """For the log: SHA-256 and size of a refused request's body (read up to the model's byte limit)."""
     try:
-        data = await read_body(request, served.max_bytes + MULTIPART_SLACK)
+        data = await read_body(request, served.max_bytes, MULTIPART_SLACK)
     except (ImageError, OSError, RuntimeError):
         return
     entry.bytes_in = len(data)
@@ -270,8 +280,10 @@ class TranslateService:
         entry.bytes_in = len(data)
         digest = hashlib.sha256(data).hexdigest()
         entry.input_sha256 = digest
-        fmt_in, w, h = probe_image(data, served.image_limits(svc.settings.images))
-        entry.width, entry.height = w, h
+        limits = served.image_limits(svc.settings.images)
+        fmt_in, w, h = probe_header(data, limits)
+        entry.width, entry.height = w, h  # upright, and logged even when the size limits refuse the image
+        check_dimensions(w, h, limits)
         entry.image_path = svc.log.save_image(digest, data, fmt_in)
         return data
 

@@ -96,7 +96,8 @@ def inspect(
     spec: str = typer.Argument(..., help="corpus:victim|attacker|benchmark|all, dataset:NAME[:SUBSET] or a folder."),
     seed: int = typer.Option(DEFAULT_SEED, help="Corpus split seed."),
 ) -> None:
-    """Resolve an images spec (as every --images option does) and list its images and sizes."""
+    """Resolve an images spec (as every --images option does) and list its images and their upright sizes
+    (EXIF orientation applied, as they load); hidden files are left out, unreadable ones reported on stderr."""
     sizes = image_sizes(spec, seed)
     table = Table(title=f"{spec}: {len(sizes)} images")
     table.add_column("name")

@@ -19,41 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from attacker.errors import RunFolderError
+from translators.files import atomic_write_bytes
 from translators.paths import file_in_the_way
 
 log = logging.getLogger(__name__)
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a power loss (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` via ``.NAME.tmp`` + ``os.replace``; fsync file and folder if ``durable``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), durable)
 
 
 def check_out_folder(folder: str | Path, flag: str = "--out") -> Path:

@@ -17,7 +17,6 @@ apply; a 429 is waited out (``Retry-After``) and retried.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from attacker.files import check_out_folder
 from attacker.pacing import LanePacer, PacedSender
 from attacker.victim_info import ModelInfo
 from translators.codecs import decode_image, encode_image, read_image
+from translators.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 SCORES = ("l1", "l2", "calibrated")
@@ -238,12 +238,9 @@ def write_scores(result: MiaResult, out: Path) -> Path:
     """``OUT/scores.json``: per-candidate scores and labels (atomic write)."""
     check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "scores.json"
-    tmp = path.with_name(".scores.json.tmp")
-    tmp.write_text(json.dumps({"names": result.names, "labels": result.labels, "scores": result.scores,
-                               "queries": result.queries, "seconds": round(result.seconds, 3)}, indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(out / "scores.json", {
+        "names": result.names, "labels": result.labels, "scores": result.scores, "queries": result.queries,
+        "seconds": round(result.seconds, 3)}, durable=False)
 
 
 def public_pairs(images: str, side: int, n: int, seed: int = 0) -> list[Candidate]:

@@ -28,9 +28,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from attacker.errors import PairStoreError
-from attacker.files import JsonlAppender, JsonlContents, atomic_write_bytes, read_jsonl, repair_jsonl
+from attacker.files import JsonlAppender, JsonlContents, read_jsonl, repair_jsonl
 from translators.codecs import ImageLimits, decode_image
 from translators.errors import ImageError
+from translators.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from attacker.files import atomic_write_json, read_json
+from attacker.files import read_json
+from translators.files import atomic_write_json
 
 RUN_JSON = "run.json"
 FORMAT_VERSION = 1

@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader, Dataset
 from attacker.countermeasures import build_counter
 from attacker.errors import ConfigError, TrainingError
 from attacker.fidelity import baseline, psnr_ssim_l2, translate
-from attacker.files import atomic_write_json, check_out_folder, folder_lock, read_json
+from attacker.files import check_out_folder, folder_lock, read_json
 from attacker.pairstore import MANIFEST, PairStore
 from attacker.progress import NO_PROGRESS, ProgressHook
 from attacker.runinfo import read_run, update_run
@@ -78,6 +78,7 @@ from attacker.surrogates import Surrogate, SurrogateProfile, auto_candidates, ge
 from attacker.trainstate import fingerprint, load_state, save_state
 from translators.checkpoint import ModelCard, save_checkpoint
 from translators.device import pick_device
+from translators.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 ArchValue = int | float | bool | str

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from attacker.errors import TrainingError
-from attacker.files import atomic_write_json, fsync_dir, read_json
+from attacker.files import read_json
+from translators.files import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,7 @@ def save_state(
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     fname = f"state-{step:08d}.safetensors"
-    tmp = folder / f".{fname}.tmp"
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / fname)
-    fsync_dir(folder)
+    atomic_write_bytes(folder / fname, save_safetensors(tensors))
     atomic_write_json(folder / "state.json", {
         "step": step, "tensors": fname, "optimizers": opt_meta, "scaler": scaler.state_dict(), **info,
     })

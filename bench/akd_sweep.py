@@ -36,13 +36,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacker.files import atomic_write_json  # noqa: E402
 from attacker.mia import load_candidates  # noqa: E402
 from defenses.model_level.akd import LAMBDA_L1, distill  # noqa: E402
 from evaluation.features import extract_features, resolve_feature_network  # noqa: E402
 from evaluation.fid import black_features, nkid_result  # noqa: E402
 from evaluation.privacy import roc_auc  # noqa: E402
 from translators.checkpoint import load_model, read_card  # noqa: E402
+from translators.files import atomic_write_json  # noqa: E402
 from translators.zoo import build  # noqa: E402
 from translators.zoo.membership import edge_pairs  # noqa: E402
 

@@ -44,12 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attacker.fidelity import baseline, psnr_ssim_l2, translate  # noqa: E402
-from attacker.files import atomic_write_json  # noqa: E402
 from attacker.harvest import harvest  # noqa: E402
 from attacker.train import train_surrogate  # noqa: E402
 from translators.checkpoint import load_model  # noqa: E402
 from translators.codecs import decode_image, encode_image  # noqa: E402
 from translators.corpus import load_images  # noqa: E402
+from translators.files import atomic_write_json  # noqa: E402
 from translators.images import center_crop  # noqa: E402
 from translators.zoo import ZOO, get_recipe  # noqa: E402
 from victim_service.process import start_service  # noqa: E402

@@ -42,9 +42,9 @@ import PIL
 import torch
 from PIL import Image
 
-from attacker.files import atomic_write_json
 from translators.codecs import decode_image, encode_image
 from translators.corpus import load_images, tiles
+from translators.files import atomic_write_json
 from translators.images import from_uint8, to_uint8
 
 RESULTS = Path(__file__).resolve().parent / "results" / "codecs.json"

@@ -40,10 +40,10 @@ import skimage
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from attacker.files import atomic_write_json
 from evaluation.aggregate import ScoreAggregator
 from evaluation.metrics import PSNR, SSIM, ImageMetric, MetricSettings
 from translators.corpus import load_images, tiles
+from translators.files import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_metrics.json"
 SIDE = 256

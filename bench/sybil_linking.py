@@ -54,13 +54,13 @@ from scipy import stats as scipy_stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from attacker.files import atomic_write_json  # noqa: E402
 from attacker.strategies import build_strategy  # noqa: E402
 from attacker.victim_info import ModelInfo  # noqa: E402
 from defenses.monitor.config import SignalParams  # noqa: E402
 from defenses.monitor.regions import MIN_SHARED, RegionIndex, RegionPrint, region_print, shared_regions  # noqa: E402
 from evaluation.monitor_eval import AttackerSpec, BenignParams, attacker_observations, benign_observations  # noqa: E402
 from translators.corpus import NamedImage, load_images  # noqa: E402
+from translators.files import atomic_write_json  # noqa: E402
 from translators.images import bicubic_resize  # noqa: E402
 
 log = logging.getLogger("bench.sybil_linking")

@@ -64,10 +64,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from attack_fidelity import bench_set, start_bench_service  # noqa: E402
 
 from attacker.fidelity import baseline, psnr_ssim_l2, translate  # noqa: E402
-from attacker.files import atomic_write_json  # noqa: E402
 from attacker.harvest import harvest  # noqa: E402
 from attacker.train import train_surrogate  # noqa: E402
 from translators.checkpoint import load_model  # noqa: E402
+from translators.files import atomic_write_json  # noqa: E402
 from translators.zoo import get_recipe  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {

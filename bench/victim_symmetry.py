@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attacker.fidelity import psnr_ssim_l2  # noqa: E402
-from attacker.files import atomic_write_json  # noqa: E402
 from translators.checkpoint import load_model  # noqa: E402
 from translators.corpus import load_images  # noqa: E402
+from translators.files import atomic_write_json  # noqa: E402
 from translators.images import center_crop  # noqa: E402
 from translators.zoo import ZOO, build, get_recipe  # noqa: E402
 

@@ -33,6 +33,7 @@ from evaluation.features import FeatureNetworkInfo
 from evaluation.fid import FIDResult, KIDResult, NKIDResult
 from evaluation.metrics import MetricSettings
 from evaluation.stats import ScoreSummary, TOSTResult, WelchResult
+from translators.files import atomic_write_text
 
 SCHEMA_VERSION = 2  # 2: cells carry a ``kind`` (extraction, membership, monitor, watermark); v1 upgraded on read
 CellStatus = Literal["pending", "running", "done", "failed"]
@@ -690,16 +691,7 @@ def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
 
 def write_results(results: Results, path: str | os.PathLike[str]) -> Path:
     """Write ``results`` as indented JSON atomically (temp file + ``os.replace``)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    data = results.model_dump_json(indent=2)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(path, results.model_dump_json(indent=2))
 
 
 def read_results(path: str | os.PathLike[str]) -> Results:

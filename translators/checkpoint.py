@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from translators.archs.registry import build_arch
 from translators.errors import CheckpointError
+from translators.files import atomic_write_bytes
 from translators.registry import UnknownNameError
 
 
@@ -63,15 +65,6 @@ class LoadedModel:
         return self.card.name
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(module: nn.Module, path: str | os.PathLike[str], card: ModelCard) -> Path:
     """Write ``path`` (``.safetensors``) and its ``.json`` card atomically. Returns the weights path.
 
@@ -83,10 +76,8 @@ def save_checkpoint(module: nn.Module, path: str | os.PathLike[str], card: Model
     _check_card_matches(p, card, module)  # never write a card that load_model would refuse
     p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = p.with_name(f".{p.name}.tmp")
-    save_file(state, str(tmp), metadata={"arch": card.arch, "name": card.name})
-    os.replace(tmp, p)
-    _atomic_write_bytes(p.with_suffix(".json"), card.model_dump_json(indent=2).encode())
+    atomic_write_bytes(p, save_safetensors(state, metadata={"arch": card.arch, "name": card.name}))
+    atomic_write_bytes(p.with_suffix(".json"), card.model_dump_json(indent=2).encode())
     return p
 
 

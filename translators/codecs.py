@@ -42,6 +42,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from translators.errors import ImageError
+from translators.files import atomic_write_bytes
 from translators.images import from_uint8, to_uint8
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -348,7 +349,4 @@ def write_image(t: torch.Tensor, path: str | os.PathLike[str]) -> None:
     fmt: ImageFormat = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(
         p.suffix.lower(), "png"
     )  # type: ignore[assignment]
-    data = encode_image(t, fmt)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
+    atomic_write_bytes(p, encode_image(t, fmt), durable=False)

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from translators.download import DownloadError, ProgressFn, download, extract_archive, part_path
 from translators.errors import HeistError
+from translators.files import atomic_write_json
 from translators.paths import datasets_dir
 
 log = logging.getLogger(__name__)
@@ -351,9 +352,7 @@ def fetch(
     files = sum(1 for f in folder.rglob("*") if f.is_file())
     marker = {"name": spec.name, "url": source, "sha256": digest, "verified": verified, "files": files,
               "archive": spec.filename}
-    tmp = folder / f"{MARKER}.tmp"
-    tmp.write_text(json.dumps(marker, indent=2))
-    os.replace(tmp, folder / MARKER)
+    atomic_write_json(folder / MARKER, marker, durable=False)
     if not keep_archive:
         archive.unlink()
     result = FetchResult(name=spec.name, folder=folder, images_dir=_images_dir(spec, folder, None), url=source,

@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -32,6 +31,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from translators.errors import HeistError
+from translators.files import atomic_write_json
 from victim_service.errors import BackendUnavailableError, redis_unavailable
 from victim_service.settings import Settings
 
@@ -128,13 +128,7 @@ class FileKeyStore(KeyStore):
 
     def _write(self, keys: dict[str, KeyRecord]) -> None:
         data = {"version": 1, "keys": {h: r.model_dump() for h, r in keys.items()}}
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
+        atomic_write_json(self.path, data, mode=0o600)
 
     def add(self, name: str, tier: str) -> str:
         with self._locked():

@@ -26,6 +26,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
+from translators.files import atomic_write_bytes
 from victim_service.settings import Settings
 
 log = logging.getLogger("heist.victim.querylog")
@@ -134,10 +135,7 @@ class QueryLog:
         ext = {"jpeg": "jpg"}.get(fmt, fmt)
         p = self.images / sha256[:2] / f"{sha256}.{ext}"
         if not p.exists():
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, p)
+            atomic_write_bytes(p, data, durable=False)
         return str(p)
 
     async def _run(self) -> None:

@@ -36,6 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from defenses.monitor.config import MonitorConfig
 from translators.errors import HeistError
+from translators.files import atomic_write_json
 from translators.paths import data_dir
 
 CONFIG_ENV = "HEIST_VICTIM_CONFIG"
@@ -447,13 +448,7 @@ class Settings(BaseSettings):
 
     def to_json_file(self, path: str | os.PathLike[str]) -> Path:
         """Write these settings (secrets in clear, mode 0600: the file is for a child process) as JSON, atomically."""
-        p = Path(path)
-        data = self.to_dict()
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, p)
-        return p
+        return atomic_write_json(path, self.to_dict(), durable=False, mode=0o600)
 
 
 # ---------------------------------------------------------------------------------------------- resolution

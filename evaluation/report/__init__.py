@@ -15,6 +15,7 @@ from pathlib import Path
 from evaluation.report.content import build_document
 from evaluation.report.document import to_html, to_markdown
 from evaluation.results import Results, read_results
+from translators.files import atomic_write_text
 
 
 @dataclass
@@ -25,9 +26,7 @@ class ReportFiles:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text, durable=False)
 
 
 def render_report(

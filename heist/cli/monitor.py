@@ -121,9 +121,9 @@ def calibrate_cmd(
     seeds: int = typer.Option(CALIBRATION_SEEDS, min=1, help="Long benign customers to measure."),
 ) -> None:
     """Set the monitor's thresholds (k-NN distance, near-duplicate radius, PRADA's delta) on benign images."""
-    from attacker.files import atomic_write_bytes
     from attacker.victim_info import ModelInfo
     from evaluation.monitor_eval import calibrate
+    from translators.files import atomic_write_bytes
 
     ben = _benign_images(benign_images, extra_benign or None)
     cal = calibrate(ben, ModelInfo(name="offline", task=task, scale=scale, min_side=8), seeds=seeds,
@@ -159,7 +159,6 @@ def eval_cmd(
     import asyncio
 
     from attacker.benign import BenignParams
-    from attacker.files import atomic_write_json
     from attacker.victim_info import ModelInfo
     from defenses.monitor.config import MonitorConfig, SignalParams
     from evaluation.monitor_eval import (
@@ -171,6 +170,7 @@ def eval_cmd(
         long_customers_summary,
     )
     from translators.corpus import load_images
+    from translators.files import atomic_write_json
 
     ben = _benign_images(benign_images, extra_benign)
     att = load_images(attacker_images)

@@ -30,6 +30,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict
 
 from translators.errors import HeistError
+from translators.files import atomic_write_text
 
 if TYPE_CHECKING:
     from evaluation.campaign.config import CampaignConfig
@@ -163,10 +164,7 @@ def failed_cell(task: CellTask, error: str) -> AnyCell:
 
 def save_record(obj: BaseModel, path: Path) -> None:
     """Write a pydantic record as JSON atomically (temp file + replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(obj.model_dump_json(indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, obj.model_dump_json(indent=2), durable=False)
 
 
 @functools.lru_cache(maxsize=2)

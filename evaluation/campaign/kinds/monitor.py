@@ -50,6 +50,7 @@ from evaluation.campaign.kinds.base import (
 )
 from evaluation.campaign.kinds.extraction import EvalSetSpec
 from evaluation.monitor_eval import AttackerSpec, default_attackers
+from translators.files import atomic_write_json
 
 if TYPE_CHECKING:
     from evaluation.campaign.config import CampaignConfig
@@ -250,9 +251,7 @@ def run_monitor_cell(spec: MonitorSpec, paths: CellPaths) -> MonitorCell:
         run_id = f"{re.sub(r'[^A-Za-z0-9]', '', spec.defense)[:10] or 'm'}{secrets.token_hex(3)}"
         with fresh_service(spec, paths, "detection") as live_spec:
             det = _detection(live_spec, paths, run_id)
-        tmp = det_path.with_name(".detection.json.tmp")
-        tmp.write_text(json.dumps(det, indent=2))
-        tmp.replace(det_path)
+        atomic_write_json(det_path, det, durable=False)
     t_det = time.perf_counter() - t0
     run_id = det["run_id"]
     live = det["live"]

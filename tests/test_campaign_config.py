@@ -101,3 +101,21 @@ def test_unknown_feature_network_is_reported_at_its_line() -> None:
     assert "vgg16-random" in msg  # the known names are listed
     for ok in ("vgg16-random", "none", "inception-v3"):
         assert parse_campaign(text.replace("vgg-random", ok)).evaluation.feature_network == ok
+
+
+def test_victim_settings_hold_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a relative --out (the default runs/NAME) the served model's path was read relative to the
+    settings file's folder, doubled, and the membership campaign stopped: "no such file"."""
+    from evaluation.campaign.victim import VictimKeys, victim_settings
+    from victim_service.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    model = Path("runs/c/models/m.safetensors")
+    data = victim_settings(parse_campaign(GOOD), {"m": str(model), "z": "zoo:denoise25"}, VictimKeys(admin="a" * 20),
+                           {}, Path("runs/c/victim/data"))
+    written = tmp_path / "runs" / "c" / "victim" / "settings.json"
+    written.parent.mkdir(parents=True)
+    Settings.from_mapping(data).to_json_file(written)
+    served = Settings.from_file(written)
+    assert [m.source for m in served.models] == [str(tmp_path / model), "zoo:denoise25"]
+    assert served.data_dir == tmp_path / "runs" / "c" / "victim" / "data"

@@ -29,6 +29,7 @@ from evaluation.campaign.config import CampaignConfig
 from translators.codecs import decode_image, encode_image
 from translators.device import default_threads
 from translators.errors import HeistError
+from translators.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 Translator = Callable[[torch.Tensor], torch.Tensor]
@@ -64,10 +65,8 @@ class VictimKeys:
         return cls(admin=f"hk_admin_{secrets.token_hex(16)}")
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"admin": self.admin, "honest": self.honest, "attack": self.attack}, indent=2))
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        atomic_write_json(path, {"admin": self.admin, "honest": self.honest, "attack": self.attack}, durable=False,
+                          mode=0o600)
 
     def ensure(self, table: dict[str, str], name: str) -> str:
         if name not in table:
@@ -93,12 +92,15 @@ def victim_settings(
         static.append({"name": f"atk-{cell_id}"[:64], "tier": attack_tier(label),
                        "key": keys.ensure(keys.attack, cell_id)})
     svc = cfg.victim_service
+    # Absolute paths: a settings file's relative paths are relative to the file, not to the campaign's
+    # working directory (a relative --out doubled them and the served model was "no such file").
     settings: dict[str, Any] = {
-        "models": [{"name": n, "source": s, "max_batch": svc.max_batch} for n, s in models.items()],
+        "models": [{"name": n, "source": s if s.startswith("zoo:") else str(Path(s).resolve()),
+                    "max_batch": svc.max_batch} for n, s in models.items()],
         "tiers": tiers,
         "keys": static,
         "admin_key": keys.admin,
-        "data_dir": str(data_dir),
+        "data_dir": str(data_dir.resolve()),
         "redis_url": svc.redis_url,
         "torch_threads": default_threads(),  # the attacker trains beside the server: don't oversubscribe
     }

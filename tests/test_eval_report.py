@@ -303,6 +303,21 @@ def test_cli_report_derives_missing_summaries(campaign_dir: Path, tmp_path: Path
     assert "| 17.50 |" in (target / "report.md").read_text()
 
 
+def test_cli_report_elsewhere_leaves_the_input_alone(campaign_dir: Path, tmp_path: Path) -> None:
+    """--out OTHER --target-psnr rewrote the input results.json (its own report no longer matched it), and
+    the new report said it read a results.json in its folder, where there was none."""
+    before = (campaign_dir / "results.json").read_bytes()
+    out = tmp_path / "other"
+    r = _run(["eval", "report", str(campaign_dir), "--out", str(out), "--target-psnr", "17.5"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (campaign_dir / "results.json").read_bytes() == before
+    assert read_results(out / "results.json").derived.target_value == 17.5
+    md = (out / "report.md").read_text()
+    assert "| 17.50 |" in md
+    for img in re.findall(r"\]\(([^)]+\.png)\)", md):  # sample images still found beside the input
+        assert (out / img).resolve().is_file(), img
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ("{not json", "not valid JSON"),
     ('{"kind": "campaign"}', "invalid results (name: Field required)"),

@@ -221,13 +221,18 @@ def report(
         raise HeistError(f"--out {out}: {blocked} is a file; name a folder for the report")
     path = results / "results.json" if results.is_dir() else results
     res = read_results(path)
-    if res.kind == "campaign" and (res.derived is None or target_psnr is not None):
+    # With --out elsewhere the report gets its own results.json (the one it says it reads) and the input
+    # stays as it was; sample images are still found beside the input.
+    dest = path if out is None or out.resolve() == path.parent.resolve() else out / "results.json"
+    derived = res.kind == "campaign" and (res.derived is None or target_psnr is not None)
+    if derived:
         from evaluation.defense_scoring import derive
 
         target = target_psnr if target_psnr is not None else (res.derived.target_value if res.derived else 25.0)
         res.derived = derive(res, target=target)
-        write_results(res, path)
-    files = render_report(path, out)
+    if derived or dest != path:
+        write_results(res, dest)
+    files = render_report(dest, out, results_dir=path.parent)
     console.print(f"report: {files.markdown}\n        {files.html} ({len(files.figures)} figures)")
 
 

@@ -289,6 +289,17 @@ def dataset_images_dir(name: str, subset: str | None = None, dest: Path | None =
     return _images_dir(spec, folder, subset)
 
 
+def _swap_in(new: Path, folder: Path) -> None:
+    """Replace ``folder`` (if any) by the complete folder ``new``; the old copy is deleted only afterwards."""
+    old = folder.with_name(f".{folder.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def fetch(
     name: str,
     dest: str | os.PathLike[str] | None = None,
@@ -309,7 +320,8 @@ def fetch(
         url: download from here instead (the spec's checksums still apply unless ``sha256`` is given).
         sha256: expected sha256, overriding the spec's checksums (for a mirror with a re-packed archive).
         verify: if False, skip size and checksum checks (logged as a warning).
-        force: delete an existing extracted copy and fetch again.
+        force: fetch again from the server (a kept archive is not reused); an existing complete copy is
+            replaced only once the new one is downloaded, verified and extracted.
         keep_archive: keep ``dest/.downloads/ARCHIVE`` after extraction.
         retries, backoff_s: see :func:`translators.download.download`.
     """
@@ -324,11 +336,14 @@ def fetch(
                            url=str(marker.get("url", "")), sha256=str(marker.get("sha256", "")),
                            verified=str(marker.get("verified", "none")), files=int(str(marker.get("files", 0))),
                            already_present=True)
-    if folder.exists():
-        log.info("removing incomplete or forced copy %s", folder)
+    replacing = force and spec.is_fetched(root)  # the good copy stays until the new one is complete
+    if folder.exists() and not replacing:
+        log.info("removing incomplete copy %s", folder)
         shutil.rmtree(folder)
     source = resolve_url(spec, url)
     archive = spec.archive_path(root)
+    if force:  # "fetch again" means from the server, not from an archive kept by --keep-archive
+        archive.unlink(missing_ok=True)
     if sha256:
         expect_size, expect_sha, expect_md5 = None, sha256, None
     elif verify:
@@ -344,15 +359,19 @@ def fetch(
         archive.rename(part_path(archive))
     _, digest = download(source, archive, size=expect_size, sha256=expect_sha, md5=expect_md5,
                          progress=progress, client=client, retries=retries, backoff_s=backoff_s)
+    staging = folder.with_name(f".{folder.name}.new")
+    if staging.exists():
+        shutil.rmtree(staging)
     try:
-        extract_archive(archive, folder)
+        extract_archive(archive, staging)
     except DownloadError:
         archive.unlink(missing_ok=True)  # unsafe or corrupt: never extract it again on the next run
         raise
-    files = sum(1 for f in folder.rglob("*") if f.is_file())
+    files = sum(1 for f in staging.rglob("*") if f.is_file())
     marker = {"name": spec.name, "url": source, "sha256": digest, "verified": verified, "files": files,
               "archive": spec.filename}
-    atomic_write_json(folder / MARKER, marker, durable=False)
+    atomic_write_json(staging / MARKER, marker, durable=False)
+    _swap_in(staging, folder)
     if not keep_archive:
         archive.unlink()
     result = FetchResult(name=spec.name, folder=folder, images_dir=_images_dir(spec, folder, None), url=source,

@@ -56,7 +56,7 @@ def dpsgd(
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", min=0.0, help="Per-sample clipping norm."),
     steps: int | None = typer.Option(None, min=1), seed: int = typer.Option(0), device: str = typer.Option("auto"),
 ) -> None:
-    """Retrain the victim on its private pairs with DP-SGD (opacus; pip install 'i2i-heist[privacy]')."""
+    """Retrain the victim on its private pairs with DP-SGD (opacus; pip install 'i2i-heist\\[privacy]')."""
     from defenses.model_level.dpsgd import train_dpsgd
 
     path = train_dpsgd(victim, out, name=out.stem, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,

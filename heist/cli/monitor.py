@@ -110,7 +110,7 @@ def calibration_toml(cal: dict[str, Any], source: str, task: str, scale: int) ->
 
 @app.command("calibrate")
 def calibrate_cmd(
-    out: Path = typer.Option(..., "--out", help="TOML file to write: a [monitor.signals] table for the settings."),
+    out: Path = typer.Option(..., "--out", help="TOML file to write: a \\[monitor.signals] table for the settings."),
     benign_images: str = typer.Option("corpus:victim", help="Images your honest customers send (spec or folder)."),
     extra_benign: str | None = typer.Option("corpus:benchmark", help="More benign images (spec or folder); "
                                             "'' for none."),

@@ -134,6 +134,17 @@ def test_empty_secrets_and_impossible_dp_settings_are_refused(tmp_path: Path) ->
     victim = tmp_path / "victim.safetensors"
     assert_user_error(heist("defend", "dpsgd", "--victim", str(victim), "--out", str(tmp_path / "dp.safetensors"),
                             "--noise-multiplier", "1", "--max-grad-norm", "0", env=env), "--max-grad-norm 0.0")
+    assert_user_error(heist("defend", "dpsgd", "--victim", str(victim), "--out", str(tmp_path / "dp.safetensors"),
+                            "--noise-multiplier", "0", env=env), "--noise-multiplier 0.0: give a finite noise sigma")
+    from types import SimpleNamespace
+
+    from defenses.model_level.common import student_path
+    from translators.errors import HeistError
+
+    teacher = SimpleNamespace(source=victim)
+    with pytest.raises(HeistError, match=r"written as NAME\.safetensors"):  # it wrote x.safetensors in silence
+        student_path(tmp_path / "x.png", teacher)  # type: ignore[arg-type]
+    assert student_path(tmp_path / "x", teacher) == tmp_path / "x.safetensors"  # type: ignore[arg-type]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -155,3 +166,4 @@ def test_serve_refuses_bad_model_files_with_one_line_before_starting(tmp_path: P
     (models / "m b.pt").write_bytes((models / "m.pt").read_bytes())
     (models / "m-b.pt").write_bytes((models / "m.pt").read_bytes())
     assert_user_error(heist(*serve, env=env), "m b.pt and m-b.pt would both be served as 'm-b'")
+

@@ -68,6 +68,8 @@ def student_path(out: str | Path, teacher: LoadedModel) -> Path:
     """The ``.safetensors`` path a student written to ``out`` gets, checked before any training: it must not
     be the teacher's own checkpoint (the private victim would be overwritten) nor a folder."""
     p = Path(out)
+    if p.suffix not in ("", ".safetensors") and not p.is_dir():
+        raise ModelDefenseError(f"--out {out}: a student is written as NAME.safetensors (+ NAME.json); name it so")
     p = p if p.suffix == ".safetensors" else p.with_suffix(".safetensors")
     if Path(out).is_dir() or p.is_dir():
         raise ModelDefenseError(f"--out {out}: is a folder; name the student's checkpoint file (NAME.safetensors)")

@@ -35,8 +35,9 @@ def train_dpsgd(
     steps: int | None = None, seed: int = 0, device: str | torch.device = "cpu", batch: int = 8, lr: float = 2e-3,
 ) -> Path:
     """Retrain the victim's architecture from scratch on its private pairs with DP-SGD; save to ``out``."""
-    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ModelDefenseError(f"--noise-multiplier {noise_multiplier}: give a finite noise sigma of 0 or more")
+    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):  # as the campaign files require
+        raise ModelDefenseError(f"--noise-multiplier {noise_multiplier}: give a finite noise sigma above 0 (with 0 "
+                                "DP-SGD only clips gradients and the model has no privacy guarantee)")
     if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise ModelDefenseError(f"--max-grad-norm {max_grad_norm}: the per-sample clipping norm must be above 0")
     try:

@@ -52,7 +52,7 @@ def dmp(
 
 def dpsgd(
     victim: Path = _VICTIM, out: Path = _OUT,
-    noise_multiplier: float = typer.Option(..., "--noise-multiplier", min=0.0, help="DP-SGD noise sigma."),
+    noise_multiplier: float = typer.Option(..., "--noise-multiplier", help="DP-SGD noise sigma (> 0)."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", min=0.0, help="Per-sample clipping norm."),
     steps: int | None = typer.Option(None, min=1), seed: int = typer.Option(0), device: str = typer.Option("auto"),
 ) -> None:

@@ -186,6 +186,10 @@ def _match(suspect: torch.Tensor, clean: torch.Tensor, name: str) -> torch.Tenso
     if suspect.shape[1] != 3:
         raise VerifyError(f"suspect output for probe {name} has {suspect.shape[1]} channels, not 3")
     if suspect.shape[-2:] != clean.shape[-2:]:
+        (sh, sw), (ch, cw) = suspect.shape[-2:], clean.shape[-2:]
+        if max(sh / ch, ch / sh, sw / cw, cw / sw) > 1.5:  # x4 SR against a x1 model: another task, not a copy
+            raise VerifyError(f"suspect output for probe {name} is {sw}x{sh} where our model gives {cw}x{ch}: "
+                              "the suspect does another task or scale than the model it is tested against")
         suspect = F.interpolate(suspect, size=clean.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
     return suspect
 
@@ -203,7 +207,8 @@ def verify_ownership(
 
     Args:
         suspect_outputs: the suspect's output per probe (``(1, 3, sH, sW)`` in [0, 1]), or a translator
-            that computes them; outputs of another size are resized (bicubic) to the victim's.
+            that computes them; outputs of a slightly different size are resized (bicubic) to the victim's,
+            outputs more than 1.5x off in a side (another task or scale) are refused.
         victim: the clean victim (no defenses) ``(1, 3, H, W) -> (1, 3, sH, sW)``.
         probes: the probe images (sent to the suspect as they are).
         secret: the server's defense secret (``victim_service.services.defense_secret``).

@@ -189,11 +189,19 @@ def test_akd_student_lowers_the_auc_and_its_proxy_set_is_checked(victim_path: Pa
     assert victim_path.read_bytes() == before
     with pytest.raises(ModelDefenseError, match="is a folder"):
         distill(victim_path, tmp_path, name="oops", adversarial=False, steps=1)
-    written = distill(victim_path, tmp_path / "student.bin", name="s", adversarial=False, steps=1)
+    with pytest.raises(ModelDefenseError, match=r"written as NAME\.safetensors"):  # not student.safetensors in silence
+        distill(victim_path, tmp_path / "student.bin", name="s", adversarial=False, steps=1)
+    written = distill(victim_path, tmp_path / "student", name="s", adversarial=False, steps=1)
     assert written == tmp_path / "student.safetensors"  # the path actually written, for the CLI to print
     assert written.exists()
     with pytest.raises(ModelDefenseError, match="overlap the victim's private split"):
         proxy_inputs("corpus:victim", 16, 4, set(), seed=0)
+    from translators.corpus import export_split
+
+    exported = tmp_path / "export"
+    export_split("corpus:victim", exported)  # the same photos as a folder were accepted
+    with pytest.raises(ModelDefenseError, match=r"photo\(s\) of the victim's private split"):
+        proxy_inputs(str(exported), 16, 4, set(), seed=0)
     digests = set(split["members"]["digests"])  # type: ignore[arg-type]
     from translators.corpus import image_digest
     from translators.zoo.membership import edge_pairs

@@ -45,6 +45,7 @@ from evaluation.watermark import (
 )
 from tests.conftest import free_port
 from tests.servers import TINY_ARCHS, VictimServer, start_victim, tiny_models, tiny_torchscript
+from translators.archs import build_arch
 from translators.checkpoint import load_model
 from translators.codecs import read_image
 from victim_service.services import defense_secret
@@ -199,6 +200,8 @@ def test_verify_catches_a_plain_loop_thief_from_a_torchscript_file(theft: Theft)
     assert out["nuisance_dims"] == 3
     assert out["key_dim"] == 40 - 3
     assert out["p_value"] < 1e-6, out
+    # the tier serves ownership_watermark with default parameters: that is configured, not a fallback
+    assert "note: default watermark parameters" not in cp.stderr
 
 
 def test_verify_catches_the_attackers_default_kind(theft: Theft) -> None:
@@ -305,6 +308,11 @@ def test_bad_suspects_are_one_line_errors(theft: Theft, tmp_path: Path) -> None:
     cp = _cli("defend", "verify", "--suspect", str(tmp_path / "missing.safetensors"), "--model", MODEL,
               "--config", cfg, "--queries", "2")
     _one_line_error(cp, "no such checkpoint")
+    sr = build_arch("srresnet", {"channels": 4, "n_blocks": 1}).eval()  # x4: another task than the denoiser
+    torch.jit.script(sr).save(str(tmp_path / "sr.pt"))
+    cp = _cli("defend", "verify", "--suspect", str(tmp_path / "sr.pt"), "--model", MODEL, "--config", cfg,
+              "--queries", "2", "--images", "corpus:benchmark", "--probe-side", str(SIDE))
+    _one_line_error(cp, "the suspect does another task or scale")  # it scored p = 0.76, "no evidence"
     cp = _cli("defend", "verify", "--suspect", str(tmp_path / "missing.safetensors"), "--model", MODEL,
               "--config", cfg, "--nuisance-jpeg", "75,best")
     _one_line_error(cp, "--nuisance-jpeg")

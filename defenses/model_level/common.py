@@ -49,10 +49,17 @@ def proxy_inputs(images: str, side: int, n: int, private_digests: set[str], seed
     The paper's proxy-set condition: no private pair may be in the proxy set. Raises
     :class:`ModelDefenseError` if the proxy images come from the victim split or a crop matches one.
     """
-    from translators.corpus import image_digest
+    from translators.corpus import image_digest, load_images
     from translators.zoo.membership import edge_pairs
 
     refuse_private_images(images, "proxy images", "corpus:attacker")
+    # The same photos under another name (an exported corpus:victim folder) gave crops that overlap the
+    # private crops without matching one: compare whole photos too (pixel-exact copies only).
+    private_photos = {image_digest(im.image) for im in load_images(PRIVATE_IMAGE_SETS[0])}
+    shared = [im.name for im in load_images(images) if image_digest(im.image) in private_photos]
+    if shared:
+        raise ModelDefenseError(f"proxy images {images!r} include {len(shared)} photo(s) of the victim's private "
+                                f"split ({', '.join(shared[:3])}); use public images such as corpus:attacker")
     try:
         pairs = edge_pairs(images, side, n, seed=seed + 7919)
     except ValueError as exc:
@@ -68,13 +75,13 @@ def student_path(out: str | Path, teacher: LoadedModel) -> Path:
     """The ``.safetensors`` path a student written to ``out`` gets, checked before any training: it must not
     be the teacher's own checkpoint (the private victim would be overwritten) nor a folder."""
     p = Path(out)
-    if p.suffix not in ("", ".safetensors") and not p.is_dir():
-        raise ModelDefenseError(f"--out {out}: a student is written as NAME.safetensors (+ NAME.json); name it so")
     p = p if p.suffix == ".safetensors" else p.with_suffix(".safetensors")
     if Path(out).is_dir() or p.is_dir():
         raise ModelDefenseError(f"--out {out}: is a folder; name the student's checkpoint file (NAME.safetensors)")
     if p.resolve() == Path(teacher.source).with_suffix(".safetensors").resolve():
         raise ModelDefenseError(f"--out {out}: that is the victim's own checkpoint; write the student elsewhere")
+    if Path(out).suffix not in ("", ".safetensors"):
+        raise ModelDefenseError(f"--out {out}: a student is written as NAME.safetensors (+ NAME.json); name it so")
     return p
 
 

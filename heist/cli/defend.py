@@ -199,6 +199,7 @@ def verify(
 
     secret, settings = _server_secret(config, secret_file)
     module, params, multiple, task = _our_model(model, settings)
+    configured = params is not None
     base = params or OwnershipParams()
     over = {k: v for k, v in {"key_id": key_id, "radius": radius}.items() if v is not None}
     try:
@@ -241,7 +242,7 @@ def verify(
     for row in result["per_probe"]:
         console.print(f"  {row['probe']}: z {row['z']:+.2f}, residual rms {row['residual_rms']:.4f}",
                       highlight=False)
-    if params is base and base == OwnershipParams() and not over:
+    if not configured and not over:
         err_console.print("note: default watermark parameters (no ownership_watermark in the config for this model)")
 
 

@@ -36,7 +36,7 @@ from evaluation.metrics import MetricSettings, build_metric
 from evaluation.results import ExtractionTable, ExtractionTestSet, GridRow, ImageGrid, ModelRef, ScoreTests
 from evaluation.stats import tost_equivalence, welch_ttest
 from translators.codecs import read_image, write_image
-from translators.corpus import IMAGE_SUFFIXES, NamedImage, load_images
+from translators.corpus import NamedImage, image_files, load_images
 from translators.errors import CorpusError, ImageError
 
 log = logging.getLogger(__name__)
@@ -142,8 +142,13 @@ def folder_pairs(name: str, folder: str | Path, input_multiple: int = 1) -> Pair
         raise CorpusError(f"{root}: a paired folder needs 'inputs/' and 'targets/' subfolders")
 
     def stems(d: Path) -> dict[str, Path]:
-        return {str(f.relative_to(d).with_suffix("")): f for f in sorted(d.rglob("*"))
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES}
+        found: dict[str, Path] = {}
+        for f in image_files(d):  # hidden files and folders left out, as in every photo folder
+            key = str(f.relative_to(d).with_suffix(""))
+            if key in found:  # im0.jpg beside im0.png: which one pairs would be a guess
+                raise CorpusError(f"{d}: {found[key].name} and {f.name} are the same image name; keep one")
+            found[key] = f
+        return found
 
     inputs, targets = stems(ind), stems(tgd)
     missing = sorted(set(inputs) ^ set(targets))

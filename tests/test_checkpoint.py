@@ -152,8 +152,10 @@ def test_find_models(tmp_path: Path) -> None:
     (tmp_path / "dir.safetensors").mkdir()
     (tmp_path / "old.pth").write_bytes(b"")  # listed, so that loading it says pickles are refused
     assert [p.name for p in find_models(tmp_path)] == ["a.pt", "b.safetensors", "old.pth"]
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="no such directory"):
         find_models(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        find_models(tmp_path / "notes.txt")
 
 
 # --- pickles are never unpickled --------------------------------------------------------------------------

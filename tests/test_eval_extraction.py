@@ -151,6 +151,12 @@ def test_paired_folder_source(tmp_path: Path) -> None:
         list(folder_pairs("mine", root).pairs())
     with pytest.raises(CorpusError, match="needs 'inputs/' and 'targets/'"):
         folder_pairs("x", tmp_path / "nowhere")
+    write_image(torch.rand(1, 3, 40, 48, generator=g), root / "targets" / "im1.png")
+    (root / "inputs" / ".im9.png").write_bytes(b"")  # hidden (editor or macOS junk): not an image to pair
+    assert [p.name for p in folder_pairs("mine", root).pairs()] == ["im0", "im1", "im2"]
+    write_image(torch.rand(1, 3, 10, 12, generator=g), root / "inputs" / "im0.jpg")
+    with pytest.raises(CorpusError, match=r"im0\.(jpg|png) and im0\.(jpg|png) are the same image name"):
+        folder_pairs("mine", root)
 
 
 def test_parse_image_set() -> None:

@@ -288,7 +288,7 @@ def find_models(folder: str | os.PathLike[str]) -> list[Path]:
     """Model files in ``folder`` that :func:`load_model` would try (sorted, cards excluded)."""
     d = Path(folder)
     if not d.is_dir():
-        raise CheckpointError(f"{d}: not a directory")
+        raise CheckpointError(f"{d}: {'not a directory' if d.exists() else 'no such directory'}")
     exts = {".safetensors", ".pt", ".ts", ".pth", ".pt2"}
     return sorted(f for f in d.iterdir() if f.suffix.lower() in exts and not f.name.startswith(".") and f.is_file())
 

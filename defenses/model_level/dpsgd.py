@@ -9,6 +9,7 @@ claimed; the report states sigma as the paper does. Needs the ``privacy`` extra 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,7 +62,9 @@ def train_dpsgd(
         return xs[idx], ys[idx]
 
     steps = steps or int(victim.card.training.get("steps", 1000))
-    ema = fit(gsm, batches, steps, lr=lr, loss="l1", device=dev, optimizer=opt)
+    with warnings.catch_warnings():  # opacus' per-sample hooks on a first layer whose input needs no grad
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        ema = fit(gsm, batches, steps, lr=lr, loss="l1", device=dev, optimizer=opt)
     return save_student(model, victim, out, name, "dpsgd", {
         "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "steps": steps, "batch": batch,
         "lr": lr, "seed": seed, "sampling": "uniform with replacement (no epsilon claimed)",

@@ -167,7 +167,8 @@ class ModelInfo(BaseModel):
     max_pixels: int = Field(description="largest accepted input width*height")
     max_bytes: int = Field(description="largest accepted request body, bytes")
     max_batch: int = Field(description="largest dynamic batch")
-    max_batch_source: str = Field(description="'auto' (measured at warm-up) or 'config'")
+    max_batch_source: str = Field(description="'auto' (measured at warm-up), 'config', or 'fixed (export)' (a "
+                                  "torch.export traced with one image)")
     output_formats: list[str] = Field(default_factory=lambda: ["image/png", "image/jpeg", "image/webp"])
 
 

@@ -201,6 +201,8 @@ def test_embedded_mode_replays_the_jsonl_log(tmp_path: Path, models: dict[str, P
         bad = httpx.get(f"{srv.url}/v1/admin/clients/bad%20name!/level", headers=srv.admin_headers)
         assert bad.status_code == 400
         assert bad.json()["error"] == "bad_client"
+        bad = httpx.get(f"{srv.url}/v1/admin/clients/alice%0A/level", headers=srv.admin_headers)
+        assert (bad.status_code, bad.json()["error"]) == (400, "bad_client")
         # benign customers through the CLI: keys made through the admin API, photos sent, nobody flagged
         out = CliRunner().invoke(cli, ["traffic", "benign", "--url", srv.url, "--model", "sr4x", "--admin-key",
                                        srv.admin_key, "--clients", "2", "--photos", "3", "--tier", "open",

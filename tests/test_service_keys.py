@@ -143,6 +143,7 @@ def test_cli_mistakes_are_one_line_errors(
 
     one_line_error(heist("keys", "add", "eve", "--tier", "gold"), "unknown tier 'gold'", "free, pro, internal")
     one_line_error(heist("keys", "add", "not a name", "--tier", "free"), "client name")
+    one_line_error(heist("keys", "add", "eve\n", "--tier", "free"), "client name")  # a second "eve" in the list
     one_line_error(heist("keys", "revoke", "nobody"), "no stored key for client 'nobody'")
     (tmp_path / "empty").mkdir()
     one_line_error(heist("serve", "--models-dir", str(tmp_path / "empty")), "no model to serve")

@@ -179,6 +179,13 @@ def test_log_cli_tail_and_export_jsonl_and_parquet(
     assert recent.exit_code == 0
     assert (tmp_path / "n.jsonl").read_text() == ""
 
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    bad = runner.invoke(app, ["log", "export", "--out", str(folder), *cfg])  # was a traceback + a stray temp file
+    assert bad.exit_code != 0
+    assert "is a folder; name the file to write" in str(bad.exception)
+    assert not list(tmp_path.glob(".*.tmp"))
+
 
 def test_admin_log_route_reads_the_stream(srv: VictimServer, traffic: dict[str, httpx.Response]) -> None:
     got = httpx.get(f"{srv.url}/v1/admin/clients/bob/log", params={"limit": 5}, headers=srv.admin_headers)
@@ -198,3 +205,30 @@ def test_log_cli_says_in_one_line_that_redis_is_unreachable(srv: VictimServer, t
         assert res.stderr.startswith("error: the query log (Redis) is unreachable"), res.stderr
         assert "Traceback" not in res.stderr
     assert not (tmp_path / "q.jsonl").exists()
+
+
+def test_entries_replayed_after_an_outage_are_read_by_their_own_time(redis_url: str, tmp_path: Path) -> None:
+    """Entries spilled while Redis was down enter the stream when it returns, after newer ones: `heist log
+    tail` showed them as the latest and `export --since` let older ones through (it went by stream ID)."""
+    from victim_service.settings import Settings
+
+    settings = Settings.from_mapping({"redis_url": redis_url, "key_prefix": f"heist-test:{uuid.uuid4().hex[:12]}:",
+                                      "data_dir": str(tmp_path)}, env=False)
+    reader = LogReader(settings)
+    r = redis.Redis.from_url(redis_url)
+    now = time.time()
+
+    def add(ts: float, rid: str) -> None:
+        e = QueryLogEntry(ts=ts, request_id=rid, client="c", status=200, code="ok")
+        r.xadd(reader.key, {b"e": e.model_dump_json()})
+
+    try:
+        add(now - 100, "before-outage")
+        add(now - 5, "latest")  # answered once Redis was back...
+        for i in range(3):  # ...before the spill of the outage was replayed
+            add(now - 60 + i, f"spilled-{i}")
+        assert [e.request_id for e in reader.tail(2)] == ["spilled-2", "latest"]
+        assert [e.request_id for e in reader.iter_entries(since=now - 30)] == ["latest"]
+        assert len(list(reader.iter_entries(since=now - 80))) == 4
+    finally:
+        r.delete(reader.key)

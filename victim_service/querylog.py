@@ -31,6 +31,8 @@ from victim_service.settings import Settings
 
 log = logging.getLogger("heist.victim.querylog")
 STREAM_FIELD = b"e"
+SKEW_S = 60.0  # how far a stream ID (Redis's clock) may lag an entry's ts (the server's clock)
+REORDER_WINDOW = 1000  # entries read beyond what a tail needs, to find the ones replayed after an outage
 
 
 class QueryLogEntry(BaseModel):
@@ -240,15 +242,18 @@ class LogReader:
         return self._r
 
     def iter_entries(self, since: float | None = None, client: str | None = None) -> Iterator[QueryLogEntry]:
-        """Oldest first. ``since``: Unix seconds; ``client``: only that client's entries."""
+        """In log order (oldest first, but entries replayed after a Redis outage come when they were replayed).
+        ``since``: Unix seconds, compared with each entry's own ``ts``; ``client``: only that client's entries."""
         for e in self._iter_all(since):
-            if client is None or e.client == client:
+            if (since is None or e.ts >= since) and (client is None or e.client == client):
                 yield e
 
     def _iter_all(self, since: float | None) -> Iterator[QueryLogEntry]:
         if self.backend == "redis":
             r = self._redis()
-            start = f"{int(since * 1000)}-0" if since else "-"
+            # A stream ID is the time Redis stored the entry, never much before the entry's ts (a minute of
+            # clock skew allowed): start there, and let iter_entries filter on ts.
+            start = f"{max(0, int((since - SKEW_S) * 1000))}-0" if since else "-"
             while True:
                 chunk = r.xrange(self.key, min=start, max="+", count=1000)
                 if not chunk:
@@ -276,19 +281,20 @@ class LogReader:
     def tail(self, n: int = 20, client: str | None = None) -> list[QueryLogEntry]:
         """The ``n`` most recent entries (oldest first), optionally of one client."""
         if self.backend == "redis":
+            # Entries spilled during an outage enter the stream when Redis returns, after newer ones: read
+            # REORDER_WINDOW entries more than needed and keep the n latest by their own time.
             r = self._redis()
             out: list[QueryLogEntry] = []
-            end = "+"
-            while len(out) < n:
+            end, scanned = "+", 0
+            while len(out) < n or scanned < n + REORDER_WINDOW:
                 chunk = r.xrevrange(self.key, max=end, min="-", count=max(n * 2, 200))
                 if not chunk:
                     break
+                scanned += len(chunk)
                 for _id, fields in chunk:
                     e = QueryLogEntry.model_validate_json(fields[STREAM_FIELD])
                     if client is None or e.client == client:
                         out.append(e)
-                        if len(out) == n:
-                            break
                 ms, seq = chunk[-1][0].decode().split("-")
                 if int(seq) > 0:
                     end = f"{ms}-{int(seq) - 1}"
@@ -296,7 +302,7 @@ class LogReader:
                     end = f"{int(ms) - 1}-18446744073709551615"
                 else:
                     break
-            return list(reversed(out))
+            return sorted(out, key=lambda e: e.ts)[-n:] if n > 0 else []
         entries = list(self.iter_entries(client=client))
         return entries[-n:] if n > 0 else []
 
@@ -310,6 +316,16 @@ def export_entries(entries: Iterator[QueryLogEntry], out: Path, fmt: str) -> int
     """Write entries as ``jsonl`` or ``parquet`` to ``out`` atomically (temp file + rename). Returns the count."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        n = _write_entries(entries, tmp, fmt)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # an export that failed half-way leaves nothing behind
+        raise
+    return n
+
+
+def _write_entries(entries: Iterator[QueryLogEntry], tmp: Path, fmt: str) -> int:
     n = 0
     if fmt == "jsonl":
         with open(tmp, "w") as fh:
@@ -342,7 +358,6 @@ def export_entries(entries: Iterator[QueryLogEntry], out: Path, fmt: str) -> int
                 writer.write_table(pa.Table.from_pylist(rows, schema=schema))
     else:
         raise ValueError(f"unknown export format {fmt!r}")
-    os.replace(tmp, out)
     return n
 
 

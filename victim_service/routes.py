@@ -24,7 +24,7 @@ from victim_service.levels import LevelError
 from victim_service.models import ServedModel
 from victim_service.querylog import LogReader, QueryLogEntry
 from victim_service.services import Services
-from victim_service.settings import Settings, StoreInfo
+from victim_service.settings import NAME_CHARS, Settings, StoreInfo, is_name
 from victim_service.translate import TranslateService, presented_key
 
 __all__ = ["error_parts", "error_response", "presented_key", "router"]
@@ -240,7 +240,7 @@ def _require_admin(request: Request) -> Services:
 
 
 class KeyCreate(BaseModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    name: str = Field(pattern=f"^{NAME_CHARS}$")  # pydantic's (Rust) regex: $ is the end of the text
     tier: str
 
 
@@ -321,14 +321,11 @@ class LevelInfo(BaseModel):
     max_level: int = Field(description="highest level configured on this server")
 
 
-_CLIENT_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 def _check_client_name(name: str) -> None:
     """400 ``bad_client`` unless ``name`` could be a client (API key) name."""
-    import re
-
-    if not re.match(_CLIENT_RE, name):
+    if not is_name(name):
         raise ApiError(400, "bad_client", f"{name!r} is not a client name (letters, digits, '.', '_', '-'; at most "
                                           "64)")
 

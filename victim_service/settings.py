@@ -42,7 +42,8 @@ from translators.paths import data_dir
 CONFIG_ENV = "HEIST_VICTIM_CONFIG"
 """Environment variable naming the settings file when no ``--config`` is given (see :func:`resolve_settings`)."""
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_CHARS = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+"""What a client, tier or model name may be (whole string; Python's ``$`` would also let a final newline in)."""
 
 
 class SettingsError(HeistError):
@@ -55,8 +56,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def is_name(v: str) -> bool:
+    """True when ``v`` is a valid client, tier or model name (:data:`NAME_CHARS`, the whole string)."""
+    return re.fullmatch(NAME_CHARS, v) is not None
+
+
 def _check_name(v: str, what: str) -> str:
-    if not _NAME_RE.match(v):
+    if not is_name(v):
         raise ValueError(f"{what} {v!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
     return v
 

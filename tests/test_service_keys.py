@@ -71,9 +71,10 @@ def test_keys_added_by_cli_work_on_heist_serve_models_dir(
     tiny_models(models, ("sr4x",))
     tiny_torchscript(models, "scripted")
     monkeypatch.setenv("HEIST_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "tmp").mkdir()
     env = {**os.environ, "HEIST_VICTIM_KEY_CACHE_S": "0",
            "HEIST_VICTIM_ADMIN_KEY": "hk_admin_for_this_test_only", "HEIST_VICTIM_TORCH_THREADS": "1",
-           "HEIST_VICTIM_BATCH_PROBE_S": "0.02"}
+           "HEIST_VICTIM_BATCH_PROBE_S": "0.02", "TMPDIR": str(tmp_path / "tmp")}
     added = heist("keys", "add", "carol", "--tier", "free")
     assert added.rc == 0, added.err
     key = added.out.strip()
@@ -122,9 +123,11 @@ def test_keys_added_by_cli_work_on_heist_serve_models_dir(
         log = httpx.get(f"{url}/v1/admin/log", headers={"X-API-Key": "hk_admin_for_this_test_only"}).json()
         assert [e["status"] for e in log] == [200, 200, 200, 401]
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as docker stop does
         rc = proc.wait(timeout=30)
     assert rc == 0, (tmp_path / "serve.log").read_text()[-2000:]
+    # the settings file handed to uvicorn holds the admin key in clear: SIGTERM left it behind
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_cli_mistakes_are_one_line_errors(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import typer
 
 from heist.cli.common import config_option, console, err_console, victim_settings
 from translators.errors import HeistError
+
+
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def serve(
@@ -70,10 +75,17 @@ def serve(
         err_console.print(f"serving [bold]{names}[/bold] on http://{settings.host}:{settings.port} "
                           f"({settings.workers} worker(s), limits: {limiter}; settings: {resolved.origin}; "
                           f"API keys in {settings.store().describe()})", highlight=False)
-        uvicorn.run(
-            "victim_service.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-            workers=settings.workers, log_level=log_level, timeout_graceful_shutdown=5,
-        )
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it found:
+        # the default one would kill the process before the finally below deletes the settings file (it
+        # holds the admin key). Stop as on Ctrl-C instead (docker stop, systemd, kill).
+        previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+        try:
+            uvicorn.run(
+                "victim_service.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level=log_level, timeout_graceful_shutdown=5,
+            )
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     console.print("stopped")

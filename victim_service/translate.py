@@ -165,6 +165,10 @@ def encode_response_image(t: torch.Tensor, fmt: ImageFormat, settings: Settings)
     return encode_image(t, fmt, quality=quality, png_compress_level=o.png_compress_level)
 
 
+SHUTDOWN_CANCEL = "graceful shutdown"
+"""In the message uvicorn cancels still-running requests with when its graceful shutdown times out."""
+
+
 class TranslateService:
     """Handles translate requests for one app instance (holds no per-request state)."""
 
@@ -178,7 +182,13 @@ class TranslateService:
         async with self._logged(rid, model, request) as entry:
             try:
                 return await self._run(model, request, rid, entry, headers)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
+                if SHUTDOWN_CANCEL in (str(exc.args[0]) if exc.args else ""):
+                    # uvicorn's graceful shutdown ran out of time: the client is still there, so answer it
+                    # (uvicorn would send a bare text/plain 500) and log what it got, not a hang-up.
+                    entry.status, entry.code = 503, "shutting_down"
+                    return error_response(503, "shutting_down", "the server is shutting down; retry shortly",
+                                          {**headers, "Retry-After": "1"})
                 entry.status, entry.code = 499, "client_closed"  # nginx's code for a client that hung up
                 raise
             except Exception as exc:

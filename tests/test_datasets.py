@@ -452,6 +452,13 @@ def test_zip_bomb_declared_size_is_refused(tmp_path: Path) -> None:
     assert extract_archive(src, tmp_path / "out2").joinpath("zeros.bin").stat().st_size == 2_000_000
 
 
+def test_an_html_page_instead_of_the_archive_is_named_as_such(tmp_path: Path) -> None:
+    page = tmp_path / "set5.tar.gz"
+    page.write_bytes(b"\n<!DOCTYPE html><html><body>Please log in</body></html>")
+    with pytest.raises(DownloadError, match="not a zip or tar archive \\(it is an HTML page"):
+        extract_archive(page, tmp_path / "out")
+
+
 def test_corrupt_archive_from_fetch_is_removed(tmp_path: Path, server: ArchiveServer,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     server.files["/Set14_HR.tar.gz"] = ARCHIVE[: len(ARCHIVE) // 3]  # truncated gzip stream

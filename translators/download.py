@@ -363,7 +363,11 @@ def extract_archive(
         elif tarfile.is_tarfile(archive):
             count = _extract_tar(archive, tmp, max_bytes)
         else:
-            raise DownloadError(f"{archive}: not a zip or tar archive")
+            with open(archive, "rb") as fh:
+                head = fh.read(512).lstrip().lower()
+            html = head.startswith((b"<!doctype html", b"<html")) or b"<html" in head
+            hint = " (it is an HTML page: the server answered with a web page, e.g. a login page)" if html else ""
+            raise DownloadError(f"{archive}: not a zip or tar archive{hint}")
         os.replace(tmp, dest)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,13 +34,16 @@ Cell kinds: ``[[cells]]`` entries are validated by the schema of their ``kind``
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from evaluation.campaign.kinds import CELL_KINDS, owner_of
+from evaluation.campaign.kinds.base import check_images, check_surrogate
 from evaluation.campaign.kinds.extraction import AttackSection
 from evaluation.campaign.tomlpos import locate
 from translators.errors import HeistError
@@ -66,6 +69,26 @@ class CampaignSection(_Strict):
     device: str = "auto"
     description: str = ""
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        """A device name :func:`translators.device.pick_device` knows. CUDA missing *here* is no mistake: the
+        file may be checked on another machine than the GPU one that runs it."""
+        import torch
+
+        from translators.device import DeviceError, pick_device
+
+        try:
+            pick_device(v)
+        except DeviceError as exc:
+            try:
+                cuda = torch.device(v.lower()).type == "cuda"
+            except RuntimeError:
+                cuda = False
+            if not cuda:
+                raise ValueError(str(exc)) from None
+        return v
+
 
 class VictimServiceSection(_Strict):
     """Where the victim runs. Without ``url`` the campaign starts ``heist serve`` itself on a free port.
@@ -79,6 +102,19 @@ class VictimServiceSection(_Strict):
     redis_url: str | None = Field(None, description="None = the service's embedded in-process limiter")
     startup_timeout_s: float = Field(600.0, gt=0)
     max_batch: int | Literal["auto"] = 1
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        """The check ``heist serve`` applies (:class:`victim_service.settings.Settings`)."""
+        from victim_service.settings import Settings, SettingsError
+
+        if v is None:
+            return v
+        try:
+            return Settings.from_mapping({"redis_url": v}, "victim service", env=False).redis_url
+        except SettingsError as exc:
+            raise ValueError(str(exc).removeprefix("victim service: redis_url: ")) from None
 
 
 class LimitsSection(_Strict):
@@ -128,6 +164,12 @@ class VictimSection(_Strict):
         if (self.recipe or self.name) not in ZOO:
             raise ValueError(f"victim {self.name!r}: no zoo recipe {self.recipe or self.name!r} gives its ground "
                              f"truth; set recipe to one of {', '.join(ZOO.names())}")
+        try:
+            check_surrogate(self.surrogate, self.surrogate_profile, dict(self.surrogate_kwargs),
+                            self.recipe or self.name)
+        except ValueError as exc:
+            raise _located(("surrogate_kwargs",) if self.surrogate_kwargs else ("surrogate_profile",),
+                           f"victim {self.name!r}: {exc}") from None
         return self
 
 
@@ -182,11 +224,21 @@ class EvaluationSection(_Strict):
 
     image_sets: dict[str, str] = Field(default_factory=lambda: {"benchmark": "corpus:benchmark"}, min_length=1)
     max_side: int = Field(128, ge=16)
-    target_psnr: float = 30.0
+    target_psnr: float = Field(30.0, gt=0, allow_inf_nan=False)
     samples: int = Field(3, ge=0, le=16)
     feature_weights: Path | None = None
     feature_network: str | None = None
     d_bound: float = Field(0.3, gt=0)
+
+    @field_validator("image_sets")
+    @classmethod
+    def _image_sets(cls, v: dict[str, str]) -> dict[str, str]:
+        for label, spec in v.items():
+            try:
+                check_images(spec)
+            except ValueError as exc:
+                raise ValueError(f"{label}: {exc}") from None
+        return v
 
     @field_validator("feature_network")
     @classmethod
@@ -251,8 +303,12 @@ class CampaignConfig(_Strict):
             raise ValueError("one extraction entry at most ([attack] or one [[cells]] with kind = \"extraction\")")
         if self.attack is None and not self.cells:
             raise ValueError("nothing to run: give [attack] (extraction) or [[cells]] entries")
-        for entry in self.cells:
-            entry.check(self)
+        for i, entry in enumerate(self.cells):
+            try:
+                entry.check(self)
+            except ValueError as exc:
+                key = getattr(exc, "key", None)
+                raise _located(("cells", i, *([key] if key else [])), str(exc)) from None
         labels = [d.label for d in self.defenses]
         if len(set(labels)) != len(labels):
             raise ValueError("defense labels must be unique")
@@ -269,9 +325,11 @@ class CampaignConfig(_Strict):
             raise ValueError(f"the largest budget ({need} queries) exceeds the tier's quota_total ({quota}): "
                              "it could never be spent")
         if self.victim_service.url:
-            missing = [d.label for d in self.defenses if not d.api_key]
+            missing = [i for i, d in enumerate(self.defenses) if not d.api_key]
             if missing:
-                raise ValueError(f"with victim_service.url every defense needs an api_key (missing: {missing})")
+                labels = ", ".join(self.defenses[i].label for i in missing)
+                raise _located(("defenses", missing[0]), "with a victim URL ([victim_service].url or --victim-url) "
+                               f"every defense needs the api_key of a client in its tier (missing: {labels})")
         if self.paper is not None:
             if self.extraction is None and (self.paper.rows or self.paper.extraction):
                 raise ValueError("paper: rows and extraction tables compare extraction cells; give [attack]")
@@ -297,10 +355,40 @@ class CampaignConfig(_Strict):
         return self.campaign.out_dir or Path("runs") / self.campaign.name
 
 
+def _located(loc: tuple[Any, ...], message: str) -> PydanticCustomError:
+    """A cross-check error to raise from a model validator, reported at ``loc`` (a path in the file)."""
+    return PydanticCustomError("campaign_check", "{message}", {"message": message, "at": loc})
+
+
+def _typo_hints(errors: list[Any]) -> tuple[dict[tuple[Any, ...], str], set[tuple[Any, ...]]]:
+    """Unknown keys that look like a key of the same table (``[[defense]]`` for ``[[defenses]]``): a missing
+    required one there, or a top-level section. Returns ``{unknown key loc: the key meant}`` and the locs of
+    the missing-key errors the typos explain."""
+    missing = {tuple(e["loc"]) for e in errors if e["type"] == "missing" and e.get("loc")}
+    hints: dict[tuple[Any, ...], str] = {}
+    explained: set[tuple[Any, ...]] = set()
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        if e["type"] != "extra_forbidden" or not loc:
+            continue
+        near = [str(m[-1]) for m in missing if m[:-1] == loc[:-1]]
+        known = near + ([k for k in CampaignConfig.model_fields if k not in near] if len(loc) == 1 else [])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
+        if close:
+            hints[loc] = close[0]
+            explained |= {m for m in missing if m[:-1] == loc[:-1] and str(m[-1]) == close[0]}
+    return hints, explained
+
+
 def _format_error(path: Path, text: str, exc: ValidationError) -> str:
     lines = []
-    for err in exc.errors()[:5]:
+    errors = exc.errors()
+    hints, explained = _typo_hints(errors)
+    for err in [e for e in errors if tuple(e.get("loc", ())) not in explained][:5]:
         loc = tuple(err.get("loc", ()))
+        at = (err.get("ctx") or {}).get("at") if err["type"] == "campaign_check" else None
+        if at:
+            loc = (*loc, *at)
         kind = None
         if len(loc) >= 3 and loc[0] == "cells" and loc[2] in CELL_KINDS:  # drop the union's tag from the path
             kind, loc = str(loc[2]), loc[:2] + loc[3:]
@@ -316,6 +404,8 @@ def _format_error(path: Path, text: str, exc: ValidationError) -> str:
             owner = owner_of(str(loc[-1])) if kind else None
             msg = (f"unknown key for a {kind} cell (it belongs to {', '.join(owner)} cells)" if owner else
                    f"unknown key for a {kind} cell" if kind else "unknown key")
+            if tuple(err.get("loc", ())) in hints:
+                msg += f" (did you mean {hints[tuple(err['loc'])]!r}?)"
         lines.append(f"{path}:{line}: {where}: {msg}")
     return "\n".join(lines)
 
@@ -334,10 +424,12 @@ def merge_profile(raw: dict[str, Any], profile: str) -> dict[str, Any]:
     return merge(raw, raw.get("profiles", {}).get(profile, {}))
 
 
-def parse_campaign(text: str, path: Path | str = "<campaign>", profile: str | None = None) -> CampaignConfig:
+def parse_campaign(text: str, path: Path | str = "<campaign>", profile: str | None = None, *,
+                   victim_url: str | None = None) -> CampaignConfig:
     """Validate campaign TOML ``text``; raises :class:`CampaignConfigError` with ``FILE:LINE:`` positions.
 
-    ``profile`` applies ``[profiles.NAME]`` first (e.g. ``full`` for a GPU-sized run)."""
+    ``profile`` applies ``[profiles.NAME]`` first (e.g. ``full`` for a GPU-sized run); ``victim_url``
+    (``--victim-url``) replaces ``[victim_service].url`` before the file is checked."""
     p = Path(path)
     try:
         raw = tomllib.loads(text)
@@ -348,17 +440,22 @@ def parse_campaign(text: str, path: Path | str = "<campaign>", profile: str | No
             known = ", ".join(raw.get("profiles", {})) or "none"
             raise CampaignConfigError(f"{p}: no profile {profile!r} (profiles in this file: {known})")
         raw = merge_profile(raw, profile)
+    if victim_url:
+        section = raw.get("victim_service")
+        raw = {**raw, "victim_service": {**(section if isinstance(section, dict) else {}), "url": victim_url}}
     try:
         return CampaignConfig.model_validate(raw)
     except ValidationError as exc:
         raise CampaignConfigError(_format_error(p, text, exc)) from None
 
 
-def load_campaign(path: str | Path, profile: str | None = None) -> tuple[CampaignConfig, str]:
-    """Read and validate a campaign file; returns the config and the file's text (kept in results.json)."""
+def load_campaign(path: str | Path, profile: str | None = None, *,
+                  victim_url: str | None = None) -> tuple[CampaignConfig, str]:
+    """Read and validate a campaign file (``profile`` and ``victim_url`` as :func:`parse_campaign`); returns the
+    config and the file's text (kept in results.json)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise CampaignConfigError(f"{p}: cannot read campaign file ({exc.strerror or exc})") from None
-    return parse_campaign(text, p, profile), text
+    return parse_campaign(text, p, profile, victim_url=victim_url), text

@@ -6,18 +6,23 @@ starts (or targets) the victim service with one API key per cell, then runs each
 the kind: ``prepare``, one picklable :class:`~evaluation.campaign.kinds.base.CellTask` per pending cell
 mapped by the executor (:mod:`evaluation.campaign.executors`: this process, or Ray tasks), ``finish``.
 Cell state lives in ``OUT/cells/ID/cell.json``; a rerun skips finished cells, retries failed
-ones, and the work inside a cell resumes where a kill left it. ``results.json`` is rebuilt from the cell
-files at the end of every run, and the report is rendered from it.
+ones, and the work inside a cell resumes where a kill left it, as long as the cell's settings are those it
+was saved with (``OUT/cells/ID/fingerprint.json``, :mod:`evaluation.campaign.fingerprint`): a cell whose
+settings changed is cleared and run again. ``results.json`` is rebuilt from the cell files at the end of
+every run, and the report is rendered from it; its times add up every run of the campaign
+(:mod:`evaluation.campaign.ledger`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import resource
 import shlex
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -32,6 +37,7 @@ from pydantic import TypeAdapter
 
 from evaluation.campaign.config import CampaignConfig, load_campaign
 from evaluation.campaign.executors import CellExecutor, SequentialExecutor
+from evaluation.campaign.fingerprint import judge, previous_run, write_stamp
 from evaluation.campaign.kinds import CELL_KINDS
 from evaluation.campaign.kinds.base import (
     CellPaths,
@@ -43,6 +49,7 @@ from evaluation.campaign.kinds.base import (
     run_cell,
 )
 from evaluation.campaign.kinds.extraction import cell_id
+from evaluation.campaign.ledger import Ledger, campaign_times
 from evaluation.campaign.victim import VictimKeys, victim_settings
 from evaluation.defense_scoring import derive
 from evaluation.metrics import MetricSettings
@@ -71,7 +78,10 @@ class CampaignHooks:
 
 @dataclass
 class _Timer:
+    """Run-level phase times of this invocation; ``on_change`` is called after each phase (to save them)."""
+
     totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    on_change: Callable[[], None] = lambda: None
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -80,6 +90,7 @@ class _Timer:
             yield
         finally:
             self.totals[name] += time.perf_counter() - t0
+            self.on_change()
 
 
 def _peak_memory_mb() -> float:
@@ -183,15 +194,15 @@ def run_campaign(
     runs the cells (default: one after another in this process; see :mod:`evaluation.campaign.executors`).
     Raises :class:`CampaignConfigError` before anything runs when the file is invalid.
     """
-    cfg, text = load_campaign(config_path, profile)
-    if victim_url:
-        cfg = CampaignConfig.model_validate({**cfg.model_dump(), "victim_service": {
-            **cfg.victim_service.model_dump(), "url": victim_url}})
+    cfg, text = load_campaign(config_path, profile, victim_url=victim_url)
     hooks = hooks or CampaignHooks()
     out = Path(out_dir) if out_dir else cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    timer = _Timer()
     t_start = time.perf_counter()
+    command = " ".join(shlex.quote(a) for a in sys.argv)
+    ledger = Ledger.open(out, command)
+    timer = _Timer()
+    timer.on_change = lambda: ledger.record({**timer.totals, "total": time.perf_counter() - t_start})
     seed = cfg.campaign.seed
 
     # --- victims: zoo builds ------------------------------------------------------------------------
@@ -214,6 +225,7 @@ def run_campaign(
             if not cfg.victim_service.url:
                 served.update(kind.models(cfg, params, out, models))
             plans.append((kind, params, kind.plan(cfg, params)))
+    _check_saved_cells(cfg, out, plans)
     cell_labels = {p.id: p.defense for _, _, cells in plans for p in cells}
     service = _Service(cfg, out, cfg.victim_service.url, served, cell_labels)
     hooks.cells(len(cell_labels))
@@ -227,19 +239,48 @@ def run_campaign(
         service.stop()
     results.config_text = text
     results.config_path = str(config_path)
-    results.command = " ".join(shlex.quote(a) for a in sys.argv)
+    results.command = command
     timer.totals["total"] = time.perf_counter() - t_start
-    results.wall_times = {k: round(v, 2) for k, v in timer.totals.items()}
+    ledger.record(timer.totals)
+    results.created_at = ledger.created_at  # the campaign's first start, whatever runs resumed it
+    results.wall_times = campaign_times(ledger, results.cells)
     results.peak_memory_mb = _peak_memory_mb()
     results.finished_at = Results(kind="campaign", name="x").created_at
     if results.extraction_cells:
         results.derived = derive(results, target=cfg.evaluation.target_psnr, on_warning=hooks.say)
     path = write_results(results, out / "results.json")
+    timer.on_change = lambda: None
     with timer.phase("report"):
         render_report(path)
-    results.wall_times["report"] = round(timer.totals["report"], 2)
+    ledger.record(timer.totals, finished=True)
+    results.wall_times = campaign_times(ledger, results.cells)
     write_results(results, path)
     return path
+
+
+def _check_saved_cells(cfg: CampaignConfig, out: Path, plans: list[tuple[Any, Any, list[CellPlan]]]) -> None:
+    """Stamp every planned cell with its settings before anything runs. A saved cell (finished, failed or
+    partly run) whose settings changed since it was saved, or that an older Heist saved without a stamp and
+    ``results.json`` cannot vouch for, is cleared with a warning, so it runs again from the start."""
+    prev = previous_run(out)
+    for kind, params, cells in plans:
+        for plan in cells:
+            paths = CellPaths(out / "cells" / plan.id)
+            settings = kind.settings(cfg, params, plan)
+            saved = paths.record.exists() or paths.run.exists()
+            if saved or paths.stamp.exists():
+                verdict = judge(paths.stamp, settings, functools.partial(prev.cell_settings, kind, plan.id,
+                                                                         paths.dir / "attempts"))
+                if verdict.state == "same":
+                    continue
+                if verdict.state == "adopted":
+                    log.info("cell %s: saved without a settings fingerprint; results.json shows the same settings, "
+                             "so it is kept", plan.id)
+                else:
+                    if saved:
+                        log.warning("cell %s runs again: %s", plan.id, verdict.why())
+                    shutil.rmtree(paths.dir)
+            write_stamp(paths.stamp, settings)
 
 
 def _run_cells(
@@ -263,10 +304,8 @@ def _run_cells(
         hooks.say(task.note or task.id)
         return dataclasses.replace(task, spec=dataclasses.replace(task.spec, url=current_url()))
 
-    def cell_finished(cell: AnyCell) -> None:
-        for phase, seconds in cell.wall_times.items():  # the cells' phase times, summed into the campaign's
-            if phase != "total":
-                timer.totals[phase] += seconds
+    def cell_finished(cell: AnyCell) -> None:  # its phase times stay in its record (ledger.campaign_times)
+        timer.on_change()
         hooks.say(f"{cell.id}: {cell.status}")
         hooks.cell_done(cell)
 

@@ -43,11 +43,15 @@ def key_lines(text: str) -> list[tuple[tuple[object, ...], int]]:
 
 
 def locate(text: str, loc: Sequence[object]) -> int | None:
-    """Line of the longest path in ``text`` that is a prefix of ``loc`` (None if nothing matches)."""
+    """Line of the longest path in ``text`` that is a prefix of ``loc``; when none is, the first path that
+    ``loc`` is a prefix of (``defense`` -> its first ``[[defense]]`` table); None if nothing matches."""
     best: tuple[int, int] | None = None  # (prefix length, line)
     target = tuple(loc)
+    below: int | None = None
     for path, line in key_lines(text):
         n = len(path)
         if n <= len(target) and target[:n] == path and (best is None or n > best[0]):
             best = (n, line)
-    return best[1] if best else None
+        if below is None and target and len(path) > len(target) and path[:len(target)] == target:
+            below = line
+    return best[1] if best else below

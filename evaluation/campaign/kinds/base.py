@@ -12,6 +12,8 @@ expands into cells. A :class:`CellKind` gives, for its entries:
   spec; the runner's executor maps :func:`run_cell` over the tasks, in this process or as Ray tasks, see
   :mod:`evaluation.campaign.executors`; the cell's folder keeps partial work, so a cell resumes), and
   per-entry wrap-up;
+- :meth:`CellKind.settings`: every setting that decides one cell's result; its fingerprint is saved with
+  the cell, and a resume re-runs a saved cell whose settings changed (:mod:`evaluation.campaign.fingerprint`);
 - ``report``: the report section rendering its cells from ``results.json``
   (:mod:`evaluation.report.kinds`).
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from translators.errors import HeistError
 from translators.files import atomic_write_text
@@ -35,7 +37,7 @@ from translators.files import atomic_write_text
 if TYPE_CHECKING:
     from evaluation.campaign.config import CampaignConfig
     from evaluation.features import FeatureNetwork
-    from evaluation.results import AnyCell, Results
+    from evaluation.results import AnyCell, DefenseUtility, Results
 
 log = logging.getLogger(__name__)
 CELL_ERRORS = (HeistError, httpx.HTTPError, OSError, RuntimeError, ValueError)  # a cell fails, the campaign goes on
@@ -62,6 +64,11 @@ class CellPaths:
     @property
     def run(self) -> Path:
         return self.dir / "run"
+
+    @property
+    def stamp(self) -> Path:
+        """The settings the cell was (or is being) run with (:mod:`evaluation.campaign.fingerprint`)."""
+        return self.dir / "fingerprint.json"
 
 
 @dataclass
@@ -114,6 +121,15 @@ class CellKind(ABC):
 
     def finish(self, ctx: RunContext, params: Any) -> None:  # noqa: B027 - optional step
         """Work after the entry's cells (e.g. sample grids)."""
+
+    def settings(self, cfg: CampaignConfig, params: Any, plan: CellPlan) -> dict[str, Any]:
+        """Every setting that decides the result of cell ``plan`` (plain JSON; its fingerprint is saved with the
+        cell). Default, for a kind that names none: the whole entry, every victim and defense, ``[evaluation]``
+        and the campaign-wide settings. Settings that change only speed (``[victim_service]``) stay out."""
+        return {"kind": self.name, "cell": plan.id, "entry": params.model_dump(mode="json"), **campaign_settings(cfg),
+                "victims": [victim_entry_settings(cfg, v.name) for v in cfg.victims],
+                "defenses": [defense_settings(cfg, d.label) for d in cfg.defenses],
+                "evaluation": cfg.evaluation.model_dump(mode="json")}
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,76 @@ def cell_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
+def campaign_settings(cfg: CampaignConfig) -> dict[str, Any]:
+    """Campaign-wide settings every cell depends on: seed, zoo profile, device, the attack tier's limits."""
+    c = cfg.campaign
+    return {"seed": c.seed, "zoo_profile": c.zoo_profile, "device": c.device,
+            "limits": cfg.limits.model_dump(mode="json")}
+
+
+def victim_model_settings(cfg: CampaignConfig, name: str) -> dict[str, Any]:
+    """What decides the served model of victim ``name``: its source (default: the zoo recipe at the campaign's
+    profile and seed) and recipe."""
+    v = next(v for v in cfg.victims if v.name == name)
+    return {"name": v.name, "source": v.source, "recipe": v.recipe or v.name, "zoo_profile": cfg.campaign.zoo_profile,
+            "seed": cfg.campaign.seed}
+
+
+def victim_entry_settings(cfg: CampaignConfig, name: str) -> dict[str, Any]:
+    """Victim ``name``'s model and the rest of its ``[[victims]]`` entry (the attacker's surrogate settings)."""
+    v = next(v for v in cfg.victims if v.name == name)
+    return {**victim_model_settings(cfg, name), **v.model_dump(mode="json", exclude={"name", "source", "recipe"})}
+
+
+def defense_settings(cfg: CampaignConfig, label: str) -> dict[str, Any]:
+    """The ``[[defenses]]`` entry ``label``: its pipeline, escalation levels and (a digest of) its API key."""
+    from evaluation.campaign.fingerprint import secret_digest
+
+    d = next(d for d in cfg.defenses if d.label == label)
+    return {"label": d.label, "pipeline": d.pipeline, "levels": d.levels, "api_key": secret_digest(d.api_key)}
+
+
+def scoring_settings(cfg: CampaignConfig) -> dict[str, Any]:
+    """How surrogates and defenses are scored: the headline image set, ``max_side`` and the FID/KID weights."""
+    label, images = next(iter(cfg.evaluation.image_sets.items()))
+    fw = cfg.evaluation.feature_weights
+    return {"image_set": [label, images], "max_side": cfg.evaluation.max_side,
+            "feature_weights": str(fw) if fw else None}
+
+
+def utility_settings(cfg: CampaignConfig, victim: str, label: str) -> dict[str, Any]:
+    """What decides the honest-user cost of defense ``label`` on ``victim`` (``OUT/utility`` records)."""
+    return {"what": "utility", "victim": victim_model_settings(cfg, victim), "defense": defense_settings(cfg, label),
+            "scoring": scoring_settings(cfg), "seed": cfg.campaign.seed}
+
+
+def cached_utility(ctx: RunContext, victim: str, label: str, measure: Callable[[], DefenseUtility]) -> DefenseUtility:
+    """The honest-user cost of ``label`` on ``victim``: ``OUT/utility/VICTIM.LABEL.json`` when it was measured
+    with the current settings (its fingerprint), else ``measure()``, saved there."""
+    from evaluation.campaign.fingerprint import previous_run, reusable_artefact
+    from evaluation.results import DefenseUtility
+
+    path = ctx.out / "utility" / f"{victim}.{label}.json"
+    prev = previous_run(ctx.out)
+    recorded = functools.partial(utility_settings, victim=victim, label=label)
+    if reusable_artefact(path, utility_settings(ctx.cfg, victim, label),
+                         functools.partial(prev.recorded, recorded, path, listed=(victim, label) in prev.utility),
+                         "the honest-user cost record"):
+        return DefenseUtility.model_validate_json(path.read_text())
+    u = measure()
+    save_record(u, path)
+    return u
+
+
+class EntryError(ValueError):
+    """A failed cross-check of one entry (:meth:`StrictParams.check`); ``key``: the entry's key it is about
+    (reported at that key's line; None: at the entry's)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 class StrictParams(BaseModel):
     """Base of every kind's parameter model: unknown keys are errors (reported at their line)."""
 
@@ -216,6 +302,60 @@ def check_counters(specs: list[str], *, allow_none: bool, key: Callable[[str], s
             raise ValueError("counters are counter-measures; 'none' is the plain attacker")
     no_repeats([key(s) for s in specs], "counters")
     return specs
+
+
+def check_strategy_params(strategies: list[str], params: dict[str, Any]) -> dict[str, Any]:
+    """For pydantic validators: ``params`` validated against each strategy's ``Params`` model
+    (:mod:`attacker.strategies`), as the harvest will (unknown keys and bad values refused); unknown strategy
+    names are left to their own check."""
+    import attacker.strategies  # noqa: F401 - registers the built-in strategies
+    from attacker.strategies.base import STRATEGY_REGISTRY
+
+    for name in strategies:
+        if name not in STRATEGY_REGISTRY:
+            continue
+        try:
+            STRATEGY_REGISTRY.get(name).Params.model_validate(params)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            msg = first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"strategy {name!r}: {where + ': ' if where else ''}{msg}") from None
+    return params
+
+
+def check_images(spec: str | None) -> str | None:
+    """For pydantic validators: ``spec`` names images that exist here (a corpus split, a fetched dataset, a
+    folder with images), checked by :func:`translators.corpus.image_sizes` (headers only)."""
+    from translators.corpus import image_sizes
+
+    if spec is not None:
+        try:
+            image_sizes(spec)
+        except (HeistError, OSError) as exc:
+            raise ValueError(str(exc)) from None
+    return spec
+
+
+def check_surrogate(kind: str, profile: str, kwargs: dict[str, Any], recipe: str) -> None:
+    """Raise ``ValueError`` unless the attacker can build surrogate ``kind`` (``auto``: one of its candidates,
+    as training skips those that do not fit) at ``profile`` with architecture overrides ``kwargs`` for the task
+    and scale of zoo ``recipe`` (:func:`attacker.train.surrogate_min_side`, what training checks first)."""
+    from attacker.errors import ConfigError
+    from attacker.surrogates import auto_candidates
+    from attacker.train import TrainConfig, surrogate_min_side
+    from translators.zoo import get_recipe
+
+    r = get_recipe(recipe)
+    names = auto_candidates(r.task, r.scale) if kind == "auto" else [kind]
+    errors: list[str] = []
+    for name in names:
+        try:
+            surrogate_min_side(TrainConfig(arch=name, profile=profile, arch_kwargs=kwargs), r.scale, r.task)
+            return
+        except (ConfigError, ValidationError) as exc:
+            errors.append(str(exc).splitlines()[0])
+    raise ValueError(errors[0] if len(errors) == 1 else f"{kind} ({', '.join(names)}): {'; '.join(errors)}")
 
 
 def no_repeats(values: list[Any], what: str) -> list[Any]:

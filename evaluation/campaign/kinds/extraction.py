@@ -16,13 +16,14 @@ spec rebuilds deterministically (:class:`EvalSetSpec`) wherever the cell runs.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from evaluation.campaign.kinds.base import (
     CellKind,
@@ -31,16 +32,22 @@ from evaluation.campaign.kinds.base import (
     CellTask,
     RunContext,
     StrictParams,
+    cached_utility,
+    campaign_settings,
     check_counters,
+    check_images,
+    check_strategy_params,
+    defense_settings,
     feature_network,
     no_repeats,
-    save_record,
+    scoring_settings,
+    victim_entry_settings,
 )
 
 if TYPE_CHECKING:
     from evaluation.campaign.config import CampaignConfig
     from evaluation.extraction import PairSet
-    from evaluation.results import CampaignCell, SurrogateTraining
+    from evaluation.results import CampaignCell, DefenseUtility, SurrogateTraining
 
 
 DEFAULT_COUNTERS = ("lowpass:sigma=1.0", "median", "jpeg:quality=75", "aware")
@@ -89,6 +96,17 @@ class AttackSection(StrictParams):
             if name not in STRATEGY_REGISTRY:
                 raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGY_REGISTRY.names())})")
         return no_repeats(v, "strategies")
+
+    @field_validator("strategy_params")
+    @classmethod
+    def _strategy_params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return check_strategy_params(info.data.get("strategies") or [], v)
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, v: str) -> str:
+        check_images(v)
+        return v
 
 
 def cell_id(victim: str, defense: str, strategy: str, budget: int, attacker: str = "plain") -> str:
@@ -275,6 +293,17 @@ class ExtractionKind(CellKind):
                             return v.name, s, b, a
         raise KeyError(plan.id)
 
+    def settings(self, cfg: CampaignConfig, params: AttackSection, plan: CellPlan) -> dict[str, Any]:
+        """The cell's victim (and surrogate settings), defense, strategy, budget and attacker; the entry's
+        ``strategy_params``, ``images`` and ``concurrency`` (``counters`` for the adaptive attacker); scoring."""
+        victim, strategy, budget, attacker = self._coords(cfg, params, plan)
+        return {"kind": self.name, **campaign_settings(cfg), "victim": victim_entry_settings(cfg, victim),
+                "defense": defense_settings(cfg, plan.defense), "strategy": strategy, "budget": budget,
+                "attacker": attacker, "strategy_params": params.strategy_params, "images": params.images,
+                "concurrency": params.concurrency,
+                "counters": list(params.counters) if attacker == "adaptive" else [],
+                "scoring": scoring_settings(cfg)}
+
     def pending(self, cfg: CampaignConfig, params: AttackSection, plan: CellPlan, paths: CellPaths) -> CampaignCell:
         from evaluation.results import CampaignCell
 
@@ -286,14 +315,11 @@ class ExtractionKind(CellKind):
     def prepare(self, ctx: RunContext, params: AttackSection) -> None:
         """Ground-truth pairs, the clean victim's outputs and every defense's honest-user cost."""
         from evaluation.campaign.victim import HttpTranslator, model_info
-        from evaluation.defense_scoring import NO_DEFENSE, utility_cost
-        from evaluation.metrics import MetricSettings
-        from evaluation.results import DefenseEntry, DefenseUtility, ModelRef, VictimEntry
+        from evaluation.defense_scoring import NO_DEFENSE
+        from evaluation.results import DefenseEntry, ModelRef, VictimEntry
         from translators.zoo import get_recipe
 
         cfg, results = ctx.cfg, ctx.results
-        settings = MetricSettings()
-        network = ctx.shared.get("feature_network")
         results.budgets, results.strategies = list(params.budgets), list(params.strategies)
         for d in cfg.defenses:
             names = "+".join(str(s["name"]) for s in d.pipeline) or NO_DEFENSE
@@ -322,16 +348,8 @@ class ExtractionKind(CellKind):
                     clean_out[v.name] = {p.name: clean(p.input) for p in ps.pairs()}
                     memo = _Memo(clean, clean_out[v.name], ps)
                     for d in cfg.defenses:
-                        upath = ctx.out / "utility" / f"{v.name}.{d.label}.json"
-                        if upath.exists():
-                            results.utility.append(DefenseUtility.model_validate_json(upath.read_text()))
-                            continue
-                        ctx.say(f"honest-user cost: {v.name} / {d.label}")
-                        with HttpTranslator(url, v.name, ctx.honest_key(d.label)) as defended:
-                            u = utility_cost(memo, defended, ps, v.name, d.label, settings=settings,
-                                             feature_network=network, seed=cfg.campaign.seed)
-                        save_record(u, upath)
-                        results.utility.append(u)
+                        results.utility.append(cached_utility(ctx, v.name, d.label, functools.partial(
+                            _measure_utility, ctx, memo, v.name, d.label, ps)))
         ctx.shared["extraction"] = {"sets": sets, "pairs": pairs, "clean_out": clean_out}
 
     def task(self, ctx: RunContext, params: AttackSection, plan: CellPlan, paths: CellPaths) -> CellTask:
@@ -364,6 +382,18 @@ class ExtractionKind(CellKind):
             ctx.results.samples = _samples(ctx, params)
             if ctx.cfg.paper is not None:
                 report_paper(ctx, ctx.shared["extraction"]["pairs"])
+
+
+def _measure_utility(ctx: RunContext, clean: Any, victim: str, label: str, pairs: PairSet) -> DefenseUtility:
+    """Honest-user cost of defense ``label`` on ``victim`` through its honest tier (``clean``: the clean victim)."""
+    from evaluation.campaign.victim import HttpTranslator
+    from evaluation.defense_scoring import utility_cost
+    from evaluation.metrics import MetricSettings
+
+    ctx.say(f"honest-user cost: {victim} / {label}")
+    with HttpTranslator(ctx.url(), victim, ctx.honest_key(label)) as defended:
+        return utility_cost(clean, defended, pairs, victim, label, settings=MetricSettings(),
+                            feature_network=ctx.shared.get("feature_network"), seed=ctx.cfg.campaign.seed)
 
 
 class _Memo:

@@ -11,11 +11,12 @@ offline ``vgg16-random``; every NKID names its network). A failed cell reruns fr
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -26,8 +27,12 @@ from evaluation.campaign.kinds.base import (
     CellTask,
     RunContext,
     StrictParams,
+    campaign_settings,
+    check_images,
+    defense_settings,
     nkid_feature_network,
     no_repeats,
+    victim_model_settings,
 )
 
 if TYPE_CHECKING:
@@ -82,6 +87,12 @@ class MembershipParams(StrictParams):
     def _unique(cls, v: list[str]) -> list[str]:
         return no_repeats(v, "defenses")
 
+    @field_validator("reference_images")
+    @classmethod
+    def _images(cls, v: str) -> str:
+        check_images(v)
+        return v
+
     @field_validator("heldout_images")
     @classmethod
     def _public(cls, v: str) -> str:
@@ -115,6 +126,35 @@ class MembershipParams(StrictParams):
             if m.method == "dpsgd" and m.proxy_pairs is not None:
                 raise ValueError(f"model defense {m.label!r}: proxy_pairs is for akd/dmp students (dpsgd retrains "
                                  "on the private set)")
+
+
+def model_defense_settings(cfg: CampaignConfig, victim: str, spec: ModelDefenseSpec) -> dict[str, Any]:
+    """What decides a model-level defense's checkpoint: the victim model, the spec, seed and device."""
+    return {"what": "model_defense", "victim": victim_model_settings(cfg, victim), **spec.model_dump(mode="json"),
+            "seed": cfg.campaign.seed, "device": cfg.campaign.device}
+
+
+def reference_settings(cfg: CampaignConfig, params: MembershipParams) -> dict[str, Any]:
+    """What decides the attacker's reference model: the victim model (its crop side), steps, images, seed."""
+    return {"what": "reference", "victim": victim_model_settings(cfg, params.victim), "steps": params.reference_steps,
+            "images": params.reference_images, "seed": cfg.campaign.seed}
+
+
+def _recorded_model_defense(cfg: CampaignConfig, victim: str, label: str) -> dict[str, Any] | None:
+    """The settings of model defense ``label`` of ``victim`` in (a previous run's) ``cfg``, None if it has none."""
+    for e in cfg.entries():
+        for m in getattr(e, "model_defenses", []) if e.kind == "membership" and e.victim == victim else []:
+            if m.label == label:
+                return model_defense_settings(cfg, victim, m)
+    return None
+
+
+def _recorded_reference(cfg: CampaignConfig, victim: str) -> dict[str, Any] | None:
+    """The reference-model settings of ``victim``'s membership entry in (a previous run's) ``cfg``."""
+    for e in cfg.entries():
+        if e.kind == "membership" and e.victim == victim and e.reference_steps:
+            return reference_settings(cfg, e)
+    return None
 
 
 def mia_cell_id(victim: str, model_defense: str, defense: str) -> str:
@@ -199,17 +239,37 @@ class MembershipKind(CellKind):
 
     def models(self, cfg: CampaignConfig, params: MembershipParams, out: Path,
                victims: dict[str, str]) -> dict[str, str]:
-        """Train each model-level defense from the victim (cached under ``OUT/models``)."""
+        """Train each model-level defense from the victim (cached under ``OUT/models``, rebuilt when its settings
+        changed: :func:`evaluation.campaign.fingerprint.reusable_artefact`)."""
         from defenses.model_level import build_model_defense
+        from evaluation.campaign.fingerprint import previous_run, reusable_artefact
 
         served = {}
+        prev = previous_run(out)
         for m in params.model_defenses:
             name = f"{params.victim}-{m.label}"
+            path = out / "models" / f"{name}.safetensors"
+            recorded = functools.partial(_recorded_model_defense, victim=params.victim, label=m.label)
+            reusable_artefact(path, model_defense_settings(cfg, params.victim, m),
+                              functools.partial(prev.recorded, recorded, path), f"model defense {m.label!r}",
+                              also=(path.with_suffix(".json"),))
             served[name] = str(build_model_defense(
-                m.method, victims[params.victim], out / "models" / f"{name}.safetensors", name=name,
+                m.method, victims[params.victim], path, name=name,
                 steps=m.steps, noise_multiplier=m.noise_multiplier, max_grad_norm=m.max_grad_norm,
                 proxy_pairs=m.proxy_pairs, seed=cfg.campaign.seed, device=cfg.campaign.device))
         return served
+
+    def settings(self, cfg: CampaignConfig, params: MembershipParams, plan: CellPlan) -> dict[str, Any]:
+        """The served model (the victim or its model-level defense), the output defense, the entry's attack and
+        held-out settings, the reference model's, the NKID network; campaign-wide settings."""
+        md, _ = self._coords(params, plan)
+        spec = next((m for m in params.model_defenses if m.label == md), None)
+        entry = params.model_dump(mode="json", exclude={"defenses", "model_defenses"})
+        fw = cfg.evaluation.feature_weights
+        return {"kind": self.name, **campaign_settings(cfg), "victim": victim_model_settings(cfg, params.victim),
+                "model_defense": model_defense_settings(cfg, params.victim, spec) if spec else None,
+                "defense": defense_settings(cfg, plan.defense), "entry": entry,
+                "feature_network": cfg.evaluation.feature_network, "feature_weights": str(fw) if fw else None}
 
     def pending(self, cfg: CampaignConfig, params: MembershipParams, plan: CellPlan,
                 paths: CellPaths) -> MembershipCell:
@@ -222,6 +282,7 @@ class MembershipKind(CellKind):
     def prepare(self, ctx: RunContext, params: MembershipParams) -> None:
         """The membership split from the victim's card; the attacker's reference model (cached)."""
         from attacker.mia import train_reference
+        from evaluation.campaign.fingerprint import previous_run, reusable_artefact
         from translators.checkpoint import read_card
 
         card = read_card(ctx.served[params.victim])
@@ -231,7 +292,11 @@ class MembershipKind(CellKind):
         ref = None
         if params.reference_steps:
             ref_path = ctx.out / "membership" / f"reference-{params.victim}.safetensors"
-            if not ref_path.exists():
+            prev = previous_run(ctx.out)
+            recorded = functools.partial(_recorded_reference, victim=params.victim)
+            if not reusable_artefact(ref_path, reference_settings(ctx.cfg, params),
+                                     functools.partial(prev.recorded, recorded, ref_path),
+                                     "the attacker's reference model", also=(ref_path.with_suffix(".json"),)):
                 ctx.say(f"training the attacker's reference model ({params.reference_steps} steps, public data)")
                 with ctx.phase("reference"):
                     train_reference(params.reference_images, side=int(split["members"]["side"]),

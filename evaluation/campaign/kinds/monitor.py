@@ -43,10 +43,17 @@ from evaluation.campaign.kinds.base import (
     CellPaths,
     CellPlan,
     CellTask,
+    EntryError,
     RunContext,
     StrictParams,
+    campaign_settings,
+    check_images,
+    check_strategy_params,
+    defense_settings,
     no_repeats,
     save_record,
+    scoring_settings,
+    victim_entry_settings,
 )
 from evaluation.campaign.kinds.extraction import EvalSetSpec
 from evaluation.monitor_eval import AttackerSpec, default_attackers
@@ -83,7 +90,7 @@ class MonitorParams(StrictParams):
     timeline_strategy: str = "crops"
     cost_strategy: str = "crops"
     cost_budgets: list[int] = Field(default_factory=lambda: [16, 64], min_length=1)
-    target_psnr: float | None = None
+    target_psnr: float | None = Field(None, gt=0, allow_inf_nan=False)
     settle_s: float = Field(30.0, gt=0.0)
     concurrency: int = Field(4, ge=1, le=64)
 
@@ -98,6 +105,11 @@ class MonitorParams(StrictParams):
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         return no_repeats(v, "defenses")
+
+    @field_validator("benign_images", "extra_benign", "attacker_images")
+    @classmethod
+    def _images(cls, v: str | None) -> str | None:
+        return check_images(v)
 
     @field_validator("attackers")
     @classmethod
@@ -125,6 +137,11 @@ class MonitorParams(StrictParams):
             if s not in STRATEGY_REGISTRY:
                 known = ", ".join(STRATEGY_REGISTRY.names())
                 raise ValueError(f"monitor cell: unknown strategy {s!r} (known: {known})")
+        for a in self.attackers:
+            try:
+                check_strategy_params([a.strategy], a.params)
+            except ValueError as exc:
+                raise EntryError(f"monitor cell: attacker {a.name!r}: {exc}", key="attackers") from None
         quota = cfg.limits.quota_total
         need = max([self.cost_budgets[-1], self.timeline_queries, *(a.queries for a in self.attackers)])
         if quota is not None and need > quota:
@@ -318,6 +335,14 @@ class MonitorKind(CellKind):
 
     def plan(self, cfg: CampaignConfig, params: MonitorParams) -> list[CellPlan]:
         return [CellPlan(monitor_cell_id(params.victim, d), d) for d in params.defenses]
+
+    def settings(self, cfg: CampaignConfig, params: MonitorParams, plan: CellPlan) -> dict[str, Any]:
+        """The victim, the cell's tier (its defense and escalation levels), the entry's populations, attackers
+        and cost settings, the target PSNR; campaign-wide settings and scoring."""
+        entry = params.model_dump(mode="json", exclude={"defenses"})
+        entry["target_psnr"] = params.target_psnr or cfg.evaluation.target_psnr
+        return {"kind": self.name, **campaign_settings(cfg), "victim": victim_entry_settings(cfg, params.victim),
+                "defense": defense_settings(cfg, plan.defense), "entry": entry, "scoring": scoring_settings(cfg)}
 
     def pending(self, cfg: CampaignConfig, params: MonitorParams, plan: CellPlan, paths: CellPaths) -> MonitorCell:
         from evaluation.results import MonitorCell

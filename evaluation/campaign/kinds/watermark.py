@@ -21,6 +21,7 @@ Honest-user cost (defended vs clean output, PSNR/SSIM) is measured once per vict
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import statistics
@@ -29,18 +30,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from evaluation.campaign.kinds.base import (
     CellKind,
     CellPaths,
     CellPlan,
     CellTask,
+    EntryError,
     RunContext,
     StrictParams,
+    cached_utility,
+    campaign_settings,
     check_counters,
+    check_images,
+    check_strategy_params,
+    check_surrogate,
+    defense_settings,
     no_repeats,
     save_record,
+    scoring_settings,
+    victim_entry_settings,
 )
 
 if TYPE_CHECKING:
@@ -63,8 +73,9 @@ class WatermarkParams(StrictParams):
     ``probe_side`` / ``probe_images`` / ``probe_noise``: the ownership test's probes (``heist defend verify
     --queries``, ``--probe-side``, ``--images``, ``--probe-noise``; noise None = the CLI's default for the
     victim's task, 25/255 for a denoiser). ``max_false_match``: the trace's naming threshold (``heist defend
-    trace --max-false-match``). ``secret_file``: the server's defense secret (needed only with
-    ``[victim_service].url``; a self-started victim's secret is read from its data dir).
+    trace --max-false-match``). ``secret_file``: the server's defense secret, required with
+    ``[victim_service].url`` and refused without it (a self-started victim's secret is read from its data dir,
+    and scoring with another secret would silently find no watermark).
     """
 
     kind: Literal["watermark"] = "watermark"
@@ -92,6 +103,17 @@ class WatermarkParams(StrictParams):
 
         if v not in STRATEGY_REGISTRY:
             raise ValueError(f"unknown strategy {v!r} (known: {', '.join(STRATEGY_REGISTRY.names())})")
+        return v
+
+    @field_validator("strategy_params")
+    @classmethod
+    def _strategy_params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return check_strategy_params([info.data["strategy"]] if "strategy" in info.data else [], v)
+
+    @field_validator("images", "probe_images")
+    @classmethod
+    def _images(cls, v: str) -> str:
+        check_images(v)
         return v
 
     @field_validator("counters")
@@ -154,6 +176,17 @@ class WatermarkParams(StrictParams):
         if cfg.victim_service.url and self.secret_file is None:
             raise ValueError("watermark cell: with [victim_service].url give secret_file (the server's "
                              "defense secret; tracing and verifying need it)")
+        if not cfg.victim_service.url and self.secret_file is not None:
+            raise EntryError("watermark cell: secret_file is only for a victim at [victim_service].url (or "
+                             "--victim-url); the self-started victim's secret is read from its data dir, and "
+                             "scoring with another one would find no watermark", key="secret_file")
+        for name in self.victim_names(cfg) if self.surrogates else []:
+            v = next(v for v in cfg.victims if v.name == name)
+            for kind in self.surrogates:
+                try:
+                    check_surrogate(kind, v.surrogate_profile, dict(v.surrogate_kwargs), v.recipe or v.name)
+                except ValueError as exc:
+                    raise EntryError(f"watermark cell: victim {name!r}: {exc}", key="surrogates") from None
 
 
 def _key_of(p: Any) -> tuple[str, int, str]:
@@ -337,6 +370,17 @@ class WatermarkKind(CellKind):
                 return v, c, s
         raise KeyError(plan.id)
 
+    def settings(self, cfg: CampaignConfig, params: WatermarkParams, plan: CellPlan) -> dict[str, Any]:
+        """The cell's victim, defense, counter-measure and surrogate kind; the entry's harvest, probe and trace
+        settings; the ownership key the test uses (from every defense of the entry); scoring."""
+        victim, counter, surrogate = self._coords(cfg, params, plan)
+        entry = params.model_dump(mode="json", exclude={"victims", "defenses", "counters", "surrogates"})
+        known = {d.label: d for d in cfg.defenses}
+        verify = [p.model_dump(mode="json") for d in params.defense_labels(cfg) for p in ownership_params(known[d])]
+        return {"kind": self.name, **campaign_settings(cfg), "victim": victim_entry_settings(cfg, victim),
+                "defense": defense_settings(cfg, plan.defense), "counter": counter, "surrogate": surrogate,
+                "entry": entry, "verify": verify[:1], "scoring": scoring_settings(cfg)}
+
     def pending(self, cfg: CampaignConfig, params: WatermarkParams, plan: CellPlan, paths: CellPaths) -> WatermarkCell:
         from evaluation.results import WatermarkCell
 
@@ -350,11 +394,10 @@ class WatermarkKind(CellKind):
 
     def prepare(self, ctx: RunContext, params: WatermarkParams) -> None:
         """Evaluation pairs, the clean victim's outputs, honest-user cost per defense, the secret."""
-        from evaluation.campaign.kinds.extraction import EvalSetSpec, _Memo
+        from evaluation.campaign.kinds.extraction import EvalSetSpec, _measure_utility, _Memo
         from evaluation.campaign.victim import HttpTranslator, model_info
-        from evaluation.defense_scoring import NO_DEFENSE, utility_cost
-        from evaluation.metrics import MetricSettings
-        from evaluation.results import DefenseEntry, DefenseUtility, ModelRef, VictimEntry
+        from evaluation.defense_scoring import NO_DEFENSE
+        from evaluation.results import DefenseEntry, ModelRef, VictimEntry
         from translators.zoo import get_recipe
 
         cfg, results = ctx.cfg, ctx.results
@@ -384,16 +427,8 @@ class WatermarkKind(CellKind):
                 state["clean_out"][name] = {p.name: clean(p.input) for p in ps.pairs()}
                 memo = _Memo(clean, state["clean_out"][name], ps)
                 for d in defenses:
-                    upath = ctx.out / "utility" / f"{name}.{d.label}.json"
-                    if upath.exists():
-                        u = DefenseUtility.model_validate_json(upath.read_text())
-                    else:
-                        ctx.say(f"honest-user cost: {name} / {d.label}")
-                        with HttpTranslator(url, name, ctx.honest_key(d.label)) as defended:
-                            u = utility_cost(memo, defended, ps, name, d.label, settings=MetricSettings(),
-                                             feature_network=ctx.shared.get("feature_network"),
-                                             seed=cfg.campaign.seed)
-                        save_record(u, upath)
+                    u = cached_utility(ctx, name, d.label, functools.partial(_measure_utility, ctx, memo, name,
+                                                                              d.label, ps))
                     if not any(x.victim == name and x.defense == d.label for x in results.utility):
                         results.utility.append(u)
         state["secret"], state["clients"] = _service_secret_and_clients(ctx, params)

@@ -167,3 +167,23 @@ def test_serve_refuses_bad_model_files_with_one_line_before_starting(tmp_path: P
     (models / "m-b.pt").write_bytes((models / "m.pt").read_bytes())
     assert_user_error(heist(*serve, env=env), "m b.pt and m-b.pt would both be served as 'm-b'")
 
+
+
+def test_help_texts_lose_no_bracketed_words() -> None:
+    """rich reads ``[privacy]`` or ``[monitor.signals]`` in a help text as markup and drops it from --help;
+    such brackets must be escaped (``\\[``)."""
+    import typer
+    from rich.text import Text
+
+    from heist.cli.main import app
+
+    def walk(cmd, path: str):  # type: ignore[no-untyped-def]
+        yield path, cmd.help or ""
+        for p in cmd.params:
+            yield f"{path} {p.name}", getattr(p, "help", None) or ""
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, f"{path} {name}")
+
+    eaten = [(where, text) for where, text in walk(typer.main.get_command(app), "heist")
+             if Text.from_markup(text).plain != text.replace("\\[", "[")]
+    assert not eaten, eaten

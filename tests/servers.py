@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +45,7 @@ from PIL import Image
 from translators.archs.registry import build_arch
 from translators.checkpoint import ModelCard, save_checkpoint
 from victim_service.process import ServiceProcess, start_service
+from victim_service.querylog import LogReader, QueryLogEntry
 from victim_service.settings import Settings
 
 DEFAULT_TIERS: dict[str, dict[str, Any]] = {
@@ -137,6 +139,17 @@ class VictimServer:
 
     def client(self, timeout: float = 30.0) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def log_entry(self, request_id: str, timeout: float = 5.0) -> QueryLogEntry:
+        """The query-log entry of ``request_id`` (the writer is asynchronous: waits up to ``timeout`` s)."""
+        reader = LogReader(self.settings)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in reader.iter_entries():
+                if e.request_id == request_id:
+                    return e
+            time.sleep(0.05)
+        raise AssertionError(f"no query-log entry for request {request_id}")
 
     def stop(self) -> None:
         self.process.stop()

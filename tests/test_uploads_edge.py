@@ -5,7 +5,6 @@ configured byte limit in ``too_many_bytes`` details."""
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -13,7 +12,6 @@ import pytest
 from PIL import Image
 
 from tests.servers import VictimServer, image_bytes, start_victim, tiny_models
-from victim_service.querylog import LogReader, QueryLogEntry
 
 MAX_BYTES = 1_000_000
 
@@ -42,17 +40,6 @@ def _post(srv: VictimServer, model: str, ctype: str | None = None, **kwargs: obj
                       **kwargs)  # type: ignore[arg-type]
 
 
-def _entry(srv: VictimServer, request_id: str) -> QueryLogEntry:
-    reader = LogReader(srv.settings)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for e in reader.iter_entries():
-            if e.request_id == request_id:
-                return e
-        time.sleep(0.05)
-    raise AssertionError(f"no query-log entry for request {request_id}")
-
-
 def _sideways_jpeg(width: int, height: int) -> bytes:
     """A JPEG stored ``width x height`` whose EXIF orientation 6 makes it ``height x width`` upright."""
     exif = Image.Exif()
@@ -76,7 +63,7 @@ def test_too_small_names_the_upright_size_and_logs_it(srv: VictimServer) -> None
     assert r.status_code == 400, r.text
     assert r.json()["error"] == "too_small"
     assert "image is 12x60;" in r.json()["detail"]
-    e = _entry(srv, r.headers["x-request-id"])
+    e = srv.log_entry(r.headers["x-request-id"])
     assert (e.code, e.width, e.height) == ("too_small", 12, 60)
 
 
@@ -84,7 +71,7 @@ def test_too_many_pixels_logs_the_header_size(srv: VictimServer) -> None:
     r = _post(srv, "small", "image/png", content=_flat_png(80, 70))
     assert r.status_code == 413, r.text
     assert r.json()["error"] == "too_many_pixels"
-    e = _entry(srv, r.headers["x-request-id"])
+    e = srv.log_entry(r.headers["x-request-id"])
     assert (e.code, e.width, e.height) == ("too_many_pixels", 80, 70)
 
 
@@ -97,7 +84,7 @@ def test_two_image_parts_are_refused(srv: VictimServer) -> None:
     assert r.status_code == 400, r.headers
     assert r.json()["error"] == "bad_multipart"
     assert "send one image part" in r.json()["detail"]
-    assert _entry(srv, r.headers["x-request-id"]).code == "bad_multipart"
+    assert srv.log_entry(r.headers["x-request-id"]).code == "bad_multipart"
     single = _post(srv, "denoise", files={"image": ("a.png", one, "image/png")})
     assert single.status_code == 200, single.text
 

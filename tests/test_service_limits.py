@@ -130,7 +130,7 @@ TIERS = {
     "quota3": {"rate": None, "quota_total": 3},
     "daily2": {"rate": None, "quota_daily": 2},
     "honest": {"rate": 2.0, "burst": 1},
-    "steady": {"rate": 5.0, "burst": 2, "quota_total": 1000},
+    "steady": {"rate": 0.1, "burst": 2, "quota_total": 1000},  # slow refill, even on a loaded machine
 }
 
 

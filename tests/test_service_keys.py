@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from heist.cli.main import app, main
 from tests.conftest import free_port
-from tests.servers import image_bytes, start_victim, tiny_models, tiny_torchscript
+from tests.servers import VictimServer, image_bytes, start_victim, tiny_models, tiny_torchscript
 from victim_service.keys import FileKeyStore, KeyStoreError, hash_key
 
 PNG = image_bytes(16, 16)
@@ -166,31 +166,74 @@ def test_cli_mistakes_are_one_line_errors(
     one_line_error(heist("serve", "--config", str(tmp_path / "nope.toml")), "cannot read settings file")
 
 
-def test_keys_in_redis_are_shared_with_the_server(tmp_path: Path, redis_url: str) -> None:
+def _statuses(srv: VictimServer, key: str, n: int) -> list[int]:
+    return [httpx.post(f"{srv.url}/v1/models/d/translate", content=PNG,
+                       headers={"X-API-Key": key, "Content-Type": "image/png"}).status_code for _ in range(n)]
+
+
+def _until_refused(srv: VictimServer, key: str, n: int = 12, timeout_s: float = 20.0) -> float:
+    """Seconds until ``n`` requests in a row with ``key`` are all refused (401); fails after ``timeout_s``
+    (far below the 300 s ``key_cache_s`` of the tests, generous for a loaded machine)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if set(_statuses(srv, key, n)) == {401}:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise AssertionError(f"key still accepted {timeout_s} s after its revocation")
+
+
+def test_keys_in_redis_are_shared_with_every_worker_and_revocations_reach_them(
+        tmp_path: Path, redis_url: str) -> None:
+    """Two workers cache lookups for 300 s, yet a revocation (CLI, or a key deleted by hand and then
+    ``keys/reload`` on whichever worker answers) stops the key on both within about a second."""
     models = tiny_models(tmp_path / "m", ("denoise",))
     srv = start_victim(tmp_path, models=[{"name": "d", "source": str(models["denoise"]), "max_batch": 1}],
-                       tiers={"free": {"rate": 10.0, "burst": 10}}, keys={}, redis_url=redis_url,
-                       key_prefix=f"heist-test:{uuid.uuid4().hex[:12]}:")
+                       tiers={"free": {"rate": 1000.0, "burst": 1000}}, keys={}, redis_url=redis_url,
+                       key_prefix=f"heist-test:{uuid.uuid4().hex[:12]}:", workers=2,
+                       extra={"key_cache_s": 300.0})
     try:
+        import redis
+
         runner = CliRunner()
         res = runner.invoke(app, ["keys", "add", "frank", "--tier", "free", "--config", str(srv.settings_path)])
         assert res.exit_code == 0, res.output
         key = res.stdout.strip()
+        assert set(_statuses(srv, key, 16)) == {200}  # both workers have it cached now
         r = httpx.post(f"{srv.url}/v1/models/d/translate", content=PNG,
                        headers={"X-API-Key": key, "Content-Type": "image/png"})
-        assert r.status_code == 200
-        assert r.headers["ratelimit-limit"] == "10"
-        import redis
-
+        assert r.headers["ratelimit-limit"] == "1000"
         stored = redis.Redis.from_url(redis_url).hgetall(f"{srv.key_prefix}keys")
         assert list(stored) == [hash_key(key).encode()]
         assert not (Path(srv.data_dir) / "keys.json").exists()  # Redis mode writes no key file
         res = runner.invoke(app, ["keys", "revoke", "frank", "--config", str(srv.settings_path)])
         assert res.exit_code == 0
-        httpx.post(f"{srv.url}/v1/admin/keys/reload", headers=srv.admin_headers)
-        r = httpx.post(f"{srv.url}/v1/models/d/translate", content=PNG,
-                       headers={"X-API-Key": key, "Content-Type": "image/png"})
-        assert r.status_code == 401
+        _until_refused(srv, key)
+
+        res = runner.invoke(app, ["keys", "add", "gina", "--tier", "free", "--config", str(srv.settings_path)])
+        key = res.stdout.strip()
+        assert set(_statuses(srv, key, 16)) == {200}
+        redis.Redis.from_url(redis_url).hdel(f"{srv.key_prefix}keys", hash_key(key))  # an operator, by hand
+        time.sleep(1.2)
+        assert 200 in _statuses(srv, key, 4)  # nothing told the workers: their 300 s cache still vouches
+        assert httpx.post(f"{srv.url}/v1/admin/keys/reload", headers=srv.admin_headers).status_code == 200
+        _until_refused(srv, key)
+    finally:
+        srv.stop()
+
+
+def test_a_revoked_stored_key_stops_within_a_second_in_the_file_store(tmp_path: Path) -> None:
+    models = tiny_models(tmp_path / "m", ("denoise",))
+    srv = start_victim(tmp_path, models=[{"name": "d", "source": str(models["denoise"]), "max_batch": 1}],
+                       tiers={"free": {"rate": 1000.0, "burst": 1000}}, keys={}, extra={"key_cache_s": 300.0})
+    try:
+        runner = CliRunner()
+        res = runner.invoke(app, ["keys", "add", "hana", "--tier", "free", "--config", str(srv.settings_path)])
+        assert res.exit_code == 0, res.output
+        key = res.stdout.strip()
+        assert set(_statuses(srv, key, 4)) == {200}
+        res = runner.invoke(app, ["keys", "revoke", "hana", "--config", str(srv.settings_path)])
+        assert res.exit_code == 0, res.output
+        _until_refused(srv, key, n=4)
     finally:
         srv.stop()
 

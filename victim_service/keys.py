@@ -4,8 +4,11 @@ Storage follows the settings: with ``redis_url`` the keys live in Redis (hash ``
 SHA-256 of the key -> ``{"name", "tier", "created"}``, and ``{prefix}keynames``: name -> hash); without it,
 in ``DATA/victim/keys.json`` (written atomically, guarded by a file lock). ``heist keys add`` and the
 server open the same store from the same settings, so a key added while the server runs is accepted at
-once (lookups are cached for ``key_cache_s`` seconds; revocations take effect after that or on
-``POST /v1/admin/keys/reload``).
+once. Lookups are cached for ``key_cache_s`` seconds, but every worker also reads a revocation
+*generation* at most once per :data:`GENERATION_CHECK_S` (Redis: the counter ``{prefix}keys:gen``, bumped
+by each revocation and by ``POST /v1/admin/keys/reload``; file store: the key file's modification time)
+and forgets its cached lookups when it changed, so a revoked key stops working on every worker within
+about a second, whatever ``key_cache_s`` is.
 
 Keys are 32 URL-safe characters after the ``hk_`` prefix (192 random bits), so a plain SHA-256 is the
 right hash (as for GitHub or Stripe tokens): a slow password hash adds nothing against random keys.
@@ -19,6 +22,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -36,6 +40,8 @@ from victim_service.errors import BackendUnavailableError, redis_unavailable
 from victim_service.settings import Settings
 
 KEY_PREFIX = "hk_"
+GENERATION_CHECK_S = 1.0
+"""How often (seconds) a server worker reads the store's revocation generation."""
 
 
 class KeyStoreError(HeistError):
@@ -92,6 +98,10 @@ class KeyStore(ABC):
     @abstractmethod
     def lookup(self, key_hash: str) -> KeyRecord | None:
         """The record of the key whose SHA-256 is ``key_hash``."""
+
+    @abstractmethod
+    def bump_generation(self) -> None:
+        """Tell every server worker to forget its cached lookups (within :data:`GENERATION_CHECK_S`)."""
 
 
 class FileKeyStore(KeyStore):
@@ -155,6 +165,21 @@ class FileKeyStore(KeyStore):
     def lookup(self, key_hash: str) -> KeyRecord | None:
         return self._read().get(key_hash)
 
+    def generation(self) -> int | None:
+        """The key file's modification time (ns), or None while there is none: every write changes it."""
+        try:
+            return self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def bump_generation(self) -> None:
+        with self._locked():
+            old = self.generation()
+            if old is None:
+                return  # no key file: no stored key can be cached
+            ns = max(time.time_ns(), old + 1)
+            os.utime(self.path, ns=(ns, ns))
+
 
 class RedisKeyStore(KeyStore):
     """Keys in Redis: hash ``{prefix}keys`` (sha256 -> record JSON) and ``{prefix}keynames`` (name -> sha256)."""
@@ -170,6 +195,10 @@ class RedisKeyStore(KeyStore):
     @property
     def names_key(self) -> str:
         return f"{self.prefix}keynames"
+
+    @property
+    def generation_key(self) -> str:
+        return generation_key(self.prefix)
 
     def _call(self, fn, *args):  # type: ignore[no-untyped-def]
         with redis_unavailable("the key store"):
@@ -191,8 +220,12 @@ class RedisKeyStore(KeyStore):
         pipe = self.r.pipeline(transaction=True)
         pipe.hdel(self.keys_key, h)
         pipe.hdel(self.names_key, name)
+        pipe.incr(self.generation_key)
         self._call(pipe.execute)
         return True
+
+    def bump_generation(self) -> None:
+        self._call(self.r.incr, self.generation_key)
 
     def records(self) -> list[KeyRecord]:
         raw = self._call(self.r.hgetall, self.keys_key)
@@ -201,6 +234,11 @@ class RedisKeyStore(KeyStore):
     def lookup(self, key_hash: str) -> KeyRecord | None:
         v = self._call(self.r.hget, self.keys_key, key_hash)
         return KeyRecord.model_validate_json(v) if v is not None else None
+
+
+def generation_key(prefix: str) -> str:
+    """The Redis counter that each revocation (and ``keys/reload``) increments."""
+    return f"{prefix}keys:gen"
 
 
 def open_key_store(settings: Settings) -> KeyStore:
@@ -217,9 +255,11 @@ class KeyResolver:
     """Resolves a presented key to a :class:`Client` for the server: static keys, then the store (cached).
 
     Positive lookups are cached ``cache_s`` seconds, negative ones at most 2 s (a flood of bad keys costs
-    at most one store read per distinct key every 2 s). While the Redis store cannot be read, a key it
-    resolved before keeps its (expired) cached client, so that ``on_redis_error = "open"`` goes on admitting
-    known customers for the whole outage; an unknown key raises :class:`BackendUnavailableError`.
+    at most one store read per distinct key every 2 s). The whole cache is dropped when the store's
+    revocation generation changes (read at most once per :data:`GENERATION_CHECK_S`). While the Redis
+    store cannot be read, a key it resolved before keeps its (expired) cached client, so that
+    ``on_redis_error = "open"`` goes on admitting known customers for the whole outage; an unknown key
+    raises :class:`BackendUnavailableError`.
     """
 
     def __init__(self, settings: Settings, aredis: aioredis.Redis | None) -> None:
@@ -229,17 +269,49 @@ class KeyResolver:
         self.cache_s = settings.key_cache_s
         self._aredis = aredis
         self._keys_key = f"{settings.key_prefix}keys"
+        self._gen_key = generation_key(settings.key_prefix)
         self._file = None if aredis is not None else FileKeyStore(settings.state_dir() / "keys.json")
         self._cache: dict[str, tuple[float, Client | None]] = {}
+        self._generation: object = None
+        self._generation_read_at = -float("inf")
 
     def is_admin(self, key: str | None) -> bool:
         return bool(key and self.admin_hash and hmac.compare_digest(hash_key(key), self.admin_hash))
 
-    def reload(self) -> int:
-        """Forget cached lookups (after revoking keys). Returns how many entries were dropped."""
+    async def reload(self) -> int:
+        """Forget cached lookups here, and bump the generation so that every other worker does too.
+
+        Returns how many entries this worker dropped.
+        """
+        if self._file is not None:
+            self._file.bump_generation()
+        elif self._aredis is not None:
+            with redis_unavailable("the key store"):
+                await self._aredis.incr(self._gen_key)
         n = len(self._cache)
         self._cache.clear()
         return n
+
+    async def _read_generation(self) -> object:
+        if self._file is not None:
+            return self._file.generation()
+        if self._aredis is None:
+            return None
+        with redis_unavailable("the key store"):
+            return await self._aredis.get(self._gen_key)
+
+    async def _sync_generation(self, now: float) -> None:
+        """Drop the cache when the store's generation moved since the last reading (at most once a second)."""
+        if now - self._generation_read_at < GENERATION_CHECK_S:
+            return
+        self._generation_read_at = now
+        try:
+            generation = await self._read_generation()
+        except BackendUnavailableError:
+            return  # keep the cache through an outage (see the class docstring)
+        if generation != self._generation:
+            self._cache.clear()
+            self._generation = generation
 
     async def resolve(self, key: str) -> Client | None:
         h = hash_key(key)
@@ -247,6 +319,7 @@ class KeyResolver:
         if client is not None:
             return client
         now = time.monotonic()
+        await self._sync_generation(now)
         hit = self._cache.get(h)
         if hit is not None and hit[0] > now:
             return hit[1]

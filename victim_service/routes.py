@@ -287,9 +287,9 @@ async def admin_client_log(request: Request, client: str, limit: int = Query(50,
 @router.post("/v1/admin/keys/reload", tags=["admin"], summary="Forget cached key lookups",
              responses=_ADMIN_RESPONSES, dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
 async def admin_reload_keys(request: Request) -> dict[str, int]:
-    """Drop this worker's cached key lookups so revoked keys stop working now (each worker caches separately)."""
+    """Drop cached key lookups: this worker's now, every other worker's within about a second."""
     svc = _require_admin(request)
-    return {"dropped": svc.keys.reload()}
+    return {"dropped": await svc.keys.reload()}
 
 
 @router.post("/v1/admin/keys", tags=["admin"], summary="Create an API key", response_model=KeyCreated,

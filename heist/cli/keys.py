@@ -75,7 +75,7 @@ def list_keys(config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt)
 
 @app.command("revoke")
 def revoke(name: str = typer.Argument(...), config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt) -> None:
-    """Delete NAME's stored key. Running servers stop accepting it within key_cache_s seconds."""
+    """Delete NAME's stored key. Running servers (every worker) stop accepting it within about a second."""
     from victim_service.keys import open_key_store
 
     resolved = victim_settings(config, redis_url=redis_url)

@@ -47,6 +47,7 @@ from torchvision.models import inception as tv_inception
 from torchvision.models import vgg as tv_vgg
 
 from evaluation.errors import FeatureNetworkError
+from translators.files import file_digest
 from translators.paths import data_dir
 from translators.registry import Registry, UnknownNameError
 
@@ -230,14 +231,6 @@ def find_inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
     raise FeatureNetworkError(missing_weights_message(searched))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A tensor state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``).
 
@@ -311,7 +304,7 @@ class InceptionV3Features(FeatureNetwork):
         self.batch_size = max(1, batch_size)
         self.info = FeatureNetworkInfo(
             name=f"inception-v3-{found}", layer="pool3 (2048-d)", dim=2048, input_size=self.input_size,
-            weights_file=path.name, weights_sha256=_sha256(path),
+            weights_file=path.name, weights_sha256=file_digest(path),
         )
         log.info("feature network: %s", self.info.label)
 

@@ -137,6 +137,22 @@ def test_cell_fingerprints_follow_the_settings_that_decide_the_cell() -> None:
     assert {c: more[c] for c in base} == base
 
 
+def test_a_model_file_replaced_at_the_same_path_makes_its_cells_stale(tmp_path: Path) -> None:
+    """A victim served from a model file: the file's content, not only its path, decides the cells."""
+    model = tmp_path / "victim.safetensors"
+    model.write_bytes(b"first model")
+    text = SMALL.replace('name = "denoise25"', f'name = "denoise25"\nsource = "{model}"')
+    before = _settings(text)
+    assert _settings(text) == before
+    model.write_bytes(b"second model, same path")
+    after = _settings(text)
+    assert all(fingerprint(after[c]) != fingerprint(s) for c, s in before.items())
+    assert changed_keys(before["denoise25.none.crops.b2"], after["denoise25.none.crops.b2"]) == [
+        "victim.source_content"]
+    # zoo victims carry no file digest, so their saved cells keep their fingerprints
+    assert "source_content" not in json.dumps(_settings(SMALL))
+
+
 def test_membership_fingerprints_follow_model_defense_settings() -> None:
     base = _settings(MEMBERSHIP, "membership")
     louder = _settings(MEMBERSHIP.replace("noise_multiplier = 0.5", "noise_multiplier = 5.0"), "membership")

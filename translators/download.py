@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path, PurePosixPath
 import httpx
 
 from translators.errors import HeistError
+from translators.files import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,6 @@ class UnsafeArchiveError(DownloadError):
     """An archive with a member that would escape the extraction folder, a link, or a bomb-sized payload."""
 
     code = "unsafe_archive"
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks (``algorithm`` as in :func:`hashlib.new`)."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def part_path(dest: Path) -> Path:

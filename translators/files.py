@@ -1,4 +1,4 @@
-"""Atomic file writes, the one implementation every package uses.
+"""Atomic file writes and file digests, the one implementation every package uses.
 
 A reader never sees a half-written file: the data goes to a temporary file beside the target
 (``.NAME.PID.tmp``, so concurrent writers never share one), which ``os.replace`` then renames over the
@@ -8,10 +8,39 @@ target. With ``durable`` the file and its folder are fsynced too, so the write s
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks (``algorithm`` as in :func:`hashlib.new`)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_id(path: Path) -> str | None:
+    """``sha256:HEX`` of the file at ``path`` (None when it is not a readable file), cached while its size
+    and modification time stay the same, so asking again for a large checkpoint costs one ``stat``."""
+    try:
+        st = Path(path).resolve().stat()
+    except OSError:
+        return None
+    return _cached_content_id(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_content_id(path: str, size: int, mtime_ns: int) -> str | None:
+    try:
+        return "sha256:" + file_digest(Path(path))
+    except (OSError, IsADirectoryError):
+        return None
 
 
 def fsync_dir(path: Path) -> None:

@@ -217,10 +217,15 @@ def campaign_settings(cfg: CampaignConfig) -> dict[str, Any]:
 
 def victim_model_settings(cfg: CampaignConfig, name: str) -> dict[str, Any]:
     """What decides the served model of victim ``name``: its source (default: the zoo recipe at the campaign's
-    profile and seed) and recipe."""
+    profile and seed; for a model file, also its content's SHA-256) and recipe."""
     v = next(v for v in cfg.victims if v.name == name)
-    return {"name": v.name, "source": v.source, "recipe": v.recipe or v.name, "zoo_profile": cfg.campaign.zoo_profile,
-            "seed": cfg.campaign.seed}
+    out = {"name": v.name, "source": v.source, "recipe": v.recipe or v.name, "zoo_profile": cfg.campaign.zoo_profile,
+           "seed": cfg.campaign.seed}
+    if v.source and not v.source.startswith("zoo:"):
+        from translators.files import content_id
+
+        out["source_content"] = content_id(Path(v.source))  # a model file replaced at the same path is new work
+    return out
 
 
 def victim_entry_settings(cfg: CampaignConfig, name: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@ customers, attackers, escalation on and off, cost to target PSNR, report), and i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,21 @@ def test_bad_levels_and_remote_victim_are_refused() -> None:
         'label = "escalate"\n', 'label = "escalate"\napi_key = "k"\n')
     with pytest.raises(CampaignConfigError, match="self-started victim"):
         parse_campaign(remote)
+
+
+def test_torn_monitor_cell_files_are_redone_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A kill that tears ``monitor.json`` or a budget's record makes that budget run again on the resume,
+    instead of failing the cell on every resume with a JSON error."""
+    from evaluation.campaign.kinds.monitor import _saved
+    from evaluation.results import CampaignCell
+
+    torn = tmp_path / "monitor.json"
+    torn.write_text('{"flagged_at_query": 1')
+    assert _saved(torn, json.loads) is None
+    assert "unreadable" in caplog.text
+    assert _saved(tmp_path / "missing.json", json.loads) is None
+    record = tmp_path / "cell.json"
+    record.write_text('{"id": "x", "status": "do')
+    assert _saved(record, CampaignCell.model_validate_json) is None
+    torn.write_text('{"flagged_at_query": 7, "level": 2}')
+    assert _saved(torn, json.loads) == {"flagged_at_query": 7, "level": 2}

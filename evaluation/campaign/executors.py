@@ -58,7 +58,8 @@ class CellExecutor(Protocol):
 
 
 class SequentialExecutor:
-    """Cells one after another in this process (the embedded default)."""
+    """Cells one after another in this process (the embedded default). A cell that raises fails alone (its
+    traceback logged, a ``failed`` record saved), as a crashed Ray task does; Ctrl-C still stops the run."""
 
     name = "sequential"
 
@@ -76,7 +77,12 @@ class SequentialExecutor:
         for task in tasks:
             if before is not None:
                 task = before(task)
-            cell = run_one(task)
+            try:
+                cell = run_one(task)
+            except Exception as exc:  # a bug in one cell fails that cell, as under Ray
+                log.exception("cell %s crashed", getattr(task, "id", task))
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                cell = failed(task, f"{type(exc).__name__}: {first}")
             on_done(cell)
             cells.append(cell)
         return cells

@@ -170,12 +170,17 @@ def _kill_stale_server(pid_file: Path, settings_path: Path) -> None:
 
 
 def _load_cell(path: Path) -> AnyCell | None:
+    """The saved record of a cell; None when there is none, or when it is unreadable (said in a warning:
+    the cell then runs again)."""
     if not path.exists():
         return None
     try:
         raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
         return TypeAdapter(AnyCell).validate_python({"kind": "extraction", **raw})  # v1 cells had no kind
-    except ValueError:
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); the cell runs again", path, str(exc).splitlines()[0][:200])
         return None
 
 

@@ -28,12 +28,14 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
@@ -58,6 +60,8 @@ from evaluation.campaign.kinds.base import (
 from evaluation.campaign.kinds.extraction import EvalSetSpec
 from evaluation.monitor_eval import AttackerSpec, default_attackers
 from translators.files import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from evaluation.campaign.config import CampaignConfig
@@ -252,6 +256,18 @@ def _detection(spec: MonitorSpec, paths: CellPaths, run_id: str) -> dict[str, An
     return out
 
 
+def _saved(path: Path, parse: Callable[[str], Any]) -> Any:
+    """``parse`` of the text at ``path``; None when it is missing or unreadable (a kill tore it: the budget
+    runs again, with a warning), so a torn file never fails the cell on every resume."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s); its budget runs again", path, str(exc).splitlines()[0][:200])
+        return None
+
+
 def run_monitor_cell(spec: MonitorSpec, paths: CellPaths) -> MonitorCell:
     """Detection (once; ``run/detection.json``) then the cost curve (one resumable extraction per budget)."""
     from evaluation.campaign.kinds.extraction import ExtractionSpec, run_extraction_cell
@@ -262,9 +278,8 @@ def run_monitor_cell(spec: MonitorSpec, paths: CellPaths) -> MonitorCell:
     t0 = time.perf_counter()
     paths.run.mkdir(parents=True, exist_ok=True)
     det_path = paths.run / "detection.json"
-    if det_path.exists():
-        det = json.loads(det_path.read_text())
-    else:
+    det = _saved(det_path, json.loads)
+    if not isinstance(det, dict):
         run_id = f"{re.sub(r'[^A-Za-z0-9]', '', spec.defense)[:10] or 'm'}{secrets.token_hex(3)}"
         with fresh_service(spec, paths, "detection") as live_spec:
             det = _detection(live_spec, paths, run_id)
@@ -284,8 +299,9 @@ def run_monitor_cell(spec: MonitorSpec, paths: CellPaths) -> MonitorCell:
     for b in spec.cost_budgets:
         sub = CellPaths(paths.run / f"b{b}")
         seen = sub.dir / "monitor.json"  # the monitor's view of the cost key when its harvest ended
-        prev = CampaignCell.model_validate_json(sub.record.read_text()) if sub.record.exists() else None
-        if prev is None or prev.status != "done" or not seen.exists():
+        prev = _saved(sub.record, CampaignCell.model_validate_json)
+        row = _saved(seen, json.loads)
+        if prev is None or prev.status != "done" or not isinstance(row, dict):
             name = f"{run_id}-cost-b{b}"
             with fresh_service(spec, paths, f"cost-b{b}") as live_spec:
                 key = _keys(live_spec, [name])[name]
@@ -293,8 +309,8 @@ def run_monitor_cell(spec: MonitorSpec, paths: CellPaths) -> MonitorCell:
                                     budget=b, **spec.extraction)
                 prev = run_extraction_cell(ex, sub)
                 save_record(prev, sub.record)
-                seen.write_text(json.dumps(asyncio.run(monitor_view(live_spec.url, spec.admin_key)).get(name, {})))
-        row = json.loads(seen.read_text())
+                row = asyncio.run(monitor_view(live_spec.url, spec.admin_key)).get(name, {})
+                atomic_write_json(seen, row, durable=False)
         psnr = prev.fidelity.mean("psnr") if prev.fidelity else None
         cell.cost.append(MonitorCostPoint(budget=b, queries_used=prev.queries_used, cell_id=prev.id,
                                           psnr=round(psnr, 3) if psnr is not None else None,

@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from translators.archs.registry import build_arch  # noqa: E402
 from translators.checkpoint import ModelCard, load_model, save_checkpoint  # noqa: E402
 from translators.codecs import encode_image  # noqa: E402
+from translators.files import atomic_write_json  # noqa: E402
 from victim_service.process import start_service  # noqa: E402
 from victim_service.settings import Settings  # noqa: E402
 
@@ -420,10 +421,7 @@ def main() -> None:
                     "dynamic_vs_batch1_gpu": ">= 2", "c64_vs_c32": ">= 1", "limiter_p50_ms": "<= 1",
                     "triton_dynamic_batching_gpu": 3.7},
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out_path.with_name(f".{out_path.name}.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_out, out_path)
+    atomic_write_json(out_path, result, durable=False)
     print(json.dumps(result, indent=2))  # noqa: T201 - the benchmark's output
 
 

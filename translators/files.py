@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool 
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        _write_new(tmp, data, durable, mode)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -80,6 +75,60 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool 
     if durable:
         fsync_dir(p.parent)
     return p
+
+
+def _write_new(tmp: Path, data: bytes, durable: bool, mode: int | None) -> None:
+    """Write ``tmp`` (replacing any leftover) created with ``mode``, so a secret is never readable at the
+    umask's mode, not even for a moment."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    if mode is not None:
+        os.chmod(tmp, mode)  # exactly ``mode``, whatever the umask took away
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], durable: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` for writers that need a file name (matplotlib, pyarrow): renamed over
+    ``path`` when the block ends without error, removed when it raises. The temporary name keeps the
+    suffix (``.NAME.PID.tmp.png``), for writers that pick the format from it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp{p.suffix}")
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if durable:
+        fsync_dir(p.parent)
+
+
+def create_exclusive(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` with ``data`` unless it exists (several processes racing: exactly one wins, by
+    ``os.link``; nobody ever sees it half-written). Returns whether this call created it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        _write_new(tmp, data, True, mode)
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            return False
+        fsync_dir(p.parent)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, durable: bool = True,

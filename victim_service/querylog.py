@@ -26,7 +26,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
-from translators.files import atomic_write_bytes
+from translators.files import atomic_path, atomic_write_bytes
 from victim_service.settings import Settings
 
 log = logging.getLogger("heist.victim.querylog")
@@ -314,15 +314,8 @@ class LogReader:
 
 def export_entries(entries: Iterator[QueryLogEntry], out: Path, fmt: str) -> int:
     """Write entries as ``jsonl`` or ``parquet`` to ``out`` atomically (temp file + rename). Returns the count."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        n = _write_entries(entries, tmp, fmt)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # an export that failed half-way leaves nothing behind
-        raise
-    return n
+    with atomic_path(out) as tmp:  # an export that failed half-way leaves nothing behind
+        return _write_entries(entries, tmp, fmt)
 
 
 def _write_entries(entries: Iterator[QueryLogEntry], tmp: Path, fmt: str) -> int:

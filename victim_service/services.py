@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -17,6 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from translators.errors import HeistError
+from translators.files import create_exclusive
 from victim_service.batching import ModelHost
 from victim_service.codecpool import CodecPool
 from victim_service.errors import BackendUnavailableError
@@ -71,18 +71,14 @@ def read_defense_secret(settings: Settings) -> int | None:
 def defense_secret(settings: Settings) -> int:
     """The secret keying defense randomness: from the settings, else a random one kept in the data dir.
 
-    Several workers race to create the file; ``os.link`` makes exactly one win, the others read it.
+    Several workers race to create the file; exactly one wins (:func:`translators.files.create_exclusive`),
+    the others read it.
     """
     if settings.defense_secret is not None:
         return secret_from_text(settings.defense_secret.get_secret_value().encode())
     path = defense_secret_path(settings)
     if not path.exists():
-        tmp = path.with_name(f".defense-secret.{os.getpid()}.tmp")
-        tmp.write_text(secrets.token_hex(32))
-        os.chmod(tmp, 0o600)
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-        tmp.unlink(missing_ok=True)
+        create_exclusive(path, secrets.token_hex(32).encode(), mode=0o600)
     return secret_from_text(path.read_bytes().strip(), f"the defense-secret file {path}")
 
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,17 +24,21 @@ from matplotlib.ticker import NullLocator
 from evaluation.results import ExtractionTestSet, FidelityCurve, ImageGrid, ParetoFront
 from translators.codecs import read_image
 from translators.errors import ImageError
+from translators.files import atomic_path
 
 DPI = 110
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    os.replace(tmp, path)
+def save_figure(fig: plt.Figure, path: Path, dpi: int = DPI) -> Path:
+    """Save ``fig`` to ``path`` atomically (a reader never sees half a PNG) and close it. Returns the path."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", facecolor="white")
+    finally:
+        plt.close(fig)
     return path
+
+
 
 
 def fidelity_curves_figure(
@@ -68,7 +71,7 @@ def fidelity_curves_figure(
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="defense / strategy", title_fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_figure(front: ParetoFront, path: Path, missing: Sequence[str] = ()) -> Path:
@@ -96,7 +99,7 @@ def pareto_figure(front: ParetoFront, path: Path, missing: Sequence[str] = ()) -
         ax.text(0.01, 0.01, f"no point at {front.budget} queries: {', '.join(missing)}", transform=ax.transAxes,
                 fontsize=8, color="0.35", va="bottom")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def attacker_pareto_figure(
@@ -136,7 +139,7 @@ def attacker_pareto_figure(
                  "per attacker)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def score_distribution_figure(ts: ExtractionTestSet, metric: str, path: Path) -> Path | None:
@@ -162,7 +165,7 @@ def score_distribution_figure(ts: ExtractionTestSet, metric: str, path: Path) ->
     ax.set_title(f"{ts.name}: per-image {metric.upper().replace('_', '-')} (box: median, IQR; triangle: mean)",
                  fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _load(path: Path) -> np.ndarray | None:
@@ -196,4 +199,4 @@ def image_grid_figure(grid: ImageGrid, base: Path, path: Path, cell_inches: floa
                 ax.set_ylabel(row.name, fontsize=8)
     fig.suptitle(grid.title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from evaluation.report.document import Paragraph, Section, Table
+from evaluation.report.figures import save_figure
 from evaluation.report.format import DASH
 from evaluation.results import MembershipCell, Results
 
@@ -67,20 +68,10 @@ def _networks(cells: list[MembershipCell]) -> list[Any]:
 
 
 def _roc_figure(cells: list[MembershipCell], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for c in cells:
-        s = c.headline_scores()
-        if s:
-            ax.plot(s.roc.fpr, s.roc.tpr, label=f"{c.model_defense}/{c.defense} (AUC {s.auc:.2f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    """The headline attack's ROC curve of each cell, labelled ``model_defense/defense``."""
+    curves = {f"{c.model_defense}/{c.defense}": (s.roc.fpr, s.roc.tpr, s.auc)
+              for c in cells if (s := c.headline_scores())}
+    return roc_png(curves, path)
 
 
 def _scatter(cells: list[MembershipCell], path: Path) -> Path:
@@ -97,9 +88,7 @@ def _scatter(cells: list[MembershipCell], path: Path) -> Path:
     ax.set_xlabel(" / ".join(sorted(labels)) + (f" [{nets}]" if nets else ""))
     ax.set_ylabel("attack AUC")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def membership_sections(results: Results, builder: Any) -> list[Section]:
@@ -174,8 +163,5 @@ def roc_png(curves: dict[str, tuple[list[float], list[float], float]], path: Pat
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate")
     ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from evaluation.report.document import Paragraph, Section, Table
+from evaluation.report.figures import save_figure
 from evaluation.report.format import DASH
 from evaluation.report.membership import roc_png
 from evaluation.results import MonitorCell, Results
@@ -29,11 +30,8 @@ def _timeline_png(cell: MonitorCell, path: Path) -> Path:
     ax2.step(q, [p.level for p in cell.timeline], where="post", color="tab:red", label="level")
     ax2.set_ylabel("escalation level")
     fig.legend(fontsize=7, loc="upper left")
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _q(v: Any) -> str:

@@ -20,7 +20,8 @@ Hooks a defense may use:
   opaque format (TorchScript, ``torch.export``) has ``handle.hookable = False``; a defense that needs hooks
   raises :class:`ModelAccessError` from ``setup`` and the service refuses to start with that message.
 - escalation: ``ctx.level`` is the client's escalation level (0 = the tier's pipeline) that selected this
-  pipeline; ``ctx.suspicion`` (0 = nothing suspicious, 1 = certain) is the query monitor's risk score.
+  pipeline: the query monitor's decision reaches a defense only through it (levels carry their own,
+  stronger pipelines; the risk score behind a level is on ``GET /v1/admin/clients/{name}/risk``).
 """
 
 from __future__ import annotations
@@ -129,7 +130,6 @@ class DefenseContext:
         tier: the client's tier.
         rng: CPU generator seeded from (server secret, request id): different for every request.
         input_sha256: hex SHA-256 of the request's image bytes ("" when unknown).
-        suspicion: query-monitor score in [0, 1]; 0 when no monitor runs.
         secret: server-side secret for :meth:`derived_rng`; never leaves the server.
         level: the client's escalation level that selected this request's pipeline (0 = tier default).
     """
@@ -140,7 +140,6 @@ class DefenseContext:
     tier: str
     rng: torch.Generator
     input_sha256: str = ""
-    suspicion: float = 0.0
     secret: int = field(default=0, repr=False)
     level: int = 0
 

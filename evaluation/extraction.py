@@ -21,7 +21,6 @@ Everything streams image by image; memory does not grow with the set size except
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +85,6 @@ def as_translator(model: nn.Module | Translator, device: str | torch.device = "c
         return y.detach().float().cpu().clamp(0, 1)
 
     return run
-
-
-def _lcm(values: Sequence[int]) -> int:
-    out = 1
-    for v in values:
-        out = out * max(1, v) // math.gcd(out, max(1, v))
-    return out
 
 
 def _crop_multiple(x: torch.Tensor, m: int) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import uuid
@@ -352,7 +351,3 @@ def _write_entries(entries: Iterator[QueryLogEntry], tmp: Path, fmt: str) -> int
     else:
         raise ValueError(f"unknown export format {fmt!r}")
     return n
-
-
-def write_entries_json(entries: list[QueryLogEntry]) -> list[dict[str, object]]:
-    return [json.loads(e.model_dump_json()) for e in entries]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -268,8 +267,3 @@ def rescore(state: ClientState, tier_rate: float | None, cfg: MonitorConfig) -> 
         state.level = level
         return True
     return False
-
-
-def is_finite_vector(v: np.ndarray) -> bool:
-    return v.shape == (DIM,) and bool(np.all(np.isfinite(v))) and math.isclose(float(np.linalg.norm(v)), 1.0,
-                                                                                abs_tol=0.05)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,18 @@ def test_style_cards_declare_the_unet_size_multiple(profile: str) -> None:
     inp, target = recipe.make_pair(torch.rand(1, 3, 70, 90), multiple=2**depth if depth < 8 else 16)
     assert inp.shape[-1] % min(2**depth, 16) == 0
     assert target.shape == inp.shape
+
+
+def test_zoo_list_names_a_torn_card_instead_of_crashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill while a card was written leaves it torn: ``heist zoo list`` says so and lists the rest."""
+    monkeypatch.setenv("HEIST_DATA_DIR", str(tmp_path))
+    weights = zoo_checkpoint("sr4x", "tiny")
+    assert tmp_path in weights.parents
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_bytes(b"weights")
+    weights.with_suffix(".json").write_text('{"name": "sr4x", "arch": "srres')
+    res = subprocess.run([sys.executable, "-m", "heist.cli.main", "zoo", "list"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "COLUMNS": "250"})
+    assert res.returncode == 0, res.stderr
+    assert "card unreadable" in res.stdout
+    assert "denoise25" in res.stdout

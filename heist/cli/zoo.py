@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 from rich.table import Table
 
 from heist.cli.common import console, print_table, progress
+from translators.checkpoint import CheckpointError, read_card
 from translators.zoo import PROFILES, ZOO, build, cached_checkpoint, get_recipe, zoo_checkpoint
 
 app = typer.Typer(help="The victim zoo: models the project trains itself from the bundled corpus.",
@@ -27,11 +26,13 @@ def list_models(
         path = zoo_checkpoint(name, profile)
         built, score = "no", ""
         if path.exists() and path.with_suffix(".json").exists():
-            card = json.loads(path.with_suffix(".json").read_text())
-            m = card.get("metrics", {})
-            built = "yes"
-            if "psnr" in m:
-                score = f"{m['psnr']:.2f} / {m['baseline_psnr']:.2f} ({m['baseline']})"
+            try:
+                m = read_card(path).metrics
+                built = "yes"
+            except CheckpointError:
+                m, built = {}, "no (card unreadable: rebuild with --force)"
+            if all(isinstance(m.get(k), int | float) for k in ("psnr", "baseline_psnr")):
+                score = f"{m['psnr']:.2f} / {m['baseline_psnr']:.2f} ({m.get('baseline', '?')})"
         table.add_row(name, r.task, str(r.scale), r.arch, built, score, r.description)
     print_table(table)
 
@@ -61,7 +62,7 @@ def build_models(
                 bar.update(task, completed=step, total=total, info=f"loss {loss:.4f}")
 
             path = build(name, profile, seed=seed, force=force, device=device, on_step=on_step)
-            m = json.loads(path.with_suffix(".json").read_text())["metrics"]
+            m = read_card(path).metrics
             console.print(
                 f"{name}: PSNR {m['psnr']:.2f} dB vs {m['baseline']} {m['baseline_psnr']:.2f} dB, "
                 f"SSIM {m['ssim']:.3f} vs {m['baseline_ssim']:.3f} (benchmark split) -> {path}"

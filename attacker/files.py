@@ -8,18 +8,17 @@ without it through a temp file + ``os.replace``.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attacker.errors import RunFolderError
-from translators.files import atomic_write_bytes
+from translators.files import atomic_write_bytes, file_lock
 from translators.paths import file_in_the_way
 
 log = logging.getLogger(__name__)
@@ -161,21 +160,13 @@ def folder_lock(folder: Path, what: str = "run folder", *, shared: bool = False)
     ``shared`` (readers: training reading a run folder's pairs, which no harvest may be writing); the kernel
     releases it if the process dies."""
     check_out_folder(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock_path = folder / ".lock"
-    fh = open(lock_path, "a+")  # noqa: SIM115 - held for the duration of the context
-    try:
+    with ExitStack() as stack:
         try:
-            fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            stack.enter_context(file_lock(folder / ".lock", shared=shared, blocking=False))
         except BlockingIOError:
             if shared:
-                raise RunFolderError(f"{folder}: a harvest is still writing to this {what}; wait for it to finish "
-                                     "(or stop it) before training on its pairs") from None
+                raise RunFolderError(f"{folder}: a harvest is still writing to this {what}; wait for it to "
+                                     "finish (or stop it) before training on its pairs") from None
             raise RunFolderError(f"{folder}: another heist process is using this {what}; wait for it or "
                                  "use a different --out") from None
         yield
-    finally:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        finally:
-            fh.close()

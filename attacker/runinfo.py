@@ -7,13 +7,12 @@ sees half a file and concurrent harvest/train processes do not lose each other's
 
 from __future__ import annotations
 
-import fcntl
 import time
 from pathlib import Path
 from typing import Any
 
 from attacker.files import read_json
-from translators.files import atomic_write_json
+from translators.files import atomic_write_json, file_lock
 
 RUN_JSON = "run.json"
 FORMAT_VERSION = 1
@@ -28,14 +27,10 @@ def update_run(run_dir: str | Path, **sections: Any) -> dict[str, Any]:
     """Replace the given top-level sections of ``run.json`` (others are kept); returns the new summary."""
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
-    with open(d / ".run.json.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            run = read_json(d / RUN_JSON) or {}
-            run.update(sections)
-            run["format_version"] = FORMAT_VERSION
-            run["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            atomic_write_json(d / RUN_JSON, run)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(d / ".run.json.lock"):
+        run = read_json(d / RUN_JSON) or {}
+        run.update(sections)
+        run["format_version"] = FORMAT_VERSION
+        run["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        atomic_write_json(d / RUN_JSON, run)
     return run

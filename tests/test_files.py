@@ -70,3 +70,23 @@ def test_digests_follow_the_content(tmp_path: Path) -> None:
     assert content_id(f) != first
     assert content_id(tmp_path / "missing") is None
     assert content_id(tmp_path) is None  # a folder has no content digest
+
+
+def test_file_lock_excludes_writers_and_shares_readers(tmp_path: Path) -> None:
+    from translators.files import file_lock
+
+    lock = tmp_path / "sub" / ".lock"
+    with file_lock(lock, shared=True), file_lock(lock, shared=True, blocking=False):
+        pass  # two readers at once (flock locks belong to open files, so this works within a process too)
+    with file_lock(lock), pytest.raises(BlockingIOError):
+        _try_lock(lock)
+    with file_lock(lock, blocking=False):
+        pass  # released at the end of the block
+    assert lock.exists()  # the lock file stays: unlinking it would split lockers across inodes
+
+
+def _try_lock(lock: Path) -> None:
+    from translators.files import file_lock
+
+    with file_lock(lock, blocking=False):
+        pass

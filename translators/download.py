@@ -16,7 +16,6 @@ when complete.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path, PurePosixPath
 import httpx
 
 from translators.errors import HeistError
-from translators.files import file_digest
+from translators.files import file_digest, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +72,12 @@ def part_path(dest: Path) -> Path:
 @contextlib.contextmanager
 def _exclusive(dest: Path) -> Iterator[None]:
     lock = dest.with_name(f".{dest.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+b") as fh:
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stack.enter_context(file_lock(lock, blocking=False))
         except BlockingIOError:
             raise DownloadError(f"{dest}: another download of this file is running (lock {lock})") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    # The (empty, hidden) lock file stays: unlinking it would let two processes lock different inodes.
+        yield
 
 
 def _content_range_total(value: str | None) -> int | None:

@@ -1,4 +1,4 @@
-"""Atomic file writes and file digests, the one implementation every package uses.
+"""Atomic file writes, file locks and file digests, the one implementation every package uses.
 
 A reader never sees a half-written file: the data goes to a temporary file beside the target
 (``.NAME.PID.tmp``, so concurrent writers never share one), which ``os.replace`` then renames over the
@@ -8,6 +8,7 @@ target. With ``durable`` the file and its folder are fsynced too, so the write s
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -110,6 +111,22 @@ def atomic_path(path: str | os.PathLike[str], durable: bool = False) -> Iterator
         raise
     if durable:
         fsync_dir(p.parent)
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: str | os.PathLike[str], *, shared: bool = False, blocking: bool = True) -> Iterator[None]:
+    """``flock`` on ``lock_path`` for the block: exclusive, or ``shared`` (readers). With ``blocking=False``
+    a lock held elsewhere raises :class:`BlockingIOError` at once (callers turn it into their own error).
+    The kernel releases the lock when the process dies. The (empty) lock file is created and never removed:
+    unlinking it would let two processes lock different inodes."""
+    p = Path(lock_path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a+b") as fh:
+        fcntl.flock(fh.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def create_exclusive(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> bool:

@@ -18,7 +18,6 @@ Static keys from the settings file are held in memory (also hashed) and never wr
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
@@ -26,7 +25,6 @@ import os
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +33,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 from translators.errors import HeistError
-from translators.files import atomic_write_json
+from translators.files import atomic_write_json, file_lock
 from victim_service.errors import BackendUnavailableError, redis_unavailable
 from victim_service.settings import Settings
 
@@ -111,15 +109,8 @@ class FileKeyStore(KeyStore):
         self.path = path
         self._cache: tuple[int, dict[str, KeyRecord]] | None = None
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f".{self.path.name}.lock"), "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.path.with_name(f".{self.path.name}.lock"))
 
     def _read(self) -> dict[str, KeyRecord]:
         try:

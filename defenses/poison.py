@@ -35,6 +35,7 @@ from translators.archs.registry import build_arch
 from translators.checkpoint import ModelCard, load_model, save_checkpoint
 from translators.errors import CheckpointError
 from translators.paths import data_dir
+from translators.seeding import seeded
 
 log = logging.getLogger(__name__)
 ProxyKind = Literal["auto", "resunet"]
@@ -84,17 +85,17 @@ def train_proxy(model: ModelHandle, params: PoisonParams, batch: int = 8) -> nn.
     side = max(mult, (params.proxy_side // mult) * mult)
     arch, kwargs = proxy_arch(model.scale, params.proxy_channels, params.proxy)
     g = torch.Generator().manual_seed(params.proxy_seed)
-    torch.manual_seed(params.proxy_seed)
-    proxy = build_arch(arch, kwargs).train()
-    opt = torch.optim.Adam(proxy.parameters(), lr=2e-3)
-    for _ in range(params.proxy_steps):
-        x = synthetic_images(batch, side, g)
-        with torch.no_grad():
-            y = model.module(x.to(model.device)).float().cpu().clamp(0.0, 1.0)
-        loss = F.mse_loss(proxy(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with seeded(params.proxy_seed):  # runs inside the server: its global generator is left as it was
+        proxy = build_arch(arch, kwargs).train()
+        opt = torch.optim.Adam(proxy.parameters(), lr=2e-3)
+        for _ in range(params.proxy_steps):
+            x = synthetic_images(batch, side, g)
+            with torch.no_grad():
+                y = model.module(x.to(model.device)).float().cpu().clamp(0.0, 1.0)
+            loss = F.mse_loss(proxy(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return proxy.eval()
 
 

@@ -50,6 +50,7 @@ from evaluation.errors import FeatureNetworkError
 from translators.files import file_digest
 from translators.paths import data_dir
 from translators.registry import Registry, UnknownNameError
+from translators.seeding import seeded
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +369,7 @@ class RandomVGG16Features(FeatureNetwork):
                  batch_size: int = 16, name: str = OFFLINE_NETWORK) -> None:
         if input_size < 32:
             raise FeatureNetworkError(f"vgg16-random needs input_size >= 32 (five 2x poolings), got {input_size}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             net = tv_vgg.vgg16(weights=None)
         net.classifier = net.classifier[:5]  # fc1, ReLU, Dropout, fc2, ReLU: drop the last dropout and fc3
         self.device = torch.device(device)

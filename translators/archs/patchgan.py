@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from translators.archs.registry import ARCH_REGISTRY
+from translators.archs.unet import norm_layer
 
 
 @ARCH_REGISTRY.register("patchgan")
@@ -19,23 +20,14 @@ class PatchGANDiscriminator(nn.Module):
         super().__init__()
         self.n_layers = n_layers
 
-        def norm_layer(ch: int) -> nn.Module:
-            if norm == "batch":
-                return nn.BatchNorm2d(ch)
-            if norm == "instance":
-                return nn.InstanceNorm2d(ch, affine=True)
-            if norm == "none":
-                return nn.Identity()
-            raise ValueError(f"unknown norm {norm!r}")
-
         layers: list[nn.Module] = [nn.Conv2d(in_ch, base, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         ch = base
         for i in range(1, n_layers):
             nxt = base * min(2**i, 8)
-            layers += [nn.Conv2d(ch, nxt, 4, stride=2, padding=1), norm_layer(nxt), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Conv2d(ch, nxt, 4, stride=2, padding=1), norm_layer(norm, nxt), nn.LeakyReLU(0.2, True)]
             ch = nxt
         nxt = base * min(2**n_layers, 8)
-        layers += [nn.Conv2d(ch, nxt, 4, stride=1, padding=1), norm_layer(nxt), nn.LeakyReLU(0.2, True)]
+        layers += [nn.Conv2d(ch, nxt, 4, stride=1, padding=1), norm_layer(norm, nxt), nn.LeakyReLU(0.2, True)]
         layers.append(nn.Conv2d(nxt, 1, 4, stride=1, padding=1))
         self.body = nn.Sequential(*layers)
 

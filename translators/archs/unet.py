@@ -13,7 +13,9 @@ from torch import nn
 from translators.archs.registry import ARCH_REGISTRY
 
 
-def _norm(kind: str, ch: int) -> nn.Module:
+def norm_layer(kind: str, ch: int) -> nn.Module:
+    """The normalisation layer ``kind`` (``batch``, ``instance`` with affine, ``none``) for ``ch`` channels
+    (U-Net and PatchGAN, as in pix2pix)."""
     if kind == "batch":
         return nn.BatchNorm2d(ch)
     if kind == "instance":
@@ -31,7 +33,7 @@ class _Down(nn.Module):
             layers.append(nn.LeakyReLU(0.2))
         layers.append(nn.Conv2d(cin, cout, 4, stride=2, padding=1, bias=norm != "batch"))
         if not first:
-            layers.append(_norm(norm, cout))
+            layers.append(norm_layer(norm, cout))
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +46,7 @@ class _Up(nn.Module):
         layers: list[nn.Module] = [
             nn.ReLU(),
             nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=norm != "batch"),
-            _norm(norm, cout),
+            norm_layer(norm, cout),
         ]
         if dropout > 0:
             layers.append(nn.Dropout(dropout))

@@ -309,6 +309,18 @@ def check_counters(specs: list[str], *, allow_none: bool, key: Callable[[str], s
     return specs
 
 
+def check_strategies(names: list[str], what: str = "") -> list[str]:
+    """For pydantic validators: ``names`` unchanged when each is a registered attack strategy, else
+    ``ValueError`` naming it and the known ones (``what`` prefixes the message, e.g. ``"monitor cell: "``)."""
+    import attacker.strategies  # noqa: F401 - registers the built-in strategies
+    from attacker.strategies.base import STRATEGY_REGISTRY
+
+    for name in names:
+        if name not in STRATEGY_REGISTRY:
+            raise ValueError(f"{what}unknown strategy {name!r} (known: {', '.join(STRATEGY_REGISTRY.names())})")
+    return names
+
+
 def check_strategy_params(strategies: list[str], params: dict[str, Any]) -> dict[str, Any]:
     """For pydantic validators: ``params`` validated against each strategy's ``Params`` model
     (:mod:`attacker.strategies`), as the harvest will (unknown keys and bad values refused); unknown strategy

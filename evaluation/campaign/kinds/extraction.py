@@ -36,6 +36,7 @@ from evaluation.campaign.kinds.base import (
     campaign_settings,
     check_counters,
     check_images,
+    check_strategies,
     check_strategy_params,
     defense_settings,
     feature_network,
@@ -89,13 +90,7 @@ class AttackSection(StrictParams):
     @field_validator("strategies")
     @classmethod
     def _strategies(cls, v: list[str]) -> list[str]:
-        import attacker.strategies  # noqa: F401 - registers the built-in strategies
-        from attacker.strategies.base import STRATEGY_REGISTRY
-
-        for name in v:
-            if name not in STRATEGY_REGISTRY:
-                raise ValueError(f"unknown strategy {name!r} (known: {', '.join(STRATEGY_REGISTRY.names())})")
-        return no_repeats(v, "strategies")
+        return no_repeats(check_strategies(v), "strategies")
 
     @field_validator("strategy_params")
     @classmethod

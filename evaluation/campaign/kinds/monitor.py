@@ -50,6 +50,7 @@ from evaluation.campaign.kinds.base import (
     StrictParams,
     campaign_settings,
     check_images,
+    check_strategies,
     check_strategy_params,
     defense_settings,
     no_repeats,
@@ -125,9 +126,6 @@ class MonitorParams(StrictParams):
         return v
 
     def check(self, cfg: CampaignConfig) -> None:
-        import attacker.strategies  # noqa: F401 - registers the built-in strategies
-        from attacker.strategies.base import STRATEGY_REGISTRY
-
         if cfg.victim_service.url:
             raise ValueError("monitor cells need the self-started victim (they create clients with its admin key); "
                              "drop [victim_service].url")
@@ -137,10 +135,8 @@ class MonitorParams(StrictParams):
         unknown = [d for d in self.defenses if d not in labels]
         if unknown:
             raise ValueError(f"monitor cell: unknown defense labels {unknown} (known: {sorted(labels)})")
-        for s in {a.strategy for a in self.attackers} | {self.timeline_strategy, self.cost_strategy}:
-            if s not in STRATEGY_REGISTRY:
-                known = ", ".join(STRATEGY_REGISTRY.names())
-                raise ValueError(f"monitor cell: unknown strategy {s!r} (known: {known})")
+        check_strategies(sorted({a.strategy for a in self.attackers} | {self.timeline_strategy, self.cost_strategy}),
+                         "monitor cell: ")
         for a in self.attackers:
             try:
                 check_strategy_params([a.strategy], a.params)

@@ -44,6 +44,7 @@ from evaluation.campaign.kinds.base import (
     campaign_settings,
     check_counters,
     check_images,
+    check_strategies,
     check_strategy_params,
     check_surrogate,
     defense_settings,
@@ -98,12 +99,7 @@ class WatermarkParams(StrictParams):
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
-        import attacker.strategies  # noqa: F401 - registers the built-in strategies
-        from attacker.strategies.base import STRATEGY_REGISTRY
-
-        if v not in STRATEGY_REGISTRY:
-            raise ValueError(f"unknown strategy {v!r} (known: {', '.join(STRATEGY_REGISTRY.names())})")
-        return v
+        return check_strategies([v])[0]
 
     @field_validator("strategy_params")
     @classmethod

@@ -7,7 +7,8 @@ It is chosen by a spec string ``KIND[:key=value,...]`` (``heist attack train --c
 - ``none``: train on the outputs as harvested.
 - ``lowpass``: Gaussian blur of standard deviation ``sigma`` pixels (removes high-frequency perturbations;
   with the surrogate's L2 loss this is the "loss on a blurred target" of a robust-loss attacker).
-- ``jpeg``: JPEG round trip at ``quality`` (Pillow), the classic adversarial-noise remover.
+- ``jpeg``: JPEG round trip at ``quality`` (Pillow, 4:2:0; :func:`translators.codecs.jpeg_roundtrip`), the
+  classic adversarial-noise remover.
 - ``median``: ``size`` x ``size`` median filter (removes sign/impulse patterns, keeps edges).
 - ``aware``: defense-aware: estimates the perturbation amplitude ``a`` from the pairs as ``9/8`` times the
   median of ``|y - box3(y)|`` over all harvested pixels (``box3``: 3x3 mean; an i.i.d. +-eps perturbation on a
@@ -21,16 +22,16 @@ The attacker knows only URL, key and ``/v1/models``; none of these look at the v
 
 from __future__ import annotations
 
-import io
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from attacker.errors import ConfigError
+from translators.codecs import jpeg_roundtrip
+from translators.images import to_uint8_tensor
 
 CounterKind = Literal["none", "lowpass", "jpeg", "median", "aware"]
 COUNTER_KINDS: tuple[str, ...] = ("none", "lowpass", "jpeg", "median", "aware")
@@ -98,19 +99,6 @@ def median_filter(y: torch.Tensor, size: int = 3) -> torch.Tensor:
     return patches.median(dim=1).values.reshape(n, c, h, w)
 
 
-def jpeg_filter(y: torch.Tensor, quality: int) -> torch.Tensor:
-    """JPEG round trip of each image of ``(N, 3, H, W)`` at ``quality`` with Pillow (4:2:0)."""
-    arr = y.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = np.empty_like(arr)
-    for i in range(arr.shape[0]):
-        buf = io.BytesIO()
-        Image.fromarray(arr[i], "RGB").save(buf, "JPEG", quality=quality)
-        buf.seek(0)
-        with Image.open(buf) as im:
-            out[i] = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(out).permute(0, 3, 1, 2).to(device=y.device, dtype=y.dtype).div_(255.0)
-
-
 def estimate_amplitude(outputs: list[torch.Tensor]) -> float:
     """``9/8 median |y - box3(y)|`` over every pixel of the outputs (each ``(3, H, W)`` or ``(N, 3, H, W)``,
     float in [0, 1] or uint8); about ``eps`` for an i.i.d. +-eps perturbation of a smooth image."""
@@ -143,7 +131,7 @@ class CounterMeasure:
         if s.kind == "lowpass":
             out = gaussian_blur(y, s.sigma)
         elif s.kind == "jpeg":
-            out = jpeg_filter(y, s.quality)
+            out = jpeg_roundtrip(y, s.quality)
         elif s.kind == "median":
             out = median_filter(y, s.size)
         else:
@@ -157,7 +145,7 @@ class CounterMeasure:
         """Clean a list of uint8 ``(3, H, W)`` outputs one by one (how :mod:`attacker.train` holds pairs)."""
         if self.spec.kind == "none":
             return outputs
-        return [self(o[None].float().div(255.0))[0].mul(255.0).round().clamp(0, 255).to(torch.uint8) for o in outputs]
+        return [to_uint8_tensor(self(o[None].float().div(255.0))[0]) for o in outputs]
 
 
 def build_counter(spec: str | CounterSpec) -> CounterMeasure:

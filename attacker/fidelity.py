@@ -1,8 +1,10 @@
 """Fidelity of a surrogate against the victim's outputs: PSNR, SSIM, L2.
 
-PSNR and SSIM come from ``piq`` on ``(N, 3, H, W)`` float tensors in [0, 1] with ``data_range=1``, no
-border crop, RGB. SSIM uses piq's 11x11 Gaussian window (sigma 1.5) with ``downsample=False`` (plain
-SSIM at every size; images with a side under 11 px fall back to the largest odd window that fits).
+PSNR and SSIM come from :mod:`translators.psnr_ssim` (piq; the implementation :mod:`evaluation.metrics`
+uses) on ``(N, 3, H, W)`` float tensors clamped to [0, 1], with :data:`FIDELITY_SETTINGS`: ``data_range=1``,
+no border crop, RGB, SSIM with an 11x11 Gaussian window (sigma 1.5) and ``downsample=False``. Identical
+images score 80 dB (piq's ``1e-8`` floor on the normalised MSE), as in evaluation results. Images with a side
+under 11 px get SSIM ``nan``: the window is never shrunk, so every SSIM reported is the same quantity.
 L2 is the mean squared error per pixel and channel in [0, 1] units.
 
 The trivial baselines are bicubic upsampling (super-resolution) and the identity (same-size tasks).
@@ -10,38 +12,33 @@ The trivial baselines are bicubic upsampling (super-resolution) and the identity
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from translators.images import upscale
+from translators.psnr_ssim import MetricSettings, crop_and_convert, psnr_scores, ssim_scores
+
+#: How the attacker scores fidelity: the evaluator's defaults, spelled out.
+FIDELITY_SETTINGS = MetricSettings(data_range=1.0, crop_border=0, color_space="rgb", ssim_kernel_size=11,
+                                   ssim_kernel_sigma=1.5, ssim_downsample=False)
 
 
 def psnr_ssim_l2(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Mean PSNR (dB), SSIM and L2 over a batch ``(N, 3, H, W)``; identical images score 100 dB."""
+    """Mean PSNR (dB), SSIM and L2 over a batch ``(N, 3, H, W)``; identical images score 80 dB.
+
+    SSIM is ``nan`` when a side is under :data:`FIDELITY_SETTINGS`'s 11 px window.
+    """
     pred = pred.detach().float().clamp(0, 1).cpu()
     target = target.detach().float().clamp(0, 1).cpu()
     mse = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    psnr = torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-20)), torch.full_like(mse, 100.0))
-    side = min(pred.shape[-2:])
-    k = min(11, side if side % 2 else side - 1)
-    if k >= 3:
-        import piq  # here, not at the top: piq imports torchvision and torch._dynamo (~1 s of CLI start-up)
-
-        ssim = piq.ssim(pred, target, data_range=1.0, kernel_size=k, downsample=False, reduction="none")
-        ssim_v = float(ssim.mean())
+    x, y = crop_and_convert(pred, target, FIDELITY_SETTINGS)
+    psnr = psnr_scores(x, y, FIDELITY_SETTINGS)
+    if min(x.shape[-2:]) >= FIDELITY_SETTINGS.ssim_kernel_size:
+        ssim_v = float(ssim_scores(x, y, FIDELITY_SETTINGS).mean())
     else:
         ssim_v = float("nan")
     return {"psnr": float(psnr.mean()), "ssim": ssim_v, "l2": float(mse.mean())}
-
-
-def piq_psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR through ``piq.psnr`` (data_range 1, mean over the batch) for reports that want piq's number."""
-    import piq
-
-    return float(piq.psnr(pred.clamp(0, 1), target.clamp(0, 1), data_range=1.0, reduction="mean"))
 
 
 def baseline(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -70,7 +67,3 @@ def translate(module: nn.Module, x: torch.Tensor, device: torch.device | None = 
         xi = F.pad(xi, (0, pw, 0, ph), mode=mode)
     y = module(xi)
     return y[..., : h * scale, : w * scale].float().cpu()
-
-
-def psnr_from_l2(l2: float) -> float:
-    return 100.0 if l2 <= 0 else 10 * math.log10(1.0 / l2)

@@ -30,6 +30,7 @@ from attacker.train import TrainConfig, TrainResult, surrogate_min_side, train_s
 from attacker.victim_info import ModelInfo
 from translators.codecs import encode_image, read_image
 from translators.corpus import NamedImage
+from translators.images import quantize_8bit
 
 log = logging.getLogger(__name__)
 # what the baseline warning advises (`heist attack imitate`'s options)
@@ -55,8 +56,7 @@ class ImitationResult:
 def add_gaussian_noise(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
     """``x + N(0, (sigma/255)^2)``, clamped and quantised to 8 bits; ``x`` ``(1, 3, H, W)`` in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
-    y = (x + torch.randn(x.shape, generator=g) * (sigma / 255.0)).clamp(0, 1)
-    return y.mul(255).round().div(255)
+    return quantize_8bit(x + torch.randn(x.shape, generator=g) * (sigma / 255.0))
 
 
 def _check_surrogate_fits(label: str, size: str, side: int, cfg: TrainConfig, info: ModelInfo) -> None:

@@ -79,6 +79,7 @@ from attacker.trainstate import fingerprint, load_state, save_state
 from translators.checkpoint import ModelCard, save_checkpoint
 from translators.device import pick_device
 from translators.files import atomic_write_json
+from translators.images import to_uint8_tensor
 
 log = logging.getLogger(__name__)
 ArchValue = int | float | bool | str
@@ -176,7 +177,7 @@ class PairSet:
 
 
 def _u8(x: torch.Tensor) -> torch.Tensor:
-    return x[0].mul(255.0).round().clamp(0, 255).to(torch.uint8)
+    return to_uint8_tensor(x[0])
 
 
 def resolve_pairs_dir(path: str | Path) -> tuple[Path, Path | None]:

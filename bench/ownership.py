@@ -64,6 +64,7 @@ from evaluation.watermark import KEPT_JPEG, Probe, load_probes, module_translato
 from translators.checkpoint import load_model
 from translators.codecs import decode_image, encode_image
 from translators.corpus import load_images
+from translators.images import quantize_8bit
 from translators.zoo import build, get_recipe
 
 log = logging.getLogger("bench.ownership")
@@ -71,7 +72,7 @@ SECRET = 20261130
 
 
 def _q(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(0, 1).mul(255).round().div(255)
+    return quantize_8bit(x)
 
 
 def _sync(dev: torch.device) -> None:
@@ -117,8 +118,8 @@ def part_cost(victim: nn.Module, dev: torch.device, side: int, repeats: int, que
         for p in probes:
             yc = cpu_victim(p.image)
             m = _q(embed(yc, key, params, p.image))
-            ps.append(float(psnr(m, yc)))
-            ss.append(float(ssim(m, yc)))
+            ps.append(float(psnr(m, yc, data_range=1.0)))
+            ss.append(float(ssim(m, yc, data_range=1.0)))
     return {"side": side, "device": str(dev), "victim_forward_ms": fwd, "embed_ms": emb,
             "honest_user": {"images": len(ps), "psnr_min": min(ps), "psnr_mean": statistics.mean(ps),
                             "ssim_min": min(ss), "ssim_mean": statistics.mean(ss)},
@@ -323,8 +324,8 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         for p in probes:
             y = victim(p.image)
             m = _q(embed(y, key, params, p.image))
-            ps.append(float(psnr(m, _q(y))))
-            ss.append(float(ssim(m, _q(y))))
+            ps.append(float(psnr(m, _q(y), data_range=1.0)))
+            ss.append(float(ssim(m, _q(y), data_range=1.0)))
     pv = list(innocent.values())
     return {
         "victim": name, "pairs": args.pairs, "crop": args.crop, "steps": args.steps, "queries": args.queries,
@@ -364,7 +365,7 @@ def _params(args: argparse.Namespace) -> OwnershipParams:
 def _fidelity(model: nn.Module, victim: nn.Module, probes: list[Probe]) -> float:
     """Mean PSNR (dB) of the model's 8-bit outputs to the clean victim's on the probes."""
     with torch.no_grad():
-        return statistics.mean(float(psnr(_q(model(p.image)), _q(victim(p.image)))) for p in probes)
+        return statistics.mean(float(psnr(_q(model(p.image)), _q(victim(p.image)), data_range=1.0)) for p in probes)
 
 
 #: JPEG's colour axes (ITU-R BT.601 YCbCr, as libjpeg uses them): rows Y, Cb, Cr of linear RGB in [0, 1].

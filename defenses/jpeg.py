@@ -7,39 +7,21 @@ at quality 50-95).
 
 from __future__ import annotations
 
-import io
-from typing import Literal
-
-import numpy as np
 import torch
-from PIL import Image
 from pydantic import Field
 
 from defenses.base import DefenseContext, DefenseParams, OutputDefense
 from defenses.registry import DEFENSE_REGISTRY
+from translators.codecs import JpegSubsampling, jpeg_roundtrip
 
-_SUBSAMPLING = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
+__all__ = ["JPEG_PHASES", "JpegDefense", "JpegParams", "jpeg_phase_average", "jpeg_roundtrip"]
 
 
 class JpegParams(DefenseParams):
     """``quality``: libjpeg quality 1..100 (Pillow's scale). ``subsampling``: chroma subsampling."""
 
     quality: int = Field(75, ge=1, le=100)
-    subsampling: Literal["4:4:4", "4:2:2", "4:2:0"] = "4:2:0"
-
-
-def jpeg_roundtrip(images: torch.Tensor, quality: int, subsampling: str = "4:2:0") -> torch.Tensor:
-    """Encode each image of ``(N, 3, H, W)`` [0, 1] as JPEG with Pillow and decode it again (same shape)."""
-    arr = images.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = np.empty_like(arr)
-    for i in range(arr.shape[0]):
-        buf = io.BytesIO()
-        Image.fromarray(arr[i], "RGB").save(buf, "JPEG", quality=quality, subsampling=_SUBSAMPLING[subsampling])
-        buf.seek(0)
-        with Image.open(buf) as im:
-            out[i] = np.asarray(im.convert("RGB"))
-    t = torch.from_numpy(out).permute(0, 3, 1, 2).to(dtype=images.dtype).div_(255.0)
-    return t.to(images.device)
+    subsampling: JpegSubsampling = "4:2:0"
 
 
 #: Grid phases of :func:`jpeg_phase_average`: the 8x8 block grid at offset 0 and at 4 px in both directions.

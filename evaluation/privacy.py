@@ -91,8 +91,8 @@ def membership_utility(
     from evaluation.results import MembershipUtility
 
     def quality(cands: Sequence[Any]) -> tuple[float, float]:
-        p = [float(psnr(outputs[c.name].clamp(0, 1), c.y)) for c in cands]
-        s = [float(ssim(outputs[c.name].clamp(0, 1), c.y)) for c in cands]
+        p = [float(psnr(outputs[c.name].clamp(0, 1), c.y, data_range=1.0)) for c in cands]
+        s = [float(ssim(outputs[c.name].clamp(0, 1), c.y, data_range=1.0)) for c in cands]
         return float(np.mean(p)), float(np.mean(s))
 
     pm, sm = quality(members)

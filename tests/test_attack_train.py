@@ -213,7 +213,7 @@ def test_stripes_hold_out_the_end_of_every_pair_scored_without_its_context() -> 
         # a prediction wrong only on the context scores as perfect
         pred = y.clone()
         pred[..., : 2 * STRIPE_CONTEXT] = 1 - pred[..., : 2 * STRIPE_CONTEXT]
-        assert psnr_ssim_l2(*split.scored(i, pred))["psnr"] == 100.0
+        assert psnr_ssim_l2(*split.scored(i, pred))["psnr"] == 80.0  # piq's (and evaluation's) identical-image PSNR
         assert psnr_ssim_l2(pred, y)["psnr"] < 40
     # tall pairs cut along their height
     tall = split_pairs(_pairset(8, 120, 40), stripes, min_train_side=4)

@@ -43,7 +43,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from translators.errors import ImageError
 from translators.files import atomic_write_bytes
-from translators.images import from_uint8, to_uint8
+from translators.images import from_uint8, to_uint8, to_uint8_tensor
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 """Formats the HTTP API accepts and answers, and :func:`encode_image` writes."""
@@ -305,6 +305,27 @@ def encode_image(
     else:
         raise ValueError(f"unknown format {fmt!r}")
     return buf.getvalue()
+
+
+JpegSubsampling = Literal["4:4:4", "4:2:2", "4:2:0"]
+_JPEG_SUBSAMPLING: dict[str, int] = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2}
+
+
+def jpeg_roundtrip(images: torch.Tensor, quality: int, subsampling: JpegSubsampling = "4:2:0") -> torch.Tensor:
+    """Encode each image of ``(N, 3, H, W)`` [0, 1] as JPEG at ``quality`` (Pillow's 1..100 scale, chroma
+    ``subsampling``) and decode it again: ``(N, 3, H, W)`` in the input's dtype and device, values on the
+    8-bit grid. Used by the JPEG output defense and the attacker's JPEG counter-measure."""
+    arr = to_uint8_tensor(images.detach()).permute(0, 2, 3, 1).cpu().numpy()
+    out = np.empty_like(arr)
+    for i in range(arr.shape[0]):
+        buf = io.BytesIO()
+        Image.fromarray(arr[i], "RGB").save(buf, "JPEG", quality=quality,
+                                            subsampling=_JPEG_SUBSAMPLING[subsampling])
+        buf.seek(0)
+        with Image.open(buf) as im:
+            out[i] = np.asarray(im.convert("RGB"))
+    t = torch.from_numpy(out).permute(0, 3, 1, 2).to(dtype=images.dtype).div_(255.0)
+    return t.to(images.device)
 
 
 def read_image(path: str | os.PathLike[str], limits: ImageLimits | None = None) -> torch.Tensor:

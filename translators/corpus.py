@@ -34,7 +34,7 @@ from PIL import Image
 
 from translators.codecs import probe_file, read_image
 from translators.errors import CorpusError, ImageError
-from translators.images import from_uint8
+from translators.images import from_uint8, to_uint8_tensor
 from translators.paths import file_in_the_way
 
 Split = Literal["victim", "attacker", "benchmark"]
@@ -340,6 +340,6 @@ def export_split(spec: str, out_dir: str | Path, seed: int = DEFAULT_SEED) -> li
 def image_digest(x: torch.Tensor) -> str:
     """sha256 of the PNG-quantised image, stable across runs (used to prove splits are disjoint)."""
     buf = io.BytesIO()
-    arr = x[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    arr = to_uint8_tensor(x[0]).permute(1, 2, 0).numpy()
     Image.fromarray(arr).save(buf, "PNG", compress_level=0)
     return hashlib.sha256(buf.getvalue()).hexdigest()

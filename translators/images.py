@@ -25,7 +25,26 @@ def to_uint8(t: torch.Tensor) -> np.ndarray:
         t = t[0]
     if t.ndim != 3 or t.shape[0] != 3:
         raise ValueError(f"expected (3, H, W), got {tuple(t.shape)}")
-    return t.detach().float().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return to_uint8_tensor(t.detach().float()).permute(1, 2, 0).cpu().numpy()
+
+
+def to_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Float tensor of any shape (e.g. ``(N, 3, H, W)`` or ``(3, H, W)``) in [0, 1] -> uint8 tensor of the
+    same shape and device holding ``round(clamp(x, 0, 1) * 255)`` (ties to even, as ``torch.round``).
+
+    The layout stays as is (no permute, no copy to the CPU); :func:`to_uint8` is the numpy ``(H, W, 3)`` form.
+    The arithmetic runs in ``x``'s dtype.
+    """
+    return x.clamp(0, 1).mul(255.0).round().to(torch.uint8)
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Round to the 8-bit grid, as a PNG or an API answer would: ``round(clamp(x, 0, 1) * 255) / 255``.
+
+    ``x``: float tensor of any shape (e.g. ``(N, 3, H, W)``) with values in [0, 1] (others are clamped).
+    Returns a tensor of the same shape, dtype and device with values in ``{0, 1/255, ..., 1}``.
+    """
+    return x.clamp(0, 1).mul(255).round().div(255)
 
 
 def bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

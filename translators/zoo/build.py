@@ -1,8 +1,9 @@
 """Train and cache zoo victims.
 
 ``build(name, profile)`` trains the recipe on random crops of the corpus ``victim`` split, evaluates it
-against ground truth on the ``benchmark`` split (PSNR/SSIM, piq, data_range 1, no border crop, RGB)
-next to the recipe's trivial baseline, and writes ``zoo_dir()/PROFILE/NAME.safetensors`` + card.
+against ground truth on the ``benchmark`` split (PSNR/SSIM, :mod:`translators.psnr_ssim`, data_range 1, no
+border crop, RGB, SSIM without downsampling) next to the recipe's trivial baseline, and writes
+``zoo_dir()/PROFILE/NAME.safetensors`` + card.
 A file lock makes concurrent builds of the same model (several server workers) train it once.
 """
 
@@ -26,6 +27,7 @@ from translators.corpus import DEFAULT_SEED, PatchSampler, load_images
 from translators.device import pick_device
 from translators.images import center_crop
 from translators.paths import zoo_dir
+from translators.psnr_ssim import MetricSettings, psnr_scores, ssim_scores
 from translators.zoo.recipes import PROFILES, Recipe, TrainSpec, get_recipe
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,7 @@ def evaluate_recipe_model(
 
     Returns the model's mean PSNR (dB) and SSIM and the same for the recipe's trivial baseline.
     """
-    import piq  # here, not at the top: piq imports torchvision and torch._dynamo (~1 s of CLI start-up)
-
+    settings = MetricSettings(data_range=1.0, crop_border=0, color_space="rgb", ssim_downsample=False)
     device = device or torch.device("cpu")
     images = load_images("corpus:benchmark", seed=seed)
     multiple = int(getattr(model, "size_multiple", 1))
@@ -83,10 +84,9 @@ def evaluate_recipe_model(
         inp, target = recipe.make_pair(center_crop(im.image, s), seed=10_000 + i, multiple=multiple)
         out = model(inp.to(device)).float().cpu().clamp(0, 1)
         base = recipe.baseline_output(inp)
-        scores["psnr"].append(float(piq.psnr(out, target, data_range=1.0)))
-        scores["ssim"].append(float(piq.ssim(out, target, data_range=1.0)))
-        scores["baseline_psnr"].append(float(piq.psnr(base, target, data_range=1.0)))
-        scores["baseline_ssim"].append(float(piq.ssim(base, target, data_range=1.0)))
+        for prefix, pred in (("", out), ("baseline_", base)):
+            scores[prefix + "psnr"].append(float(psnr_scores(pred, target, settings).mean()))
+            scores[prefix + "ssim"].append(float(ssim_scores(pred, target, settings).mean()))
     return {k: round(sum(v) / len(v), 4) for k, v in scores.items()}
 
 

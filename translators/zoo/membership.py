@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from translators.corpus import load_images
-from translators.images import crop_to_multiple
+from translators.images import crop_to_multiple, quantize_8bit
 from translators.zoo.recipes import Recipe, TrainSpec, _add
 
 
@@ -31,7 +31,7 @@ def edge_map(photo: torch.Tensor) -> torch.Tensor:
     p = F.pad(luma, (1, 1, 1, 1), mode="replicate")
     gx, gy = F.conv2d(p, kx.to(p)), F.conv2d(p, kx.transpose(-1, -2).to(p))
     edges = 1 - (4 * (gx.square() + gy.square()).sqrt()).clamp(0, 1)
-    return edges.expand(-1, 3, -1, -1).mul(255).round().div(255).contiguous()
+    return quantize_8bit(edges).expand(-1, 3, -1, -1).contiguous()
 
 
 def edge_pairs(images: str, side: int, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

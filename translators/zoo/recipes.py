@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from translators.corpus import PatchSampler
-from translators.images import crop_to_multiple, downscale, upscale
+from translators.images import crop_to_multiple, downscale, quantize_8bit, upscale
 from translators.registry import Registry
 from translators.zoo.stylizers import STYLIZERS
 
@@ -76,7 +76,7 @@ class Recipe:
             g = torch.Generator().manual_seed(seed)
             clean = crop_to_multiple(clean, multiple)
             noise = torch.randn(clean.shape, generator=g) * self.sigma
-            noisy = (clean + noise.to(clean)).clamp(0, 1).mul(255).round().div(255)
+            noisy = quantize_8bit(clean + noise.to(clean))
             return noisy, clean
         target_in = crop_to_multiple(clean, multiple)
         return target_in, self.ground_truth(target_in)

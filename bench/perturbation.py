@@ -54,7 +54,7 @@ from defenses import DefenseContext, DefensePipeline, ModelHandle, build_defense
 from evaluation.metrics import psnr  # noqa: E402
 from translators.checkpoint import card_dict, load_model  # noqa: E402
 from translators.corpus import load_images  # noqa: E402
-from translators.images import center_crop  # noqa: E402
+from translators.images import center_crop, quantize_8bit  # noqa: E402
 from translators.zoo import build as build_zoo  # noqa: E402
 
 log = logging.getLogger("bench.perturbation")
@@ -102,7 +102,7 @@ def respond(module: torch.nn.Module, pipe: DefensePipeline, x: torch.Tensor, dev
         d, _ = pipe.apply(y, xb, ctxs_for(x[s : s + chunk], f"{tag}{s}")) if pipe else (y, [])
         cleans.append(y.cpu())
         defended.append(d.cpu())
-    q = [torch.cat(t).mul(255).round().div(255) for t in (cleans, defended)]
+    q = [quantize_8bit(torch.cat(t)) for t in (cleans, defended)]  # both already in [0, 1]
     return q[0], q[1]
 
 

@@ -142,19 +142,19 @@ async def _run_one(vc: VictimClient, model: str, key: str, client: BenignClient,
     for r in client.requests:
         if r.delay_s > 0 and time_scale > 0:
             await asyncio.sleep(r.delay_s * time_scale)
-        for _ in range(20):  # a customer's app waits out a 429 and tries again
-            o = await vc.translate(model, key, r.body, r.media_type)
-            if o.status != 429 or o.code == "quota_exhausted":
-                break
-            await asyncio.sleep(min(5.0, o.headers.retry_after_s or 0.5))
-        outs.append(o)
+        # a customer's app waits out a 429 (at most 5 s a time, 20 times) and retries 5xx / transport errors
+        # (the client's max_retries); a refusal or the last failure is recorded, not raised
+        outs.append(await vc.translate_retrying(model, key, r.body, r.media_type, what=f"{client.name}'s request",
+                                                check=False, max_rate_waits=20, max_wait_s=5.0))
     return outs
 
 
 async def run_benign(url: str, model: str, keys: dict[str, str], plan: Sequence[BenignClient],
                      time_scale: float = 1.0, config: ClientConfig | None = None) -> dict[str, list[Outcome]]:
     """Send every customer's plan concurrently (``keys``: customer name -> API key). ``time_scale``
-    multiplies all delays (0 = as fast as possible). Returns each customer's outcomes."""
+    multiplies all delays (0 = as fast as possible). Returns each customer's outcomes (one per planned
+    request: the answer that ended it after :meth:`~attacker.client.VictimClient.translate_retrying`'s
+    retries; ``Outcome.attempts`` counts the requests sent for it)."""
     missing = [c.name for c in plan if c.name not in keys]
     if missing:
         raise ConfigError(f"no API key for benign client(s) {', '.join(missing[:5])}")

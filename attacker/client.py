@@ -1,22 +1,38 @@
 """HTTP client for the victim API (``docs/CONTRACTS.md``, Victim HTTP API). Async, httpx.
 
-:class:`VictimClient` does single requests and reports what happened (:class:`Outcome`); pacing,
-retries and policies live in :mod:`attacker.pacing` and :mod:`attacker.harvest`. The attacker only
-knows the URL, its key(s), the model name and ``GET /v1/models``.
+:class:`VictimClient` does single requests and reports what happened (:class:`Outcome`);
+:meth:`VictimClient.translate_retrying` is the one retry policy for a single query, used by every caller
+but the harvester (whose pacing, key rotation and quotas live in :mod:`attacker.pacing` and
+:mod:`attacker.harvest`; it shares :func:`retry_wait`). :class:`VictimAdminClient` talks to the victim's
+admin API (keys, the monitor's view of clients). The attacker only knows the URL, its key(s), the model
+name and ``GET /v1/models``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from attacker.errors import ConfigError, UnknownModelError, VictimFailingError, VictimUnreachableError
+from attacker.errors import (
+    AttackError,
+    ConfigError,
+    InputsRefusedError,
+    QuotaExhaustedError,
+    UnauthorizedError,
+    UnknownModelError,
+    VictimFailingError,
+    VictimProtocolError,
+    VictimUnreachableError,
+)
 from attacker.pacing import RateHeaders
 from attacker.victim_info import ModelInfo
 
@@ -27,7 +43,8 @@ class ClientConfig(BaseModel):
     Attributes:
         max_concurrency: requests in flight per API key at most (the pacer may use fewer).
         connect_timeout_s / read_timeout_s: per request.
-        max_retries: attempts after the first for one query on 5xx, timeouts and transport errors.
+        max_retries: attempts after the first for one query on 5xx, timeouts and transport errors (the
+            harvester and :meth:`VictimClient.translate_retrying`).
         backoff_base_s / backoff_max_s: full-jitter exponential backoff, ``U(0, min(max, base * 2**n))``.
         storm_limit: consecutive failed requests (5xx/transport) with no success in between that stop
             the run (a 5xx storm or a dead server).
@@ -59,6 +76,7 @@ class Outcome:
     request_id: str | None = None
     latency_s: float = 0.0
     error: str | None = None
+    attempts: int = 1  # requests sent for this query (more than 1 after retries: translate_retrying)
 
     @property
     def ok(self) -> bool:
@@ -84,6 +102,34 @@ def one_line(text: str, limit: int = 200) -> str:
     """``text`` with every run of whitespace (newlines included) collapsed to one space, cut to ``limit`` chars."""
     s = " ".join(text.split())
     return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+RETRY_AFTER_CAP_S = 30.0
+"""Longest single wait :meth:`VictimClient.translate_retrying` takes for a ``Retry-After`` by default."""
+RATE_WAITS = 50
+"""429 ``rate_limited`` answers :meth:`VictimClient.translate_retrying` waits out per query by default."""
+
+Send = Callable[[Callable[[], Awaitable["Outcome"]]], Awaitable["Outcome"]]
+"""How one request goes out: ``await send(fn)`` runs ``fn()`` (one request) when it may go, e.g.
+:meth:`attacker.pacing.PacedSender.send`."""
+
+
+def backoff_delay(config: ClientConfig, failures: int) -> float:
+    """Full-jitter exponential backoff after ``failures`` failed tries (1 after the first):
+    ``U(0, min(backoff_max_s, backoff_base_s * 2**failures))``."""
+    return random.uniform(0, min(config.backoff_max_s, config.backoff_base_s * 2**failures))
+
+
+def retry_wait(config: ClientConfig, failures: int, retry_after_s: float | None,
+               cap_s: float = RETRY_AFTER_CAP_S) -> float:
+    """Seconds before a query that failed ``failures`` times (5xx, transport) may go again: the full-jitter
+    backoff (:func:`backoff_delay`), but never less than the answer's ``Retry-After`` (cut to ``cap_s``)."""
+    return max(backoff_delay(config, failures), min(retry_after_s or 0.0, cap_s))
+
+
+def key_label(key: str) -> str:
+    """How an API key is named in messages: its last four characters only."""
+    return f"(…{key[-4:]})"
 
 
 def _error_fields(resp: httpx.Response) -> tuple[str | None, str]:
@@ -198,6 +244,96 @@ class VictimClient:
             out.code, out.detail = _error_fields(resp)
         return out
 
+    async def translate_retrying(
+        self, model: str, key: str, image: bytes, media_type: str = "image/png", *, what: str = "the query",
+        check: bool = True, max_rate_waits: int | None = RATE_WAITS, max_wait_s: float = RETRY_AFTER_CAP_S,
+        send: Send | None = None,
+    ) -> Outcome:
+        """One query, retried by the client's policy (``self.config``); returns the answer that ended it.
+
+        =============================  ==========================================================================
+        2xx                            returned (``Outcome.attempts``: requests sent for it, retries included)
+        429 ``rate_limited``           wait ``Retry-After-Ms`` / ``Retry-After`` (at most ``max_wait_s``; without
+                                       the header the full-jitter backoff) and ask again, at most
+                                       ``max_rate_waits`` times (None: no limit), then
+                                       :class:`VictimFailingError`
+        429 ``quota_exhausted``        stop at once: :class:`QuotaExhaustedError`
+        401 / 403                      stop at once: :class:`UnauthorizedError`
+        404                            stop at once: :class:`UnknownModelError`
+        other 4xx                      stop at once: :class:`InputsRefusedError` (the input is refused)
+        5xx (503 ``overloaded``,       full-jitter backoff ``U(0, min(backoff_max_s, backoff_base_s * 2**n))``
+        ``shutting_down`` included)    after the ``n``-th failure, never shorter than ``Retry-After`` (at most
+                                       ``max_wait_s``); ask again up to ``config.max_retries`` times, then
+                                       :class:`VictimFailingError`
+        timeouts, transport errors     as 5xx, then :class:`VictimUnreachableError`
+        anything else (1xx, 3xx)       :class:`VictimProtocolError`
+        =============================  ==========================================================================
+
+        Args:
+            what: names the query in error messages (e.g. ``"candidate 'x'"``).
+            check: False returns the answer that ended the query instead of raising (a refusal, quota used
+                up, or the last failure once the retries are spent); the caller reads ``status`` / ``code``.
+            send: runs each request (e.g. a :class:`attacker.pacing.PacedSender`'s ``send``, so a pacer sees
+                every try); default: at once.
+        """
+        cfg = self.config
+        failures = rate_waits = attempts = 0
+
+        def one() -> Awaitable[Outcome]:
+            return self.translate(model, key, image, media_type)
+
+        while True:
+            out = await (send(one) if send is not None else one())
+            attempts += 1
+            out.attempts = attempts
+            s, h = out.status, out.headers
+            if out.ok:
+                return out
+            if s == 429 and out.code != "quota_exhausted":
+                rate_waits += 1
+                if max_rate_waits is not None and rate_waits > max_rate_waits:
+                    return self._refuse(out, check, VictimFailingError(
+                        f"{what}: still rate limited (429) after {max_rate_waits} waits for Retry-After"))
+                wait = h.retry_after_s if h.retry_after_s is not None else backoff_delay(cfg, rate_waits)
+                await asyncio.sleep(min(wait, max_wait_s))
+                continue
+            if s is None or s >= 500:
+                failures += 1
+                if failures > cfg.max_retries:
+                    if s is None:
+                        return self._refuse(out, check, VictimUnreachableError(
+                            f"cannot reach {self.url}: {what} got no answer in {attempts} tries "
+                            f"(last: {out.error or 'transport error'})"))
+                    return self._refuse(out, check, VictimFailingError(
+                        f"the victim at {self.url} keeps failing: {what} failed {failures} times "
+                        f"(last: HTTP {s} {out.code or ''} {out.detail})".strip()))
+                await asyncio.sleep(retry_wait(cfg, failures, h.retry_after_s, max_wait_s))
+                continue
+            return self._refuse(out, check, self._refusal(out, model, key, what))
+
+    @staticmethod
+    def _refuse(out: Outcome, check: bool, err: AttackError) -> Outcome:
+        if check:
+            raise err
+        return out
+
+    @staticmethod
+    def _refusal(out: Outcome, model: str, key: str, what: str) -> AttackError:
+        """The typed error of an answer no retry can change (``out.status`` is 3xx/4xx, or 429 quota)."""
+        s, code, detail = out.status, out.code, out.detail
+        if s == 429:
+            when = f"; it resets in {out.headers.retry_after_s:.0f} s" if out.headers.retry_after_s else ""
+            return QuotaExhaustedError(f"API key {key_label(key)} has no quota left (429 quota_exhausted{when})")
+        if s in (401, 403):
+            return UnauthorizedError(f"the victim refused API key {key_label(key)}: {s} {code or 'unauthorized'}: "
+                                     f"{detail or 'check --api-key'}")
+        if s == 404:
+            return UnknownModelError(f"the victim answered 404 {code or ''} for model {model!r}: {detail}".strip())
+        if s is not None and 400 <= s < 500:
+            return InputsRefusedError(f"the victim refused {what}: HTTP {s} {code or ''} {detail}".strip())
+        return VictimProtocolError(f"the victim answered HTTP {s} {code or ''} to {what} ({detail}); the attacker "
+                                   "cannot go on")
+
 
 def fetch_model_info(url: str, model: str) -> ModelInfo:
     """``model``'s public entry of ``GET /v1/models`` (no query spent); one-line errors as
@@ -208,3 +344,83 @@ def fetch_model_info(url: str, model: str) -> ModelInfo:
             return await client.model_info(model)
 
     return asyncio.run(go())
+
+
+class AdminApiError(AttackError):
+    """The victim's admin API refused a request. ``status``, ``error`` and ``detail`` are the answer's HTTP
+    status and JSON error code and detail (:func:`_error_fields`)."""
+
+    code = "admin_refused"
+
+    def __init__(self, message: str, status: int, error: str | None, detail: str) -> None:
+        super().__init__(message)
+        self.status, self.error, self.detail = status, error, detail
+
+
+class VictimAdminClient:
+    """The victim's admin API over one ``httpx.AsyncClient``: ``async with VictimAdminClient(url, key) as a``.
+
+    Every call sends the admin key (``X-API-Key``) once, without retrying (``create_key`` is not idempotent).
+    A transport failure raises :class:`VictimUnreachableError`; any non-2xx answer :class:`AdminApiError` with
+    the server's error code and detail.
+    """
+
+    def __init__(self, url: str, admin_key: str, timeout_s: float = 30.0) -> None:
+        self.url = check_url(url)
+        self._key = admin_key
+        self._timeout = timeout_s
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> VictimAdminClient:
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=self._timeout,
+                                       headers={"User-Agent": "heist-admin/0.1", "X-API-Key": self._key})
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """``method path`` (JSON ``body``); the decoded JSON answer."""
+        if self._http is None:
+            raise RuntimeError("VictimAdminClient used outside `async with`")
+        try:
+            resp = await self._http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise VictimUnreachableError(f"cannot reach {self.url}: {describe_transport_error(exc)}") from None
+        if not 200 <= resp.status_code < 300:
+            code, detail = _error_fields(resp)
+            msg = " ".join(f"{self.url}{path} answered HTTP {resp.status_code} {code or ''}".split())
+            raise AdminApiError(f"{msg}: {detail}" if detail else msg, resp.status_code, code, detail)
+        try:
+            return resp.json()
+        except ValueError:
+            raise VictimProtocolError(f"{self.url}{path} answered HTTP {resp.status_code} with no JSON "
+                                      f"({one_line(resp.text, 100)}); is this a Heist victim API?") from None
+
+    async def clients_status(self) -> dict[str, Any]:
+        """``GET /v1/admin/clients`` as the service returned it (``{"enabled": ..., "clients": [...]}``)."""
+        data = await self.request("GET", "/v1/admin/clients")
+        if not isinstance(data, dict) or not isinstance(data.get("clients"), list):
+            raise VictimProtocolError(f"{self.url}/v1/admin/clients is not a client list")
+        return data
+
+    async def clients(self) -> dict[str, dict[str, Any]]:
+        """The monitor's risk row of every client, by client name."""
+        return {c["client"]: c for c in (await self.clients_status())["clients"]}
+
+    async def client_risk(self, name: str) -> dict[str, Any]:
+        """``GET /v1/admin/clients/NAME/risk``: one client's risk row (404 ``unknown_client`` before its first
+        query reaches the monitor)."""
+        data = await self.request("GET", f"/v1/admin/clients/{quote(name, safe='')}/risk")
+        if not isinstance(data, dict):
+            raise VictimProtocolError(f"{self.url}/v1/admin/clients/{name}/risk is not a risk row")
+        return data
+
+    async def create_key(self, name: str, tier: str) -> str:
+        """``POST /v1/admin/keys``: a new API key for client ``name`` on ``tier``; the plaintext key."""
+        data = await self.request("POST", "/v1/admin/keys", {"name": name, "tier": tier})
+        if not isinstance(data, dict) or not isinstance(data.get("key"), str):
+            raise VictimProtocolError(f"{self.url}/v1/admin/keys answered no key")
+        return data["key"]

@@ -42,7 +42,6 @@ import heapq
 import itertools
 import logging
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from attacker.client import ClientConfig, Outcome, VictimClient, check_url
+from attacker.client import ClientConfig, Outcome, VictimClient, check_url, retry_wait
 from attacker.errors import (
     AttackError,
     ConfigError,
@@ -490,8 +489,8 @@ class Harvester:
             err = VictimUnreachableError if transport else VictimFailingError
             raise err(f"the victim at {self.url} keeps failing ({many}; last: {what}); pairs so far are kept, "
                       "re-run the same command to resume")
-        backoff = random.uniform(0, min(c.backoff_max_s, c.backoff_base_s * 2 ** job.attempts))
-        not_before = now + max(backoff, retry_after or 0.0)
+        # the shared full-jitter backoff; a Retry-After is honoured in full (the run is paused, not a caller)
+        not_before = now + retry_wait(c, job.attempts, retry_after, cap_s=math.inf)
         self._requeue(job, not_before)
         if pause:
             self._pause_until = max(self._pause_until, not_before)

@@ -11,7 +11,9 @@ are reproduced better than non-members. Scores are "higher = member":
 
 Candidate folders hold ``inputs/NAME.png`` and ``targets/NAME.png`` with the same names and sizes.
 Every request goes through :class:`attacker.client.VictimClient`, so output defenses and rate limits
-apply; a 429 is waited out (``Retry-After``) and retried.
+apply: queries are paced to the key's rate limit, and each one follows
+:meth:`~attacker.client.VictimClient.translate_retrying` (a 429 is waited out, 5xx and transport errors are
+retried up to ``max_retries``, a refusal or a used-up quota stops the attack), with no limit on 429 waits.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from attacker.client import ClientConfig, VictimClient, fetch_model_info
-from attacker.errors import ConfigError, QuotaExhaustedError, UnauthorizedError, VictimFailingError
+from attacker.errors import ConfigError, InputsRefusedError, QuotaExhaustedError
 from attacker.files import check_out_folder
 from attacker.pacing import LanePacer, PacedSender
 from attacker.victim_info import ModelInfo
@@ -90,7 +92,6 @@ async def _query_all(url: str, key: str, model: str, cands: list[Candidate], con
     sem = asyncio.Semaphore(concurrency)
     outputs: dict[str, torch.Tensor] = {}
     sent = 0
-    key_label = f"(…{key[-4:]})"
 
     async with VictimClient(url, ClientConfig(max_concurrency=concurrency)) as client:
         await client.model_info(model)
@@ -100,36 +101,18 @@ async def _query_all(url: str, key: str, model: str, cands: list[Candidate], con
         async def one(c: Candidate) -> None:
             nonlocal sent
             body = encode_image(c.x)
-            failures = 0
             async with sem:
-                while True:
-                    out = await sender.send(lambda: client.translate(model, key, body))
-                    sent += 1
-                    if out.ok:
-                        outputs[c.name] = decode_image(out.body)
-                        break
-                    if out.status == 429 and out.code == "quota_exhausted":
-                        when = (f"; it resets in {out.headers.retry_after_s:.0f} s" if out.headers.retry_after_s
-                                else "")
-                        raise QuotaExhaustedError(
-                            f"API key {key_label} has no quota left (429 quota_exhausted{when}); membership "
-                            f"inference needs {len(cands)} queries, {len(outputs)} answered")
-                    if out.status == 429:
-                        continue  # the pacer now waits for Retry-After
-                    if out.status in (401, 403):
-                        raise UnauthorizedError(f"the victim refused API key {key_label}: {out.status} "
-                                                f"{out.code or 'unauthorized'}: {out.detail or 'check --api-key'}")
-                    if out.status is None or out.status >= 500:
-                        failures += 1
-                        if failures > client.config.max_retries:
-                            why = out.error or f"HTTP {out.status} {out.code or ''}".strip()
-                            raise VictimFailingError(f"candidate {c.name!r}: no answer after {failures} tries "
-                                                     f"({why})")
-                        await asyncio.sleep(min(client.config.backoff_base_s * 2**failures,
-                                                client.config.backoff_max_s))
-                        continue
-                    raise ConfigError(f"the victim refused candidate {c.name!r}: HTTP {out.status} "
-                                      f"{out.code or ''} {out.detail}".strip())
+                try:
+                    # 429s are waits (the pacer sees them too), never errors: no limit on how many
+                    out = await client.translate_retrying(model, key, body, what=f"candidate {c.name!r}",
+                                                          max_rate_waits=None, send=sender.send)
+                except QuotaExhaustedError as exc:
+                    raise QuotaExhaustedError(f"{exc}; membership inference needs {len(cands)} queries, "
+                                              f"{len(outputs)} answered") from None
+                except InputsRefusedError as exc:
+                    raise ConfigError(str(exc)) from None  # a candidate this victim does not take
+                sent += out.attempts
+                outputs[c.name] = decode_image(out.body)
             if on_done:
                 on_done()
 

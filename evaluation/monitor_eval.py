@@ -23,12 +23,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from attacker.benign import BenignParams, plan_benign, run_benign
-from attacker.client import VictimClient
+from attacker.client import AdminApiError, Outcome, VictimAdminClient, VictimClient
+from attacker.errors import VictimUnreachableError
 from attacker.strategies import build_strategy
 from attacker.victim_info import ModelInfo
 from defenses.monitor.config import MonitorConfig, SignalParams
@@ -234,22 +234,22 @@ async def make_keys(url: str, admin_key: str, names: list[str], tier: str) -> di
     that already has a key, a wrong admin key, an unknown tier) raises :class:`EvaluationError` with the
     server's error code and detail."""
     out = {}
-    async with httpx.AsyncClient(base_url=url, timeout=30) as h:
+    async with VictimAdminClient(url, admin_key) as admin:
         for n in names:
             try:
-                r = await h.post("/v1/admin/keys", json={"name": n, "tier": tier}, headers={"X-API-Key": admin_key})
-            except httpx.HTTPError as exc:
-                raise EvaluationError(f"cannot reach {url} to create keys: {type(exc).__name__}: {exc}") from None
-            if r.status_code >= 400:
-                try:
-                    body = r.json()
-                    why = f"{body.get('error')}: {body.get('detail')}"
-                except ValueError:
-                    why = " ".join(r.text.split())[:200]
-                raise EvaluationError(f"the victim refused to create key {n!r} (tier {tier!r}): HTTP "
-                                      f"{r.status_code} {why}")
-            out[n] = r.json()["key"]
+                out[n] = await admin.create_key(n, tier)
+            except VictimUnreachableError as exc:
+                raise EvaluationError(f"{exc} (creating keys)") from None
+            except AdminApiError as exc:
+                raise EvaluationError(f"the victim refused to create key {n!r} (tier {tier!r}): HTTP {exc.status} "
+                                      f"{exc.error}: {exc.detail}") from None
     return out
+
+
+async def _send(vc: VictimClient, model: str, key: str, body: bytes) -> Outcome:
+    """One query as the evaluation's attackers send it: 429s waited out (50 times at most), 5xx and transport
+    errors retried (``max_retries``); a refusal (a blocked key, a used-up quota) is returned, not raised."""
+    return await vc.translate_retrying(model, key, body, check=False)
 
 
 async def _run_attacker(url: str, model: str, spec: AttackerSpec, keys: list[str], bodies: list[bytes],
@@ -259,11 +259,7 @@ async def _run_attacker(url: str, model: str, spec: AttackerSpec, keys: list[str
     async with VictimClient(url) as vc:
         for i, body in enumerate(bodies):
             t = time.monotonic()
-            for _ in range(50):
-                o = await vc.translate(model, keys[i % len(keys)], body)
-                if o.status != 429 or o.code == "quota_exhausted":
-                    break
-                await asyncio.sleep(o.headers.retry_after_s or 0.2)
+            await _send(vc, model, keys[i % len(keys)], body)
             sent += 1
             if dt:
                 await asyncio.sleep(max(0.0, dt - (time.monotonic() - t)))
@@ -271,10 +267,8 @@ async def _run_attacker(url: str, model: str, spec: AttackerSpec, keys: list[str
 
 
 async def _monitor_view(url: str, admin_key: str) -> dict[str, dict[str, Any]]:
-    async with httpx.AsyncClient(base_url=url, timeout=30) as h:
-        r = await h.get("/v1/admin/clients", headers={"X-API-Key": admin_key})
-        r.raise_for_status()
-        return {c["client"]: c for c in r.json()["clients"]}
+    async with VictimAdminClient(url, admin_key) as admin:
+        return await admin.clients()
 
 
 async def evaluate_live(url: str, admin_key: str, model: str, benign_images: Sequence[NamedImage],
@@ -427,21 +421,18 @@ async def escalation_timeline(url: str, admin_key: str, model: str, client: str,
     client, then records ``{"query": i, "status", "risk", "level", "flagged"}``: the escalation timeline.
     """
     out: list[dict[str, Any]] = []
-    async with VictimClient(url) as vc, httpx.AsyncClient(base_url=url, timeout=30) as h:
+    async with VictimClient(url) as vc, VictimAdminClient(url, admin_key) as admin:
         for i, body in enumerate(bodies, start=1):
-            for _ in range(50):
-                o = await vc.translate(model, key, body)
-                if o.status != 429 or o.code == "quota_exhausted":
-                    break
-                await asyncio.sleep(o.headers.retry_after_s or 0.2)
+            o = await _send(vc, model, key, body)
             row: dict[str, Any] = {}
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline:
-                r = await h.get(f"/v1/admin/clients/{client}/risk", headers={"X-API-Key": admin_key})
-                if r.status_code == 200:
-                    row = r.json()
+                try:
+                    row = await admin.client_risk(client)
                     if row["queries"] >= i:
                         break
+                except AdminApiError:
+                    pass  # 404 unknown_client until the monitor has seen the first query
                 await asyncio.sleep(0.05)
             out.append({"query": i, "status": o.status, "risk": float(row.get("risk", 0.0)),
                         "level": int(row.get("level", 0)), "flagged": bool(row.get("flagged", False))})

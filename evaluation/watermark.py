@@ -139,7 +139,9 @@ def load_probes(spec: str, n: int, side: int, multiple: int = 1, noise: float = 
 
 
 def _quantise(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(0, 1).mul(255).round().div(255)
+    from translators.images import quantize_8bit
+
+    return quantize_8bit(x)
 
 
 def module_translator(module: nn.Module) -> Translator:
@@ -158,7 +160,11 @@ def module_translator(module: nn.Module) -> Translator:
 
 async def query_url(url: str, model: str, api_key: str, probes: Sequence[Probe],
                     timeout_s: float = 120.0) -> list[torch.Tensor]:
-    """Each probe sent once (PNG) to a Heist-compatible API with the attacker's client; decoded outputs."""
+    """Each probe sent (PNG) to a Heist-compatible API with the attacker's client; decoded outputs.
+
+    A probe follows :meth:`attacker.client.VictimClient.translate_retrying` with ``max_retries=2``: a transient
+    5xx or transport error is retried (full-jitter backoff, ``Retry-After`` honoured), a 429 ``rate_limited``
+    waited out; a refusal, a used-up quota or the retries spent raise :class:`VerifyError`."""
     from attacker.client import ClientConfig, VictimClient
     from attacker.errors import AttackError
 
@@ -167,10 +173,11 @@ async def query_url(url: str, model: str, api_key: str, probes: Sequence[Probe],
         async with VictimClient(url, ClientConfig(max_concurrency=1, max_retries=2, read_timeout_s=timeout_s)) as c:
             await c.model_info(model)
             for p in probes:
-                r = await c.translate(model, api_key, encode_image(p.image, "png"), "image/png")
-                if not r.ok:
-                    why = r.error or f"HTTP {r.status} {r.code or ''} {r.detail}".strip()
-                    raise VerifyError(f"suspect {url} model {model!r} refused probe {p.name}: {why}")
+                try:
+                    r = await c.translate_retrying(model, api_key, encode_image(p.image, "png"), "image/png",
+                                                   what=f"probe {p.name}")
+                except AttackError as exc:
+                    raise VerifyError(f"suspect {url} model {model!r} did not answer probe {p.name}: {exc}") from None
                 try:
                     outs.append(decode_image(r.body))
                 except ImageError as exc:

@@ -16,8 +16,7 @@ import asyncio
 import json
 import logging
 import secrets
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +112,11 @@ class HttpTranslator:
     """``(1, 3, h, w)`` -> the victim's ``(1, 3, s*h, s*w)`` output, through ``POST /v1/models/M/translate``.
 
     Built on the attacker's HTTP client (:class:`attacker.client.VictimClient`), driven from a private
-    event loop so evaluation code can call it synchronously. Retries 429 (honouring ``Retry-After``),
-    5xx and transport errors a few times; other errors raise :class:`VictimError`. A context manager:
+    event loop so evaluation code can call it synchronously. Each call follows
+    :meth:`~attacker.client.VictimClient.translate_retrying`: a 429 ``rate_limited`` is waited out
+    (``Retry-After``, at most 10 s a time), 5xx and transport errors are retried up to ``retries`` times with
+    full-jitter backoff; a used-up quota, a refusal or the retries spent raise :class:`VictimError`.
+    ``requests`` counts every request sent, retries included. A context manager:
     ``with HttpTranslator(url, model, key) as victim: y = victim(x)``.
     """
 
@@ -135,24 +137,21 @@ class HttpTranslator:
         self.close()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from attacker.client import Outcome
+        from attacker.errors import AttackError
+
         body = encode_image(x[:1].float().clamp(0, 1))
-        last = ""
-        for attempt in range(self.retries + 1):
-            out = self._loop.run_until_complete(self._client.translate(self.model, self.key, body))
+
+        async def counted(fn: Callable[[], Awaitable[Outcome]]) -> Outcome:
             self.requests += 1
-            if out.ok:
-                return decode_image(out.body)
-            if out.status is None:
-                last = f"transport error: {out.error}"
-                time.sleep(min(2.0**attempt * 0.2, 5.0))
-                continue
-            last = f"HTTP {out.status}: {out.code or ''} {out.detail}".strip()
-            if out.status == 429 or out.status >= 500:
-                wait = out.headers.retry_after_s if out.headers.retry_after_s is not None else 0.2 * 2**attempt
-                time.sleep(min(float(wait), 10.0))
-                continue
-            break
-        raise VictimError(f"{self.endpoint}: {last}")
+            return await fn()
+
+        try:
+            out = self._loop.run_until_complete(self._client.translate_retrying(
+                self.model, self.key, body, what="the evaluation query", max_wait_s=10.0, send=counted))
+        except AttackError as exc:
+            raise VictimError(f"{self.endpoint}: {exc}") from None
+        return decode_image(out.body)
 
     def close(self) -> None:
         """Close the connection pool and the loop; safe to call twice."""

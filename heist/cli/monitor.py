@@ -22,23 +22,18 @@ UrlOpt = typer.Option(..., "--url", help="Victim API base URL, e.g. http://127.0
 AdminOpt = typer.Option(..., "--admin-key", envvar="HEIST_ADMIN_KEY", help="The victim's admin key.")
 
 
-def _get(url: str, admin_key: str, path: str) -> Any:
-    import httpx
+def _monitor_status(url: str, admin_key: str, client: str | None) -> Any:
+    """The admin API's answer: one client's risk row, or every client's. One-line errors
+    (:class:`attacker.client.VictimAdminClient`)."""
+    import asyncio
 
-    from attacker.client import check_url
+    from attacker.client import VictimAdminClient
 
-    try:
-        r = httpx.get(f"{check_url(url)}{path}", headers={"X-API-Key": admin_key}, timeout=30)
-    except httpx.HTTPError as exc:
-        raise HeistError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
-    if r.status_code != 200:
-        try:
-            body = r.json()
-            msg = f"{body.get('error')}: {body.get('detail')}"
-        except ValueError:
-            msg = r.text[:200]
-        raise HeistError(f"{url}{path} answered {r.status_code} ({msg})")
-    return r.json()
+    async def go() -> Any:
+        async with VictimAdminClient(url, admin_key) as admin:
+            return await admin.client_risk(client) if client else await admin.clients_status()
+
+    return asyncio.run(go())
 
 
 @app.command("status")
@@ -49,9 +44,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print the JSON the service returned."),
 ) -> None:
     """Risk, flag, level, queries and signals per client (GET /v1/admin/clients, or /v1/admin/clients/NAME/risk)."""
-    from urllib.parse import quote
-
-    data = _get(url, admin_key, f"/v1/admin/clients/{quote(client, safe='')}/risk" if client else "/v1/admin/clients")
+    data = _monitor_status(url, admin_key, client)
     if as_json:
         print(json.dumps(data, indent=2))  # noqa: T201 - machine-readable output on stdout
         return

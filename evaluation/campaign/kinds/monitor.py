@@ -58,7 +58,7 @@ from evaluation.campaign.kinds.base import (
     scoring_settings,
     victim_entry_settings,
 )
-from evaluation.campaign.kinds.extraction import EvalSetSpec
+from evaluation.campaign.kinds.extraction import EvalSetSpec, ExtractionSpec
 from evaluation.monitor_eval import AttackerSpec, default_attackers
 from translators.files import atomic_write_json
 
@@ -155,8 +155,9 @@ def monitor_cell_id(victim: str, defense: str) -> str:
 @dataclass(frozen=True)
 class MonitorSpec:
     """One monitor cell as plain data (picklable for a remote executor). ``tier`` is the attack tier of
-    ``defense``; ``tier_rate`` its rate (requests/s, None = unlimited); ``extraction`` the fields of the
-    cost attackers' :class:`~evaluation.campaign.kinds.extraction.ExtractionSpec` (key, budget and id aside)."""
+    ``defense``; ``tier_rate`` its rate (requests/s, None = unlimited); ``extraction`` the cost attackers'
+    :class:`~evaluation.campaign.kinds.extraction.ExtractionSpec`, whose ``id``, ``url``, ``api_key`` and
+    ``budget`` each budget's run replaces (built when the cell is planned, so a bad field fails there)."""
 
     id: str
     url: str
@@ -179,7 +180,7 @@ class MonitorSpec:
     target_psnr: float
     settle_s: float
     seed: int
-    extraction: dict[str, Any] = field(default_factory=dict)
+    extraction: ExtractionSpec
     service: dict[str, Any] = field(default_factory=dict)  # the victim settings mapping each phase starts
     workers: int = 1
     startup_timeout_s: float = 600.0
@@ -266,7 +267,7 @@ def _saved(path: Path, parse: Callable[[str], Any]) -> Any:
 
 def run_monitor_cell(spec: MonitorSpec, paths: CellPaths) -> MonitorCell:
     """Detection (once; ``run/detection.json``) then the cost curve (one resumable extraction per budget)."""
-    from evaluation.campaign.kinds.extraction import ExtractionSpec, run_extraction_cell
+    from evaluation.campaign.kinds.extraction import run_extraction_cell
     from evaluation.defense_scoring import queries_to_target
     from evaluation.monitor_eval import monitor_view
     from evaluation.results import CampaignCell, MonitorCell, MonitorCostPoint, MonitorTimelinePoint, RocCurve
@@ -301,8 +302,8 @@ def run_monitor_cell(spec: MonitorSpec, paths: CellPaths) -> MonitorCell:
             name = f"{run_id}-cost-b{b}"
             with fresh_service(spec, paths, f"cost-b{b}") as live_spec:
                 key = _keys(live_spec, [name])[name]
-                ex = ExtractionSpec(id=f"{spec.id}.b{b}", defense=spec.defense, url=live_spec.url, api_key=key,
-                                    budget=b, **spec.extraction)
+                ex = dataclasses.replace(spec.extraction, id=f"{spec.id}.b{b}", url=live_spec.url, api_key=key,
+                                         budget=b)
                 prev = run_extraction_cell(ex, sub)
                 save_record(prev, sub.record)
                 row = asyncio.run(monitor_view(live_spec.url, spec.admin_key)).get(name, {})
@@ -396,8 +397,9 @@ class MonitorKind(CellKind):
         v = next(v for v in cfg.victims if v.name == params.victim)
         cell = self.pending(cfg, params, plan, paths)
         fw = cfg.evaluation.feature_weights
-        extraction = dict(
-            victim=v.name, images=params.attacker_images, strategy=params.cost_strategy, strategy_params={},
+        extraction = ExtractionSpec(  # id, url, api_key and budget: set per budget when the cell runs
+            id=plan.id, defense=plan.defense, url="", api_key="", budget=0, victim=v.name,
+            images=params.attacker_images, strategy=params.cost_strategy, strategy_params={},
             concurrency=params.concurrency, seed=cfg.campaign.seed, surrogate=v.surrogate,
             surrogate_profile=v.surrogate_profile, train_steps=v.train_steps, device=cfg.campaign.device,
             honest_key=ctx.honest_key(NO_DEFENSE), evaluation=state["set"], victim_outputs=state["clean_out"],

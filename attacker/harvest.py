@@ -219,7 +219,9 @@ class Harvester:
     def _check_resume(self, info: ModelInfo, strategy: QueryStrategy) -> dict[str, Any]:
         run = read_run(self.run_dir)
         identity = {
-            "model": self.cfg.model, "strategy": self.cfg.strategy, "strategy_params": strategy.params.model_dump(),
+            "model": self.cfg.model, "strategy": self.cfg.strategy,
+            # as run.json holds it: JSON turns tuples (zoom, scale ranges) into lists
+            "strategy_params": strategy.params.model_dump(mode="json"),
             "seed": self.cfg.seed, "images": _images_id(self.images_spec),
         }
         prev = run.get("harvest", {}).get("identity")

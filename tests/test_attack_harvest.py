@@ -231,6 +231,18 @@ def test_a_different_harvest_in_the_same_folder_is_refused(victim: VictimServer,
     assert (old.pairs, old.new_pairs) == (5, 1)
 
 
+@pytest.mark.parametrize(("strategy", "params"), [("crops", {"crop_size": 16, "zoom": (0.5, 1.0)}),
+                                                  ("novel", {"crop_size": 16, "scale": (1.0, 3.0)})])
+def test_a_harvest_with_range_parameters_resumes(victim: VictimServer, tmp_path: Path, strategy: str,
+                                                 params: dict[str, object]) -> None:
+    """Range parameters are tuples in the strategy and lists in run.json: the same options still resume."""
+    first = harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run", budget=2, strategy=strategy,
+                    strategy_params=params)
+    more = harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run", budget=3, strategy=strategy,
+                   strategy_params=params)
+    assert (first.pairs, more.pairs, more.new_pairs) == (2, 3, 1)
+
+
 def test_5xx_storm_stops_with_pairs_kept_and_resume_finishes(tmp_path: Path, private_redis) -> None:
     srv = start_victim(tmp_path, tiers={"fast": {"rate": 20.0, "burst": 5}}, keys={"a": "fast"},
                        redis_url=private_redis.url, key_prefix="heist-test:storm:")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 
 import numpy as np
 import pytest
@@ -270,6 +271,34 @@ def test_cli_offline_eval_writes_every_attacker_and_the_chance_link_cost(tmp_pat
     printed = " ".join(r.output.split())  # the console may wrap long lines
     assert long_customers_summary(long_run) in printed
     assert "if each were linked by a chance shared region" in printed
+    assert "after None" not in printed
+    for a in res["attackers"]:
+        q = a["queries_to_detection"]
+        seen = f"detected after {q} queries" if q is not None else f"not detected in {a['queries']} queries"
+        assert seen in printed
+
+
+@pytest.mark.parametrize("command", ["calibrate", "eval"])
+def test_cli_monitor_refuses_a_bad_task_or_out_before_any_work(tmp_path, command: str) -> None:
+    """A task the traffic cannot be shaped for, an --out that is a folder, sits under a file or cannot be
+    written: refused at once (nothing computed, nothing written)."""
+    from typer.testing import CliRunner
+
+    from heist.cli.main import app as cli
+    from heist.cli.monitor import TASKS
+    from translators.zoo.recipes import Task
+
+    assert set(TASKS) == set(typing.get_args(Task))
+    (tmp_path / "file").write_text("x")
+    cases = [(["--task", "bogus", "--out", str(tmp_path / "a.out")], "'bogus' is not one of sr, denoise"),
+             (["--out", str(tmp_path)], "is a folder; name the file to write"),
+             (["--out", str(tmp_path / "file" / "a.out")], "is a file; name a file in a folder"),
+             (["--out", "/proc/heist-test.out"], "cannot write there")]
+    for args, message in cases:
+        r = CliRunner().invoke(cli, ["monitor", command, *args])
+        assert r.exit_code != 0, args
+        assert message in " ".join((str(r.exception or "") + r.output).split()), (args, r.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_budget_sized_attackers_send_the_crops_the_harvest_cli_would() -> None:

@@ -115,3 +115,35 @@ def store_mismatch(resolved: ResolvedSettings, timeout: float = 0.5) -> str | No
     return (f"the server running at {url} keeps its keys in {theirs.describe()}, but this command used "
             f"{ours.describe()} (settings: {resolved.origin}): that server will not see this change. "
             "Give the server's settings file with --config FILE or HEIST_VICTIM_CONFIG=FILE.")
+
+
+def check_out_file(out: Path, example: str) -> Path:
+    """Refuse an ``--out FILE`` that cannot be written, before any work: a folder (``example`` names a file
+    to write there instead), a file in the way of its folder, or a folder this process cannot write to
+    (tried with an empty probe file). Creates the missing folders. Returns ``out``."""
+    from translators.errors import HeistError
+    from translators.paths import file_in_the_way
+
+    if out.is_dir():
+        raise HeistError(f"--out {out}: is a folder; name the file to write (e.g. {out / example})")
+    if (blocked := file_in_the_way(out.parent)) is not None:
+        raise HeistError(f"--out {out}: {blocked} is a file; name a file in a folder")
+    probe = out.parent / f".{out.name}.{os.getpid()}.probe"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise HeistError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
+
+
+def choice(*allowed: str) -> Any:
+    """A typer callback refusing values outside ``allowed`` with a usage error that lists them."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return check

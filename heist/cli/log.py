@@ -12,9 +12,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from heist.cli.common import config_option, console, print_table, progress, victim_settings
+from heist.cli.common import check_out_file, config_option, console, print_table, progress, victim_settings
 from translators.errors import HeistError
-from translators.paths import file_in_the_way
 
 app = typer.Typer(help="The victim's query log: every translate request, admitted or refused.", no_args_is_help=True)
 
@@ -121,10 +120,7 @@ def export(
     redis_url: str | None = typer.Option(None, "--redis-url"),
 ) -> None:
     """Export the query log (oldest first) as JSONL or Parquet; written atomically."""
-    if out.is_dir():
-        raise HeistError(f"--out {out}: is a folder; name the file to write (e.g. {out / 'querylog.jsonl'})")
-    if (blocked := file_in_the_way(out.parent)) is not None:
-        raise HeistError(f"--out {out}: {blocked} is a file; name a file in a folder")
+    check_out_file(out, "querylog.jsonl")
     reader = _reader(config, redis_url)
     with _log_store():
         _export(reader, out, fmt, client, since)

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from heist.cli.common import console, print_table
+from heist.cli.common import check_out_file, choice, console, print_table
 from translators.errors import HeistError
+
+TASKS = ("sr", "denoise", "style", "edges2photo")  # translators.zoo.recipes.Task, without importing torch here
 
 if TYPE_CHECKING:
     from translators.corpus import NamedImage
@@ -107,7 +109,8 @@ def calibrate_cmd(
     benign_images: str = typer.Option("corpus:victim", help="Images your honest customers send (spec or folder)."),
     extra_benign: str | None = typer.Option("corpus:benchmark", help="More benign images (spec or folder); "
                                             "'' for none."),
-    task: str = typer.Option("sr", help="Task of the victim the traffic is shaped for: sr, denoise or style."),
+    task: str = typer.Option("sr", callback=choice(*TASKS),
+                             help="Task of the victim the traffic is shaped for: sr, denoise, style or edges2photo."),
     scale: int = typer.Option(4, min=1, help="The victim's scale."),
     percentile: float = typer.Option(CALIBRATION_PERCENTILE, min=0.01, max=50.0,
                                      help="Benign percentile of the thresholds."),
@@ -118,6 +121,7 @@ def calibrate_cmd(
     from evaluation.monitor_eval import calibrate
     from translators.files import atomic_write_bytes
 
+    check_out_file(out, "monitor-signals.toml")
     ben = _benign_images(benign_images, extra_benign or None)
     cal = calibrate(ben, ModelInfo(name="offline", task=task, scale=scale, min_side=8), seeds=seeds,
                     percentile=percentile)
@@ -136,7 +140,8 @@ def calibrate_cmd(
 @app.command("eval")
 def eval_cmd(
     out: Path = typer.Option(..., "--out", help="JSON file to write (atomically)."),
-    task: str = typer.Option("sr", help="Task of the victim the traffic is shaped for: sr, denoise or style."),
+    task: str = typer.Option("sr", callback=choice(*TASKS),
+                             help="Task of the victim the traffic is shaped for: sr, denoise, style or edges2photo."),
     scale: int = typer.Option(4, min=1, help="The victim's scale."),
     url: str | None = typer.Option(None, "--url", help="Live victim (monitor on); default: offline engine."),
     admin_key: str | None = typer.Option(None, "--admin-key", envvar="HEIST_ADMIN_KEY"),
@@ -165,6 +170,7 @@ def eval_cmd(
     from translators.corpus import load_images
     from translators.files import atomic_write_json
 
+    check_out_file(out, "monitor-eval.json")
     ben = _benign_images(benign_images, extra_benign)
     att = load_images(attacker_images)
     bp = BenignParams(clients=max(1, len(ben) // 3), photos_per_client=3)
@@ -182,8 +188,9 @@ def eval_cmd(
         result["benign_customers"] = benign_customers_fpr(ben, info, cfg, customers=customers, seed=seed + 1000)
     atomic_write_json(out, result)
     for a in result["attackers"]:
-        console.print(f"{a['name']:>20}: detected after {a['queries_to_detection']} queries "
-                      f"(keys flagged {a['flagged_keys']}/{a['keys']})", highlight=False)
+        q = a["queries_to_detection"]
+        seen = f"detected after {q} queries" if q is not None else f"not detected in {a.get('queries', '?')} queries"
+        console.print(f"{a['name']:>20}: {seen} (keys flagged {a['flagged_keys']}/{a['keys']})", highlight=False)
     console.print(f"benign: {result['benign']['flagged']}/{result['benign']['clients']} flagged -> {out}",
                   highlight=False)
     if result.get("benign_customers"):

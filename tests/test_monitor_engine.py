@@ -124,6 +124,12 @@ def test_policy_levels_per_tier_and_validation() -> None:
         MonitorConfig(escalation={"pro": [EscalationStep(risk=0.9, level=2)]})
     with pytest.raises(ValueError, match="increasing"):
         MonitorConfig(escalation={"default": [EscalationStep(risk=0.9, level=2), EscalationStep(risk=0.5, level=1)]})
+    for bad, message in [({"knn_hits": 500, "window": 4}, "the k-NN signal could never reach 1"),
+                         ({"prada_min": 90, "prada_max": 10}, "PRADA would never run"),
+                         ({"k": 64, "history": 64}, "must be below history")]:
+        with pytest.raises(ValueError, match=message):
+            SignalParams(**bad)
+    SignalParams(knn_hits=32, window=32, prada_min=100, prada_max=100)  # the limits themselves are fine
 
 
 def test_offline_crops_flagged_and_distinct_photos_not() -> None:

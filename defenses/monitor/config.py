@@ -68,6 +68,21 @@ class SignalParams(_Frozen):
     min_queries: int = Field(8, ge=1)
     rescan_on_link: bool = True
 
+    @model_validator(mode="after")
+    def _reachable(self) -> SignalParams:
+        """Refuse thresholds that silently switch a signal off: the k-NN signal counts hits over the last
+        ``window`` queries, PRADA needs ``prada_min`` distances out of at most ``prada_max``, and the k-NN
+        distance needs ``k`` past queries out of at most ``history``."""
+        if self.knn_hits > self.window:
+            raise ValueError(f"knn_hits ({self.knn_hits}) > window ({self.window}): the k-NN signal could never "
+                             "reach 1; lower knn_hits or raise window")
+        if self.prada_min > self.prada_max:
+            raise ValueError(f"prada_min ({self.prada_min}) > prada_max ({self.prada_max}): PRADA would never run")
+        if self.k >= self.history:
+            raise ValueError(f"k ({self.k}) must be below history ({self.history}), the past queries it is "
+                             "measured against")
+        return self
+
 
 class SignalWeights(_Frozen):
     """Weights of the noisy-OR ``risk = 1 - prod(1 - w_i * s_i)``; a weight below ``flag_risk`` means that

@@ -205,18 +205,25 @@ def test_embedded_mode_replays_the_jsonl_log(tmp_path: Path, models: dict[str, P
         assert (bad.status_code, bad.json()["error"]) == (400, "bad_client")
         # benign customers through the CLI: keys made through the admin API, photos sent, nobody flagged
         out = CliRunner().invoke(cli, ["traffic", "benign", "--url", srv.url, "--model", "sr4x", "--admin-key",
-                                       srv.admin_key, "--clients", "2", "--photos", "3", "--tier", "open",
+                                       srv.admin_key, "--clients", "2", "--photos", "2", "--tier", "open",
                                        "--time-scale", "0", "--images", "corpus:benchmark"])
         assert out.exit_code == 0, out.output
         assert "2 customers sent" in out.output
-        cust = _wait_queries(srv, "benign-001", 3)
-        assert cust["queries"] >= 3
+        cust = _wait_queries(srv, "benign-001", 2)
+        assert cust["queries"] >= 2
         assert not cust["flagged"]
         again = CliRunner().invoke(cli, ["traffic", "benign", "--url", srv.url, "--model", "sr4x", "--admin-key",
                                          srv.admin_key, "--clients", "1", "--tier", "open"])  # benign-000 has a key
         assert isinstance(again.exception, HeistError)
         assert "refused to create key 'benign-000'" in str(again.exception)
         assert "HTTP 400" in str(again.exception)
+        # a pool too small for the customers: refused before any key is made (shared photos link their keys)
+        shared = CliRunner().invoke(cli, ["traffic", "benign", "--url", srv.url, "--model", "sr4x", "--admin-key",
+                                          srv.admin_key, "--clients", "3", "--photos", "2", "--tier", "open",
+                                          "--images", "corpus:benchmark", "--prefix", "shared"])
+        assert isinstance(shared.exception, HeistError)
+        assert "5 photos in corpus:benchmark for 3 customers x 2 photos" in str(shared.exception)
+        assert "--allow-shared" in str(shared.exception)
     finally:
         srv.stop()
 

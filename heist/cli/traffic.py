@@ -20,8 +20,11 @@ def benign(
     admin_key: str = typer.Option(..., "--admin-key", envvar="HEIST_ADMIN_KEY",
                                   help="Admin key: one key per customer is created through the admin API."),
     images: str = typer.Option("corpus:victim", help="Photos: corpus:victim|attacker|benchmark|all or a folder."),
-    clients: int = typer.Option(8, min=1, help="Customers at once."),
-    photos: int = typer.Option(4, min=1, help="Distinct photos per customer."),
+    clients: int = typer.Option(5, min=1, help="Customers at once."),
+    photos: int = typer.Option(2, min=1, help="Distinct photos per customer."),
+    allow_shared: bool = typer.Option(False, "--allow-shared",
+                                      help="Let customers share photos when the pool is too small (the monitor "
+                                           "links keys that share photos: they look like one thief's Sybils)."),
     tier: str = typer.Option("free", help="Tier of the customers' keys."),
     time_scale: float = typer.Option(1.0, min=0.0, help="Multiply think times (0 = no pauses)."),
     prefix: str = typer.Option("benign", help="Customer names are PREFIX-NNN."),
@@ -36,6 +39,12 @@ def benign(
     ims = load_images(images)
     if not ims:
         raise HeistError(f"no photos in {images}")
+    if len(ims) < clients * photos and not allow_shared:
+        raise HeistError(
+            f"{len(ims)} photos in {images} for {clients} customers x {photos} photos: customers would share "
+            "photos, and the monitor links keys that share photos (it would flag them as one thief's Sybil keys); "
+            "lower --clients or --photos, give more photos (--images corpus:all or a folder), or pass "
+            "--allow-shared to send exactly that")
 
     async def go() -> dict[str, list]:  # type: ignore[type-arg]
         async with VictimClient(url) as vc:

@@ -281,8 +281,8 @@ class Harvester:
                 return None
             self._next_index += 1
             h, w = q.image.shape[-2:]
-            why = self.info.accepts(int(h), int(w))
-            png = encode_image(q.image, "png")
+            why = self.info.accepts(int(h), int(w))  # before encoding: a photo below size_multiple fits to 0x0
+            png = encode_image(q.image, "png") if why is None else b""
             if why is None and self.info.max_bytes is not None and len(png) > self.info.max_bytes:
                 why = f"{len(png)} bytes exceed max_bytes {self.info.max_bytes}"
             if why is not None:  # never spend a query on an input the published limits refuse

@@ -37,7 +37,7 @@ from attacker.runinfo import read_run
 from attacker.strategies import build_strategy
 from attacker.victim_info import ModelInfo
 from tests.conftest import free_port
-from tests.servers import VictimServer, start_victim
+from tests.servers import VictimServer, start_victim, tiny_models
 from translators.codecs import encode_image
 from translators.corpus import NamedImage, load_images
 
@@ -206,6 +206,28 @@ def test_inputs_outside_the_published_limits_are_skipped_and_replaced(victim: Vi
     with pytest.raises(InputsRefusedError, match="refused"):
         harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run2", images=imgs[:1], strategy="random",
                 budget=3, max_refused=2)
+
+
+def test_photos_smaller_than_the_size_multiple_are_refused_locally_not_fatal(tmp_path: Path) -> None:
+    """A U-Net victim needs sides that are multiples of 8: a 6x6 photo fits to nothing. ``random`` and
+    ``interleave`` (whole photos) record it as ``refused_locally`` and go on with the other photo."""
+    models = tiny_models(tmp_path / "m", ("unet8",))
+    srv = start_victim(tmp_path, models=[{"name": "u", "source": str(models["unet8"]), "max_batch": 1}],
+                       tiers={"open": {"rate": None}}, keys={"open": "open"})
+    g = torch.Generator().manual_seed(0)
+    imgs = [NamedImage("tiny", torch.rand(1, 3, 6, 6, generator=g)),
+            NamedImage("ok", torch.rand(1, 3, 40, 40, generator=g))]
+    try:
+        for strategy, params in [("random", {"noise_sigma": 10}), ("interleave", {"crop_size": 16, "min_side": 8})]:
+            r = harvest(srv.url, srv.keys["open"], "u", tmp_path / strategy, images=imgs, strategy=strategy,
+                        budget=6, strategy_params=params)
+            assert r.pairs == 6, strategy
+            store = PairStore(tmp_path / strategy / "pairs").open(writable=False)
+            assert {x.source for x in store.ok_records()} == {"ok"}, strategy
+            assert all(x.code == "refused_locally" for x in store.refused_records())
+        assert store.refused_records()  # the tiny photo came up and was refused, not sent
+    finally:
+        srv.stop()
 
 
 def test_a_different_harvest_in_the_same_folder_is_refused(victim: VictimServer, tmp_path: Path) -> None:

@@ -43,7 +43,10 @@ class Interleave(QueryStrategy):
             im = rng.choice(self.sources)
             x = self.fit_whole(im.image)
             h, w = x.shape[-2:]
-            side = rng.randint(max(p.min_side, self.info.min_side), max(p.min_side, min(h, w)))
+            low = max(p.min_side, self.info.min_side)
+            if min(h, w) < low:  # a photo too small for the model: sent as it is, so the harvest refuses it
+                return Query(index, x.contiguous(), im.name, None, "whole")
+            side = rng.randint(low, max(p.min_side, min(h, w)))
             f = side / min(h, w)
             if f < 1.0:
                 x = crop_to_multiple(bicubic_resize(x, (max(1, round(h * f)), max(1, round(w * f)))), self.mult)

@@ -407,12 +407,12 @@ class TrainResult:
 
     checkpoint: Path
     card: ModelCard
-    fidelity: dict[str, float]
-    baseline: dict[str, float]
+    fidelity: dict[str, float | None]
+    baseline: dict[str, float | None]
     held_out: str
     steps: int
     loss_curve: list[list[float]]
-    val_curve: list[dict[str, float]]
+    val_curve: list[dict[str, float | None]]
     wall_s: float
     images_per_s: float
     summary: dict[str, Any]
@@ -420,17 +420,26 @@ class TrainResult:
 
 
 @torch.no_grad()
-def _validate(g: nn.Module, device: torch.device, split: Split) -> dict[str, float]:
+def _validate(g: nn.Module, device: torch.device, split: Split) -> dict[str, float | None]:
     was = g.training
     g.eval()
     scores = [psnr_ssim_l2(*split.scored(i, translate(g, x, device))) for i, x in enumerate(split.val_inputs)]
     g.train(was)
-    return {k: float(sum(sc[k] for sc in scores) / len(scores)) for k in scores[0]}
+    return _mean_scores(scores)
 
 
-def _baseline_scores(split: Split, scale: int) -> dict[str, float]:
-    scores = [psnr_ssim_l2(*split.scored(i, baseline(x, scale))) for i, x in enumerate(split.val_inputs)]
-    return {k: float(sum(sc[k] for sc in scores) / len(scores)) for k in scores[0]}
+def _baseline_scores(split: Split, scale: int) -> dict[str, float | None]:
+    return _mean_scores([psnr_ssim_l2(*split.scored(i, baseline(x, scale))) for i, x in enumerate(split.val_inputs)])
+
+
+def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float | None]:
+    """Each score's mean over the held-out pairs where it is defined (SSIM is ``nan`` for a pair with a side
+    under its 11 px window); None when no pair has it, so ``run.json`` never holds a NaN."""
+    out: dict[str, float | None] = {}
+    for k in scores[0]:
+        vals = [sc[k] for sc in scores if math.isfinite(sc[k])]
+        out[k] = float(sum(vals) / len(vals)) if vals else None
+    return out
 
 
 def _resolve_profile(kind: type[Surrogate], cfg: TrainConfig) -> SurrogateProfile:
@@ -472,7 +481,7 @@ class _Loop:
     train_s: float = 0.0
     stop_reason: str | None = None
     loss_curve: list[list[float]] = field(default_factory=list)
-    val_curve: list[dict[str, float]] = field(default_factory=list)
+    val_curve: list[dict[str, float | None]] = field(default_factory=list)
     acc: list[float] = field(default_factory=list)
 
     def info(self) -> dict[str, Any]:

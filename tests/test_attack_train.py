@@ -6,6 +6,7 @@ to bit-identical weights; checkpoints load with the Foundation loader; state is 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -325,3 +326,18 @@ def test_training_stops_on_a_plateau_of_held_out_psnr(tmp_path: Path) -> None:
                             time_budget=None)  # the same command again: finished, nothing added
     assert again.steps == r.steps
     assert again.summary["stop_reason"] == "plateau"
+
+
+def test_held_out_pairs_under_the_ssim_window_give_no_nan(tmp_path: Path) -> None:
+    """8x8 pairs: SSIM (11 px window) is undefined; the summary says None and run.json holds no NaN."""
+    run = make_run(tmp_path / "run", colour_blur, 1, n=10, side=8, task="style")
+    r = train_surrogate(run, arch="resunet", profile="tiny", steps=4, val_every=2)
+    assert r.fidelity["ssim"] is None
+    assert r.baseline["ssim"] is None
+    assert r.fidelity["psnr"] is not None
+    assert all(v["ssim"] is None for v in r.val_curve)
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"run.json holds {name}")
+
+    json.loads((run / "run.json").read_text(), parse_constant=refuse)

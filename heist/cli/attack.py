@@ -222,8 +222,11 @@ def train_cmd(
             checkpoint_every=checkpoint_every, restart=restart, counter=counter))
     f, b = r.fidelity, r.baseline
     console.print(f"surrogate {r.card.arch} ({r.summary['kind']}) -> {r.checkpoint}")
-    console.print(f"held-out ({r.held_out}) vs victim: PSNR {f['psnr']:.2f} dB, SSIM {f['ssim']:.4f} · "
-                  f"{r.summary['baseline_name']} baseline: {b['psnr']:.2f} dB, {b['ssim']:.4f} · "
+    def ssim(v: float | None) -> str:
+        return f"{v:.4f}" if v is not None else "n/a (held-out images under 11 px)"
+
+    console.print(f"held-out ({r.held_out}) vs victim: PSNR {f['psnr']:.2f} dB, SSIM {ssim(f['ssim'])} · "
+                  f"{r.summary['baseline_name']} baseline: {b['psnr']:.2f} dB, {ssim(b['ssim'])} · "
                   f"{r.images_per_s:.1f} images/s · stopped: {r.summary['stop_reason']} at step {r.steps}")
     if r.summary.get("auto"):
         console.print("auto: " + ", ".join(f"{k} {v:.2f} dB" for k, v in r.summary["auto"]["trial_psnr"].items())

@@ -432,6 +432,20 @@ def _baseline_scores(split: Split, scale: int) -> dict[str, float | None]:
     return _mean_scores([psnr_ssim_l2(*split.scored(i, baseline(x, scale))) for i, x in enumerate(split.val_inputs)])
 
 
+MODEL_SUFFIXES = {".safetensors", ".pt", ".pth", ".ts", ".pt2", ".onnx", ".json", ".ckpt", ".bin"}
+
+
+def _check_surrogate_folder(out_dir: Path, pairs_dir: Path) -> None:
+    """Refuse an ``--out`` that reads as a file name (``model.pt``: the checkpoint goes *into* the folder,
+    as ``model.safetensors``) or that is the harvest's pairs folder (training would write into it)."""
+    if not out_dir.exists() and out_dir.suffix.lower() in MODEL_SUFFIXES:
+        raise ConfigError(f"--out {out_dir}: names a folder (the checkpoint is written as "
+                          f"{out_dir / 'model.safetensors'}); drop the {out_dir.suffix} or name a folder")
+    if out_dir.resolve() == pairs_dir.resolve() or pairs_dir.resolve() in out_dir.resolve().parents:
+        raise ConfigError(f"--out {out_dir}: inside the pairs folder {pairs_dir}; name another folder "
+                          "(default: RUN/surrogate)")
+
+
 def _mean_scores(scores: list[dict[str, float]]) -> dict[str, float | None]:
     """Each score's mean over the held-out pairs where it is defined (SSIM is ``nan`` for a pair with a side
     under its 11 px window); None when no pair has it, so ``run.json`` never holds a NaN."""
@@ -740,6 +754,7 @@ def train_surrogate(
     counter = build_counter(cfg.counter)  # a bad spec fails before any pair is read
     pairs_dir, run_dir = resolve_pairs_dir(pairs)
     out_dir = check_out_folder(Path(out) if out is not None else (run_dir or pairs_dir.parent) / "surrogate")
+    _check_surrogate_folder(out_dir, pairs_dir)
     target = read_run(run_dir).get("target", {}) if run_dir else {}
     info = target.get("info", {})
     with folder_lock(run_dir, shared=True) if run_dir is not None else contextlib.nullcontext():

@@ -283,6 +283,12 @@ def test_training_mistakes_are_one_line_errors(tmp_path: Path) -> None:
         train_surrogate(tmp_path / "empty")
     with pytest.raises(ConfigError, match="bad training option steps"):
         train_surrogate(run, steps=0)
+    with pytest.raises(ConfigError, match=r"names a folder \(the checkpoint is written as"):
+        train_surrogate(run, tmp_path / "out" / "model.pt", arch="unet-l2", profile="tiny", steps=2)
+    with pytest.raises(ConfigError, match="inside the pairs folder"):
+        train_surrogate(run, run / "pairs", arch="unet-l2", profile="tiny", steps=2)
+    assert not (tmp_path / "out").exists()
+    assert not (run / "pairs" / "model.safetensors").exists()
 
 
 def test_training_refuses_pairs_a_harvest_is_still_writing(tmp_path: Path) -> None:

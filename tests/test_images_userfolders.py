@@ -194,3 +194,18 @@ def test_foundation_doc_says_exif_orientation_is_applied() -> None:
     text = (ROOT / "docs" / "foundation.md").read_text()
     assert "EXIF orientation is not applied" not in text
     assert "EXIF orientation is applied" in text
+
+
+def test_gifs_broken_links_and_duplicate_links_are_said_not_silent(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A GIF (a format Heist does not read), a dangling link and a link to a photo already in the folder:
+    each is named in a warning; the linked photo counts once, not twice."""
+    Image.fromarray(_rgb(12, 16)).save(tmp_path / "a.png")
+    Image.fromarray(_rgb(12, 16, seed=1)).save(tmp_path / "anim.gif")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "z-link.png").symlink_to(tmp_path / "a.png")
+    with caplog.at_level(logging.WARNING, logger="translators.corpus"):
+        assert [im.name for im in load_images(str(tmp_path))] == ["a.png"]
+    assert "formats Heist does not read were skipped (e.g. anim.gif" in caplog.text
+    assert "broken link(s) or non-file(s) skipped (e.g. gone.png)" in caplog.text
+    assert "z-link.png is the same file as a.png; counted once" in caplog.text

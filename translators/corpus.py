@@ -42,6 +42,8 @@ SPLITS: tuple[Split, ...] = ("victim", "attacker", "benchmark")
 DEFAULT_SEED = 1234
 _PATTERN: tuple[Split, ...] = ("victim", "attacker", "benchmark", "victim")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+OTHER_IMAGE_SUFFIXES = {".gif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".ico", ".jp2", ".psd", ".raw", ".dng"}
+"""Image formats Heist does not read: skipped with a warning, so a folder's missing photos are never silent."""
 log = logging.getLogger(__name__)
 
 
@@ -153,11 +155,32 @@ def image_files(folder: Path) -> list[Path]:
         raise CorpusError(
             f"{folder}: not a folder (give corpus:victim|attacker|benchmark|all, dataset:NAME or a folder path)"
         )
-    found = []
+    found: list[Path] = []
+    unsupported: list[Path] = []
     for top, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not is_hidden(d)]
-        found += [Path(top) / f for f in files if not is_hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(f for f in found if f.is_file())
+        for f in files:
+            suffix = Path(f).suffix.lower()
+            if not is_hidden(f) and suffix in IMAGE_SUFFIXES:
+                found.append(Path(top) / f)
+            elif not is_hidden(f) and suffix in OTHER_IMAGE_SUFFIXES:
+                unsupported.append(Path(top) / f)
+    if unsupported:
+        log.warning("%s: %d image file(s) in formats Heist does not read were skipped (e.g. %s; convert them to "
+                    "PNG or JPEG)", folder, len(unsupported), sorted(unsupported)[0].name)
+    broken = sorted(f for f in found if not f.is_file())
+    if broken:
+        log.warning("%s: %d broken link(s) or non-file(s) skipped (e.g. %s)", folder, len(broken), broken[0].name)
+    out: list[Path] = []
+    seen: dict[Path, Path] = {}
+    for f in sorted(f for f in found if f.is_file()):
+        real = f.resolve()
+        if real in seen:  # a link to a photo already in the folder: one source, not two
+            log.warning("%s: %s is the same file as %s; counted once", folder, f.name, seen[real].name)
+            continue
+        seen[real] = f
+        out.append(f)
+    return out
 
 
 _NAMED_SKIPS = 10  # unreadable files named one by one in the log; the rest are only counted

@@ -36,6 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import exit_on_sigterm  # noqa: E402
+
 from attacker.mia import load_candidates  # noqa: E402
 from defenses.model_level.akd import LAMBDA_L1, distill  # noqa: E402
 from evaluation.features import extract_features, resolve_feature_network  # noqa: E402
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "akd_sweep.json")
     args = ap.parse_args(argv)
+    exit_on_sigterm()  # servers stopped, temporary folders removed on SIGTERM too
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = []
     for r in args.runs:

@@ -43,6 +43,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import device as device_arg  # noqa: E402
+from _common import exit_on_sigterm  # noqa: E402
+
 from attacker.fidelity import baseline, psnr_ssim_l2, translate  # noqa: E402
 from attacker.harvest import harvest  # noqa: E402
 from attacker.train import train_surrogate  # noqa: E402
@@ -119,10 +122,11 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=300.0, help="training seconds per run (CLI default 300)")
     ap.add_argument("--bench-side", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (checked at once)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attack_fidelity.json")
     args = ap.parse_args()
+    exit_on_sigterm()  # SIGTERM stops the victim server and removes the temporary folder, as Ctrl-C does
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     victims = sorted(ZOO.names()) if args.victims == "all" else args.victims.split(",")

@@ -42,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import RESULTS, delete_prefix, exit_on_sigterm, float_range, int_range  # noqa: E402
+
 from attacker.harvest import harvest  # noqa: E402
 from translators.archs.registry import build_arch  # noqa: E402
 from translators.checkpoint import ModelCard, save_checkpoint  # noqa: E402
@@ -53,7 +55,8 @@ from victim_service.settings import Settings  # noqa: E402
 log = logging.getLogger("bench.attack_rate")
 
 
-def start_victim(folder: Path, tiers: dict[str, dict[str, Any]], keys: dict[str, str], redis_url: str | None) -> Any:
+def start_victim(folder: Path, tiers: dict[str, dict[str, Any]], keys: dict[str, str], redis_url: str | None,
+                 prefix: str) -> Any:
     torch.manual_seed(0)
     kw = {"channels": 8, "depth": 3}
     ckpt = save_checkpoint(build_arch("dncnn", kw).eval(), folder / "denoise.safetensors",
@@ -62,7 +65,7 @@ def start_victim(folder: Path, tiers: dict[str, dict[str, Any]], keys: dict[str,
         "models": [{"name": "denoise", "source": str(ckpt), "max_batch": 4}],
         "tiers": tiers,
         "keys": [{"name": n, "tier": t, "key": f"hk_bench_{n}_{os.urandom(6).hex()}"} for n, t in keys.items()],
-        "redis_url": redis_url, "key_prefix": f"heist-bench:{os.urandom(4).hex()}:",
+        "redis_url": redis_url, "key_prefix": prefix,
         "data_dir": str(folder / "data"), "torch_threads": 1, "batch_probe_s": 0.03,
         "query_log": {"backend": "off"},
     }
@@ -106,12 +109,16 @@ def _spin() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seconds", type=float, default=None, help="harvest length per tier (default 12, quick 5)")
+    ap.add_argument("--seconds", type=float_range(0, strict_lo=True), default=None,
+                    help="harvest length per tier (default 12, quick 5)")
     ap.add_argument("--redis-url", default=None)
-    ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes kept running during the bench")
-    ap.add_argument("--crop", type=int, default=32, help="side of the harvested crops (px)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "attack_rate.json")
+    ap.add_argument("--busy", type=int_range(0, 64), default=0,
+                    help="CPU-bound processes kept running during the bench")
+    ap.add_argument("--crop", type=int_range(8, 1024), default=32, help="side of the harvested crops (px)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "attack_rate.json")
     args = ap.parse_args()
+    exit_on_sigterm()  # SIGTERM stops the victim server and the spinners and cleans up, as Ctrl-C does
+    prefix = f"heist-bench:attack-rate:{os.urandom(4).hex()}:"  # the victim's Redis keys, deleted at the end
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     seconds = args.seconds or (5.0 if args.quick else 12.0)
@@ -127,47 +134,53 @@ def main() -> None:
     crops = [encode_image(sampler.crop()) for _ in range(64)]
     rows = []
     spinners = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(args.busy)]
-    for p in spinners:
-        p.start()
-    with tempfile.TemporaryDirectory(prefix="bench-attack-rate-") as tmp:
-        svc, plain = start_victim(Path(tmp), tiers, keys, args.redis_url)
-        try:
-            for t, spec in tiers.items():
-                rate, burst = float(spec["rate"]), int(spec["burst"])
-                budget = int(burst + rate * seconds)
-                r = harvest(svc.url, plain[f"a-{t}"], "denoise", Path(tmp) / f"run-{t}", budget=budget,
-                            strategy_params={"crop_size": args.crop, "noise_sigma": None}, durable=False)
-                s = r.summary["sessions"][-1]
-                nv = asyncio.run(naive_client(svc.url, plain[f"n-{t}"], budget, crops))
-                row = {
-                    "tier": t, "rate": rate, "burst": burst, "keys": 1, "pairs": r.pairs,
-                    "attacker": {
-                        "ratio": round(r.pairs / (burst + rate * s["active_s"]), 4),
-                        "steady_ratio": round((s["steady_rate"] or 0) / rate, 4),
-                        "wasted_429_per_100": s["wasted_429_per_100"], "sent": s["queries_sent"],
-                        "rate_estimate": s["allowed_rate_estimate"], "active_s": round(s["active_s"], 2)},
-                    "naive": {
-                        "ratio": round(nv["pairs"] / (burst + rate * nv["active_s"]), 4),
-                        "wasted_429_per_100": round(100 * nv["limited"] / nv["sent"], 2), "sent": nv["sent"],
-                        "active_s": round(nv["active_s"], 2)},
-                }
-                row["attacker_over_naive_ratio"] = round(row["attacker"]["ratio"] / row["naive"]["ratio"], 3)
-                rows.append(row)
-                log.warning("%s: %s", t, json.dumps(row))
-            rate, burst = 2 * float(tiers["t5"]["rate"]), 2 * int(tiers["t5"]["burst"])
-            budget = int(burst + rate * seconds)
-            r = harvest(svc.url, [plain["sybil1"], plain["sybil2"]], "denoise", Path(tmp) / "run-sybil",
-                        budget=budget, strategy_params={"crop_size": args.crop, "noise_sigma": None}, durable=False)
-            s = r.summary["sessions"][-1]
-            rows.append({"tier": "t5 x 2 keys", "rate": rate, "burst": burst, "keys": 2, "pairs": r.pairs,
-                         "attacker": {"ratio": round(r.pairs / (burst + rate * s["active_s"]), 4),
-                                      "steady_ratio": round((s["steady_rate"] or 0) / rate, 4),
-                                      "wasted_429_per_100": s["wasted_429_per_100"], "sent": s["queries_sent"],
-                                      "pairs_per_key": [k["pairs"] for k in s["keys"]]}})
-        finally:
-            svc.stop()
+    svc = None
+    try:  # on every path (an error, Ctrl-C, SIGTERM): stop the server and the spinners, delete the Redis keys
+        with tempfile.TemporaryDirectory(prefix="bench-attack-rate-") as tmp:
             for p in spinners:
+                p.start()
+            try:
+                svc, plain = start_victim(Path(tmp), tiers, keys, args.redis_url, prefix)
+                for t, spec in tiers.items():
+                    rate, burst = float(spec["rate"]), int(spec["burst"])
+                    budget = int(burst + rate * seconds)
+                    r = harvest(svc.url, plain[f"a-{t}"], "denoise", Path(tmp) / f"run-{t}", budget=budget,
+                                strategy_params={"crop_size": args.crop, "noise_sigma": None}, durable=False)
+                    s = r.summary["sessions"][-1]
+                    nv = asyncio.run(naive_client(svc.url, plain[f"n-{t}"], budget, crops))
+                    row = {
+                        "tier": t, "rate": rate, "burst": burst, "keys": 1, "pairs": r.pairs,
+                        "attacker": {
+                            "ratio": round(r.pairs / (burst + rate * s["active_s"]), 4),
+                            "steady_ratio": round((s["steady_rate"] or 0) / rate, 4),
+                            "wasted_429_per_100": s["wasted_429_per_100"], "sent": s["queries_sent"],
+                            "rate_estimate": s["allowed_rate_estimate"], "active_s": round(s["active_s"], 2)},
+                        "naive": {
+                            "ratio": round(nv["pairs"] / (burst + rate * nv["active_s"]), 4),
+                            "wasted_429_per_100": round(100 * nv["limited"] / nv["sent"], 2), "sent": nv["sent"],
+                            "active_s": round(nv["active_s"], 2)},
+                    }
+                    row["attacker_over_naive_ratio"] = round(row["attacker"]["ratio"] / row["naive"]["ratio"], 3)
+                    rows.append(row)
+                    log.warning("%s: %s", t, json.dumps(row))
+                rate, burst = 2 * float(tiers["t5"]["rate"]), 2 * int(tiers["t5"]["burst"])
+                budget = int(burst + rate * seconds)
+                r = harvest(svc.url, [plain["sybil1"], plain["sybil2"]], "denoise", Path(tmp) / "run-sybil",
+                            budget=budget, strategy_params={"crop_size": args.crop, "noise_sigma": None}, durable=False)
+                s = r.summary["sessions"][-1]
+                rows.append({"tier": "t5 x 2 keys", "rate": rate, "burst": burst, "keys": 2, "pairs": r.pairs,
+                             "attacker": {"ratio": round(r.pairs / (burst + rate * s["active_s"]), 4),
+                                          "steady_ratio": round((s["steady_rate"] or 0) / rate, 4),
+                                          "wasted_429_per_100": s["wasted_429_per_100"], "sent": s["queries_sent"],
+                                          "pairs_per_key": [k["pairs"] for k in s["keys"]]}})
+            finally:  # before the folder it logs to goes
+                if svc is not None:
+                    svc.stop()
+    finally:
+        for p in spinners:
+            if p.is_alive():
                 p.terminate()
+        delete_prefix(args.redis_url, prefix)
     result = {
         "benchmark": "attack_rate", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "limiter": "redis" if args.redis_url else "memory (same GCRA arithmetic as the Redis script)",

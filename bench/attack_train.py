@@ -13,7 +13,7 @@ validation at the end). Reports images/s (training crops per second, the ``train
 measures), milliseconds per step, and the ratio to ``unet-l2`` at the same profile and scale: the GAN
 pays for its discriminator, SRResNet for working at low resolution with a x4 head; ``amp_speedup`` is
 images/s with ``amp`` over images/s in float32 for the same case. Prints JSON and
-writes ``bench/results/attack_train.json``.
+writes ``--out`` (default ``bench/results/attack_train.json`` in the repository).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import RESULTS, exit_on_sigterm, int_range  # noqa: E402
 
 from attacker.pairstore import PairStore  # noqa: E402
 from attacker.runinfo import update_run  # noqa: E402
@@ -63,9 +65,15 @@ def make_pairs(root: Path, scale: int, side: int, n: int = 16) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profiles", default="tiny,small")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int_range(1), default=30)
+    ap.add_argument("--threads", type=int_range(1), default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS / "attack_train.json")
     args = ap.parse_args()
+    for profile in args.profiles.split(","):
+        missing = sorted({k for k, _ in CASES if profile not in get_surrogate(k).profiles})
+        if missing:
+            ap.error(f"argument --profiles: {profile!r} is not a profile of {', '.join(missing)}")
+    exit_on_sigterm()  # the temporary folder is removed on SIGTERM too
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     rows = []
@@ -100,7 +108,7 @@ def main() -> None:
             row["amp_speedup"] = round(row["images_per_s"] / fp32["images_per_s"], 3)
     result = {"benchmark": "attack_train", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "device": "cpu", "torch_threads": args.threads, "cpu_count": os.cpu_count(), "rows": rows}
-    out = ROOT / "bench" / "results" / "attack_train.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.write(json.dumps(result, indent=2) + "\n")

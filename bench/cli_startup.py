@@ -30,6 +30,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _common import int_range
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "cli_startup.json"
 HEIST = ROOT / ".venv" / "bin" / "heist"
@@ -60,7 +62,7 @@ def wall(cmd: list[str]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int_range(1), default=7)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     cmds = commands()

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
+from _common import int_range
 from PIL import Image
 
 from translators.codecs import decode_image, encode_image
@@ -110,9 +111,9 @@ def paired_times(ours: Callable[[object], object], ours_items: list, base: Calla
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (to_uint8/from_uint8)")
+    parser.add_argument("--repeats", type=int_range(1), default=10)
+    parser.add_argument("--images", type=int_range(1), default=16)
+    parser.add_argument("--threads", type=int_range(1), default=1, help="torch threads (to_uint8/from_uint8)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -9,16 +9,20 @@ and budget) so the numbers can be checked against the report.
 
 ``--keep-zoo`` reuses the user's zoo cache instead (measures everything but the zoo build).
 
-Run: ``.venv/bin/python bench/demo_campaign.py [--config configs/campaigns/demo.toml] [--keep-zoo]``;
-prints JSON and writes ``bench/results/demo_campaign.json``. Takes about 5 minutes on 2 CPU cores.
+Run: ``.venv/bin/python bench/demo_campaign.py [--config configs/campaigns/demo.toml] [--keep-zoo]
+[--out CAMPAIGN_FOLDER] [--json-out FILE]``; prints JSON and writes ``--json-out`` (default
+``bench/results/demo_campaign.json`` in the repository). Takes about 5 minutes on 2 CPU cores. SIGTERM is passed
+on to the campaign (SIGTERM, then SIGKILL after 30 s) and the temporary folder is removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,10 +30,38 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _common import RESULTS as RESULTS_DIR
+from _common import ROOT, exit_on_sigterm
+
 from evaluation.results import read_results
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "demo_campaign.json"
+RESULTS = RESULTS_DIR / "demo_campaign.json"
+
+
+def config_label(config: str) -> str:
+    """The config as the JSON records it: relative to the repository when inside it, else the absolute path."""
+    path = Path(config).expanduser().resolve()
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def run_campaign(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``cmd`` to its end; stopped with SIGTERM (SIGKILL after 30 s) if this process is stopped meanwhile."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def main() -> int:
@@ -37,17 +69,21 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "campaigns" / "demo.toml"))
     ap.add_argument("--keep-zoo", action="store_true", help="use the user's zoo cache instead of an empty one")
     ap.add_argument("--out", default=None, help="campaign output folder (default: a new temporary one)")
+    ap.add_argument("--json-out", type=Path, default=RESULTS,
+                    help="the benchmark's JSON (default: bench/results/demo_campaign.json in the repository)")
     args = ap.parse_args()
+    if not Path(args.config).expanduser().is_file():
+        ap.error(f"argument --config: {args.config}: no such file")
+    exit_on_sigterm()
 
     with tempfile.TemporaryDirectory(prefix="heist-bench-demo-") as tmp:
         env = {**os.environ}
         if not args.keep_zoo:
             env["HEIST_DATA_DIR"] = str(Path(tmp) / "data")
-        out = Path(args.out) if args.out else Path(tmp) / "demo"
+        out = Path(args.out).expanduser().resolve() if args.out else Path(tmp) / "demo"
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "heist.cli.main", "campaign", "run", args.config, "--out",
-                               str(out)], env=env, cwd=ROOT, capture_output=True,
-                              text=True)
+        proc = run_campaign([sys.executable, "-m", "heist.cli.main", "campaign", "run",
+                             str(Path(args.config).expanduser().resolve()), "--out", str(out)], env)
         outer = time.perf_counter() - t0
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])
@@ -68,7 +104,7 @@ def main() -> int:
     report = {
         "benchmark": "demo_campaign",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": str(Path(args.config).relative_to(ROOT) if Path(args.config).is_absolute() else args.config),
+        "config": config_label(args.config),
         "zoo": "cached" if args.keep_zoo else "built from scratch (empty HEIST_DATA_DIR)",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "wall_s_outer": round(outer, 1),
@@ -79,8 +115,8 @@ def main() -> int:
         "fidelity": fidelity,
         "honest_cost": honest,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(report, indent=2) + "\n")
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -38,6 +38,7 @@ import numpy as np
 import piq
 import skimage
 import torch
+from _common import int_range
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from evaluation.aggregate import ScoreAggregator
@@ -114,10 +115,10 @@ def bench_metric(metric: ImageMetric, baseline: Callable[[np.ndarray, np.ndarray
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--images", type=int_range(1), default=32)
+    parser.add_argument("--repeats", type=int_range(1), default=5)
+    parser.add_argument("--batch", type=int_range(1), default=4)
+    parser.add_argument("--threads", type=int_range(1), default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of round 2 as ONE prepared script for the device tool (an H200 host without fastapi, uvicorn,
-# pydantic(-settings), python-multipart, piq, redis: carry cp312 wheels in .whl/, see docs/scaling.md).
+# pydantic(-settings), python-multipart, piq, redis: carry cp312 wheels in .whl/, see docs/scaling.md, "GPU checks on
+# a host without the service's packages").
 # Every step has its own time limit and writes JSON under $OUT/r (about 9 minutes in all).
 # bench/serve.py at one worker ran on an H200 on 2026-11-30 (bench/results/serve-cuda*.json); the rest is still to run.
 set -u

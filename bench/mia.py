@@ -9,7 +9,8 @@ crops, runs :func:`attacker.mia.run_mia` (concurrency 1 and 4) and times it; the
 (:func:`defenses.model_level.akd.distill`) for ``--akd-steps`` steps at batch 8 against the same teacher
 and reports images/s (proxy set and teacher labelling included), next to plain L1 distillation (DMP)
 in the same run as the baseline (``akd_over_dmp`` = the discriminator's cost). Prints JSON and writes
-``bench/results/mia.json``.
+``--out`` (default ``bench/results/mia.json`` in the repository, on the CPU only: a GPU run writes a file only
+when ``--out`` is given).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import RESULTS, exit_on_sigterm, int_range  # noqa: E402
+from _common import device as device_arg  # noqa: E402
 
 from attacker.mia import load_candidates, run_mia  # noqa: E402
 from defenses.model_level.akd import distill  # noqa: E402
@@ -59,13 +63,17 @@ def _victim(folder: Path, side: int, n: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--side", type=int, default=32)
-    ap.add_argument("--candidates", type=int, default=32, help="members (and as many non-members)")
-    ap.add_argument("--akd-steps", type=int, default=30)
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (checked at once)")
+    ap.add_argument("--side", type=int_range(16, 4096), default=32)
+    ap.add_argument("--candidates", type=int_range(1), default=32, help="members (and as many non-members)")
+    ap.add_argument("--akd-steps", type=int_range(1), default=30)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result file (default: bench/results/mia.json in the repository, CPU runs only)")
     args = ap.parse_args()
+    exit_on_sigterm()  # SIGTERM stops the victim server and removes the temporary folder, as Ctrl-C does
+    out_path = args.out or (RESULTS / "mia.json" if args.device == "cpu" else None)
     torch.set_num_threads(int(os.environ.get("HEIST_TORCH_THREADS", "1")))
-    out: dict[str, Any] = {"settings": vars(args)}
+    out: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         ckpt = _victim(folder, args.side, args.candidates)
@@ -94,8 +102,9 @@ def main() -> None:
     out["akd_over_dmp"] = round(out["akd_images_per_s"] / out["dmp_images_per_s"], 3)
     text = json.dumps(out, indent=2)
     print(text)  # noqa: T201 - the bench's output
-    if args.device == "cpu":
-        (ROOT / "bench" / "results" / "mia.json").write_text(text + "\n")
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,17 @@ Prints JSON and writes ``bench/results/monitor.json``:
   region-print decode, k-NN/PRADA/reuse/link signals, the shared-region search, risk and level), one
   thread, ``clients`` clients, entries built from corpus crops the way the service logs them; and the
   same without region prints in the entries (``entries_per_s_without_regions``);
+  ``throughput_ratio_with_over_without_regions`` = entries/s with region prints / entries/s without (< 1: the
+  region prints slow scoring down; it equals seconds without / seconds with);
 - ``embedding``: microseconds per call of the two things the translate route adds to each log entry (the
   source descriptor and the shared-region fingerprint), for a 64x64 and a 512x512 input, against the pHash
   the route computes anyway;
 - ``latency``: two real servers on the same Redis, monitor on vs off (``monitor.enabled``), the same
   tiny x4 model; sequential requests with a 64x64 PNG, rounds alternating between the servers so both
   see the same machine load; p50 and mean, and the ratio on/off (same run).
+
+Writes ``--out`` (default ``bench/results/monitor.json`` in the repository). The servers' Redis keys (prefix
+``heist-bench:monitor:<hex>:``) and the temporary folder are removed at the end, on SIGTERM too.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _common import RESULTS, delete_prefix, exit_on_sigterm  # noqa: E402
 
 from attacker.strategies import build_strategy  # noqa: E402
 from attacker.victim_info import ModelInfo  # noqa: E402
@@ -81,9 +88,11 @@ def bench_scoring(n: int, clients: int) -> dict[str, Any]:
     dt = _score([json.dumps(e) for _, e in entries])
     dt_plain = _score([json.dumps({k: v for k, v in e.items() if k != "regions"}) for _, e in entries])
     return {"entries": len(entries), "clients": clients, "seconds": round(dt, 3),
+            "seconds_without_regions": round(dt_plain, 3),
             "entries_per_s": round(len(entries) / dt, 1),
             "entries_per_s_without_regions": round(len(entries) / dt_plain, 1),
-            "ratio_with_without_regions": round(dt / dt_plain, 3)}
+            # entries/s with region prints over entries/s without (a throughput ratio; < 1: slower with them)
+            "throughput_ratio_with_over_without_regions": round(dt_plain / dt, 3)}
 
 
 def bench_embedding(reps: int) -> dict[str, Any]:
@@ -112,7 +121,15 @@ def _server(tmp: Path, name: str, model: Path, key: str, prefix: str, monitor: b
 
 
 def bench_latency(requests: int, rounds: int, redis_url: str) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="heist-bench-monitor-"))
+    prefix = f"heist-bench:monitor:{secrets.token_hex(4)}:"  # both servers' keys, deleted at the end
+    try:
+        with tempfile.TemporaryDirectory(prefix="heist-bench-monitor-") as d:
+            return _latency(Path(d), requests, rounds, redis_url, prefix)
+    finally:
+        delete_prefix(redis_url, prefix)
+
+
+def _latency(tmp: Path, requests: int, rounds: int, redis_url: str, prefix: str) -> dict[str, Any]:
     torch.manual_seed(0)
     kw = {"scale": 4, "channels": 16, "n_blocks": 2}
     card = ModelCard(name="sr4x", arch="srresnet", kwargs=kw, task="sr", scale=4, min_side=8)
@@ -120,11 +137,11 @@ def bench_latency(requests: int, rounds: int, redis_url: str) -> dict[str, Any]:
     save_checkpoint(build_arch("srresnet", kw).eval(), model, card)
     key = f"hk_bench_{secrets.token_hex(8)}"
     body = encode_image(torch.rand(1, 3, 64, 64), "png")
-    tag = secrets.token_hex(4)
-    servers = {"on": _server(tmp, "on", model, key, f"heist-bench:{tag}:on:", True, redis_url),
-               "off": _server(tmp, "off", model, key, f"heist-bench:{tag}:off:", False, redis_url)}
+    servers: dict[str, Any] = {}
     lat: dict[str, list[float]] = {"on": [], "off": []}
-    try:
+    try:  # a server that started is stopped on every path (the second failing to start included)
+        servers["on"] = _server(tmp, "on", model, key, f"{prefix}on:", True, redis_url)
+        servers["off"] = _server(tmp, "off", model, key, f"{prefix}off:", False, redis_url)
         for _ in range(rounds):
             for name, srv in servers.items():
                 with httpx.Client(base_url=srv.url, timeout=30) as h:
@@ -149,8 +166,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "monitor.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "monitor.json")
     args = ap.parse_args()
+    try:
+        import redis
+    except ImportError:
+        ap.error("the redis package is not installed; the latency part needs a Redis")
+    try:
+        redis.Redis.from_url(args.redis_url, socket_connect_timeout=2).ping()
+    except (ValueError, redis.RedisError) as exc:
+        ap.error(f"argument --redis-url: no Redis at {args.redis_url} ({exc}); the latency part needs one")
+    exit_on_sigterm()  # SIGTERM stops both servers and cleans up, as Ctrl-C does
     logging.basicConfig(level=logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     torch.set_num_threads(1)

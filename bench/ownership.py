@@ -54,6 +54,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import device as device_arg
+from _common import exit_on_sigterm
+
 from attacker.pairstore import PairStore
 from attacker.runinfo import update_run
 from attacker.train import train_surrogate
@@ -416,8 +419,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["cost", "theft", "survival", "all"], default="all")
     ap.add_argument("--victim", default="denoise25")
-    ap.add_argument("--device", default="cpu", help="device for the cost part (cpu or cuda)")
-    ap.add_argument("--train-device", default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="device for the cost part (cpu or cuda)")
+    ap.add_argument("--train-device", type=device_arg, default="cpu")
     ap.add_argument("--side", type=int, default=256, help="probe/output side in pixels")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--queries", type=int, default=32)
@@ -457,6 +460,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    exit_on_sigterm()  # temporary folders are removed on SIGTERM too
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     args.others = [o for o in args.others if o != args.victim]

@@ -32,6 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import exit_on_sigterm
+
 from attacker.train import train_surrogate
 from bench.ownership import SECRET, THIEF, PlainNet, _crops, _fidelity, _params, _q, _write_pairs, plain_loop
 from defenses.watermark.ownership import embed, ownership_key
@@ -71,6 +73,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3, help="loop mode")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    exit_on_sigterm()  # servers stopped, temporary folders removed on SIGTERM too
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     recipe = get_recipe("denoise25")

@@ -47,6 +47,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import device as device_arg  # noqa: E402
+from _common import exit_on_sigterm  # noqa: E402
+
 from attacker.countermeasures import build_counter  # noqa: E402
 from attacker.fidelity import translate  # noqa: E402
 from attacker.surrogates import auto_kind, get_surrogate  # noqa: E402
@@ -275,10 +278,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--counters", default=";".join(COUNTERS), help="adaptive attackers, ';'-separated specs")
     ap.add_argument("--counters-on-none", action="store_true", help="also train adaptive attackers undefended")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (checked at once)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "perturbation.json"))
     args = ap.parse_args()
+    exit_on_sigterm()  # temporary folders are removed on SIGTERM too
     args.budgets = [int(b) for b in args.budgets.split(",")]
     args.sides = [int(s) for s in args.sides.split(",")]
     args.defenses = args.defenses.split(",")

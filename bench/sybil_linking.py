@@ -54,6 +54,8 @@ from scipy import stats as scipy_stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import int_range  # noqa: E402
+
 from attacker.strategies import build_strategy  # noqa: E402
 from attacker.victim_info import ModelInfo  # noqa: E402
 from defenses.monitor.config import SignalParams  # noqa: E402
@@ -212,16 +214,20 @@ def _summary(d: np.ndarray | list[float], radius: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keys", type=int, default=4)
-    ap.add_argument("--queries", type=int, default=40, help="queries per attacker (spread over --keys)")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--benign-clients", type=int, default=5)
-    ap.add_argument("--photos-per-client", type=int, default=3)
+    ap.add_argument("--keys", type=int_range(2), default=4, help="keys per attacker (>= 2: links are between keys)")
+    ap.add_argument("--queries", type=int_range(2), default=40,
+                    help="queries per attacker (spread over --keys; at least one per key)")
+    ap.add_argument("--seeds", type=int_range(1), default=3)
+    ap.add_argument("--benign-clients", type=int_range(2), default=5,
+                    help="customers per benign population (>= 2: distances are between customers)")
+    ap.add_argument("--photos-per-client", type=int_range(1), default=3)
     ap.add_argument("--task", choices=["denoise", "sr"], default="denoise",
                     help="the victim's public task: denoise queries are noisy crops, sr queries 4x-downscaled ones")
-    ap.add_argument("--null-prints", type=int, default=12, help="region null: crops/resizes per photo")
+    ap.add_argument("--null-prints", type=int_range(1), default=12, help="region null: crops/resizes per photo")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sybil_linking.json")
     args = ap.parse_args(argv)
+    if args.queries < args.keys:
+        ap.error(f"argument --queries: {args.queries} queries cannot cover {args.keys} keys (one per key at least)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = SignalParams()
     info = ModelInfo(name="m", task=args.task, scale=4 if args.task == "sr" else 1, min_side=8)

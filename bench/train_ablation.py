@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import exit_on_sigterm  # noqa: E402
 from attack_fidelity import bench_set, start_bench_service  # noqa: E402
 
 from attacker.fidelity import baseline, psnr_ssim_l2, translate  # noqa: E402
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/train_ablation-VICTIM-BUDGET.json")
     args = ap.parse_args()
+    exit_on_sigterm()  # servers stopped, temporary folders removed on SIGTERM too
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

@@ -45,6 +45,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import device as device_arg
+from _common import int_range
+
 from defenses import DefenseContext, request_rng
 from defenses.watermark import codes
 from defenses.watermark.trace import TraceWatermark, identify, read_trace
@@ -200,11 +203,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=24)
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    p.add_argument("--clients", type=int, default=100)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--images", type=int_range(1), default=24)
+    p.add_argument("--sizes", type=int_range(16, 8192), nargs="+", default=[128, 256])
+    p.add_argument("--clients", type=int_range(1), default=100)
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (checked at once)")
+    p.add_argument("--threads", type=int_range(1), default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "watermark.json")
     args = p.parse_args()

@@ -192,6 +192,7 @@ def test_embedded_mode_replays_the_jsonl_log(tmp_path: Path, models: dict[str, P
         assert httpx.get(f"{srv.url}/v1/admin/clients/nobody/risk", headers=srv.admin_headers).status_code == 404
         # an admin's by-hand level is the one in force; the risk view shows both
         assert again["level"] >= 1
+        monitor_level = again["level"]
         assert again["level_in_force"] == again["level"]  # the monitor's escalation, from the level store
         done = httpx.post(f"{srv.url}/v1/admin/clients/alice/level", json={"level": 0, "reason": "checked"},
                           headers=srv.admin_headers)
@@ -224,6 +225,18 @@ def test_embedded_mode_replays_the_jsonl_log(tmp_path: Path, models: dict[str, P
         assert isinstance(shared.exception, HeistError)
         assert "5 photos in corpus:benchmark for 3 customers x 2 photos" in str(shared.exception)
         assert "--allow-shared" in str(shared.exception)
+    finally:
+        srv.stop()
+    # a third start: the log is replayed again, and the admin's level 0 (kept in levels.json) stays in force
+    srv = start_victim(tmp_path, models=spec, tiers=TIERS, keys={"alice": "open"})
+    try:
+        third = _wait_queries(srv, "alice", 25)
+        assert third["level"] == monitor_level  # the monitor's own view, rebuilt from the log
+        level = httpx.get(f"{srv.url}/v1/admin/clients/alice/level", headers=srv.admin_headers).json()
+        assert (level["level"], level["source"], level["reason"]) == (0, "admin", "checked")
+        assert third["level_in_force"] == 0
+        never = httpx.get(f"{srv.url}/v1/admin/clients/nobody/level", headers=srv.admin_headers).json()
+        assert (never["level"], never["source"], never["set_at"]) == (0, "none", 0.0)
     finally:
         srv.stop()
 

@@ -7,24 +7,34 @@ per-process cache (``cache_s`` seconds) so a request costs at most one Redis rou
 ``cache_s``, and none in the steady state.
 
 Storage follows the settings like the key store: with Redis, the hash ``{prefix}levels`` (client ->
-JSON :class:`LevelRecord`) shared by every worker and replica; without Redis, an in-process dict (one
-worker only). When Redis fails, :meth:`LevelStore.get` returns the last cached level, or
+JSON :class:`LevelRecord`) shared by every worker and replica; without Redis, ``DATA/victim/levels.json``
+(one worker only; written atomically at each change, read back at start-up, so an admin's decision
+survives a restart); :class:`MemoryLevelStore` keeps them in the process only (tests, embedding).
+
+An admin's record is final for the monitor's *replays* (a Redis take-over, the JSONL log read again at
+start-up): they re-apply escalations the monitor had already made, and must not undo a level an admin
+set since. Escalations the monitor makes live still raise the level, as the last write.
+
+When Redis fails, :meth:`LevelStore.get` returns the last cached level, or
 ``fail_safe_level`` for a client it never saw, and counts the failure (``backend_errors``); a request is
 never refused because the level could not be read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
 
 from translators.errors import HeistError
+from translators.files import atomic_write_json
 
 log = logging.getLogger("heist.victim.levels")
 
@@ -124,6 +134,29 @@ class MemoryLevelStore(LevelStore):
 
     async def _write(self, rec: LevelRecord) -> None:
         self._records[rec.client] = rec
+
+
+class FileLevelStore(MemoryLevelStore):
+    """Levels in a JSON file ``{client: record}`` (the embedded default without Redis): read when the store
+    is made, rewritten atomically at each change (levels change rarely: escalations and admin decisions)."""
+
+    backend = "file"
+
+    def __init__(self, path: Path, cache_s: float = 0.0, fail_safe_level: int = 0) -> None:
+        super().__init__(cache_s, fail_safe_level)
+        self.path = path
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            self._records = {c: LevelRecord.from_json(json.dumps(r)) for c, r in raw.items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s is unreadable (%s); client levels start at 0", path, exc)
+
+    async def _write(self, rec: LevelRecord) -> None:
+        self._records[rec.client] = rec
+        data = {c: asdict(r) for c, r in self._records.items()}
+        await asyncio.to_thread(atomic_write_json, self.path, data, False)
 
 
 class RedisLevelStore(LevelStore):

@@ -90,6 +90,7 @@ class QueryMonitor:
         self.path: Path = jsonl_path(settings)
         self._offset = 0
         self._line = 0
+        self._replay_end = 0  # JSONL: log bytes written before this process started (replayed at start-up)
         self._task: asyncio.Task[None] | None = None
         self._pending = True
         self.rounds = 0
@@ -197,8 +198,14 @@ class QueryMonitor:
             self.metrics.malformed.inc(bad)
         return changed, ups, bad
 
-    async def _apply_levels(self, ups: list[LevelChange]) -> None:
+    async def _apply_levels(self, ups: list[LevelChange], replay: bool = False) -> None:
+        """Store the monitor's level increases. A ``replay`` (escalations made before this process, scored
+        again) leaves alone a client whose level an admin set, and a level already stored."""
+        stored = await self.levels.all() if replay and ups else {}
         for u in ups:
+            have = stored.get(u.client)
+            if have is not None and (have.source == "admin" or have.level >= u.level):
+                continue
             await self.levels.set(u.client, u.level, reason=u.reason, source="monitor")
             self.metrics.escalations.inc()
             log.info("monitor: client %s -> level %d: %s", u.client, u.level, u.reason)
@@ -217,11 +224,9 @@ class QueryMonitor:
         raw = await self.r.hgetall(self.clients_key)
         states = [ClientState.from_json(v) for v in raw.values()]
         eng = self._new_engine(states)
-        stored = await self.levels.all()
-        for s in states:  # a crash between the state write and the level write leaves a level to re-apply
-            have = stored.get(s.client)
-            if s.level > (have.level if have else 0):
-                await self._apply_levels([LevelChange(s.client, s.level, s.risk, f"risk {s.risk:.2f} (replayed)")])
+        # a crash between the state write and the level write leaves a level to re-apply (never over an admin's)
+        await self._apply_levels([LevelChange(s.client, s.level, s.risk, f"risk {s.risk:.2f} (replayed)")
+                                  for s in states if s.level > 0], replay=True)
         self._pending = True
         log.info("query monitor: scoring the log (%d clients known), lease %s", len(states), self.token)
         return eng
@@ -268,6 +273,11 @@ class QueryMonitor:
         if self.engine is None:
             self.engine = self._new_engine([])
             self._offset = self._line = 0
+            try:  # the log written before this process started is a replay of escalations already made
+                self._replay_end = self.path.stat().st_size
+            except FileNotFoundError:
+                self._replay_end = 0
+        replay = self._offset < self._replay_end
         lines = await asyncio.to_thread(self._read_new_lines)
         if not lines:
             return False
@@ -276,7 +286,7 @@ class QueryMonitor:
             self._line += 1
             items.append(((self._line, 0), text))
         _changed, ups, _bad = self._fold(self.engine, items)
-        await self._apply_levels(ups)
+        await self._apply_levels(ups, replay=replay)
         self.rounds += 1
         return True
 

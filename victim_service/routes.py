@@ -316,7 +316,7 @@ class LevelInfo(BaseModel):
     client: str
     level: int
     reason: str = ""
-    source: str = Field("admin", description="admin or monitor")
+    source: str = Field("none", description="admin, monitor, or none (never set)")
     set_at: float = Field(0.0, description="Unix seconds; 0 when never set")
     max_level: int = Field(description="highest level configured on this server")
 

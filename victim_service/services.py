@@ -21,7 +21,7 @@ from victim_service.batching import ModelHost
 from victim_service.codecpool import CodecPool
 from victim_service.errors import BackendUnavailableError
 from victim_service.keys import Client, KeyResolver
-from victim_service.levels import LevelStore, MemoryLevelStore, RedisLevelStore
+from victim_service.levels import FileLevelStore, LevelStore, MemoryLevelStore, RedisLevelStore
 from victim_service.metrics import Metrics
 from victim_service.monitor import QueryMonitor
 from victim_service.querylog import QueryLog
@@ -114,7 +114,8 @@ class Services:
         qlog = QueryLog(settings, r)
         qlog.start()
         host = ModelHost(settings, metrics)
-        levels: LevelStore = RedisLevelStore(r, settings.key_prefix) if r is not None else MemoryLevelStore()
+        levels: LevelStore = (RedisLevelStore(r, settings.key_prefix) if r is not None
+                              else FileLevelStore(settings.state_dir() / "levels.json"))
         codecs = CodecPool(settings.output, settings.codec_threads)
         levels.fail_safe_level = settings.monitor.fail_safe_level
         svc = cls(

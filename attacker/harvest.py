@@ -88,7 +88,10 @@ class HarvestConfig(BaseModel):
     """Options of :func:`harvest` (all but the images, which may be in-memory tensors).
 
     ``budget`` is the number of pairs wanted; ``budget_pixels`` optionally caps the input pixels sent
-    (summed over stored pairs); whichever runs out first ends the harvest.
+    (summed over stored pairs); whichever runs out first ends the harvest. ``max_rate`` (requests/s per
+    key) slows the harvest below what the victim allows, as a thief that paces itself like a customer
+    would (the query monitor's rate signal); it does not change which queries are sent, so a harvest
+    resumes with any ``max_rate``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -102,6 +105,7 @@ class HarvestConfig(BaseModel):
     budget: int = Field(ge=1)
     budget_pixels: int | None = Field(None, ge=1)
     seed: int = 0
+    max_rate: float | None = Field(None, gt=0, description="requests/s per key at most (evasion: a customer's pace)")
     client: ClientConfig = Field(default_factory=ClientConfig)
     max_refused: int | None = Field(None, ge=0)
     durable: bool = True
@@ -140,6 +144,7 @@ class _Lane:
     ok: int = 0
     sent: int = 0
     quota_retry_after_s: float | None = None
+    last_sent: float = -math.inf  # monotonic s of the lane's last send (for ``max_rate``)
 
 
 @dataclass
@@ -326,6 +331,8 @@ class Harvester:
                     log.warning("key %s: quota used up (X-Quota-Remaining: 0)", ln.label)
                 continue
             d = ln.pacer.delay(now)
+            if d is not None and self.cfg.max_rate is not None:
+                d = max(d, ln.last_sent + 1.0 / self.cfg.max_rate - now, 0.0)
             if d == 0.0:
                 if best is None or ln.sent < best.sent:
                     best = ln
@@ -434,6 +441,7 @@ class Harvester:
         """Book ``job`` as sent on ``lane`` at ``now``; returns the pacer's sequence number."""
         job.sent_at = now
         lane.sent += 1
+        lane.last_sent = now
         self.stats.sent += 1
         self.stats.first_send = self.stats.first_send or now
         return lane.pacer.on_send(now)
@@ -715,6 +723,7 @@ async def harvest_async(
     budget: int = 100,
     budget_pixels: int | None = None,
     seed: int = 0,
+    max_rate: float | None = None,
     client: ClientConfig | dict[str, Any] | None = None,
     max_refused: int | None = None,
     durable: bool = True,
@@ -726,7 +735,7 @@ async def harvest_async(
         cfg = HarvestConfig(
             url=url, api_keys=keys, model=model, out=Path(out), strategy=strategy,
             strategy_params=strategy_params or {}, budget=budget, budget_pixels=budget_pixels, seed=seed,
-            client=client if isinstance(client, ClientConfig) else ClientConfig(**(client or {})),
+            max_rate=max_rate, client=client if isinstance(client, ClientConfig) else ClientConfig(**(client or {})),
             max_refused=max_refused, durable=durable,
         )
     except ValidationError as exc:
@@ -750,9 +759,10 @@ def harvest(
     Resumes when ``out`` already holds a harvest with the same model, strategy, parameters, seed and
     images. Keyword options: ``images`` (``corpus:SPLIT``, a folder, or a list of
     :class:`~translators.corpus.NamedImage` / ``(1, 3, H, W)`` tensors), ``strategy`` (``random``,
-    ``crops``, ``tiles``, ``augment``, ``diversity``), ``strategy_params`` (see
+    ``crops``, ``tiles``, ``augment``, ``diversity``, ``interleave``, ``novel``), ``strategy_params`` (see
     :class:`~attacker.strategies.StrategyParams`), ``budget`` (pairs), ``budget_pixels``, ``seed``,
-    ``client`` (:class:`ClientConfig` or its fields), ``max_refused``, ``durable``, ``progress``.
+    ``max_rate`` (requests/s per key at most), ``client`` (:class:`ClientConfig` or its fields),
+    ``max_refused``, ``durable``, ``progress``.
 
     Returns a :class:`HarvestResult` (``status`` ``complete`` or ``stopped`` when every key's quota ran
     out or the pixel budget was spent). Raises an :class:`~attacker.errors.AttackError` subclass when

@@ -7,6 +7,7 @@ a 5xx storm (Redis down -> 503) stops the run with the pairs kept and a resume f
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -228,6 +229,24 @@ def test_photos_smaller_than_the_size_multiple_are_refused_locally_not_fatal(tmp
         assert store.refused_records()  # the tiny photo came up and was refused, not sent
     finally:
         srv.stop()
+
+
+def test_max_rate_paces_each_key_below_what_the_victim_allows(victim: VictimServer, tmp_path: Path) -> None:
+    """``max_rate`` (evasion: a customer's pace) on an unlimited key: sends at least 1/rate apart; the same
+    harvest resumes at another rate (pacing is not part of its identity)."""
+    r = harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run", budget=5, max_rate=5.0,
+                strategy_params={"crop_size": 16})
+    assert r.pairs == 5
+    lines = read_jsonl(tmp_path / "run" / "harvest_log.jsonl").records
+    sends = sorted(rec["t"] - rec["latency_ms"] / 1000 for rec in lines)
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    # 5 requests/s at most (send times estimated from the log: answer time - latency, so some slack);
+    # a loaded machine only makes gaps longer
+    assert sends[-1] - sends[0] >= 0.7, gaps
+    assert min(gaps) >= 0.1, gaps
+    more = harvest(victim.url, victim.keys["open"], "denoise", tmp_path / "run", budget=6,
+                   strategy_params={"crop_size": 16})
+    assert (more.pairs, more.new_pairs) == (6, 1)
 
 
 def test_a_different_harvest_in_the_same_folder_is_refused(victim: VictimServer, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """Evasion strategies: crops that try to look like a customer's traffic to a query monitor.
 
 Spreading over Sybil keys and slowing to a benign rate are not choices of *which* image to send; they are
-how the harvest schedules queries (several ``--key``s, a lower rate) and the monitor evaluation
+how the harvest schedules queries (several ``--api-key``s, ``--max-rate``) and the monitor evaluation
 (``evaluation.monitor_eval``) exercises them with any strategy.
 
 * ``interleave``: every ``every``-th query is a whole photo at a random size (what a customer sends),

@@ -143,6 +143,9 @@ def harvest_cmd(
                                       "0 = crops only."),
     seed: int = typer.Option(0, help="Strategy seed (queries are deterministic in it)."),
     concurrency: int = typer.Option(8, min=1, help="Most requests in flight per key."),
+    max_rate: float | None = typer.Option(None, "--max-rate", min=0.001,
+                                          help="Requests/s per key at most, below what the victim allows (evasion: "
+                                               "pace like a customer). A harvest resumes with any value."),
     max_retries: int = typer.Option(6, min=0, help="Retries per query on 5xx/timeouts."),
     fsync: bool = typer.Option(True, help="fsync every pair (crash-safe against power loss)."),
 ) -> None:
@@ -158,7 +161,7 @@ def harvest_cmd(
     params["leaves"] = leaves
     with progress(transient=True) as bar:
         result = harvest(url, _keys(api_key), model, out, images=images, strategy=strategy, strategy_params=params,
-                         budget=budget, budget_pixels=budget_pixels, seed=seed,
+                         budget=budget, budget_pixels=budget_pixels, seed=seed, max_rate=max_rate,
                          client={"max_concurrency": concurrency, "max_retries": max_retries}, durable=fsync,
                          progress=RichProgressHook(bar))
     s = result.summary
@@ -167,7 +170,7 @@ def harvest_cmd(
     console.print(f"{result.pairs}/{result.budget} pairs in {out} · {s['queries_sent']} queries · "
                   f"{s['rate_limited_429']} rate-limited (429) · "
                   f"{f'{rate:.2f}/s' if rate else 'rate n/a'}"
-                  f"{f' of ~{allowed:.2f}/s allowed' if allowed else ''}")
+                  f"{f' (limit estimated at ~{allowed:.2f}/s)' if allowed else ''}")
     if result.status == "stopped":
         err_console.print(f"[yellow]harvest stopped early: {result.stop_reason}[/yellow] "
                           f"({result.pairs} of {result.budget} pairs kept; run.json says more)")

@@ -66,16 +66,23 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
+    with _replaced_on_success(tmp, p):
         _write_new(tmp, data, durable, mode)
-        os.replace(tmp, p)
+    if durable:
+        fsync_dir(p.parent)
+    return p
+
+
+@contextlib.contextmanager
+def _replaced_on_success(tmp: Path, target: Path) -> Iterator[None]:
+    """Rename ``tmp`` over ``target`` when the block ends without error; remove ``tmp`` when it raises."""
+    try:
+        yield
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    if durable:
-        fsync_dir(p.parent)
-    return p
 
 
 def _write_new(tmp: Path, data: bytes, durable: bool, mode: int | None) -> None:
@@ -99,16 +106,11 @@ def atomic_path(path: str | os.PathLike[str], durable: bool = False) -> Iterator
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp{p.suffix}")
-    try:
+    with _replaced_on_success(tmp, p):
         yield tmp
         if durable:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     if durable:
         fsync_dir(p.parent)
 

@@ -51,7 +51,7 @@ class ClientConfig(BaseModel):
         accept: media type asked for; PNG keeps outputs lossless.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_concurrency: int = Field(8, ge=1, le=256)
     connect_timeout_s: float = Field(5.0, gt=0)

@@ -94,7 +94,7 @@ class HarvestConfig(BaseModel):
     resumes with any ``max_rate``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str
     api_keys: list[str] = Field(min_length=1)

@@ -124,7 +124,7 @@ class TrainConfig(BaseModel):
             (:mod:`attacker.countermeasures`, e.g. ``lowpass:sigma=1.5``, ``aware``).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     arch: str = "auto"
     profile: str = "small"

@@ -59,7 +59,7 @@ class StrategyParams(BaseModel):
             leaves. ``0`` = round 1's queries (crops only).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
     # Parameters added after harvests were first recorded, with the value that reproduces those harvests'
     # queries: a resume compares a recorded harvest as if it had named them (and says so when they differ).
     RECORDED_BEFORE: ClassVar[dict[str, Any]] = {"zoom": None, "leaves": 0.0}

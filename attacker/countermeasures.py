@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from attacker.errors import ConfigError
 from translators.codecs import jpeg_roundtrip
+from translators.errors import first_problem
 from translators.images import to_uint8_tensor
 
 CounterKind = Literal["none", "lowpass", "jpeg", "median", "aware"]
@@ -66,9 +67,7 @@ def parse_counter(spec: str) -> CounterSpec:
     try:
         return CounterSpec.model_validate(fields)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(map(str, first["loc"]))
-        raise ConfigError(f"bad counter-measure {spec!r}: {loc}: {first['msg']} (kinds: {', '.join(COUNTER_KINDS)})"
+        raise ConfigError(f"bad counter-measure {spec!r}: {first_problem(exc)} (kinds: {', '.join(COUNTER_KINDS)})"
                           ) from None
 
 

@@ -73,7 +73,7 @@ from attacker.strategies import Query, QueryStrategy, build_strategy
 from attacker.victim_info import ModelInfo
 from translators.codecs import ImageLimits, decode_image, encode_image
 from translators.corpus import NamedImage, load_images
-from translators.errors import ImageError
+from translators.errors import ImageError, first_problem
 
 log = logging.getLogger(__name__)
 
@@ -739,8 +739,7 @@ async def harvest_async(
             max_refused=max_refused, durable=durable,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"bad harvest option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ConfigError(f"bad harvest option {first_problem(exc)}") from None
     check_out_folder(cfg.out)  # before anything is sent
     if not isinstance(images, str):
         images = [im if isinstance(im, NamedImage) else NamedImage(f"image{i:04d}", im) for i, im in enumerate(images)]

@@ -182,8 +182,8 @@ async def query_url(url: str, model: str, api_key: str, probes: Sequence[Probe],
                     outs.append(decode_image(r.body))
                 except ImageError as exc:
                     raise VerifyError(f"suspect {url} answered probe {p.name} with a non-image ({exc})") from None
-    except AttackError as exc:
-        raise VerifyError(str(exc)) from None
+    except AttackError as exc:  # the client's words are for a thief's victim; here the server is the suspect
+        raise VerifyError(f"suspect API: {str(exc).replace('the victim server', 'the suspect server')}") from None
     return outs
 
 

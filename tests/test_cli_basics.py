@@ -145,6 +145,12 @@ def test_empty_secrets_and_impossible_dp_settings_are_refused(tmp_path: Path) ->
     with pytest.raises(HeistError, match=r"written as NAME\.safetensors"):  # it wrote x.safetensors in silence
         student_path(tmp_path / "x.png", teacher)  # type: ignore[arg-type]
     assert student_path(tmp_path / "x", teacher) == tmp_path / "x.safetensors"  # type: ignore[arg-type]
+    # an unwritable --out failed with a traceback only after the whole training run
+    with pytest.raises(HeistError, match="cannot write there"):
+        student_path("/proc/heist-student.safetensors", teacher)  # type: ignore[arg-type]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(HeistError, match="is a file, not a folder"):
+        student_path(tmp_path / "afile" / "s.safetensors", teacher)  # type: ignore[arg-type]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -187,3 +193,23 @@ def test_help_texts_lose_no_bracketed_words() -> None:
     eaten = [(where, text) for where, text in walk(typer.main.get_command(app), "heist")
              if Text.from_markup(text).plain != text.replace("\\[", "[")]
     assert not eaten, eaten
+
+
+def test_first_problem_is_one_line_for_pydantic_and_plain_errors() -> None:
+    """Six call sites formatted pydantic errors by hand (one printed pydantic's three-line text)."""
+    from pydantic import BaseModel, Field, ValidationError
+
+    from translators.errors import first_problem
+
+    class P(BaseModel):
+        radius: int = Field(ge=1, le=8)
+        key_id: str
+
+    with pytest.raises(ValidationError) as caught:
+        P(radius=99)  # type: ignore[call-arg]
+    line = first_problem(caught.value)
+    assert line.startswith("radius: Input should be less than or equal to 8")
+    assert line.endswith("(and 1 more problem(s))")
+    assert "\n" not in line
+    assert first_problem(ValueError("first\nsecond")) == "first"
+    assert first_problem(ValueError()) == "ValueError"

@@ -298,7 +298,7 @@ def test_cli_monitor_refuses_a_bad_task_or_out_before_any_work(tmp_path, command
     (tmp_path / "file").write_text("x")
     cases = [(["--task", "bogus", "--out", str(tmp_path / "a.out")], "'bogus' is not one of sr, denoise"),
              (["--out", str(tmp_path)], "is a folder; name the file to write"),
-             (["--out", str(tmp_path / "file" / "a.out")], "is a file; name a file in a folder"),
+             (["--out", str(tmp_path / "file" / "a.out")], "is a file, not a folder"),
              (["--out", "/proc/heist-test.out"], "cannot write there")]
     for args, message in cases:
         r = CliRunner().invoke(cli, ["monitor", command, *args])

@@ -297,6 +297,7 @@ def test_bad_suspects_are_one_line_errors(theft: Theft, tmp_path: Path) -> None:
     cp = _cli("defend", "verify", "--suspect", f"http://127.0.0.1:{port}", "--model", MODEL, "--config", cfg,
               "--queries", "2")
     _one_line_error(cp, "cannot reach")
+    assert "the suspect server running?" in cp.stderr  # it asked whether "the victim server" was running
     html = http.server.HTTPServer(("127.0.0.1", 0), _HtmlHandler)
     threading.Thread(target=html.serve_forever, daemon=True).start()
     try:
@@ -316,6 +317,9 @@ def test_bad_suspects_are_one_line_errors(theft: Theft, tmp_path: Path) -> None:
     cp = _cli("defend", "verify", "--suspect", str(tmp_path / "missing.safetensors"), "--model", MODEL,
               "--config", cfg, "--nuisance-jpeg", "75,best")
     _one_line_error(cp, "--nuisance-jpeg")
+    cp = _cli("defend", "verify", "--suspect", str(tmp_path / "missing.safetensors"), "--model", MODEL,
+              "--config", cfg, "--radius", "99")  # three lines of pydantic text
+    _one_line_error(cp, "bad watermark parameters: radius:")
 
 
 def test_probe_noise_is_seeded_quantised_and_follows_the_task() -> None:

@@ -175,6 +175,22 @@ def test_served_outputs_name_their_key(tmp_path: Path, redis_url: str, key_prefi
     assert text.returncode == 0
     assert "alice_png.png: alice" in text.stdout
     assert "clean.png: none" in text.stdout
+    # A leaked training set is a folder: every image in it is traced; a missing path answered `none`, exit 0.
+    leaked = tmp_path / "leaked" / "inner"
+    leaked.mkdir(parents=True)
+    write_image(alice, leaked / "a.png")
+    write_image(bob, leaked.parent / "b.png")
+    code, stdout = _trace_inproc(str(leaked.parent), "--json", "--config", str(srv.settings_path))
+    assert code == 0, stdout
+    assert {Path(r["image"]).name: r["client"] for r in map(json.loads, stdout.splitlines())} == \
+        {"a.png": "alice", "b.png": "bob"}
+    missing = _trace_cli(str(tmp_path / "no-such.png"), "--config", str(srv.settings_path), cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "no-such.png: no such file or folder" in missing.stderr
+    (tmp_path / "empty").mkdir()
+    missing = _trace_cli(str(tmp_path / "empty"), "--config", str(srv.settings_path), cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "a folder without image files" in missing.stderr
     fresh = tmp_path / "fresh.json"
     fresh.write_text(json.dumps({"data_dir": str(tmp_path / "empty-data")}))
     err = _trace_cli(str(files["alice_png"]), "--config", str(fresh), cwd=tmp_path)

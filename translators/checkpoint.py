@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from translators.archs.registry import build_arch
-from translators.errors import CheckpointError
+from translators.errors import CheckpointError, first_problem
 from translators.files import atomic_write_bytes
 from translators.registry import UnknownNameError
 
@@ -88,9 +88,7 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
     except FileNotFoundError:
         raise CheckpointError(f"{p}: model card missing (every .safetensors needs a .json card beside it)") from None
     except (ValidationError, ValueError) as exc:
-        first = exc.errors()[0] if isinstance(exc, ValidationError) else {"msg": str(exc), "loc": ()}
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise CheckpointError(f"{p}: invalid model card ({loc + ': ' if loc else ''}{first['msg']})") from None
+        raise CheckpointError(f"{p}: invalid model card ({first_problem(exc)})") from None
 
 
 def _is_pickle(p: Path) -> bool:

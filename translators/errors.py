@@ -28,3 +28,19 @@ class CorpusError(HeistError):
     """An image folder that does not exist or holds no readable image."""
 
     code = "bad_corpus"
+
+
+def first_problem(exc: Exception) -> str:
+    """One line for a validation failure: for a pydantic ``ValidationError`` its first error as ``loc: msg``
+    (``Value error, `` dropped) plus ``(and N more problem(s))``; for any other exception its first line.
+    Every one-line CLI error about bad options or files uses this, never pydantic's multi-line text."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    found = errors()
+    first = found[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    msg = str(first.get("msg", "")).removeprefix("Value error, ")
+    more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
+    return f"{loc + ': ' if loc else ''}{msg}{more}"

@@ -160,3 +160,24 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, durable: bool = Tr
                       mode: int | None = None) -> Path:
     """:func:`atomic_write_bytes` of ``obj`` as indented JSON with a final newline."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), durable, mode)
+
+
+def unwritable_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why a file cannot be written at ``path`` (a folder there, a file in the way of its folder, or a folder
+    this process cannot create or write in, tried with an empty probe file); None when it can. Creates the
+    missing folders. Every ``--out FILE`` check uses this, so a bad path fails before any work is done."""
+    from translators.paths import file_in_the_way
+
+    p = Path(path)
+    if p.is_dir():
+        return "is a folder"
+    if (blocked := file_in_the_way(p.parent)) is not None:
+        return f"{blocked} is a file, not a folder"
+    probe = p.parent / f".{p.name}.{os.getpid()}.probe"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc})"
+    return None

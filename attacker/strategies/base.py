@@ -26,6 +26,7 @@ from attacker.errors import ConfigError
 from attacker.strategies.leaves import dead_leaves
 from attacker.victim_info import ModelInfo
 from translators.corpus import NamedImage
+from translators.errors import first_problem
 from translators.images import bicubic_resize, crop_to_multiple
 from translators.registry import Registry
 
@@ -341,7 +342,5 @@ def build_strategy(
         else:
             p = cls.Params.model_validate(params)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(f"strategy {name!r}: {loc}: {first['msg']}") from None
+        raise ConfigError(f"strategy {name!r}: {first_problem(exc)}") from None
     return cls(images, info, p, seed, budget)

@@ -9,6 +9,7 @@ import torch
 
 from translators.checkpoint import LoadedModel, ModelCard, load_model, read_card, save_checkpoint
 from translators.errors import HeistError
+from translators.files import unwritable_reason
 
 
 class ModelDefenseError(HeistError):
@@ -73,7 +74,8 @@ def proxy_inputs(images: str, side: int, n: int, private_digests: set[str], seed
 
 def student_path(out: str | Path, teacher: LoadedModel) -> Path:
     """The ``.safetensors`` path a student written to ``out`` gets, checked before any training: it must not
-    be the teacher's own checkpoint (the private victim would be overwritten) nor a folder."""
+    be the teacher's own checkpoint (the private victim would be overwritten), a folder or a path this process
+    cannot write (:func:`translators.files.unwritable_reason`)."""
     p = Path(out)
     p = p if p.suffix == ".safetensors" else p.with_suffix(".safetensors")
     if Path(out).is_dir() or p.is_dir():
@@ -82,6 +84,8 @@ def student_path(out: str | Path, teacher: LoadedModel) -> Path:
         raise ModelDefenseError(f"--out {out}: that is the victim's own checkpoint; write the student elsewhere")
     if Path(out).suffix not in ("", ".safetensors"):
         raise ModelDefenseError(f"--out {out}: a student is written as NAME.safetensors (+ NAME.json); name it so")
+    if (why := unwritable_reason(p)) is not None:
+        raise ModelDefenseError(f"--out {out}: {why}")
     return p
 
 

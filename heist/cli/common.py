@@ -118,23 +118,15 @@ def store_mismatch(resolved: ResolvedSettings, timeout: float = 0.5) -> str | No
 
 
 def check_out_file(out: Path, example: str) -> Path:
-    """Refuse an ``--out FILE`` that cannot be written, before any work: a folder (``example`` names a file
-    to write there instead), a file in the way of its folder, or a folder this process cannot write to
-    (tried with an empty probe file). Creates the missing folders. Returns ``out``."""
+    """Refuse an ``--out FILE`` that cannot be written, before any work (see
+    :func:`translators.files.unwritable_reason`); ``example`` names a file to write instead of a folder.
+    Creates the missing folders. Returns ``out``."""
     from translators.errors import HeistError
-    from translators.paths import file_in_the_way
+    from translators.files import unwritable_reason
 
-    if out.is_dir():
-        raise HeistError(f"--out {out}: is a folder; name the file to write (e.g. {out / example})")
-    if (blocked := file_in_the_way(out.parent)) is not None:
-        raise HeistError(f"--out {out}: {blocked} is a file; name a file in a folder")
-    probe = out.parent / f".{out.name}.{os.getpid()}.probe"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise HeistError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    if (why := unwritable_reason(out)) is not None:
+        hint = f"; name the file to write (e.g. {out / example})" if why == "is a folder" else ""
+        raise HeistError(f"--out {out}: {why}{hint}")
     return out
 
 

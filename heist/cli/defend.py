@@ -15,7 +15,7 @@ import typer
 
 from heist.cli import defend_models
 from heist.cli.common import config_option, console, err_console, victim_settings
-from translators.errors import HeistError
+from translators.errors import HeistError, first_problem
 
 app = typer.Typer(help="Defender tools: trace leaked outputs to the API key that received them; verify a suspect "
                        "model against the ownership watermark; retrain the victim against membership inference "
@@ -66,9 +66,32 @@ def _known_clients(settings: object) -> list[str]:
     return sorted(names)
 
 
+def _trace_inputs(images: list[Path]) -> list[Path]:
+    """The image files to trace: each file as given, each folder's image files (:func:`image_files`).
+    A missing path or a folder without images is a one-line error before any work (it answered ``none``)."""
+    from translators.corpus import CorpusError, image_files
+
+    paths: list[Path] = []
+    for p in images:
+        if p.is_dir():
+            try:
+                found = image_files(p)
+            except CorpusError as exc:
+                raise HeistError(str(exc)) from None
+            if not found:
+                raise HeistError(f"{p}: a folder without image files (PNG, JPEG, WebP, BMP, TIFF)")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise HeistError(f"{p}: no such file or folder")
+    return paths
+
+
 @app.command("trace")
 def trace(
-    images: list[Path] = typer.Argument(..., help="Images to trace (PNG, JPEG, WebP)."),
+    images: list[Path] = typer.Argument(..., help="Images to trace (PNG, JPEG, WebP, BMP, TIFF), or folders of "
+                                        "them (a leaked training set: every image below it, sorted)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout."),
     config: Path | None = config_option(),
     secret_file: Path | None = typer.Option(None, "--secret-file", help="The server's defense-secret file."),
@@ -81,12 +104,13 @@ def trace(
     from translators.codecs import read_image
     from translators.errors import ImageError
 
+    paths = _trace_inputs(images)
     secret, settings = _server_secret(config, secret_file)
     clients = sorted({*_known_clients(settings), *client})
     if not clients:
         raise HeistError("no candidate clients: the settings name no keys and neither the key store nor the query "
                          "log could be read or held any; name the suspects with --client NAME")
-    for path in images:
+    for path in paths:
         row: dict[str, object] = {"image": str(path)}
         try:
             x = read_image(path)
@@ -169,6 +193,18 @@ def _qualities(text: str) -> tuple[int, ...]:
     return qs
 
 
+def _warn_short_probes(probes: list[Any], images: str, queries: int, side: int, multiple: int) -> None:
+    """Say when the probe set is smaller than asked (fewer tiles in ``images`` than ``--queries``, or photos
+    under ``--probe-side``): the test stays exact but has less power, so a weak p-value may be the probes'."""
+    sides = sorted({int(p.image.shape[-1]) for p in probes})
+    if len(probes) < queries:
+        err_console.print(f"[yellow]warning:[/yellow] {images} gives only {len(probes)} probe tile(s), not "
+                          f"--queries {queries}: less power; add photos or lower --probe-side", highlight=False)
+    if sides and sides[0] < max(multiple, side - side % multiple):  # make_probes' own rounding
+        err_console.print(f"[yellow]warning:[/yellow] some photos of {images} are under --probe-side {side}: "
+                          f"probes of {sides[0]} px a side are used as they are (less power)", highlight=False)
+
+
 def verify(
     suspect: str = typer.Option(..., "--suspect", help="Suspect: a checkpoint Heist loads (.safetensors, "
                                 "TorchScript .pt, .pt2) or the URL of an image-translation API."),
@@ -206,10 +242,11 @@ def verify(
         params = base.model_copy(update=over) if over else base
         OwnershipParams(**params.model_dump())
     except ValueError as exc:
-        raise HeistError(f"bad watermark parameters: {exc}") from None
+        raise HeistError(f"bad watermark parameters: {first_problem(exc)}") from None
     nuisance = _qualities(nuisance_jpeg)
     noise = probe_noise_for(task) if probe_noise is None else probe_noise
     probes = load_probes(images, queries, probe_side, multiple, noise)
+    _warn_short_probes(probes, images, queries, probe_side, multiple)
     victim = module_translator(module)
     if suspect.startswith(("http://", "https://")):
         result = verify_url(suspect, suspect_model or model, suspect_api_key, victim, probes, secret, params,

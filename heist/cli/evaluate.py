@@ -14,7 +14,7 @@ import typer
 
 from heist.cli.common import console, progress
 from translators.corpus import DEFAULT_SEED
-from translators.errors import HeistError
+from translators.errors import HeistError, first_problem
 from translators.paths import file_in_the_way
 
 if TYPE_CHECKING:  # the evaluator (torch, piq, matplotlib) is imported when a command runs, not at CLI start
@@ -37,9 +37,7 @@ def metric_settings(data_range: float, crop_border: int, color_space: str) -> Me
     try:
         return MetricSettings(data_range=data_range, crop_border=crop_border, color_space=color_space)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise EvaluationError(f"bad metric setting {loc}: {first['msg']}") from None
+        raise EvaluationError(f"bad metric setting {first_problem(exc)}") from None
 
 
 def parse_metrics(text: str) -> list[str]:

@@ -6,7 +6,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # pytest-xdist workers for `make test` (auto: one per core; 0: one process), each running whole test files
 PYTEST_WORKERS ?= auto
 
-.PHONY: setup test demo lint bench clean-venv
+.PHONY: setup test demo lint bench docs clean-venv
 
 $(BIN)/heist: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: setup  ## the demo campaign on CPU with the bundled corpus; prints where t
 
 lint: setup
 	$(BIN)/ruff check .
+
+docs: setup  ## regenerate docs/cli.md (every command and option) from the commands themselves
+	$(BIN)/python -m heist.cli.reference docs/cli.md
 
 # `make bench`: a quick, curated set of benchmarks at small settings (minutes on 2 CPU cores), JSON to BENCH_OUT
 # (git-ignored); the committed bench/results/*.json come from the full commands in docs/scaling.md.

@@ -17,7 +17,7 @@ import typer
 from rich.progress import Progress, TaskID
 from rich.table import Table
 
-from heist.cli.common import console, err_console, print_table, progress
+from heist.cli.common import console, device_option, err_console, print_table, progress, seed_option
 from translators.errors import HeistError
 
 app = typer.Typer(
@@ -191,20 +191,20 @@ def train_cmd(
     steps: int | None = typer.Option(None, min=1, help="Most training steps (default: the profile's cap)."),
     time_budget: float = typer.Option(300.0, min=1.0, help="Seconds of training; it also stops earlier when "
                                                           "held-out fidelity stops improving."),
-    batch_size: int | None = typer.Option(None, min=1),
+    batch_size: int | None = typer.Option(None, min=1, help="Crops per step (default: the profile's)."),
     patch: int | None = typer.Option(None, min=4, help="Crop side in input pixels."),
     align: int | None = typer.Option(None, min=1, help="Training crops start at multiples of this many input "
                                                        "pixels from each query's corner (default 8)."),
     augment: bool | None = typer.Option(None, "--augment/--no-augment",
                                         help="Flip and rotate training crops (default: off; a strided victim is "
                                              "not flip-equivariant)."),
-    lr: float | None = typer.Option(None, min=0.0),
+    lr: float | None = typer.Option(None, min=0.0, help="Peak learning rate (default: the profile's)."),
     schedule: str = typer.Option("cosine", help="Learning rate: cosine (decays to 5% over the time budget) or "
                                                 "plateau (constant between plateau drops)."),
     amp: bool = typer.Option(True, help="Mixed precision: float16 on CUDA, bfloat16 on CPUs with native "
                                         "bfloat16 (1.2-2x faster there), else float32."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: int = seed_option("initialisation, crops and the train/held-out split"),
+    device: str = device_option(),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
     threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: torch's; on a busy "
                                                         "machine 1 can be much faster)."),
@@ -250,9 +250,9 @@ def imitate_cmd(
     steps: int | None = typer.Option(None, min=1, help="Most training steps (default: the profile's cap)."),
     time_budget: float = typer.Option(300.0, min=1.0, help="Seconds of training; it also stops earlier when "
                                                           "held-out fidelity stops improving."),
-    patch: int | None = typer.Option(None, min=4),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    patch: int | None = typer.Option(None, min=4, help="Crop side in input pixels (default: the profile's)."),
+    seed: int = seed_option("initialisation and crops"),
+    device: str = device_option(),
     threads: int | None = typer.Option(None, min=1, help="Torch CPU threads (default: torch's)."),
 ) -> None:
     """Single-example imitation: one query, then an L2 U-Net trained on random crops of that pair."""
@@ -337,7 +337,7 @@ def mia_reference_cmd(
     images: str = typer.Option("corpus:attacker", help="Public images (never the victim's)."),
     side: int = typer.Option(32, min=16, help="Crop side (the candidates' size); a multiple of 16."),
     steps: int = typer.Option(300, min=1, help="Training steps."),
-    seed: int = typer.Option(0),
+    seed: int = seed_option("initialisation and crops"),
 ) -> None:
     """Train the attacker's reference model on public edge -> photo pairs (difficulty calibration)."""
     from attacker.mia import train_reference

@@ -76,6 +76,23 @@ def config_option() -> Any:
     )
 
 
+def device_option() -> Any:
+    """The ``--device`` option of every command that runs a model here (training, evaluation)."""
+    return typer.Option("auto", "--device", help="Torch device: auto (CUDA when present, else CPU), cpu, cuda or "
+                        "cuda:N.")
+
+
+def seed_option(what: str) -> Any:
+    """A ``--seed`` option; ``what`` says what it seeds (the same seed gives the same result)."""
+    return typer.Option(0, "--seed", help=f"Seed of {what}; the same seed repeats the run.")
+
+
+def redis_url_option() -> Any:
+    """``--redis-url`` of the commands that read the victim's state (overrides the settings' redis_url)."""
+    return typer.Option(None, "--redis-url", help="Redis URL of the victim (default: the settings' redis_url; "
+                        "none: the data dir's files).")
+
+
 def victim_settings(config: Path | None, **overrides: Any) -> ResolvedSettings:
     """The victim settings of a command: ``--config``, else ``$HEIST_VICTIM_CONFIG``, else defaults (see
     :func:`victim_service.settings.resolve_settings`); non-``None`` ``overrides`` are command-line options."""

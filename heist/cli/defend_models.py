@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from heist.cli.common import console
+from heist.cli.common import console, device_option, seed_option
 
 
 def register(app: typer.Typer) -> None:
@@ -27,7 +27,7 @@ def akd(
                                            help="Proxy inputs (default: 4 x the private set)."),
     lambda_l1: float = typer.Option(100.0, "--lambda-l1", min=1e-6,
                                     help="Weight of the L1 term against the adversarial one (the paper's 100)."),
-    seed: int = typer.Option(0), device: str = typer.Option("auto"),
+    seed: int = seed_option("the student's initialisation and proxy crops"), device: str = device_option(),
 ) -> None:
     """Adversarial Knowledge Distillation: student + PatchGAN, lambda x L1 to the teacher, on a proxy set."""
     from defenses.model_level.akd import distill
@@ -40,7 +40,8 @@ def akd(
 def dmp(
     victim: Path = _VICTIM, out: Path = _OUT,
     proxy: str = typer.Option("corpus:attacker", help="Public proxy images (checked disjoint from the private set)."),
-    steps: int | None = typer.Option(None, min=1), seed: int = typer.Option(0), device: str = typer.Option("auto"),
+    steps: int | None = typer.Option(None, min=1, help="Training steps (default: the victim's)."),
+    seed: int = seed_option("the student's initialisation and proxy crops"), device: str = device_option(),
 ) -> None:
     """DMP-style distillation: the student learns the teacher's outputs on the proxy set (L1, no discriminator)."""
     from defenses.model_level.akd import distill
@@ -54,7 +55,8 @@ def dpsgd(
     victim: Path = _VICTIM, out: Path = _OUT,
     noise_multiplier: float = typer.Option(..., "--noise-multiplier", help="DP-SGD noise sigma (> 0)."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", min=0.0, help="Per-sample clipping norm."),
-    steps: int | None = typer.Option(None, min=1), seed: int = typer.Option(0), device: str = typer.Option("auto"),
+    steps: int | None = typer.Option(None, min=1, help="Training steps (default: the victim's)."),
+    seed: int = seed_option("the initialisation, batches and DP noise"), device: str = device_option(),
 ) -> None:
     """Retrain the victim on its private pairs with DP-SGD (opacus; pip install 'i2i-heist\\[privacy]')."""
     from defenses.model_level.dpsgd import train_dpsgd

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from heist.cli.common import console, progress
+from heist.cli.common import console, device_option, progress
 from translators.corpus import DEFAULT_SEED
 from translators.errors import HeistError, first_problem
 from translators.paths import file_in_the_way
@@ -116,7 +116,7 @@ def extraction(
     samples: int = typer.Option(3, help="Sample images per test set in the report's image grid."),
     seed: int = typer.Option(0, help="Seed for make_pair noise, bootstrap CIs and KID subsets."),
     corpus_seed: int = typer.Option(DEFAULT_SEED, help="Seed of the corpus split assignment."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = device_option(),
 ) -> None:
     """Score a surrogate against its victim: the A/B/C table with CIs, Welch and TOST; JSON, then a report."""
     from evaluation.errors import EvaluationError

@@ -12,7 +12,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from heist.cli.common import check_out_file, config_option, console, print_table, progress, victim_settings
+from heist.cli.common import (
+    check_out_file,
+    config_option,
+    console,
+    print_table,
+    progress,
+    redis_url_option,
+    victim_settings,
+)
 from translators.errors import HeistError
 
 app = typer.Typer(help="The victim's query log: every translate request, admitted or refused.", no_args_is_help=True)
@@ -77,7 +85,7 @@ def tail(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new entries (Ctrl-C stops)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
     config: Path | None = ConfigOpt,
-    redis_url: str | None = typer.Option(None, "--redis-url"),
+    redis_url: str | None = redis_url_option(),
 ) -> None:
     """Show the most recent query-log entries."""
     reader = _reader(config, redis_url)
@@ -117,7 +125,7 @@ def export(
     client: str | None = typer.Option(None, help="Only this client's entries."),
     since: str | None = typer.Option(None, help="ISO date/time (UTC) or a duration such as 2h or 7d."),
     config: Path | None = ConfigOpt,
-    redis_url: str | None = typer.Option(None, "--redis-url"),
+    redis_url: str | None = redis_url_option(),
 ) -> None:
     """Export the query log (oldest first) as JSONL or Parquet; written atomically."""
     check_out_file(out, "querylog.jsonl")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from heist.cli.common import check_out_file, choice, console, print_table
+from heist.cli.common import check_out_file, choice, console, print_table, seed_option
 from translators.errors import HeistError
 
 TASKS = ("sr", "denoise", "style", "edges2photo")  # translators.zoo.recipes.Task, without importing torch here
@@ -144,14 +144,15 @@ def eval_cmd(
                              help="Task of the victim the traffic is shaped for: sr, denoise, style or edges2photo."),
     scale: int = typer.Option(4, min=1, help="The victim's scale."),
     url: str | None = typer.Option(None, "--url", help="Live victim (monitor on); default: offline engine."),
-    admin_key: str | None = typer.Option(None, "--admin-key", envvar="HEIST_ADMIN_KEY"),
+    admin_key: str | None = typer.Option(None, "--admin-key", envvar="HEIST_ADMIN_KEY",
+                                         help="Admin key of the live victim (--url runs create keys)."),
     model: str | None = typer.Option(None, "--model", help="Model name (live runs)."),
     benign_images: str = typer.Option("corpus:victim", help="Photos of benign customers (spec or folder)."),
     extra_benign: str | None = typer.Option("corpus:benchmark", help="More benign photos (spec or folder)."),
     attacker_images: str = typer.Option("corpus:attacker", help="The attackers' photos."),
     queries: int = typer.Option(50, min=1, help="Queries per attacker."),
     customers: int = typer.Option(100, min=1, help="Independent long benign customers for the FPR (offline)."),
-    seed: int = typer.Option(0),
+    seed: int = seed_option("the traffic plans"),
 ) -> None:
     """Calibrate on benign traffic, then benign population vs every attacker (plain and evasive)."""
     import asyncio

@@ -7,7 +7,7 @@ from collections import Counter
 
 import typer
 
-from heist.cli.common import console
+from heist.cli.common import console, seed_option
 from translators.errors import HeistError
 
 app = typer.Typer(help="Synthetic traffic against the victim API.", no_args_is_help=True)
@@ -28,7 +28,7 @@ def benign(
     tier: str = typer.Option("free", help="Tier of the customers' keys."),
     time_scale: float = typer.Option(1.0, min=0.0, help="Multiply think times (0 = no pauses)."),
     prefix: str = typer.Option("benign", help="Customer names are PREFIX-NNN."),
-    seed: int = typer.Option(0),
+    seed: int = seed_option("photo choice, sizes and think times"),
 ) -> None:
     """Distinct photos at varied sizes, retries, re-uploads and bursts from many customers at once."""
     from attacker.benign import BenignParams, plan_benign, run_benign

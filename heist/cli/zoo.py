@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from heist.cli.common import console, print_table, progress
+from heist.cli.common import console, device_option, print_table, progress
 from translators.checkpoint import CheckpointError, read_card
 from translators.zoo import PROFILES, ZOO, build, cached_checkpoint, get_recipe, zoo_checkpoint
 
@@ -44,7 +44,7 @@ def build_models(
                                              "the CPU demo, full for GPU."),
     seed: int = typer.Option(0, help="Training seed."),
     force: bool = typer.Option(False, help="Retrain even when cached."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = device_option(),
 ) -> None:
     """Train zoo victims (cached under $HEIST_DATA_DIR/zoo/PROFILE) and print their scores."""
     targets = names or ZOO.names()
@@ -70,6 +70,6 @@ def build_models(
 
 
 @app.command("path")
-def path(name: str, profile: str = typer.Option("tiny")) -> None:
+def path(name: str, profile: str = typer.Option("tiny", help=f"Profile: {', '.join(PROFILES)}.")) -> None:
     """Print the checkpoint path of NAME at PROFILE (built or not)."""
     console.print(str(zoo_checkpoint(name, profile)), highlight=False)

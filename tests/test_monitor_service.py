@@ -190,6 +190,8 @@ def test_embedded_mode_replays_the_jsonl_log(tmp_path: Path, models: dict[str, P
         assert again["flagged_at_query"] == first["flagged_at_query"]
         assert _metric(srv, "heist_monitor_malformed_total") == 1.0
         assert httpx.get(f"{srv.url}/v1/admin/clients/nobody/risk", headers=srv.admin_headers).status_code == 404
+        bad = httpx.get(f"{srv.url}/v1/admin/clients/no%20body/risk", headers=srv.admin_headers)  # was 404
+        assert (bad.status_code, bad.json()["error"]) == (400, "bad_client"), bad.text
         # an admin's by-hand level is the one in force; the risk view shows both
         assert again["level"] >= 1
         monitor_level = again["level"]

@@ -10,7 +10,14 @@ from fastapi import APIRouter, Request, Security
 from pydantic import BaseModel, Field
 
 from victim_service.errors import ApiError, redis_unavailable
-from victim_service.routes import _ADMIN_RESPONSES, _ERR, _require_admin, api_key_scheme, bearer_scheme
+from victim_service.routes import (
+    _ADMIN_RESPONSES,
+    _ERR,
+    _require_admin,
+    api_key_scheme,
+    bearer_scheme,
+    check_client_name,
+)
 
 router = APIRouter(tags=["admin"])
 
@@ -76,10 +83,14 @@ async def admin_clients(request: Request) -> MonitorStatus:
 
 
 @router.get("/v1/admin/clients/{client}/risk", summary="One client's risk and signals", response_model=ClientRisk,
-            responses={**_ADMIN_RESPONSES, 404: {**_ERR, "description": "unknown_client or monitor_disabled"}},
+            responses={**_ADMIN_RESPONSES, 400: {**_ERR, "description": "bad_client (not a client name)"},
+                       404: {**_ERR, "description": "unknown_client or monitor_disabled"}},
             dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
 async def admin_client_risk(request: Request, client: str) -> ClientRisk:
+    """The monitor's view of one client: 400 ``bad_client`` for a name no key can have (as the level routes),
+    404 ``unknown_client`` for a name the monitor has seen no query from."""
     mon = _monitor(request)
+    check_client_name(client)
     s = await mon.state(client)
     if s is None:
         raise ApiError(404, "unknown_client", f"the monitor has seen no query from client {client!r}")

@@ -323,7 +323,7 @@ class LevelInfo(BaseModel):
 
 
 
-def _check_client_name(name: str) -> None:
+def check_client_name(name: str) -> None:
     """400 ``bad_client`` unless ``name`` could be a client (API key) name."""
     if not is_name(name):
         raise ApiError(400, "bad_client", f"{name!r} is not a client name (letters, digits, '.', '_', '-'; at most "
@@ -337,7 +337,7 @@ def _check_client_name(name: str) -> None:
 async def admin_get_level(request: Request, name: str) -> LevelInfo:
     """The level that chooses this client's defenses (0 when never set)."""
     svc = _require_admin(request)
-    _check_client_name(name)
+    check_client_name(name)
     with redis_unavailable("the level store"):
         rec = await svc.levels.record(name)
     top = svc.host.policy.max_level
@@ -355,7 +355,7 @@ async def admin_get_level(request: Request, name: str) -> LevelInfo:
 async def admin_set_level(request: Request, name: str, body: LevelSet) -> LevelInfo:
     """Set the level by hand; every worker applies it within its level cache time (about a second)."""
     svc = _require_admin(request)
-    _check_client_name(name)
+    check_client_name(name)
     top = svc.host.policy.max_level
     if body.level > top:
         raise ApiError(400, "bad_level", f"level {body.level} is above the highest configured level ({top})")

@@ -751,23 +751,37 @@ def harvest(
     api_keys: str | Sequence[str],
     model: str,
     out: str | Path,
-    **options: Any,
+    *,
+    images: str | Sequence[NamedImage] | Sequence[torch.Tensor] = "corpus:attacker",
+    strategy: str = "crops",
+    strategy_params: dict[str, Any] | None = None,
+    budget: int = 100,
+    budget_pixels: int | None = None,
+    seed: int = 0,
+    max_rate: float | None = None,
+    client: ClientConfig | dict[str, Any] | None = None,
+    max_refused: int | None = None,
+    durable: bool = True,
+    progress: ProgressHook | None = None,
 ) -> HarvestResult:
     """Harvest ``budget`` (input, output) pairs from ``model`` at ``url`` into the run folder ``out``.
 
     Resumes when ``out`` already holds a harvest with the same model, strategy, parameters, seed and
-    images. Keyword options: ``images`` (``corpus:SPLIT``, a folder, or a list of
-    :class:`~translators.corpus.NamedImage` / ``(1, 3, H, W)`` tensors), ``strategy`` (``random``,
-    ``crops``, ``tiles``, ``augment``, ``diversity``, ``interleave``, ``novel``), ``strategy_params`` (see
-    :class:`~attacker.strategies.StrategyParams`), ``budget`` (pairs), ``budget_pixels``, ``seed``,
-    ``max_rate`` (requests/s per key at most), ``client`` (:class:`ClientConfig` or its fields),
-    ``max_refused``, ``durable``, ``progress``.
+    images. ``images``: ``corpus:SPLIT``, a folder, or a list of :class:`~translators.corpus.NamedImage` /
+    ``(1, 3, H, W)`` tensors; ``strategy``: ``random``, ``crops``, ``tiles``, ``augment``, ``diversity``,
+    ``interleave``, ``novel``; ``strategy_params``: see :class:`~attacker.strategies.StrategyParams`;
+    ``budget`` in pairs, ``budget_pixels`` in input pixels; ``max_rate``: requests/s per key at most;
+    ``client``: :class:`ClientConfig` or its fields; ``max_refused``: refusals tolerated; ``durable``: fsync
+    every pair.
 
     Returns a :class:`HarvestResult` (``status`` ``complete`` or ``stopped`` when every key's quota ran
     out or the pixel budget was spent). Raises an :class:`~attacker.errors.AttackError` subclass when
     the run cannot go on (see the module docstring for the policy); pairs written so far are kept.
     """
-    return asyncio.run(harvest_async(url, api_keys, model, out, **options))
+    return asyncio.run(harvest_async(
+        url, api_keys, model, out, images=images, strategy=strategy, strategy_params=strategy_params, budget=budget,
+        budget_pixels=budget_pixels, seed=seed, max_rate=max_rate, client=client, max_refused=max_refused,
+        durable=durable, progress=progress))
 
 
 __all__ = ["AttackError", "HarvestConfig", "HarvestResult", "harvest", "harvest_async"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import heapq
 import itertools
@@ -44,10 +45,10 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -76,6 +77,8 @@ from translators.corpus import NamedImage, load_images
 from translators.errors import ImageError, first_problem
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 IMAGE_REFUSALS = {
     "empty_body", "not_an_image", "corrupt_image", "too_many_bytes", "too_many_pixels", "too_small", "bad_size",
@@ -729,7 +732,7 @@ async def harvest_async(
     durable: bool = True,
     progress: ProgressHook | None = None,
 ) -> HarvestResult:
-    """Async version of :func:`harvest` (same arguments)."""
+    """Async version of :func:`harvest` (the blocking twin, same arguments)."""
     keys = [api_keys] if isinstance(api_keys, str) else list(api_keys)
     try:
         cfg = HarvestConfig(
@@ -746,25 +749,18 @@ async def harvest_async(
     return await Harvester(cfg, images, progress or NO_PROGRESS).run()
 
 
-def harvest(
-    url: str,
-    api_keys: str | Sequence[str],
-    model: str,
-    out: str | Path,
-    *,
-    images: str | Sequence[NamedImage] | Sequence[torch.Tensor] = "corpus:attacker",
-    strategy: str = "crops",
-    strategy_params: dict[str, Any] | None = None,
-    budget: int = 100,
-    budget_pixels: int | None = None,
-    seed: int = 0,
-    max_rate: float | None = None,
-    client: ClientConfig | dict[str, Any] | None = None,
-    max_refused: int | None = None,
-    durable: bool = True,
-    progress: ProgressHook | None = None,
-) -> HarvestResult:
-    """Harvest ``budget`` (input, output) pairs from ``model`` at ``url`` into the run folder ``out``.
+def _blocking(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
+    """The blocking twin of a coroutine function: same (typed) arguments, run with :func:`asyncio.run`."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return asyncio.run(fn(*args, **kwargs))
+
+    return run
+
+
+harvest = _blocking(harvest_async)
+harvest.__doc__ = """Harvest ``budget`` (input, output) pairs from ``model`` at ``url`` into the run folder ``out``.
 
     Resumes when ``out`` already holds a harvest with the same model, strategy, parameters, seed and
     images. ``images``: ``corpus:SPLIT``, a folder, or a list of :class:`~translators.corpus.NamedImage` /
@@ -778,10 +774,5 @@ def harvest(
     out or the pixel budget was spent). Raises an :class:`~attacker.errors.AttackError` subclass when
     the run cannot go on (see the module docstring for the policy); pairs written so far are kept.
     """
-    return asyncio.run(harvest_async(
-        url, api_keys, model, out, images=images, strategy=strategy, strategy_params=strategy_params, budget=budget,
-        budget_pixels=budget_pixels, seed=seed, max_rate=max_rate, client=client, max_refused=max_refused,
-        durable=durable, progress=progress))
-
 
 __all__ = ["AttackError", "HarvestConfig", "HarvestResult", "harvest", "harvest_async"]

@@ -13,6 +13,21 @@ import typer
 from heist.cli.common import config_option, console, err_console, victim_settings
 from translators.errors import HeistError
 
+#: Seconds a worker may take to answer the supervisor's ping before uvicorn kills and restarts it (uvicorn's
+#: default is 5). A worker busy with CPU inference on a loaded machine answered late and was restarted,
+#: dropping its in-flight requests; a hung worker is still replaced, later.
+WORKER_HEALTHCHECK_S = 60
+
+
+def _worker_health() -> dict[str, int]:
+    """``timeout_worker_healthcheck`` for uvicorn versions that have it (0.30 and later), else nothing."""
+    import inspect
+
+    import uvicorn
+
+    has = "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters
+    return {"timeout_worker_healthcheck": WORKER_HEALTHCHECK_S} if has else {}
+
 
 def _stop_like_ctrl_c(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
@@ -82,7 +97,7 @@ def serve(
         try:
             uvicorn.run(
                 "victim_service.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=log_level, timeout_graceful_shutdown=5,
+                workers=settings.workers, log_level=log_level, timeout_graceful_shutdown=5, **_worker_health(),
             )
         finally:
             signal.signal(signal.SIGTERM, previous)

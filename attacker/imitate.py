@@ -30,6 +30,7 @@ from attacker.train import TrainConfig, TrainResult, surrogate_min_side, train_s
 from attacker.victim_info import ModelInfo
 from translators.codecs import encode_image, read_image
 from translators.corpus import NamedImage
+from translators.errors import first_problem
 from translators.images import quantize_8bit
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,7 @@ def imitate(
     try:
         cfg = TrainConfig(arch=arch, profile=profile, steps=steps, seed=seed, device=device, **train_options)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"bad training option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ConfigError(f"bad training option {first_problem(exc)}") from None
     info = fetch_model_info(url, model)  # GET /v1/models: no query spent
     if min(h, w) < info.min_side:
         raise ConfigError(f"{label} is {w}x{h}; model {model!r} takes at least {info.min_side} px a side")

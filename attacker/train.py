@@ -78,6 +78,7 @@ from attacker.surrogates import Surrogate, SurrogateProfile, auto_candidates, ge
 from attacker.trainstate import fingerprint, load_state, save_state
 from translators.checkpoint import ModelCard, save_checkpoint
 from translators.device import pick_device
+from translators.errors import first_problem
 from translators.files import atomic_write_json
 from translators.images import to_uint8_tensor
 
@@ -719,6 +720,26 @@ def _choose_auto(candidates: list[str], cfg: TrainConfig, split: Split, scale: i
     return best, record, (default if default is not best else None)
 
 
+def _start(candidates: list[str], cfg: TrainConfig, split: Split, scale: int, task: str, device: torch.device,
+           min_side: int, state_dir: Path, auto_path: Path, progress: ProgressHook,
+           ) -> tuple[_Loop, dict[str, Any] | None, _Loop | None, bool]:
+    """The loop to train: ``(loop, auto record or None, auto's default-kind trial or None, resuming)``.
+
+    One candidate: its loop. Several (``--arch auto``): the kind ``auto.json`` chose when resuming, else
+    every candidate tried briefly (:func:`_choose_auto`) and the choice written to ``auto_path``."""
+    if cfg.restart:
+        auto_path.unlink(missing_ok=True)
+    resuming = (state_dir / "state.json").exists() and not cfg.restart
+    prior = read_json(auto_path) if cfg.arch == "auto" else None
+    if len(candidates) == 1:
+        return _new_loop(candidates[0], cfg, scale, task, device, min_side), None, None, resuming
+    if resuming and prior and prior.get("chosen") in candidates:
+        return _new_loop(str(prior["chosen"]), cfg, scale, task, device, min_side), prior, None, True
+    loop, auto, default = _choose_auto(candidates, cfg, split, scale, task, device, min_side, progress)
+    atomic_write_json(auto_path, auto)
+    return loop, auto, default, False
+
+
 def train_surrogate(
     pairs: str | Path,
     out: str | Path | None = None,
@@ -748,8 +769,7 @@ def train_surrogate(
     try:
         cfg = config or TrainConfig(**options)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"bad training option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise ConfigError(f"bad training option {first_problem(exc)}") from None
     progress = progress or NO_PROGRESS
     counter = build_counter(cfg.counter)  # a bad spec fails before any pair is read
     pairs_dir, run_dir = resolve_pairs_dir(pairs)
@@ -787,21 +807,8 @@ def train_surrogate(
     with folder_lock(out_dir, "surrogate folder"):
         t0 = time.monotonic()
         base_scores = _baseline_scores(split, ps.scale)
-        if cfg.restart:
-            auto_path.unlink(missing_ok=True)
-        auto: dict[str, Any] | None = None
-        default: _Loop | None = None
-        resuming = (state_dir / "state.json").exists() and not cfg.restart
-        prior = read_json(auto_path) if cfg.arch == "auto" else None
-        if len(candidates) == 1:
-            loop = _new_loop(candidates[0], cfg, ps.scale, task, device, min_side)
-        elif resuming and prior and prior.get("chosen") in candidates:
-            auto = prior
-            loop = _new_loop(str(prior["chosen"]), cfg, ps.scale, task, device, min_side)
-        else:
-            resuming = False
-            loop, auto, default = _choose_auto(candidates, cfg, split, ps.scale, task, device, min_side, progress)
-            atomic_write_json(auto_path, auto)
+        loop, auto, default, resuming = _start(candidates, cfg, split, ps.scale, task, device, min_side,
+                                               state_dir, auto_path, progress)
         sur, profile, kind_name = loop.sur, loop.sur.profile, loop.kind
         steps = profile.steps
         val_every = cfg.val_every or max(1, min(50, steps // 10))

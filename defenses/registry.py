@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from defenses.base import OutputDefense
-from translators.errors import HeistError
+from translators.errors import HeistError, first_problem
 from translators.registry import Registry, UnknownNameError
 
 DEFENSE_REGISTRY: Registry[OutputDefense] = Registry("defense")
@@ -38,12 +38,8 @@ def build_defense(spec: Mapping[str, Any]) -> OutputDefense:
     try:
         return cls(**params)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first.get("loc", ()))
         valid = ", ".join(cls.Params.model_fields) or "none"
-        raise DefenseConfigError(
-            f"defense {name!r}: {loc + ': ' if loc else ''}{first['msg']} (valid parameters: {valid})"
-        ) from None
+        raise DefenseConfigError(f"defense {name!r}: {first_problem(exc)} (valid parameters: {valid})") from None
 
 
 def build_defenses(specs: Iterable[Mapping[str, Any]]) -> list[OutputDefense]:

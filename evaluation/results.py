@@ -33,6 +33,7 @@ from evaluation.features import FeatureNetworkInfo
 from evaluation.fid import FIDResult, KIDResult, NKIDResult
 from evaluation.metrics import MetricSettings
 from evaluation.stats import ScoreSummary, TOSTResult, WelchResult
+from translators.errors import first_problem
 from translators.files import atomic_write_text
 
 SCHEMA_VERSION = 2  # 2: cells carry a ``kind`` (extraction, membership, monitor, watermark); v1 upgraded on read
@@ -713,6 +714,4 @@ def read_results(path: str | os.PathLike[str]) -> Results:
     try:
         return Results.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first.get("loc", ()))
-        raise ResultsError(f"{p}: invalid results ({loc}: {first['msg']})") from None
+        raise ResultsError(f"{p}: invalid results ({first_problem(exc)})") from None

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from translators.errors import HeistError
+from translators.errors import HeistError, first_problem
 from translators.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -334,10 +334,7 @@ def check_strategy_params(strategies: list[str], params: dict[str, Any]) -> dict
         try:
             STRATEGY_REGISTRY.get(name).Params.model_validate(params)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(x) for x in first.get("loc", ()))
-            msg = first["msg"].removeprefix("Value error, ")
-            raise ValueError(f"strategy {name!r}: {where + ': ' if where else ''}{msg}") from None
+            raise ValueError(f"strategy {name!r}: {first_problem(exc)}") from None
     return params
 
 

@@ -291,6 +291,32 @@ def test_a_victim_url_without_api_keys_is_one_line_and_exit_2(tmp_path: Path) ->
     assert not (tmp_path / "o").exists()
 
 
+def test_a_folder_of_another_campaign_or_a_file_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(SMALL)
+    theirs, old, afile = tmp_path / "theirs", tmp_path / "old", tmp_path / "afile"
+    cell = theirs / "cells" / "x" / "cell.json"
+    cell.parent.mkdir(parents=True)
+    cell.write_text("{}")
+    (theirs / "invocations.json").write_text(json.dumps({"created_at": "2026-01-01T10:00:00+00:00",
+                                                         "campaign": "other", "invocations": []}))
+    old.mkdir()  # written by a Heist whose ledger had no name: results.json names the campaign
+    (old / "results.json").write_text(json.dumps({"kind": "campaign", "name": "older"}))
+    afile.write_text("not a folder")
+    for out, needle in ((theirs, "holds campaign 'other', not 'resume'"), (old, "holds campaign 'older'"),
+                        (afile, "is a file, not a folder")):
+        res = _cli("campaign", "run", str(config), "--out", str(out), timeout=120)
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, res.stderr
+        assert needle in errors[0]
+    assert cell.read_text() == "{}"
+    assert json.loads((theirs / "invocations.json").read_text())["invocations"] == []
+    assert afile.read_text() == "not a folder"
+    assert sorted(p.name for p in old.iterdir()) == ["results.json"]
+
+
 # --- times ---------------------------------------------------------------------------------------------
 
 
@@ -299,10 +325,10 @@ def test_campaign_times_add_every_invocation_and_every_cell(tmp_path: Path) -> N
 
     (tmp_path / "results.json").write_text(json.dumps({  # written by a Heist without the ledger
         "created_at": "2026-01-01T10:00:00+00:00", "wall_times": {"zoo": 12.0, "harvest": 5.0, "total": 30.0}}))
-    ledger = Ledger.open(tmp_path, "first")
+    ledger = Ledger.open(tmp_path, "first", "c")
     assert ledger.created_at == "2026-01-01T10:00:00+00:00"
     ledger.record({"zoo": 0.5, "total": 4.0})
-    ledger = Ledger.open(tmp_path, "again")
+    ledger = Ledger.open(tmp_path, "again", "c")
     ledger.record({"service": 2.0, "total": 6.0})
     cells = [CampaignCell(id=f"c{i}", victim="v", defense="none", budget=2, strategy="crops", seed=0, status="done",
                           wall_times={"harvest": 1.0 + i, "training": 2.0, "total": 9.0}) for i in range(2)]

@@ -34,8 +34,8 @@ from PIL import Image
 
 from translators.codecs import probe_file, read_image
 from translators.errors import CorpusError, ImageError
+from translators.files import unusable_folder_reason
 from translators.images import from_uint8, to_uint8_tensor
-from translators.paths import file_in_the_way
 
 Split = Literal["victim", "attacker", "benchmark"]
 SPLITS: tuple[Split, ...] = ("victim", "attacker", "benchmark")
@@ -262,6 +262,17 @@ def load_images(spec: str, seed: int = DEFAULT_SEED, max_side: int | None = None
     return images
 
 
+def check_spec(spec: str) -> None:
+    """Raise the :class:`CorpusError` that :func:`load_images` would for a spec naming nothing (an unknown
+    split, a dataset not fetched, a missing or image-less folder) without decoding any image, so a command
+    that loads its images late refuses a typo before its work starts."""
+    folder = _spec_folder(spec)
+    if folder is None:
+        _corpus_split(spec)
+    elif not image_files(folder):
+        raise _nothing_readable(folder, [])
+
+
 def image_sizes(spec: str, seed: int = DEFAULT_SEED) -> list[tuple[str, int, int]]:
     """``(name, width, height)`` for every image ``spec`` names, read from headers only (cheap for big folders).
 
@@ -348,10 +359,8 @@ def export_split(spec: str, out_dir: str | Path, seed: int = DEFAULT_SEED) -> li
 
     images = load_images(spec, seed)  # fail on a bad spec before creating any folder
     out = Path(out_dir)
-    blocked = file_in_the_way(out)
-    if blocked is not None:
-        raise CorpusError(f"{out}: {blocked} is a file; name a folder to export into")
-    out.mkdir(parents=True, exist_ok=True)
+    if (why := unusable_folder_reason(out)) is not None:
+        raise CorpusError(f"{out}: {why}; name a folder to export into")
     written = []
     for im in images:
         path = out / f"{Path(im.name).stem}.png"

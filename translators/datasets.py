@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from translators.download import DownloadError, ProgressFn, download, extract_archive, part_path
 from translators.errors import HeistError
-from translators.files import atomic_write_json
+from translators.files import atomic_write_json, unusable_folder_reason
 from translators.paths import datasets_dir
 
 log = logging.getLogger(__name__)
@@ -329,6 +329,8 @@ def fetch(
     if sha256 is not None and not _is_hex(sha256, 64):
         raise DatasetError(f"--sha256 must be 64 hexadecimal characters, got {sha256!r}")
     root = Path(dest).expanduser() if dest is not None else datasets_dir()
+    if (why := unusable_folder_reason(root)) is not None:
+        raise DatasetError(f"--dest {root}: {why}")
     folder = spec.folder(root)
     if spec.is_fetched(root) and not force:
         marker = _read_marker(folder)

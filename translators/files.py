@@ -173,9 +173,26 @@ def unwritable_reason(path: str | os.PathLike[str]) -> str | None:
         return "is a folder"
     if (blocked := file_in_the_way(p.parent)) is not None:
         return f"{blocked} is a file, not a folder"
-    probe = p.parent / f".{p.name}.{os.getpid()}.probe"
+    return _cannot_write_in(p.parent, f".{p.name}")
+
+
+def unusable_folder_reason(folder: str | os.PathLike[str]) -> str | None:
+    """Why ``folder`` cannot be used as an output folder (a file in its place or above it, or a folder this
+    process cannot create or write in, tried with an empty probe file); None when it can. Creates it.
+    Every ``--out FOLDER`` / ``--dest FOLDER`` that Heist writes into uses this before any work is done."""
+    from translators.paths import file_in_the_way
+
+    p = Path(folder)
+    if (blocked := file_in_the_way(p)) is not None:
+        return "is a file, not a folder" if blocked == p else f"{blocked} is a file, not a folder"
+    return _cannot_write_in(p, "")
+
+
+def _cannot_write_in(folder: Path, stem: str) -> str | None:
+    """Create ``folder`` and write and remove an empty probe file in it; the OS's reason when that fails."""
+    probe = folder / f"{stem}.{os.getpid()}.probe"
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         probe.touch()
         probe.unlink()
     except OSError as exc:

@@ -159,10 +159,11 @@ def reusable_artefact(path: Path, settings: dict[str, Any], legacy: Callable[[],
 @dataclass
 class PreviousRun:
     """What ``OUT/results.json`` (written at the end of the last run) tells about work saved without stamps:
-    the campaign ``config`` it recorded, the cells and honest-user cost records it listed, when that run
+    the campaign ``config`` and ``name`` it recorded, the cells and honest-user cost records it listed, when that run
     started (``started``, epoch seconds) and when it wrote the file (``written``), and its times."""
 
     config: CampaignConfig | None = None
+    name: str | None = None
     cell_ids: set[str] = field(default_factory=set)
     utility: set[tuple[str, str]] = field(default_factory=set)
     created_at: str | None = None
@@ -252,7 +253,8 @@ def _read_previous(path: str, mtime_ns: int) -> PreviousRun:
     times = raw.get("wall_times") if isinstance(raw.get("wall_times"), dict) else {}
     created = raw.get("created_at") if isinstance(raw.get("created_at"), str) else None
     wall = {str(k): float(v) for k, v in times.items() if isinstance(v, int | float)}
-    return PreviousRun(config=config, cell_ids={str(c.get("id")) for c in cells},
+    name = raw.get("name") if isinstance(raw.get("name"), str) else None
+    return PreviousRun(config=config, name=name, cell_ids={str(c.get("id")) for c in cells},
                        utility={(str(u.get("victim")), str(u.get("defense"))) for u in utility},
                        created_at=created, started=_run_start(created, raw.get("finished_at"), wall),
                        written=mtime_ns / 1e9, wall_times=wall)

@@ -3,7 +3,7 @@
 ``OUT/invocations.json`` (rewritten after every run-level phase and cell, so a killed run keeps what it
 measured)::
 
-    {"created_at": "2026-01-02T10:00:00+00:00",
+    {"created_at": "2026-01-02T10:00:00+00:00", "campaign": "demo",
      "invocations": [{"started_at": ..., "finished_at": ..., "command": ..., "wall_times": {"zoo": 12.6, ...}}]}
 
 ``wall_times`` of an invocation are its run-level phases (``zoo``, ``service``, ``utility``, ``reference``, the
@@ -11,6 +11,8 @@ entries' wrap-up ``evaluation``, ``report``) and its ``total``. Cells keep their
 records (``cells/ID/cell.json``), so :func:`campaign_times` gives ``results.json: wall_times`` as the sum over
 every invocation plus the sum over every cell, whichever run (or executor) ran it. A campaign folder written
 before this file existed seeds it from its ``results.json`` (its ``created_at`` and run-level times).
+``campaign`` names the campaign the folder belongs to (:func:`folder_campaign`), so that another campaign's
+run does not take the folder over and clear its cells.
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ class Ledger:
     path: Path
     created_at: str
     invocations: list[dict[str, Any]] = field(default_factory=list)
+    campaign: str | None = None
 
     @classmethod
-    def open(cls, out: Path, command: str) -> Ledger:
-        """Load ``out/invocations.json`` (or seed it from an older ``results.json``) and start an invocation."""
+    def open(cls, out: Path, command: str, campaign: str) -> Ledger:
+        """Load ``out/invocations.json`` (or seed it from an older ``results.json``) and start an invocation
+        of ``campaign`` (the caller checked with :func:`folder_campaign` that the folder is this campaign's)."""
         path = out / LEDGER
         ledger = _load(path) or _seed(out, path)
+        ledger.campaign = campaign
         ledger.invocations.append({"started_at": now_iso(), "finished_at": None, "command": command,
                                    "wall_times": {}})
         ledger.save()
@@ -76,8 +81,8 @@ class Ledger:
 
     def save(self) -> None:
         try:
-            atomic_write_json(self.path, {"created_at": self.created_at, "invocations": self.invocations},
-                              durable=False)
+            atomic_write_json(self.path, {"created_at": self.created_at, "campaign": self.campaign,
+                                          "invocations": self.invocations}, durable=False)
         except OSError as exc:  # the times are a record, not a reason to stop the campaign
             log.warning("cannot write %s: %s", self.path, exc.strerror or exc)
 
@@ -92,11 +97,25 @@ def campaign_times(ledger: Ledger, cells: Iterable[Any]) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def folder_campaign(out: Path) -> str | None:
+    """The name of the campaign that ran in folder ``out``: its ledger's, else (a folder an older Heist wrote)
+    its ``results.json``'s; None for a new folder or one whose records say nothing."""
+    from evaluation.campaign.fingerprint import previous_run
+
+    try:
+        raw = json.loads((out / LEDGER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or unreadable (Ledger.open says so and starts it again)
+        raw = None
+    if isinstance(raw, dict) and isinstance(raw.get("campaign"), str):
+        return str(raw["campaign"])
+    return previous_run(out).name
+
+
 def _load(path: Path) -> Ledger | None:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         invocations = [i for i in raw["invocations"] if isinstance(i, dict)]
-        return Ledger(path, str(raw["created_at"]), invocations)
+        return Ledger(path, str(raw["created_at"]), invocations, raw.get("campaign"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter
 
-from evaluation.campaign.config import CampaignConfig, load_campaign
+from evaluation.campaign.config import CampaignConfig, CampaignConfigError, load_campaign
 from evaluation.campaign.executors import CellExecutor, SequentialExecutor
 from evaluation.campaign.fingerprint import judge, previous_run, write_stamp
 from evaluation.campaign.kinds import CELL_KINDS
@@ -49,7 +49,7 @@ from evaluation.campaign.kinds.base import (
     run_cell,
 )
 from evaluation.campaign.kinds.extraction import cell_id
-from evaluation.campaign.ledger import Ledger, campaign_times
+from evaluation.campaign.ledger import Ledger, campaign_times, folder_campaign
 from evaluation.campaign.victim import VictimKeys, victim_settings
 from evaluation.defense_scoring import derive
 from evaluation.metrics import MetricSettings
@@ -57,6 +57,7 @@ from evaluation.report import render_report
 from evaluation.results import AnyCell, Environment, Results, write_results
 from translators.device import pick_device
 from translators.errors import HeistError
+from translators.files import unusable_folder_reason
 
 __all__ = ["CampaignError", "CampaignHooks", "cell_id", "run_campaign"]
 
@@ -202,10 +203,10 @@ def run_campaign(
     cfg, text = load_campaign(config_path, profile, victim_url=victim_url)
     hooks = hooks or CampaignHooks()
     out = Path(out_dir) if out_dir else cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out, cfg.campaign.name)
     t_start = time.perf_counter()
     command = " ".join(shlex.quote(a) for a in sys.argv)
-    ledger = Ledger.open(out, command)
+    ledger = Ledger.open(out, command, cfg.campaign.name)
     timer = _Timer()
     timer.on_change = lambda: ledger.record({**timer.totals, "total": time.perf_counter() - t_start})
     seed = cfg.campaign.seed
@@ -261,6 +262,18 @@ def run_campaign(
     results.wall_times = campaign_times(ledger, results.cells)
     write_results(results, path)
     return path
+
+
+def _claim_folder(out: Path, name: str) -> None:
+    """Create ``out`` for campaign ``name``. Raises :class:`CampaignConfigError` when it cannot be a folder
+    or when another campaign ran there (resuming would clear that campaign's cells as changed settings)."""
+    if (why := unusable_folder_reason(out)) is not None:
+        raise CampaignConfigError(f"--out {out}: {why}")
+    owner = folder_campaign(out)
+    if owner is not None and owner != name:
+        raise CampaignConfigError(
+            f"--out {out} holds campaign {owner!r}, not {name!r}: running {name!r} there would replace its "
+            "cells; name another --out folder (or delete that one)")
 
 
 def _check_saved_cells(cfg: CampaignConfig, out: Path, plans: list[tuple[Any, Any, list[CellPlan]]]) -> None:

@@ -181,6 +181,10 @@ def test_admin_routes_need_the_admin_key_and_new_keys_work_at_once(srv: VictimSe
                           headers=srv.admin_headers)
     assert bad_tier.status_code == 400
     assert bad_tier.json()["error"] == "unknown_tier"
+    bad_name = httpx.post(f"{srv.url}/v1/admin/keys", json={"name": "dan smith", "tier": "unlimited"},
+                          headers=srv.admin_headers)
+    assert bad_name.status_code == 422
+    assert "client name 'dan smith' must be 1-64 characters" in bad_name.json()["detail"]  # not a raw regex
     log = httpx.get(f"{srv.url}/v1/admin/clients/carol/log", headers=srv.admin_headers).json()
     assert [e["client"] for e in log] == ["carol"]
     assert log[0]["status"] == 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -161,6 +162,12 @@ def test_cli_mistakes_are_one_line_errors(
     one_line_error(heist("serve", "--config", str(cfg)), "model 'm': model source", "no such file")
     cfg.write_text('[[models]]\nname = "m"\nsource = "zoo:sr4x"\n')
     one_line_error(heist("serve", "--config", str(cfg), "--workers", "2"), "several workers need redis_url")
+    with socket.socket() as taken:  # found before the zoo build and the model loads (it was found after them)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        one_line_error(heist("serve", "--config", str(cfg), "--port", str(port)),
+                       f"cannot listen on 127.0.0.1:{port} (Address already in use); stop the server using it")
     cfg.write_text('[[models]]\nname = "m"\nsource = "x.pt"\ndefenses = [{name = "jpeg", quality = 500}]\n')
     one_line_error(heist("serve", "--config", str(cfg)), "defense 'jpeg': quality")
     one_line_error(heist("serve", "--config", str(tmp_path / "nope.toml")), "cannot read settings file")

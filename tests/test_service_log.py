@@ -166,7 +166,7 @@ def test_log_cli_tail_and_export_jsonl_and_parquet(
     assert [r["request_id"] for r in rows] == [e.request_id for e in entries]
 
     pq_out = tmp_path / "log.parquet"
-    res = runner.invoke(app, ["log", "export", "--format", "parquet", "--out", str(pq_out), "--client", "alice", *cfg])
+    res = runner.invoke(app, ["log", "export", "--out", str(pq_out), "--client", "alice", *cfg])  # format by suffix
     assert res.exit_code == 0, res.output
     table = pq.read_table(pq_out)
     assert table.num_rows == sum(1 for e in entries if e.client == "alice") == 3
@@ -178,6 +178,12 @@ def test_log_cli_tail_and_export_jsonl_and_parquet(
                                  "--since", "2030-01-01", *cfg])
     assert recent.exit_code == 0
     assert (tmp_path / "n.jsonl").read_text() == ""
+
+    mixed = runner.invoke(app, ["log", "export", "--format", "jsonl", "--out", str(tmp_path / "m.parquet"), *cfg])
+    assert mixed.exit_code != 0
+    assert not (tmp_path / "m.parquet").exists()
+    assert "names a parquet file but --format is jsonl" in str(mixed.exception)
+    assert runner.invoke(app, ["log", "tail", "-n", "0", *cfg]).exit_code == 2
 
     folder = tmp_path / "exports"
     folder.mkdir()
@@ -194,6 +200,11 @@ def test_admin_log_route_reads_the_stream(srv: VictimServer, traffic: dict[str, 
     bad = httpx.get(f"{srv.url}/v1/admin/log", params={"limit": 0}, headers=srv.admin_headers)
     assert bad.status_code == 422
     assert bad.json()["error"] == "invalid_request"
+    for url, params in ((f"{srv.url}/v1/admin/clients/no%20one/log", {}), (f"{srv.url}/v1/admin/log",
+                                                                            {"client": "no one"})):
+        named = httpx.get(url, params=params, headers=srv.admin_headers)  # was 200 [] for a name no key can have
+        assert named.status_code == 400, named.text
+        assert named.json()["error"] == "bad_client"
 
 
 def test_log_cli_says_in_one_line_that_redis_is_unreachable(srv: VictimServer, tmp_path: Path) -> None:

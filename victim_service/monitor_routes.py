@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from victim_service.errors import ApiError, redis_unavailable
 from victim_service.routes import (
     _ADMIN_RESPONSES,
+    _CLIENT_RESPONSES,
     _ERR,
     _require_admin,
     api_key_scheme,
@@ -83,7 +84,7 @@ async def admin_clients(request: Request) -> MonitorStatus:
 
 
 @router.get("/v1/admin/clients/{client}/risk", summary="One client's risk and signals", response_model=ClientRisk,
-            responses={**_ADMIN_RESPONSES, 400: {**_ERR, "description": "bad_client (not a client name)"},
+            responses={**_CLIENT_RESPONSES,
                        404: {**_ERR, "description": "unknown_client or monitor_disabled"}},
             dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
 async def admin_client_risk(request: Request, client: str) -> ClientRisk:

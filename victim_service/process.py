@@ -44,6 +44,21 @@ from translators.errors import HeistError
 from victim_service.settings import CONFIG_ENV, resolve_settings
 
 READY_DIR_ENV = "HEIST_VICTIM_READY_DIR"
+#: Seconds a worker may take to answer the supervisor's ping before uvicorn kills and restarts it (uvicorn's
+#: default is 5). A worker busy with CPU inference on a loaded machine answered late and was restarted,
+#: dropping its in-flight requests and its key cache; a hung worker is still replaced, later.
+WORKER_HEALTHCHECK_S = 60
+
+
+def worker_health() -> dict[str, int]:
+    """``timeout_worker_healthcheck`` (as a ``uvicorn.Config`` keyword) for uvicorn versions that have it
+    (0.30 and later), else nothing. ``heist serve`` and :func:`start_service` both use it."""
+    import inspect
+
+    import uvicorn
+
+    has = "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters
+    return {"timeout_worker_healthcheck": WORKER_HEALTHCHECK_S} if has else {}
 
 
 class ServiceStartError(HeistError):
@@ -209,6 +224,7 @@ def start_service(
         sys.executable, "-m", "uvicorn", "--factory", "victim_service.app:create_app_from_env",
         "--host", host, "--port", str(port), "--workers", str(workers), "--log-level", log_level,
         "--timeout-graceful-shutdown", "5", "--no-access-log",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in worker_health().items()),
     ]
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=merged, start_new_session=True)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from victim_service.errors import (
     ApiError,
@@ -24,7 +24,7 @@ from victim_service.levels import LevelError
 from victim_service.models import ServedModel
 from victim_service.querylog import LogReader, QueryLogEntry
 from victim_service.services import Services
-from victim_service.settings import NAME_CHARS, Settings, StoreInfo, is_name
+from victim_service.settings import NAME_CHARS, Settings, StoreInfo, check_name, is_name
 from victim_service.translate import TranslateService, presented_key
 
 __all__ = ["error_parts", "error_response", "presented_key", "router"]
@@ -240,8 +240,13 @@ def _require_admin(request: Request) -> Services:
 
 
 class KeyCreate(BaseModel):
-    name: str = Field(pattern=f"^{NAME_CHARS}$")  # pydantic's (Rust) regex: $ is the end of the text
+    name: str = Field(json_schema_extra={"pattern": f"^{NAME_CHARS}$"})  # for the schema; checked below
     tier: str
+
+    @field_validator("name")
+    @classmethod
+    def _client_name(cls, v: str) -> str:  # 422 with a sentence, not pydantic's "should match pattern ..."
+        return check_name(v, "client name")
 
 
 class KeyCreated(BaseModel):
@@ -258,8 +263,12 @@ _ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+_CLIENT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_ADMIN_RESPONSES, 400: {**_ERR, "description": "bad_client (not a client name)"}}
+
+
 @router.get("/v1/admin/log", tags=["admin"], summary="Recent query-log entries",
-            response_model=list[QueryLogEntry], responses=_ADMIN_RESPONSES,
+            response_model=list[QueryLogEntry], responses=_CLIENT_RESPONSES,
             dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
 async def admin_log(
     request: Request,
@@ -271,6 +280,8 @@ async def admin_log(
     Waits (up to 10 s) until every entry submitted so far is written, so a request answered before this
     call is in the answer; a loaded server's writer can lag a request by more than a second."""
     svc = _require_admin(request)
+    if client is not None:  # a name no key can have has no entries: say so instead of answering []
+        check_client_name(client)
     await svc.log.flush(timeout=10.0)
     reader = LogReader(svc.settings)
     with redis_unavailable("the query log"):
@@ -278,7 +289,7 @@ async def admin_log(
 
 
 @router.get("/v1/admin/clients/{client}/log", tags=["admin"], summary="A client's recent queries",
-            response_model=list[QueryLogEntry], responses=_ADMIN_RESPONSES,
+            response_model=list[QueryLogEntry], responses=_CLIENT_RESPONSES,
             dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
 async def admin_client_log(request: Request, client: str, limit: int = Query(50, ge=1, le=10_000)) -> Any:
     return await admin_log(request, limit=limit, client=client)
@@ -331,8 +342,7 @@ def check_client_name(name: str) -> None:
 
 
 @router.get("/v1/admin/clients/{name}/level", tags=["admin"], summary="A client's escalation level",
-            response_model=LevelInfo,
-            responses={**_ADMIN_RESPONSES, 400: {**_ERR, "description": "bad_client (not a client name)"}},
+            response_model=LevelInfo, responses=_CLIENT_RESPONSES,
             dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
 async def admin_get_level(request: Request, name: str) -> LevelInfo:
     """The level that chooses this client's defenses (0 when never set)."""

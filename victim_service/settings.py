@@ -61,7 +61,7 @@ def is_name(v: str) -> bool:
     return re.fullmatch(NAME_CHARS, v) is not None
 
 
-def _check_name(v: str, what: str) -> str:
+def check_name(v: str, what: str) -> str:
     if not is_name(v):
         raise ValueError(f"{what} {v!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
     return v
@@ -141,7 +141,7 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _check_name(v, "model name")
+        return check_name(v, "model name")
 
     @field_validator("max_batch")
     @classmethod
@@ -220,7 +220,7 @@ class StaticKey(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _check_name(v, "client name")
+        return check_name(v, "client name")
 
 
 class QueryLogSettings(_Strict):
@@ -300,7 +300,7 @@ class Settings(BaseSettings):
         if not v:
             raise ValueError("at least one tier is needed")
         for name in v:
-            _check_name(name, "tier name")
+            check_name(name, "tier name")
         return v
 
     @field_validator("key_prefix")

@@ -37,12 +37,12 @@ def add(
 ) -> None:
     """Create a key for NAME and print it once (only its SHA-256 is stored)."""
     from victim_service.keys import open_key_store
-    from victim_service.settings import _check_name
+    from victim_service.settings import check_name
 
     resolved = victim_settings(config, redis_url=redis_url)
     s = resolved.settings
     try:
-        _check_name(name, "client name")
+        check_name(name, "client name")
     except ValueError as exc:
         raise HeistError(str(exc)) from None
     if tier not in s.tiers:

@@ -80,7 +80,7 @@ def _table(entries: list) -> Table:  # type: ignore[type-arg]
 
 @app.command("tail")
 def tail(
-    n: int = typer.Option(20, "-n", help="How many recent entries."),
+    n: int = typer.Option(20, "-n", min=1, help="How many recent entries."),
     client: str | None = typer.Option(None, help="Only this client's entries."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new entries (Ctrl-C stops)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line instead of a table."),
@@ -121,17 +121,31 @@ def _tail(reader, n: int, client: str | None, follow: bool, as_json: bool) -> No
 @app.command("export")
 def export(
     out: Path = typer.Option(..., "--out", "-o", help="Output file."),
-    fmt: ExportFormat = typer.Option(ExportFormat.jsonl, "--format", help="jsonl or parquet."),
+    fmt: ExportFormat | None = typer.Option(
+        None, "--format", help="jsonl or parquet (default: parquet for a .parquet --out, else jsonl)."),
     client: str | None = typer.Option(None, help="Only this client's entries."),
     since: str | None = typer.Option(None, help="ISO date/time (UTC) or a duration such as 2h or 7d."),
     config: Path | None = ConfigOpt,
     redis_url: str | None = redis_url_option(),
 ) -> None:
     """Export the query log (oldest first) as JSONL or Parquet; written atomically."""
-    check_out_file(out, "querylog.jsonl")
+    fmt = _export_format(out, fmt)
+    check_out_file(out, f"querylog.{fmt.value}")
     reader = _reader(config, redis_url)
     with _log_store():
         _export(reader, out, fmt, client, since)
+
+
+def _export_format(out: Path, fmt: ExportFormat | None) -> ExportFormat:
+    """``--format``, or the one ``--out``'s suffix names; a suffix of the other format is refused (a
+    ``q.parquet`` holding JSON lines would fail in whatever reads it next)."""
+    by_suffix = {".parquet": ExportFormat.parquet, ".jsonl": ExportFormat.jsonl}.get(out.suffix.lower())
+    if fmt is None:
+        return by_suffix or ExportFormat.jsonl
+    if by_suffix is not None and by_suffix != fmt:
+        raise HeistError(f"--out {out} names a {by_suffix.value} file but --format is {fmt.value}; "
+                         "make them agree (or drop --format)")
+    return fmt
 
 
 def _export(reader, out: Path, fmt: ExportFormat, client: str | None, since: str | None) -> None:  # type: ignore[no-untyped-def]

@@ -13,24 +13,29 @@ import typer
 from heist.cli.common import config_option, console, err_console, victim_settings
 from translators.errors import HeistError
 
-#: Seconds a worker may take to answer the supervisor's ping before uvicorn kills and restarts it (uvicorn's
-#: default is 5). A worker busy with CPU inference on a loaded machine answered late and was restarted,
-#: dropping its in-flight requests; a hung worker is still replaced, later.
-WORKER_HEALTHCHECK_S = 60
-
-
-def _worker_health() -> dict[str, int]:
-    """``timeout_worker_healthcheck`` for uvicorn versions that have it (0.30 and later), else nothing."""
-    import inspect
-
-    import uvicorn
-
-    has = "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters
-    return {"timeout_worker_healthcheck": WORKER_HEALTHCHECK_S} if has else {}
-
 
 def _stop_like_ctrl_c(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Refuse, in one line, an address that cannot be bound (port in use, unknown host), by binding it once
+    as uvicorn will (``SO_REUSEADDR``); uvicorn would only find out after every worker loaded its models."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise HeistError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            hint = "; stop the server using it or pass --port" if exc.errno == errno.EADDRINUSE else ""
+            raise HeistError(f"cannot listen on {host}:{port} ({exc.strerror or exc}){hint}") from None
 
 
 def serve(
@@ -54,6 +59,7 @@ def serve(
 
     from defenses import parse_defense_spec
     from victim_service.models import check_sources, model_specs, prebuild_zoo
+    from victim_service.process import worker_health
     from victim_service.settings import CONFIG_ENV, Settings
 
     resolved = victim_settings(config, host=host, port=port, workers=workers, redis_url=redis_url,
@@ -77,6 +83,7 @@ def serve(
             "several workers need redis_url: the in-process rate limiter is exact only inside one process "
             "(use --workers 1, or --redis-url redis://127.0.0.1:6379/0)"
         )
+    _check_bind(settings.host, settings.port)  # before the zoo builds and model loads, which take minutes
     prebuild_zoo(settings)
     tmp = Path(tempfile.mkdtemp(prefix="heist-serve-"))
     try:
@@ -97,7 +104,7 @@ def serve(
         try:
             uvicorn.run(
                 "victim_service.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=log_level, timeout_graceful_shutdown=5, **_worker_health(),
+                workers=settings.workers, log_level=log_level, timeout_graceful_shutdown=5, **worker_health(),
             )
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -53,6 +53,7 @@ NO_DEFENSE = "none"
 PLAIN = "plain"
 MIN_HONEST_PSNR = 40.0  # dB: the honest-user PSNR a perturbation defense must keep to be named best (issue 10)
 UTILITY_METRICS = ("psnr", "ssim")
+PARETO_TOL_DB = 0.05  # dB: honest-cost or attack-loss differences this small are ties on the Pareto front
 
 
 def utility_cost(
@@ -167,16 +168,18 @@ def fidelity_curves(results: Results, metric: str = "psnr") -> list[FidelityCurv
     ]
 
 
-def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+def pareto_front(points: Mapping[str, tuple[float, float]], tol: float = 0.0) -> list[str]:
     """Labels of points not dominated when minimising ``x`` (cost) and maximising ``y`` (gain).
 
-    A point dominates another if it is no worse on both axes and strictly better on one. Returned in
-    increasing ``x`` order.
+    A point dominates another if it is no worse on both axes and better by more than ``tol`` on one
+    (differences within ``tol``, in the axes' unit, are ties: a 0.001 dB edge is noise, not a better
+    defense). Returned in increasing ``x`` order.
     """
     front = []
     for label, (x, y) in points.items():
         dominated = any(
-            (x2 <= x and y2 >= y) and (x2 < x or y2 > y) for other, (x2, y2) in points.items() if other != label
+            (x2 <= x + tol and y2 >= y - tol) and (x2 < x - tol or y2 > y + tol)
+            for other, (x2, y2) in points.items() if other != label
         )
         if not dominated:
             front.append(label)
@@ -221,7 +224,7 @@ def _defense_rows(
     if not pts:
         return rows, None
     clean_pts = {k: (float(x), float(y)) for k, (x, y) in pts.items() if x is not None and y is not None}
-    front = pareto_front(clean_pts)
+    front = pareto_front(clean_pts, tol=PARETO_TOL_DB)
     for r in rows:
         r.pareto_optimal = r.defense in front
     return rows, ParetoFront(victim=victim, strategy=strategy, budget=ref_budget, points=clean_pts, front=front)
@@ -269,7 +272,7 @@ def attacker_pareto(rows: Sequence[AttackerRow], victim: str, budget: int
             continue
         out.setdefault(r.attacker, ({}, []))[0][r.defense] = (float(r.honest_psnr), float(loss))
     for pts, front in out.values():
-        front.extend(pareto_front({k: (-x, y) for k, (x, y) in pts.items()}))
+        front.extend(pareto_front({k: (-x, y) for k, (x, y) in pts.items()}, tol=PARETO_TOL_DB))
     return out
 
 

@@ -35,7 +35,7 @@ from evaluation.metrics import MetricSettings, build_metric
 from evaluation.results import ExtractionTable, ExtractionTestSet, GridRow, ImageGrid, ModelRef, ScoreTests
 from evaluation.stats import tost_equivalence, welch_ttest
 from translators.codecs import read_image, write_image
-from translators.corpus import NamedImage, image_files, load_images
+from translators.corpus import NamedImage, check_spec, image_files, load_images
 from translators.errors import CorpusError, ImageError
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def recipe_pairs(
     gets ``make_pair(clean, seed + i)`` (the noise seed of denoising recipes).
     """
     m = max(1, scale) * max(1, input_multiple)
+    check_spec(spec)  # a typo fails now, not after the other sets were scored
 
     def gen() -> Iterator[Pair]:
         kwargs = {"seed": images_seed} if images_seed is not None else {}

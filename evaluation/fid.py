@@ -145,6 +145,8 @@ def kid_from_features(
         raise EvaluationError(f"feature dimensions differ: {a.shape[1]} vs {b.shape[1]}")
     if subsets < 1:
         raise EvaluationError(f"KID needs at least one subset, got {subsets}")
+    if subset_size < 2:  # the unbiased MMD estimate divides by m - 1
+        raise EvaluationError(f"KID subsets need at least 2 images, got a subset size of {subset_size}")
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
         raise EvaluationError("KID needs at least 2 images per set")

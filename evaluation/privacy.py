@@ -58,6 +58,19 @@ def tpr_at_fpr(scores: Sequence[float], labels: Sequence[int], fpr_level: float)
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
+def fpr_resolution_note(n_non_members: int, fpr_levels: Sequence[float] = (0.01, 0.001)) -> str | None:
+    """A caveat when ``n_non_members`` cannot resolve an FPR level: the smallest FPR above 0 is ``1/n``, so
+    TPR at a level below it is the TPR at zero false positives (a small sample's luck, not a rate); None when
+    every level is resolved."""
+    coarse = [lvl for lvl in fpr_levels if lvl * n_non_members < 1]
+    if not coarse or n_non_members < 1:
+        return None
+    levels = ", ".join(f"{lvl:g}" for lvl in coarse)
+    return (f"with {n_non_members} non-members the smallest FPR above 0 is 1/{n_non_members} = "
+            f"{1 / n_non_members:.3g}: TPR at FPR {levels} is the TPR with no false positive at all "
+            f"(at least {int(np.ceil(1 / min(coarse)))} non-members resolve {min(coarse):g})")
+
+
 def membership_scores(
     names: Sequence[str], labels: Sequence[int], scores: dict[str, list[float]],
     fpr_levels: Sequence[float] = (0.01, 0.001),

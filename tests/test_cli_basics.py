@@ -95,8 +95,20 @@ def test_mistakes_found_by_users_are_one_line_errors(tmp_path: Path) -> None:
     """Each of these printed a traceback (or, for ``--target-psnr nan``, rewrote the results file first)."""
     blocker = tmp_path / "notes.txt"
     blocker.write_text("not a folder")
-    assert_user_error(heist("corpus", "export", str(blocker), "--split", "benchmark"), "notes.txt is a file")
+    assert_user_error(heist("corpus", "export", str(blocker), "--split", "benchmark"),
+                      "notes.txt is a file, not a folder")
+    assert_user_error(heist("corpus", "export", "/proc/heist-nope", "--split", "benchmark"), "cannot write there")
+    assert_user_error(heist("data", "fetch", "set5", "--dest", str(blocker / "sub")),
+                      "notes.txt is a file, not a folder")
+    assert_user_error(heist("data", "list", "--dest", str(blocker)), "notes.txt is a file, not a folder")
+    assert blocker.read_text() == "not a folder"
     assert_user_error(heist("zoo", "build", "denoise25", "--profile", "tiny", "--force", "--device", "tpu",
+                            env={"HEIST_DATA_DIR": str(tmp_path / "data")}), "device 'tpu': use auto, cpu, cuda")
+    cached = tmp_path / "data" / "zoo" / "tiny" / "denoise25.safetensors"  # a cached model: nothing to train
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    cached.with_suffix(".json").write_text("{}")
+    assert_user_error(heist("zoo", "build", "denoise25", "--profile", "tiny", "--device", "tpu",
                             env={"HEIST_DATA_DIR": str(tmp_path / "data")}), "device 'tpu': use auto, cpu, cuda")
     yaml_cfg = tmp_path / "victim.yaml"
     yaml_cfg.write_text("foo: [1,\n")
@@ -231,3 +243,24 @@ def test_first_problem_is_one_line_for_pydantic_and_plain_errors() -> None:
     assert "\n" not in line
     assert first_problem(ValueError("first\nsecond")) == "first"
     assert first_problem(ValueError()) == "ValueError"
+
+
+def test_ctrl_c_says_it_stopped_and_how_to_resume(tmp_path: Path) -> None:
+    """Typer turns Ctrl-C into a silent exit 130; the user is told what happened (it printed nothing)."""
+    import signal
+    import time
+
+    env = {**os.environ, "COLUMNS": "250", "HEIST_DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen([str(HEIST), "log", "tail", "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        assert "time (UTC)" in proc.stdout.readline() + proc.stdout.readline()  # the (empty) table: it is following
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "interrupted: what was saved is kept; run the same command again to resume" in err

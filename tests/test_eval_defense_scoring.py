@@ -40,6 +40,9 @@ def test_pareto_front() -> None:
     assert pareto_front(pts) == ["none", "jpeg", "fmd"]
     assert pareto_front({"a": (1.0, 1.0), "b": (1.0, 1.0)}) == ["a", "b"]  # ties dominate nobody
     assert pareto_front({}) == []
+    near = {"a": (1.0, 5.0), "b": (1.0, 5.001), "c": (1.2, 4.0)}
+    assert pareto_front(near) == ["b"]  # a loses by a thousandth of a dB without a tolerance
+    assert pareto_front(near, tol=0.05) == ["b", "a"]  # within the tolerance a and b tie; c is still dominated
 
 
 def _comp(values: list[float], metric: str = "psnr", output: str = "surrogate", ref: str = "clean victim"

@@ -271,6 +271,11 @@ def test_cli_extraction_writes_json_then_report(models, tmp_path: Path) -> None:
         (["--task", "sr4x", "--color-space", "lab"], "color_space"),
         (["--task", "sr4x", "--metrics", "psnr,lpips"], "unknown metric 'lpips'"),
         (["--task", "sr4x", "--images", "corpus:nope"], "unknown corpus split"),
+        (["--task", "sr4x", "--alpha", "0.7"], "--alpha 0.7: give a significance level in (0, 0.5)"),
+        (["--task", "sr4x", "--d-bound", "0"], "--d-bound 0: give an equivalence bound > 0"),
+        (["--task", "sr4x", "--kid-subset-size", "1"], "--kid-subset-size"),
+        (["--task", "sr4x", "--samples", "-2"], "--samples"),
+        (["--task", "sr4x", "--fid", "maybe"], "'maybe' is not one of auto, on, off"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(models, tmp_path: Path, extra: list[str], message: str) -> None:
@@ -282,7 +287,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(models, tmp_path: Path, ex
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in " ".join(r.stderr.split())  # rich wraps long lines on narrow consoles
     assert "Traceback" not in r.stderr
-    assert not (out / "results.json").exists()
+    assert not out.exists()  # checked before anything is written, --out included
 
 
 def test_cli_missing_checkpoint(tmp_path: Path) -> None:

@@ -97,6 +97,8 @@ def test_kid_matches_direct_loops() -> None:
     assert std > 0
     assert mean == pytest.approx(full, abs=3 * std / np.sqrt(50) + 1e-3)
     assert kid_from_features(x, x, subsets=1)[0] < ref
+    with pytest.raises(EvaluationError, match="KID subsets need at least 2 images, got a subset size of 1"):
+        kid_from_features(x, y, subsets=1, subset_size=1)  # said "2 images per set" of two sets of 9
 
 
 # --- a real InceptionV3 from a weights file -----------------------------------------------------------------
@@ -220,11 +222,12 @@ def test_untrusted_or_wrong_files_are_refused(tmp_path: Path, tv_weights: tuple[
 def test_cli_features_check(tmp_path: Path, fid_weights: Path) -> None:
     env = {**os.environ, "HEIST_DATA_DIR": str(tmp_path), "TORCH_HOME": str(tmp_path / "th")}
     env.pop("HEIST_INCEPTION_WEIGHTS", None)
-    ok = subprocess.run([HEIST, "eval", "features", "--weights", str(fid_weights)], capture_output=True, text=True,
-                        env=env, timeout=300)
+    ok = subprocess.run([HEIST, "eval", "features", "--feature-weights", str(fid_weights)], capture_output=True,
+                        text=True, env=env, timeout=300)  # the option the missing-weights advice names
     assert ok.returncode == 0, ok.stderr
     assert "inception-v3-fid pool3 (2048-d)" in ok.stdout
     bad = subprocess.run([HEIST, "eval", "features"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert FID_WEIGHTS_URL.split("/")[-1] in bad.stderr.replace("\n", "")
+    assert "--feature-weights PATH" in " ".join(bad.stderr.split())

@@ -330,3 +330,12 @@ def test_cli_report_bad_results_file(tmp_path: Path, content: str, message: str)
     assert message in " ".join(r.stderr.split())
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "report.md").exists()
+
+
+def test_cli_report_refuses_a_target_psnr_it_would_ignore(tmp_path: Path) -> None:
+    """--target-psnr on an extraction result was silently ignored (only campaigns have queries-to-target)."""
+    path = write_results(Results(kind="extraction", name="one surrogate"), tmp_path / "results.json")
+    r = _run(["eval", "report", str(path), "--target-psnr", "30"], tmp_path)
+    assert r.returncode == 2
+    assert "--target-psnr applies to campaign results" in " ".join(r.stderr.split())
+    assert not (tmp_path / "report.md").exists()

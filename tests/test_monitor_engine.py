@@ -282,6 +282,9 @@ def test_cli_offline_eval_writes_every_attacker_and_the_chance_link_cost(tmp_pat
         q = a["queries_to_detection"]
         seen = f"detected after {q} queries" if q is not None else f"not detected in {a['queries']} queries"
         assert seen in printed
+    ignored = CliRunner().invoke(cli, ["monitor", "eval", "--model", "sr4x", "--out", str(tmp_path / "m.json")])
+    assert ignored.exit_code != 0  # --model was ignored without --url
+    assert "--model applies to a live victim: add --url" in str(ignored.exception)
 
 
 @pytest.mark.parametrize("command", ["calibrate", "eval"])

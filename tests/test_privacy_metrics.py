@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from evaluation.errors import EvaluationError
-from evaluation.privacy import membership_scores, roc_auc, roc_curve, tpr_at_fpr
+from evaluation.privacy import fpr_resolution_note, membership_scores, roc_auc, roc_curve, tpr_at_fpr
 
 
 def _fixed(n: int = 400, ties: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -66,3 +66,16 @@ def test_membership_scores_record_everything() -> None:
     assert set(out.tpr_at_fpr) == {"0.01", "0.001"}
     assert out.n_members == 10
     assert len(out.per_candidate) == 20
+
+
+def test_fpr_levels_a_small_non_member_set_cannot_resolve_are_named() -> None:
+    assert fpr_resolution_note(1000) is None
+    note = fpr_resolution_note(200)
+    assert note is not None
+    assert "1/200 = 0.005: TPR at FPR 0.001 is the TPR with no false positive" in note
+    assert "at least 1000 non-members resolve 0.001" in note
+    assert "FPR 0.01, 0.001" in (fpr_resolution_note(8) or "")
+    # what the note warns of: one lucky threshold gives TPR@0.1%FPR from 8 non-members
+    scores = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.05, 0.01]
+    labels = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert tpr_at_fpr(scores, labels, 0.001) == 1.0

@@ -245,7 +245,7 @@ def imitate_cmd(
     model: str = typer.Option(..., "--model", help="Model name."),
     image: Path = typer.Option(..., "--image", exists=True, dir_okay=False, help="The one input image to send."),
     out: Path = typer.Option(..., "--out", help="Run folder."),
-    add_noise: float | None = typer.Option(None, min=0.0, help="Add Gaussian noise (sigma, 0..255) first."),
+    add_noise: float | None = typer.Option(None, min=0.0, max=255.0, help="Add Gaussian noise (sigma, 0..255) first."),
     profile: str = typer.Option("small", help="U-Net size: tiny, small, default or full."),
     steps: int | None = typer.Option(None, min=1, help="Most training steps (default: the profile's cap)."),
     time_budget: float = typer.Option(300.0, min=1.0, help="Seconds of training; it also stops earlier when "
@@ -308,7 +308,7 @@ def mia_cmd(
     """Membership inference: score each (x, y) by the API output's reconstruction loss; AUC, TPR@FPR, ROC."""
     from attacker.files import check_out_folder
     from attacker.mia import load_candidates, load_reference, run_mia, write_scores
-    from evaluation.privacy import membership_scores
+    from evaluation.privacy import fpr_resolution_note, membership_scores
     from evaluation.report.membership import roc_png
 
     _quiet_http()
@@ -328,6 +328,8 @@ def mia_cmd(
     for k, v in scores.items():
         console.print(f"{k:>10}: AUC {v.auc:.3f} · TPR@1%FPR {v.tpr_at_fpr['0.01']:.3f} · "
                       f"TPR@0.1%FPR {v.tpr_at_fpr['0.001']:.3f}")
+    if (note := fpr_resolution_note(len(n))) is not None:
+        console.print(f"note: {note}", highlight=False)
     console.print(f"{res.queries} queries · scores in {out / 'scores.json'} · ROC {out / 'roc.png'}")
 
 

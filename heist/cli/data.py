@@ -24,7 +24,8 @@ from rich.table import Table
 from heist.cli.common import console, err_console, print_table
 from translators.corpus import DEFAULT_SEED, image_sizes
 from translators.datasets import DATASETS, MIRROR_ENV, fetch, get_dataset
-from translators.paths import datasets_dir
+from translators.errors import HeistError
+from translators.paths import datasets_dir, file_in_the_way
 
 app = typer.Typer(help="Public datasets the papers use (DIV2K, Set5, Set14, BSD100, Urban100, monet2photo, "
                   "facades): list, fetch with resume and checksum verification, inspect.", no_args_is_help=True)
@@ -47,6 +48,8 @@ def list_datasets(
 ) -> None:
     """List the known datasets: size, which checksum is verified, subsets and whether it is fetched."""
     root = dest or datasets_dir()
+    if (blocked := file_in_the_way(root)) is not None:  # every dataset would read "not fetched"
+        raise HeistError(f"--dest {root}: {blocked} is a file, not a folder")
     table = Table(title=f"Datasets ({root})")
     for col in ("name", "size", "checksum", "subsets (default*)", "fetched", "used for"):
         table.add_column(col)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from heist.cli.common import console, device_option, progress
+from heist.cli.common import choice, console, device_option, progress
 from translators.corpus import DEFAULT_SEED
 from translators.errors import HeistError, first_problem
 from translators.paths import file_in_the_way
@@ -103,17 +103,18 @@ def extraction(
         "accepted here (evaluation.metrics takes other ranges for tensors you pass yourself)."),
     crop_border: int = typer.Option(0, help="Pixels cropped from every side before scoring (SR papers: the scale)."),
     color_space: str = typer.Option("rgb", help="rgb, or y for ITU-R BT.601 luma as in SR papers."),
-    fid: str = typer.Option("auto", help="FID/KID: auto (if weights are found), on (required) or off."),
+    fid: str = typer.Option("auto", callback=choice("auto", "on", "off"),
+                            help="FID/KID: auto (if weights are found), on (required) or off."),
     feature_network: str = typer.Option("inception-v3", help="Feature network for FID/KID (inception-v3, "
                                                               "inception-v3-fid, inception-v3-torchvision)."),
     feature_weights: Path | None = typer.Option(None, help="InceptionV3 weights file (see docs/evaluation.md)."),
-    kid_subsets: int = typer.Option(100, help="KID subsets."),
-    kid_subset_size: int = typer.Option(1000, help="KID subset size (capped at the set size)."),
-    d_bound: float = typer.Option(0.3, help="TOST equivalence bound as Cohen's d."),
-    alpha: float = typer.Option(0.05, help="Significance level of Welch and TOST."),
-    max_side: int = typer.Option(0, help="Downsize clean images (corpus:SPLIT, folders; not paired: sets) to this "
-                                 "longest side first (0: keep)."),
-    samples: int = typer.Option(3, help="Sample images per test set in the report's image grid."),
+    kid_subsets: int = typer.Option(100, min=1, help="KID subsets."),
+    kid_subset_size: int = typer.Option(1000, min=2, help="KID subset size (capped at the set size)."),
+    d_bound: float = typer.Option(0.3, help="TOST equivalence bound as Cohen's d (> 0)."),
+    alpha: float = typer.Option(0.05, help="Significance level of Welch and TOST, in (0, 0.5)."),
+    max_side: int = typer.Option(0, min=0, help="Downsize clean images (corpus:SPLIT, folders; not paired: sets) "
+                                 "to this longest side first (0: keep)."),
+    samples: int = typer.Option(3, min=0, help="Sample images per test set in the report's image grid."),
     seed: int = typer.Option(0, help="Seed for make_pair noise, bootstrap CIs and KID subsets."),
     corpus_seed: int = typer.Option(DEFAULT_SEED, help="Seed of the corpus split assignment."),
     device: str = device_option(),
@@ -136,6 +137,10 @@ def extraction(
 
     if (blocked := file_in_the_way(out)) is not None:
         raise HeistError(f"--out {out}: {blocked} is a file; name a folder for results.json and the report")
+    if not 0.0 < alpha < 0.5:  # the rules of evaluation.stats, checked before minutes of scoring
+        raise HeistError(f"--alpha {alpha:g}: give a significance level in (0, 0.5)")
+    if not (math.isfinite(d_bound) and d_bound > 0):
+        raise HeistError(f"--d-bound {d_bound:g}: give an equivalence bound > 0 (Cohen's d)")
     t0 = time.perf_counter()
     if data_range != 1.0:  # 255 scored 8-bit photos read as [0, 1] at 73 dB instead of 26
         raise HeistError(f"--data-range {data_range:g}: heist eval reads every image as floats in [0, 1], so the "
@@ -219,6 +224,9 @@ def report(
         raise HeistError(f"--out {out}: {blocked} is a file; name a folder for the report")
     path = results / "results.json" if results.is_dir() else results
     res = read_results(path)
+    if target_psnr is not None and res.kind != "campaign":
+        raise HeistError(f"--target-psnr applies to campaign results; {path} holds {res.kind} results (leave the "
+                         "option out)")
     # With --out elsewhere the report gets its own results.json (the one it says it reads) and the input
     # stays as it was; sample images are still found beside the input.
     dest = path if out is None or out.resolve() == path.parent.resolve() else out / "results.json"
@@ -236,7 +244,8 @@ def report(
 
 @app.command("features")
 def features(
-    weights: Path | None = typer.Option(None, "--weights", help="InceptionV3 weights file to check."),
+    weights: Path | None = typer.Option(None, "--feature-weights", "--weights",
+                                        help="InceptionV3 weights file to check (as eval extraction's option)."),
     network: str = typer.Option("inception-v3", help="Feature network name."),
 ) -> None:
     """Check that a feature network loads, and print the name FID/KID results will carry."""

@@ -52,6 +52,10 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     configure_threads()
 
 
+INTERRUPTED = ("[yellow]interrupted[/yellow]: what was saved is kept; run the same command again to resume "
+               "a harvest, a training run or a campaign")
+
+
 def main() -> None:
     """Run the CLI; user mistakes (:class:`HeistError`) print one line and exit 2, no traceback."""
     try:
@@ -61,8 +65,12 @@ def main() -> None:
 
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/yellow]")
+    except SystemExit as exc:  # typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
+        if exc.code == 130:
+            err_console.print(INTERRUPTED, highlight=False)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C outside a command (e.g. while the CLI starts)
+        err_console.print(INTERRUPTED, highlight=False)
         sys.exit(130)
 
 

@@ -137,13 +137,23 @@ def calibrate_cmd(
     console.print(f"-> {out}", highlight=False)
 
 
+def _live_run_id(seed: int) -> str:
+    """Prefix of a live run's key names: ``evalSEED-HHMMSS`` (UTC), new for every run, so a second run against
+    the same victim creates fresh keys instead of failing on the first run's names."""
+    import datetime as dt
+
+    return f"eval{seed}-{dt.datetime.now(dt.UTC):%H%M%S}"
+
+
 @app.command("eval")
 def eval_cmd(
     out: Path = typer.Option(..., "--out", help="JSON file to write (atomically)."),
     task: str = typer.Option("sr", callback=choice(*TASKS),
                              help="Task of the victim the traffic is shaped for: sr, denoise, style or edges2photo."),
     scale: int = typer.Option(4, min=1, help="The victim's scale."),
-    url: str | None = typer.Option(None, "--url", help="Live victim (monitor on); default: offline engine."),
+    url: str | None = typer.Option(
+        None, "--url", help="Live victim (monitor on); default: offline engine. Each live run creates its own keys "
+        "(evalSEED-HHMMSS-...); the victim's monitor still remembers earlier runs' photos."),
     admin_key: str | None = typer.Option(None, "--admin-key", envvar="HEIST_ADMIN_KEY",
                                          help="Admin key of the live victim (--url runs create keys)."),
     model: str | None = typer.Option(None, "--model", help="Model name (live runs)."),
@@ -171,6 +181,9 @@ def eval_cmd(
     from translators.corpus import load_images
     from translators.files import atomic_write_json
 
+    if not url and model:  # (not --admin-key: it may come from $HEIST_ADMIN_KEY)
+        raise HeistError("--model applies to a live victim: add --url (the offline engine needs no model; "
+                         "--task and --scale shape its traffic)")
     check_out_file(out, "monitor-eval.json")
     ben = _benign_images(benign_images, extra_benign)
     att = load_images(attacker_images)
@@ -179,7 +192,7 @@ def eval_cmd(
         if not admin_key or not model:
             raise HeistError("--url needs --admin-key and --model")
         result = asyncio.run(evaluate_live(url, admin_key, model, ben, att, default_attackers(queries), bp, seed,
-                                           time_scale=0.02, run_id=f"eval{seed}"))
+                                           time_scale=0.02, run_id=_live_run_id(seed)))
     else:
         info = ModelInfo(name="offline", task=task, scale=scale, min_side=8)
         cal = calibrate(ben, info, seeds=CALIBRATION_SEEDS, percentile=CALIBRATION_PERCENTILE)

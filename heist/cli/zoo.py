@@ -7,6 +7,7 @@ from rich.table import Table
 
 from heist.cli.common import console, device_option, print_table, progress
 from translators.checkpoint import CheckpointError, read_card
+from translators.device import pick_device
 from translators.zoo import PROFILES, ZOO, build, cached_checkpoint, get_recipe, zoo_checkpoint
 
 app = typer.Typer(help="The victim zoo: models the project trains itself from the bundled corpus.",
@@ -50,6 +51,7 @@ def build_models(
     targets = names or ZOO.names()
     for name in targets:
         get_recipe(name)  # fail fast on unknown names, before any training
+    pick_device(device)  # and on a bad --device, even when every model is cached
     with progress() as bar:
         for name in targets:
             cached = cached_checkpoint(name, profile, seed)

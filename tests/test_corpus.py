@@ -196,3 +196,12 @@ def test_tiles() -> None:
     assert len(out) == 2 * 3
     torch.testing.assert_close(out[1], x[..., 0:2, 2:4])
     assert len(tiles(x, 3, stride=1)) == 3 * 5
+
+
+def test_every_bundled_photo_reports_the_size_it_loads_at() -> None:
+    """``heist corpus list`` printed "npz" for PyWavelets' photos; their size comes from the array now."""
+    photos = available_photos()
+    assert any(p.path().suffix == ".npz" for p in photos)
+    for p in photos:
+        w, h = p.size()
+        assert p.load().shape[-2:] == (h, w), p.id

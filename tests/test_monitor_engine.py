@@ -326,3 +326,16 @@ def test_budget_sized_attackers_send_the_crops_the_harvest_cli_would() -> None:
     assert want > 64
     assert decode_image(attacker_bodies(sized, att, info, 0)[0]).shape[-1] == want
     assert {"crops-budget", "sybil4-crops-budget"} <= {a.name for a in default_attackers()}
+
+
+def test_calibration_on_too_few_benign_values_is_flagged() -> None:
+    """A 0.5 percentile of 150 values is their minimum: ``heist monitor calibrate`` warns instead of silently
+    writing thresholds that one customer's luck set."""
+    from heist.cli.monitor import small_sample_note
+
+    enough = {"percentile": 0.5, "knn_values": 250, "w_values": 0, "dmin_values": 300}
+    assert small_sample_note(enough) is None  # 0 values: that threshold was not calibrated at all
+    note = small_sample_note({**enough, "knn_values": 150})
+    assert note is not None
+    assert "needs at least 200 benign values, this calibration had 150 k-NN distances" in note
+    assert small_sample_note({**enough, "knn_values": 150, "percentile": 1.0}) is None

@@ -62,6 +62,18 @@ class Photo:
         mod = importlib.import_module(self.package)
         return Path(mod.__file__).parent / self.relpath  # type: ignore[arg-type]
 
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` in pixels, reading only a PNG/JPEG's header."""
+        p = self.path()
+        if p.suffix == ".npz":
+            with np.load(p) as z:
+                h, w = z[z.files[0]].shape[:2]
+            return int(w), int(h)
+        from PIL import Image
+
+        with Image.open(p) as im:
+            return im.size
+
     def load(self) -> torch.Tensor:
         """``(1, 3, H, W)`` float in [0, 1]. Grayscale photos are replicated to 3 channels."""
         p = self.path()

@@ -23,11 +23,8 @@ def list_photos(seed: int = typer.Option(DEFAULT_SEED, help="Split seed.")) -> N
         table.add_column(col)
     photos = available_photos()
     for p in sorted(photos, key=lambda p: (SPLITS.index(assignment[p.id]), p.id)):
-        from PIL import Image
-
-        path = p.path()
-        size = "npz" if path.suffix == ".npz" else "{}x{}".format(*Image.open(path).size)
-        table.add_row(p.id, assignment[p.id], p.package, size, "yes" if p.color else "gray", p.description)
+        table.add_row(p.id, assignment[p.id], p.package, "{}x{}".format(*p.size()), "yes" if p.color else "gray",
+                      p.description)
     print_table(table)
     counts = {s: sum(1 for p in photos if assignment[p.id] == s) for s in SPLITS}
     console.print(", ".join(f"{s}: {n}" for s, n in counts.items()))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
-from heist.cli.common import check_out_file, choice, console, print_table, seed_option
+from heist.cli.common import check_out_file, choice, console, err_console, print_table, seed_option
 from translators.errors import HeistError
 
 TASKS = ("sr", "denoise", "style", "edges2photo")  # translators.zoo.recipes.Task, without importing torch here
@@ -131,10 +132,27 @@ def calibrate_cmd(
     for line in table.splitlines():
         if line.split(" ", 1)[0] in CALIBRATED:
             console.print(line, highlight=False, soft_wrap=True)
+    if (note := small_sample_note(cal)) is not None:
+        err_console.print(f"[yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)
     if cal["dup_distance_lowered"]:
         console.print(f"dup_distance lowered to the benign {percentile} percentile: distinct images of this "
                       "population sit closer than one photo's rescaled copies, so reuse sees less", highlight=False)
     console.print(f"-> {out}", highlight=False)
+
+
+def small_sample_note(cal: dict[str, Any]) -> str | None:
+    """Why a calibration's thresholds rest on too few benign values: a ``p`` percentile of ``n < 100 / p``
+    values is (nearly) their minimum, set by one customer's luck; None when every threshold has enough."""
+    p = float(cal["percentile"])
+    need = math.ceil(100.0 / p)
+    what = {"knn": "k-NN distances", "w": "Shapiro-Wilk W values", "dmin": "nearest-neighbour distances"}
+    short = {k: int(cal[f"{k}_values"]) for k in what if 0 < int(cal[f"{k}_values"]) < need}
+    if not short:
+        return None
+    counts = ", ".join(f"{n} {what[k]}" for k, n in short.items())
+    return (f"the {p:g} percentile needs at least {need} benign values, this calibration had {counts}: those "
+            "thresholds are about the smallest benign value seen; give more benign images (--benign-images, "
+            "--extra-benign) or more customers (--seeds), or a larger --percentile")
 
 
 def _live_run_id(seed: int) -> str:

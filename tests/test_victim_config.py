@@ -153,6 +153,9 @@ def test_keys_add_warns_when_the_running_server_keeps_keys_elsewhere(
         assert "--config FILE or HEIST_VICTIM_CONFIG=FILE" in wrong.err
         listed = heist("keys", "list")
         assert "warning: the server running at" in listed.err  # reading the wrong store is flagged too
+        assert "these are not the keys that server checks" in " ".join(listed.err.split())
+        log = heist("log", "tail", "-n", "2")  # an empty table here read as "no traffic"
+        assert "this is not that server's query log" in " ".join(log.err.split())
         png = image_bytes(16, 16)
         refused = httpx.post(f"{srv.url}/v1/models/denoise/translate", content=png,
                              headers={"X-API-Key": wrong.out.strip(), "Content-Type": "image/png"})
@@ -165,6 +168,7 @@ def test_keys_add_warns_when_the_running_server_keeps_keys_elsewhere(
         assert f"stored in Redis {redis_url_public(redis_url)} (prefix {prefix})" in right.err
         assert f"(settings: {CONFIG_ENV}={srv.settings_path})" in right.err
         assert "warning" not in right.err
+        assert "warning" not in heist("log", "tail", "-n", "1").err
         ok = httpx.post(f"{srv.url}/v1/models/denoise/translate", content=png,
                         headers={"X-API-Key": right.out.strip(), "Content-Type": "image/png"})
         assert ok.status_code == 200, ok.text
@@ -181,3 +185,39 @@ def test_keys_add_warns_when_the_running_server_keeps_keys_elsewhere(
     quiet = heist("keys", "add", "bob", "--tier", "free")
     assert quiet.rc == 0, quiet.err
     assert "warning" not in quiet.err
+
+
+def test_relative_paths_survive_the_copy_heist_serve_gives_its_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``heist serve --config s.toml`` (a relative path) copies the settings to a temporary folder for its
+    workers; ``data_dir = "state"`` then pointed into that folder (keys 401, state deleted at shutdown) and
+    ``source = "../models/m.pt"`` stopped every worker with a traceback."""
+    from victim_service.settings import Settings
+
+    here = tmp_path / "c"
+    here.mkdir()
+    (here / "s.toml").write_text('data_dir = "state"\n[[models]]\nname = "m"\nsource = "../models/m.pt"\n'
+                                 '[query_log]\npath = "log/q.jsonl"\n')
+    monkeypatch.chdir(here)
+    for var in (CONFIG_ENV, "HEIST_VICTIM_DATA_DIR", "HEIST_VICTIM_MODELS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    read = Settings.from_file("s.toml")
+    copy = Settings.from_file(read.to_json_file(tmp_path / "elsewhere" / "settings.json"))
+    for s in (read, copy):
+        assert s.data_dir == here / "state"
+        assert Path(s.models[0].source).resolve() == (tmp_path / "models" / "m.pt").resolve()
+        assert s.query_log.path == here / "log" / "q.jsonl"
+    mapped = Settings.from_mapping({"data_dir": "mapped"})  # relative to where the command runs
+    assert Settings.from_file(mapped.to_json_file(tmp_path / "elsewhere" / "m.json")).data_dir == here / "mapped"
+
+
+def test_an_infinite_rate_is_refused_not_read_as_unlimited() -> None:
+    """``rate = inf`` (valid TOML) switched the limit off in silence; "unlimited" is the documented spelling."""
+    import tomllib
+
+    from victim_service.settings import Settings
+
+    with pytest.raises(SettingsError, match=r"tiers\.free\.rate: Input should be a finite number"):
+        Settings.from_mapping({"tiers": tomllib.loads("[free]\nrate = inf\nburst = 5\n")})
+    assert Settings.from_mapping({"tiers": {"free": {"rate": "unlimited"}}}).tiers["free"].rate is None

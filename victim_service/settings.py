@@ -171,7 +171,7 @@ class TierSpec(_Strict):
     that level adds, or strengthens when a defense of the same name is already in the pipeline.
     """
 
-    rate: float | None = Field(1.0, gt=0.0)
+    rate: float | None = Field(1.0, gt=0.0, allow_inf_nan=False)  # inf: say "unlimited"
     burst: int = Field(10, ge=1)
     quota_total: int | None = Field(None, ge=0)
     quota_daily: int | None = Field(None, ge=0)
@@ -393,7 +393,7 @@ class Settings(BaseSettings):
             raise SettingsError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
             raise SettingsError(f"{p}: the settings file must hold a table/mapping at the top level")
-        base = p.parent
+        base = p.absolute().parent  # absolute: the settings are copied for the workers (heist serve)
         if not isinstance(data.get("models", []) or [], list):
             raise SettingsError(f"{p}: models: must be a list of model tables ([[models]])")
         for m in data.get("models", []) or []:
@@ -450,11 +450,29 @@ class Settings(BaseSettings):
         if self.defense_secret is not None:
             data["defense_secret"] = self.defense_secret.get_secret_value()
         data["keys"] = [{"name": k.name, "tier": k.tier, "key": k.key.get_secret_value()} for k in self.keys]
-        return data
+        return _absolute_paths(data)
 
     def to_json_file(self, path: str | os.PathLike[str]) -> Path:
         """Write these settings (secrets in clear, mode 0600: the file is for a child process) as JSON, atomically."""
         return atomic_write_json(path, self.to_dict(), durable=False, mode=0o600)
+
+
+def _absolute_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its folder and file settings made absolute (against the working directory, where a
+    relative one from an env override or a mapping points now), so a copy read from another folder (the
+    workers' settings file of ``heist serve``) finds the same files."""
+    def absolute(v: Any) -> Any:
+        return str(Path(v).expanduser().absolute()) if isinstance(v, str) and not v.startswith("zoo:") else v
+
+    for key in ("data_dir", "models_dir"):
+        data[key] = absolute(data.get(key))
+    if isinstance(data.get("query_log"), dict):
+        for key in ("path", "images_dir"):
+            data["query_log"][key] = absolute(data["query_log"].get(key))
+    for m in data.get("models") or []:
+        if isinstance(m, dict):
+            m["source"] = absolute(m.get("source"))
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- resolution

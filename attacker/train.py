@@ -250,6 +250,13 @@ def _center_crop_pair(x: torch.Tensor, y: torch.Tensor, side: int, scale: int,
             y[..., t * scale : (t + ch) * scale, le * scale : (le + cw) * scale])
 
 
+def scored_on(held_out: str) -> str:
+    """What a surrogate's fidelity was measured on, for messages: ``held-out pairs`` (``sources``, ``region``,
+    ``stripes``), or the training pairs themselves when ``held_out`` is ``"none"`` (too few or too small
+    pairs to spare any: an optimistic score, not a held-out one)."""
+    return "the training pairs (nothing held out)" if held_out == "none" else f"held-out {held_out}"
+
+
 def split_pairs(ps: PairSet, cfg: TrainConfig, min_train_side: int) -> Split:
     """Hold out pairs (or, with one pair, a stripe of it) for validation; see module docstring."""
     s = ps.scale
@@ -853,7 +860,7 @@ def train_surrogate(
         margin = fidelity["psnr"] - base_scores["psnr"]
         beats = margin > 0.0
         warning = None if beats else (
-            f"the surrogate is NOT better than the trivial {name} baseline on held-out pairs "
+            f"the surrogate is NOT better than the trivial {name} baseline on {scored_on(split.held_out)} "
             f"({fidelity['psnr']:.2f} dB vs {base_scores['psnr']:.2f} dB): {advice}")
         if warning:
             log.warning("%s", warning)

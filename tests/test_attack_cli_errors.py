@@ -220,6 +220,12 @@ def test_imitate_records_the_downscaled_size_and_warns_below_the_baseline(victim
     assert run["imitate"]["warning"]
     assert "NOT better" in run["imitate"]["warning"]
     assert "WARNING: the surrogate is NOT better" in err
+    from attacker.train import scored_on
+
+    where = scored_on(run["imitate"]["held_out"])  # "held-out ..." only when something was held out
+    assert f"{where} vs victim" in " ".join(res.stdout.split())
+    assert f"baseline on {where}" in run["imitate"]["warning"]
+    assert scored_on("none") == "the training pairs (nothing held out)"
     assert "--time-budget" in err
     assert "harvest more" not in err
     assert "--time-budget" in _cli("attack", "imitate", "--help").stdout

@@ -41,11 +41,22 @@ def _crops(n: int, seed: int = 0) -> list[bytes]:
 
 
 def _send(srv: VictimServer, client: str, bodies: list[bytes], fresh: bool = False) -> None:
+    """POST every body as ``client``; ``fresh``: a new connection each, three at a time, so that a server's two
+    workers both answer some (one at a time, a loaded machine let one worker accept them all)."""
+    hdr = {**srv.headers(client), "Content-Type": "image/png"}
+    if fresh:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def post(b: bytes) -> httpx.Response:
+            return httpx.post(f"{srv.url}/v1/models/sr4x/translate", content=b, headers=hdr, timeout=30)
+
+        with ThreadPoolExecutor(3) as pool:
+            for r in pool.map(post, bodies):
+                assert r.status_code == 200, r.text
+        return
     with httpx.Client(base_url=srv.url, timeout=30) as h:
         for b in bodies:
-            hdr = {**srv.headers(client), "Content-Type": "image/png"}
-            r = (httpx.post(f"{srv.url}/v1/models/sr4x/translate", content=b, headers=hdr, timeout=30) if fresh
-                 else h.post("/v1/models/sr4x/translate", content=b, headers=hdr))
+            r = h.post("/v1/models/sr4x/translate", content=b, headers=hdr)
             assert r.status_code == 200, r.text
 
 
@@ -123,6 +134,11 @@ def test_attackers_flagged_benign_not_two_workers_share_one_score(
                                        "--client", "alice", "--json"])
         assert out.exit_code == 0, out.output
         assert json.loads(out.output)["queries"] == 30
+        table = CliRunner().invoke(cli, ["monitor", "status", "--url", srv.url, "--admin-key", srv.admin_key,
+                                         "--client", "alice"], env={"COLUMNS": None})  # piped: full width
+        assert table.exit_code == 0, table.output
+        for name in risk["signals"]:  # every signal, those at 0 too ("with all its signals")
+            assert f"{name}=" in table.output, (name, table.output)
         bad = CliRunner().invoke(cli, ["monitor", "status", "--url", srv.url, "--admin-key", "wrong-key-123456",
                                        "--client", "alice"])
         assert bad.exit_code != 0

@@ -129,6 +129,16 @@ def test_served_outputs_name_their_key(tmp_path: Path, redis_url: str, key_prefi
         (tmp_path / "erin.png").write_bytes(erin.content)
         traced = _trace_cli(str(tmp_path / "erin.png"), "--json", "--config", str(srv.settings_path), cwd=tmp_path)
         assert json.loads(traced.stdout)["client"] == "erin", traced.stdout  # a revoked key's client, from the log
+        bare = tmp_path / "bare.json"  # the secret, but not the server's Redis: --redis-url names it
+        bare.write_text(json.dumps({"defense_secret": "trace-test-secret", "key_prefix": key_prefix,
+                                    "data_dir": str(tmp_path / "bare-data")}))
+        by_url = _trace_cli(str(tmp_path / "erin.png"), "--json", "--config", str(bare), "--redis-url", redis_url,
+                            cwd=tmp_path)
+        assert by_url.returncode == 0, by_url.stderr
+        assert json.loads(by_url.stdout)["client"] == "erin", by_url.stdout
+        lost = _trace_cli(str(tmp_path / "erin.png"), "--config", str(bare), cwd=tmp_path)
+        assert lost.returncode == 2
+        assert "give the server's --config or --redis-url" in " ".join(lost.stderr.split())
         alice_jpeg = get("alice", "image/jpeg")
         log = c.get("/v1/admin/log", params={"limit": 10}, headers=srv.admin_headers).json()
         assert any(e["client"] == "alice" and e["defenses"] == ["trace_watermark(strength=0.0075,max_rms=0.009)"]

@@ -215,7 +215,7 @@ def train_cmd(
                                              "jpeg[:quality=Q], median[:size=K], aware[:amp=A]."),
 ) -> None:
     """Train a surrogate on harvested pairs (checkpoint + card), validating on held-out pairs; resumable."""
-    from attacker.train import train_surrogate
+    from attacker.train import scored_on, train_surrogate
 
     with progress(transient=True) as bar:
         r = train_surrogate(pairs, out, progress=RichProgressHook(bar), **_train_options(
@@ -228,7 +228,7 @@ def train_cmd(
     def ssim(v: float | None) -> str:
         return f"{v:.4f}" if v is not None else "n/a (held-out images under 11 px)"
 
-    console.print(f"held-out ({r.held_out}) vs victim: PSNR {f['psnr']:.2f} dB, SSIM {ssim(f['ssim'])} · "
+    console.print(f"{scored_on(r.held_out)} vs victim: PSNR {f['psnr']:.2f} dB, SSIM {ssim(f['ssim'])} · "
                   f"{r.summary['baseline_name']} baseline: {b['psnr']:.2f} dB, {ssim(b['ssim'])} · "
                   f"{r.images_per_s:.1f} images/s · stopped: {r.summary['stop_reason']} at step {r.steps}")
     if r.summary.get("auto"):
@@ -257,6 +257,7 @@ def imitate_cmd(
 ) -> None:
     """Single-example imitation: one query, then an L2 U-Net trained on random crops of that pair."""
     from attacker.imitate import imitate
+    from attacker.train import scored_on
 
     _quiet_http()
     with progress(transient=True) as bar:
@@ -266,7 +267,7 @@ def imitate_cmd(
     f, b = r.train.fidelity, r.train.baseline
     sh, sw = r.sent_size
     console.print(f"1 query -> surrogate {r.checkpoint} (image sent at {sw}x{sh})")
-    console.print(f"held-out region ({r.train.held_out}) vs victim: PSNR {f['psnr']:.2f} dB "
+    console.print(f"{scored_on(r.train.held_out)} vs victim: PSNR {f['psnr']:.2f} dB "
                   f"({r.train.summary['baseline_name']} baseline {b['psnr']:.2f} dB)")
     if r.warning:
         err_console.print(f"[bold red]WARNING: {r.warning}[/bold red]")

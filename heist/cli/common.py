@@ -110,8 +110,11 @@ def local_server_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def store_mismatch(resolved: ResolvedSettings, timeout: float = 0.5) -> str | None:
-    """A warning when the server answering at the settings' host and port keeps its API keys elsewhere.
+def store_mismatch(resolved: ResolvedSettings, consequence: str = "that server will not see this change",
+                   timeout: float = 0.5) -> str | None:
+    """A warning when the server answering at the settings' host and port keeps its API keys (and with them
+    its query log: same Redis and prefix, or same data dir) elsewhere; ``consequence`` says what that means
+    for the command.
 
     Asks ``GET /healthz`` (``store``: backend, Redis URL without password, key prefix, data dir). No server
     there, no answer within ``timeout`` seconds, or an answer without ``store``: ``None`` (nothing to compare).
@@ -130,8 +133,8 @@ def store_mismatch(resolved: ResolvedSettings, timeout: float = 0.5) -> str | No
     if ours.same_keys_as(theirs):
         return None
     return (f"the server running at {url} keeps its keys in {theirs.describe()}, but this command used "
-            f"{ours.describe()} (settings: {resolved.origin}): that server will not see this change. "
-            "Give the server's settings file with --config FILE or HEIST_VICTIM_CONFIG=FILE.")
+            f"{ours.describe()} (settings: {resolved.origin}): {consequence}. "
+            "Give the server's settings file with --config FILE or HEIST_VICTIM_CONFIG=FILE (or its --redis-url).")
 
 
 def check_out_file(out: Path, example: str) -> Path:

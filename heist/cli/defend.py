@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from heist.cli import defend_models
-from heist.cli.common import config_option, console, err_console, victim_settings
+from heist.cli.common import config_option, console, err_console, redis_url_option, victim_settings
 from translators.errors import HeistError, first_problem
 
 app = typer.Typer(help="Defender tools: trace leaked outputs to the API key that received them; verify a suspect "
@@ -23,12 +23,14 @@ app = typer.Typer(help="Defender tools: trace leaked outputs to the API key that
 defend_models.register(app)
 
 
-def _server_secret(config: Path | None, secret_file: Path | None) -> tuple[int, Any]:
+def _server_secret(config: Path | None, secret_file: Path | None,
+                   redis_url: str | None = None) -> tuple[int, Any]:
     """(secret, settings) from --secret-file, else the settings / data dir that ``heist serve`` uses (resolved
-    like every command: --config, else $HEIST_VICTIM_CONFIG, else defaults). Never creates a secret."""
+    like every command: --config, else $HEIST_VICTIM_CONFIG, else defaults; ``redis_url`` overrides theirs).
+    Never creates a secret."""
     from victim_service.services import read_defense_secret, secret_from_text
 
-    settings = victim_settings(config).settings
+    settings = victim_settings(config, redis_url=redis_url).settings
     if secret_file is not None:
         try:
             return secret_from_text(secret_file.read_bytes().strip(), f"--secret-file {secret_file}"), settings
@@ -98,6 +100,7 @@ def trace(
     client: list[str] = typer.Option([], "--client", help="Extra candidate client names (repeatable)."),
     max_false_match: float = typer.Option(1e-6, "--max-false-match", min=0.0, max=1.0,
                                           help="Name a client only below this false-match probability."),
+    redis_url: str | None = redis_url_option(),
 ) -> None:
     """For each image: the client (API key name) it was served to, or ``none``, with the false-match probability."""
     from defenses.watermark.trace import MIN_SIDE, identify
@@ -105,11 +108,12 @@ def trace(
     from translators.errors import ImageError
 
     paths = _trace_inputs(images)
-    secret, settings = _server_secret(config, secret_file)
+    secret, settings = _server_secret(config, secret_file, redis_url)
     clients = sorted({*_known_clients(settings), *client})
     if not clients:
         raise HeistError("no candidate clients: the settings name no keys and neither the key store nor the query "
-                         "log could be read or held any; name the suspects with --client NAME")
+                         f"log ({settings.store().describe()}) could be read or held any; give the server's "
+                         "--config or --redis-url, or name the suspects with --client NAME")
     for path in paths:
         row: dict[str, object] = {"image": str(path)}
         try:

@@ -21,9 +21,9 @@ ConfigOpt = config_option()
 RedisOpt = typer.Option(None, "--redis-url", help="Override the settings' redis_url.")
 
 
-def _warn_other_store(resolved: ResolvedSettings) -> None:
+def _warn_other_store(resolved: ResolvedSettings, consequence: str = "that server will not see this change") -> None:
     """Warn (stderr) when the server on the settings' port reads its keys from another store."""
-    warning = store_mismatch(resolved)
+    warning = store_mismatch(resolved, consequence)
     if warning:
         err_console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
 
@@ -70,7 +70,7 @@ def list_keys(config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt)
     for k in s.keys:
         table.add_row(k.name, k.tier, "static (settings)", "")
     print_table(table)
-    _warn_other_store(resolved)
+    _warn_other_store(resolved, "these are not the keys that server checks")
 
 
 @app.command("revoke")

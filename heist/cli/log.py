@@ -16,9 +16,11 @@ from heist.cli.common import (
     check_out_file,
     config_option,
     console,
+    err_console,
     print_table,
     progress,
     redis_url_option,
+    store_mismatch,
     victim_settings,
 )
 from translators.errors import HeistError
@@ -33,10 +35,23 @@ class ExportFormat(StrEnum):
     parquet = "parquet"
 
 
+def _check_client(client: str | None) -> None:
+    """A name no key can have matches no entry: say so (as the admin routes' 400 ``bad_client``), not ``[]``."""
+    from victim_service.settings import is_name
+
+    if client is not None and not is_name(client):
+        raise HeistError(f"--client {client!r} is not a client name (letters, digits, '.', '_', '-'; at most 64)")
+
+
 def _reader(config: Path | None, redis_url: str | None):  # type: ignore[no-untyped-def]
+    """The query-log reader of these settings; warns (stderr) when the server running on their port logs
+    elsewhere (an empty table would read as "no traffic")."""
     from victim_service.querylog import LogReader
 
-    return LogReader(victim_settings(config, redis_url=redis_url).settings)
+    resolved = victim_settings(config, redis_url=redis_url)
+    if (warning := store_mismatch(resolved, "this is not that server's query log")) is not None:
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+    return LogReader(resolved.settings)
 
 
 @contextlib.contextmanager
@@ -88,6 +103,7 @@ def tail(
     redis_url: str | None = redis_url_option(),
 ) -> None:
     """Show the most recent query-log entries."""
+    _check_client(client)
     reader = _reader(config, redis_url)
     with _log_store():
         _tail(reader, n, client, follow, as_json)
@@ -130,6 +146,7 @@ def export(
 ) -> None:
     """Export the query log (oldest first) as JSONL or Parquet; written atomically."""
     fmt = _export_format(out, fmt)
+    _check_client(client)
     check_out_file(out, f"querylog.{fmt.value}")
     reader = _reader(config, redis_url)
     with _log_store():

@@ -43,7 +43,8 @@ def _monitor_status(url: str, admin_key: str, client: str | None) -> Any:
 def status(
     url: str = UrlOpt,
     admin_key: str = AdminOpt,
-    client: str | None = typer.Option(None, "--client", help="Only this client, with all its signals."),
+    client: str | None = typer.Option(None, "--client", help="Only this client, with all its signals (the "
+                                                          "table of all clients leaves out signals at 0)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON the service returned."),
 ) -> None:
     """Risk, flag, level, queries and signals per client (GET /v1/admin/clients, or /v1/admin/clients/NAME/risk)."""
@@ -57,7 +58,7 @@ def status(
                 "signals", "linked"):
         table.add_column(col)
     for c in rows:
-        sig = ", ".join(f"{k}={v:.2f}" for k, v in sorted(c["signals"].items()) if v)
+        sig = ", ".join(f"{k}={v:.2f}" for k, v in sorted(c["signals"].items()) if v or client)  # one: all
         force = c.get("level_in_force")
         table.add_row(c["client"], c.get("tier") or "-", f"{c['risk']:.3f}", "yes" if c["flagged"] else "no",
                       str(c["level"]), "-" if force is None else str(force), str(c["queries"]),

@@ -186,7 +186,7 @@ def test_log_cli_tail_and_export_jsonl_and_parquet(
     assert runner.invoke(app, ["log", "tail", "-n", "0", *cfg]).exit_code == 2
     nobody = runner.invoke(app, ["log", "tail", "--client", "no one", *cfg])  # was an empty table
     assert nobody.exit_code != 0
-    assert "--client 'no one' is not a client name" in str(nobody.exception)
+    assert "--client: client name 'no one' must be 1-64 characters" in str(nobody.exception)
 
     folder = tmp_path / "exports"
     folder.mkdir()

@@ -37,10 +37,13 @@ class ExportFormat(StrEnum):
 
 def _check_client(client: str | None) -> None:
     """A name no key can have matches no entry: say so (as the admin routes' 400 ``bad_client``), not ``[]``."""
-    from victim_service.settings import is_name
+    from victim_service.settings import check_name
 
-    if client is not None and not is_name(client):
-        raise HeistError(f"--client {client!r} is not a client name (letters, digits, '.', '_', '-'; at most 64)")
+    if client is not None:
+        try:
+            check_name(client, "client name")
+        except ValueError as exc:
+            raise HeistError(f"--client: {exc}") from None
 
 
 def _reader(config: Path | None, redis_url: str | None):  # type: ignore[no-untyped-def]

@@ -196,12 +196,13 @@ class PlainNet(nn.Module):
 
 def plain_loop(xs: list[torch.Tensor], ys: list[torch.Tensor], steps: int, scale: int, seed: int = 0,
                patch: int = 48, clean_tail: list[torch.Tensor] | None = None, model: nn.Module | None = None,
-               lr: float = 2e-3) -> nn.Module:
+               lr: float = 2e-3, device: str = "cpu") -> nn.Module:
     """L2 on random aligned crops with flips; ``clean_tail``: the last 10% of steps on these outputs;
-    ``model``: train this one (e.g. fine-tune a surrogate) instead of a fresh :class:`PlainNet`."""
+    ``model``: train this one (e.g. fine-tune a surrogate) instead of a fresh :class:`PlainNet`; ``device``: where
+    the steps run (the crops are drawn the same way on every device; the net comes back on the CPU)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    net = model or PlainNet(scale)
+    net = (model or PlainNet(scale)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr)
     switch = int(steps * 0.9) if clean_tail is not None else steps
     for step in range(steps):
@@ -218,11 +219,11 @@ def plain_loop(xs: list[torch.Tensor], ys: list[torch.Tensor], steps: int, scale
                 a, b = a.flip(-1), b.flip(-1)
             xb.append(a)
             yb.append(b)
-        loss = F.mse_loss(net(torch.cat(xb)), torch.cat(yb))
+        loss = F.mse_loss(net(torch.cat(xb).to(device)), torch.cat(yb).to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return net.eval()
+    return net.cpu().eval()
 
 
 def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -258,14 +259,15 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         """The thief's last counter-measure: ``steps`` more L2 steps on the clean victim's outputs."""
         for q in model.parameters():
             q.requires_grad_(True)
-        return plain_loop(xs, clean, steps, scale, seed=11, model=model.train(), lr=args.finetune_lr)
+        return plain_loop(xs, clean, steps, scale, seed=11, model=model.train(), lr=args.finetune_lr,
+                          device=args.train_device)
 
     def run_kind(kind: str, cm: str, xs_: list[torch.Tensor], ys_: list[torch.Tensor], jpeg: int | None) -> None:
         t0 = time.perf_counter()
         fid = None
         if kind == "plain-loop":
             ys_plain = ys_ if jpeg is None else [decode_image(_jpeg_bytes(y, jpeg)) for y in ys_]
-            model: nn.Module = plain_loop(xs_, ys_plain, args.steps, scale)
+            model: nn.Module = plain_loop(xs_, ys_plain, args.steps, scale, device=args.train_device)
         else:
             # JPEG 75 is the attacker's own counter-measure (attacker/countermeasures.py), applied at training
             folder = _write_pairs(work / f"{kind}-{cm}", xs_, ys_, None, info)
@@ -308,13 +310,14 @@ def part_theft(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         innocent[f"{kind} on the clean victim"] = score(load_model(tr.checkpoint).module.eval())["p_value"]
     for seed in range(args.innocent_loops):
         innocent[f"plain loop on the clean victim, seed {seed}"] = score(
-            plain_loop(xs, clean, args.steps // 2, scale, seed=seed))["p_value"]
+            plain_loop(xs, clean, args.steps // 2, scale, seed=seed, device=args.train_device))["p_value"]
     if recipe.task != "style":
         gt_in, gt_out = zip(*(recipe.make_pair(x, seed=i) for i, x in enumerate(_crops(args.pairs, args.crop, 7))),
                             strict=True)
         for seed in range(args.innocent_loops):
             innocent[f"plain loop on ground truth, seed {seed}"] = score(
-                plain_loop([_q(a) for a in gt_in], list(gt_out), args.steps // 2, scale, seed=seed))["p_value"]
+                plain_loop([_q(a) for a in gt_in], list(gt_out), args.steps // 2, scale, seed=seed,
+                           device=args.train_device))["p_value"]
     for other in args.others:
         if get_recipe(other).scale == scale:
             innocent[f"zoo {other}"] = score(load_model(build(other, "tiny")).module.eval())["p_value"]

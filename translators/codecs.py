@@ -164,8 +164,17 @@ _EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}  # transpose, rotate 270, transverse, rotate 90
 
 
-def exif_orientation(img: Image.Image) -> int:
-    """The EXIF orientation tag (1..8) of a lazily opened image; 1 (upright) when absent or unreadable."""
+def exif_orientation(img: Image.Image, *, decoded: bool = False) -> int:
+    """The EXIF orientation tag (1..8) of a lazily opened image; 1 (upright) when absent or unreadable.
+
+    Reads headers only unless ``decoded`` (the pixels are already loaded): a PNG's ``eXIf`` chunk may
+    follow the pixel data, and Pillow decodes the whole image to reach it, swallowing a damaged stream here
+    and leaving a half-decoded image that a later ``load()`` would pass as whole (all black). Such a PNG's
+    orientation is read after its pixels are decoded; the size limits do not depend on it (they are
+    symmetric in width and height).
+    """
+    if not decoded and img.format == "PNG" and "exif" not in img.info:
+        return 1
     try:
         value = img.getexif().get(_EXIF_ORIENTATION, 1)
     except (OSError, ValueError, SyntaxError, TypeError, KeyError):
@@ -220,6 +229,9 @@ def _open(fp: IO[bytes], head: bytes, limits: ImageLimits, source: Source) -> tu
             raise ImageError(
                 "too_many_pixels", f"image refused before decoding: its header declares over {limits.max_pixels} "
                 "pixels (decompression bomb guard)", 413) from None
+        if isinstance(exc, ValueError) and "too large" in str(exc).lower():
+            raise ImageError("corrupt_image", "a metadata chunk of the image (text or colour profile) "
+                             "decompresses to more than the decoder allows") from None
         if _signature_format(head) in (*_WEB_FORMATS, *limits.allowed_formats):
             raise ImageError("corrupt_image", "the image header is damaged or truncated") from None
         names = format_names(limits.allowed_formats)
@@ -269,12 +281,12 @@ def _decode(data: bytes, limits: ImageLimits, source: Source) -> torch.Tensor:
         if getattr(img, "is_animated", False) and limits.animated == "refuse":
             raise ImageError("unsupported_mode", "animated images are refused by this server", 415)
         img.load()
-        if exif_orientation(img) != 1:
+        if exif_orientation(img, decoded=True) != 1:
             img = ImageOps.exif_transpose(img)
         arr = _to_rgb(img, limits)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError) as exc:  # TypeError: Pillow 13, bad interlace
         raise ImageError("corrupt_image", f"the image could not be decoded ({exc})") from None
     return from_uint8(arr)
 

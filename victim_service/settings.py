@@ -292,6 +292,8 @@ class Settings(BaseSettings):
     warmup: bool = True
     batch_probe_s: float = Field(0.25, gt=0.0, description="time per candidate batch size in the auto probe")
     request_timeout_s: float = Field(60.0, gt=0.0)
+    body_timeout_s: float = Field(
+        30.0, gt=0.0, description="an upload that sends no bytes for this long gets 408 body_timeout")
     docs: bool = Field(True, description="serve /docs and /openapi.json")
 
     @field_validator("tiers")

@@ -28,6 +28,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from defenses import DefenseContext, request_rng, request_seed
 from defenses.monitor.embedding import embed_for_log
@@ -66,16 +67,27 @@ def presented_key(request: Request) -> str | None:
     return None
 
 
-async def read_body(request: Request, max_bytes: int, slack: int = 0) -> bytes:
+async def read_body(request: Request, max_bytes: int, slack: int = 0, idle_timeout_s: float | None = None) -> bytes:
     """The request body, refused with 413 as soon as it passes ``max_bytes + slack`` bytes (Content-Length
-    checked first). ``slack`` is room for multipart framing; the error names ``max_bytes``, the configured limit."""
+    checked first). ``slack`` is room for multipart framing; the error names ``max_bytes``, the configured limit.
+    ``idle_timeout_s``: a body that sends no bytes for this long is refused with 408 ``body_timeout`` (a client
+    that declares a length and stalls would otherwise hold its connection open for ever).
+    Raises :class:`starlette.requests.ClientDisconnect` when the client hangs up mid-body."""
     limit = max_bytes + slack
     cl = request.headers.get("content-length", "")
     if cl.isdigit() and int(cl) > limit:
         raise ImageError("too_many_bytes", f"the body is {int(cl)} bytes; the limit is {max_bytes}", 413)
     chunks: list[bytes] = []
     n = 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), idle_timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ImageError("body_timeout", f"no bytes of the request body arrived for {idle_timeout_s:g} s after "
+                             f"{n} bytes; send the whole body at once", 408) from None
         n += len(chunk)
         if n > limit:
             raise ImageError("too_many_bytes", f"the body is over {max_bytes} bytes; the limit is {max_bytes}", 413)
@@ -106,12 +118,12 @@ async def _multipart_image(request: Request, body: bytes) -> bytes:
         await form.close()
 
 
-async def image_bytes(request: Request, max_bytes: int) -> bytes:
-    """The image of a raw-body or multipart request. Raises :class:`ImageError` (400/413/415)."""
+async def image_bytes(request: Request, max_bytes: int, idle_timeout_s: float | None = None) -> bytes:
+    """The image of a raw-body or multipart request. Raises :class:`ImageError` (400/408/413/415)."""
     ctype = request.headers.get("content-type", "")
     main = ctype.split(";")[0].strip().lower()
     is_multipart = main == "multipart/form-data"
-    body = await read_body(request, max_bytes, MULTIPART_SLACK if is_multipart else 0)
+    body = await read_body(request, max_bytes, MULTIPART_SLACK if is_multipart else 0, idle_timeout_s)
     if not body:
         raise ImageError("empty_body", "the request body is empty; send the image bytes")
     if main in RAW_TYPES:
@@ -131,11 +143,14 @@ async def image_bytes(request: Request, max_bytes: int) -> bytes:
     return data
 
 
+REFUSED_BODY_WAIT_S = 5.0  # a refused request's body is hashed for the log only if it keeps coming
+
+
 async def hash_refused_body(request: Request, served: ServedModel, entry: QueryLogEntry) -> None:
     """For the log: SHA-256 and size of a refused request's body (read up to the model's byte limit)."""
     try:
-        data = await read_body(request, served.max_bytes, MULTIPART_SLACK)
-    except (ImageError, OSError, RuntimeError):
+        data = await read_body(request, served.max_bytes, MULTIPART_SLACK, REFUSED_BODY_WAIT_S)
+    except (ImageError, OSError, RuntimeError, ClientDisconnect):
         return
     entry.bytes_in = len(data)
     if data:
@@ -191,6 +206,9 @@ class TranslateService:
                                           {**headers, "Retry-After": "1"})
                 entry.status, entry.code = 499, "client_closed"  # nginx's code for a client that hung up
                 raise
+            except ClientDisconnect:  # hung up mid-body (or sent less than its Content-Length): nobody to answer
+                entry.status, entry.code = 499, "client_closed"
+                return error_response(499, "client_closed", "the client closed the connection", headers)
             except Exception as exc:
                 status, code, detail, extra = error_parts(exc)
                 if status >= 500 and code == "internal_error":
@@ -286,7 +304,7 @@ class TranslateService:
 
     async def _read(self, request: Request, served: ServedModel, entry: QueryLogEntry) -> bytes:
         svc = self.svc
-        data = await image_bytes(request, served.max_bytes)
+        data = await image_bytes(request, served.max_bytes, svc.settings.body_timeout_s)
         entry.bytes_in = len(data)
         digest = hashlib.sha256(data).hexdigest()
         entry.input_sha256 = digest

@@ -245,12 +245,19 @@ def train_reference(images: str, side: int, steps: int, out: Path, seed: int = 0
     from translators.archs import build_arch
     from translators.checkpoint import ModelCard, save_checkpoint
     from translators.training import fit
+    from translators.zoo.membership import PRIVATE_IMAGE_SETS
 
+    if images.strip() in PRIVATE_IMAGE_SETS:
+        raise ConfigError(f"--images {images}: holds the membership victim's private crops (its members); a "
+                          "reference trained on them finds members easy and the calibrated score means nothing; "
+                          "use public images such as corpus:attacker")
     out = Path(out)
     check_out_folder(out.parent)
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; name the checkpoint file to write (e.g. {out / 'ref'}"
                           ".safetensors)")
+    if out.suffix not in ("", ".safetensors"):
+        raise ConfigError(f"--out {out}: the reference is written as NAME.safetensors (+ NAME.json); name it so")
     kwargs = arch_kwargs or {"base": 24, "depth": 4, "max_channels": 96, "norm": "none", "residual": False}
     torch.manual_seed(seed)
     model = build_arch("unet", kwargs)

@@ -241,8 +241,10 @@ async def make_keys(url: str, admin_key: str, names: list[str], tier: str) -> di
             except VictimUnreachableError as exc:
                 raise EvaluationError(f"{exc} (creating keys)") from None
             except AdminApiError as exc:
+                again = ("; keys of an earlier run stay: pass another --prefix for a new set of customers"
+                         if "already has a key" in exc.detail else "")
                 raise EvaluationError(f"the victim refused to create key {n!r} (tier {tier!r}): HTTP {exc.status} "
-                                      f"{exc.error}: {exc.detail}") from None
+                                      f"{exc.error}: {exc.detail}{again}") from None
     return out
 
 

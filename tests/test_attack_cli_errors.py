@@ -136,7 +136,16 @@ def test_mia_with_a_reference_whose_size_rules_do_not_fit_fails_before_any_query
     imgs = tmp_path / "public"
     for i in range(2):
         _png(imgs / f"p{i}.png", 64, 64, seed=i)
+    # another suffix is refused (as heist defend akd/dmp do), not silently replaced
     res = _cli("attack", "mia-reference", "--out", str(tmp_path / "ref.bin"), "--images", str(imgs),
+               "--side", "16", "--steps", "2")
+    _one_line_error(res, "--out", "ref.bin", "NAME.safetensors")
+    # the lab's private split is refused as reference data
+    res = _cli("attack", "mia-reference", "--out", str(tmp_path / "ref"), "--images", "corpus:victim",
+               "--side", "16", "--steps", "2")
+    _one_line_error(res, "--images corpus:victim", "private", "corpus:attacker")
+    assert not list(tmp_path.glob("ref*"))
+    res = _cli("attack", "mia-reference", "--out", str(tmp_path / "ref"), "--images", str(imgs),
                "--side", "16", "--steps", "2")
     assert res.returncode == 0, res.stderr
     written = tmp_path / "ref.safetensors"
@@ -144,7 +153,6 @@ def test_mia_with_a_reference_whose_size_rules_do_not_fit_fails_before_any_query
     assert f"reference model: {written}" in " ".join(res.stdout.split())
     assert written.exists()
     assert written.with_suffix(".json").exists()
-    assert not (tmp_path / "ref.bin").exists()
     before = _queries(victim)
     res = _cli(*_mia_args(victim, candidates, tmp_path / "mia"), "--reference", str(written))
     _one_line_error(res, "24x24", "multiples of 16")  # loaded fine; its depth-4 U-Net needs multiples of 16

@@ -300,6 +300,8 @@ def test_cli_monitor_refuses_a_bad_task_or_out_before_any_work(tmp_path, command
     assert set(TASKS) == set(typing.get_args(Task))
     (tmp_path / "file").write_text("x")
     cases = [(["--task", "bogus", "--out", str(tmp_path / "a.out")], "'bogus' is not one of sr, denoise"),
+             (["--task", "sr", "--scale", "1", "--out", str(tmp_path / "a.out")], "super-resolution enlarges"),
+             (["--task", "style", "--scale", "3", "--out", str(tmp_path / "a.out")], "keeps the image size"),
              (["--out", str(tmp_path)], "is a folder; name the file to write"),
              (["--out", str(tmp_path / "file" / "a.out")], "is a file, not a folder"),
              (["--out", "/proc/heist-test.out"], "cannot write there")]

@@ -79,3 +79,20 @@ def test_fpr_levels_a_small_non_member_set_cannot_resolve_are_named() -> None:
     scores = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.05, 0.01]
     labels = [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
     assert tpr_at_fpr(scores, labels, 0.001) == 1.0
+
+
+def test_the_papers_row_is_shown_only_beside_the_cells_the_paper_ran() -> None:
+    """Table II has plain DMP/AKD/DP-SGD models and the Gauss output defense on the regular model, never a
+    model defense behind output noise: such a cell gets no paper numbers."""
+    from evaluation.report.membership import PAPER_TABLE_II, row_key
+    from evaluation.results import MembershipCell
+
+    def cell(model_defense: str, defense: str) -> MembershipCell:
+        return MembershipCell(id="c", victim="mia-edges", model="m", model_defense=model_defense, defense=defense)
+
+    assert row_key(cell("none", "none")) == "none"
+    assert row_key(cell("none", "gauss")) == "gauss"
+    assert row_key(cell("dmp", "none")) == "dmp"
+    assert row_key(cell("dmp", "gauss")) is None
+    assert row_key(cell("akd", "gauss")) is None
+    assert {row_key(cell(m, "none")) for m in ("dpsgd-lo", "dpsgd-hi", "akd")} <= set(PAPER_TABLE_II)

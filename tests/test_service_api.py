@@ -191,6 +191,27 @@ def test_admin_routes_need_the_admin_key_and_new_keys_work_at_once(srv: VictimSe
     assert httpx.post(f"{srv.url}/v1/admin/keys/reload", headers=srv.admin_headers).json()["dropped"] >= 1
 
 
+def test_admin_revokes_a_key_at_once_and_the_name_can_have_a_new_one(srv: VictimServer) -> None:
+    made = httpx.post(f"{srv.url}/v1/admin/keys", json={"name": "erin", "tier": "unlimited"},
+                      headers=srv.admin_headers)
+    key = made.json()["key"]
+    assert post(srv, "denoise", image_bytes(16, 16), who="", **{"X-API-Key": key}).status_code == 200  # cached
+    assert httpx.delete(f"{srv.url}/v1/admin/keys/erin", headers=srv.headers("bob")).status_code == 401
+    gone = httpx.delete(f"{srv.url}/v1/admin/keys/erin", headers=srv.admin_headers)
+    assert gone.status_code == 200, gone.text
+    assert gone.json() == {"revoked": "erin"}
+    refused = post(srv, "denoise", image_bytes(16, 16), who="", **{"X-API-Key": key})
+    assert refused.status_code == 401, refused.text
+    again = httpx.delete(f"{srv.url}/v1/admin/keys/erin", headers=srv.admin_headers)
+    assert (again.status_code, again.json()["error"]) == (404, "no_key")
+    bad = httpx.delete(f"{srv.url}/v1/admin/keys/erin%20smith", headers=srv.admin_headers)
+    assert (bad.status_code, bad.json()["error"]) == (400, "bad_client")
+    renewed = httpx.post(f"{srv.url}/v1/admin/keys", json={"name": "erin", "tier": "unlimited"},
+                         headers=srv.admin_headers)
+    assert renewed.status_code == 201, renewed.text
+    assert post(srv, "denoise", image_bytes(16, 16), who="", **{"X-API-Key": renewed.json()["key"]}).status_code == 200
+
+
 def test_unknown_route_and_model_are_json_404(srv: VictimServer) -> None:
     r = post(srv, "nope", image_bytes(16, 16))
     assert r.status_code == 404

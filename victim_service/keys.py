@@ -48,6 +48,12 @@ class KeyStoreError(HeistError):
     code = "bad_key"
 
 
+def already_has_a_key(name: str) -> str:
+    """The refusal of a second key for ``name``, with both ways to revoke the first."""
+    return (f"client {name!r} already has a key; revoke it first (heist keys revoke {name} -c SERVER_SETTINGS, "
+            f"or DELETE /v1/admin/keys/{name} with the admin key)")
+
+
 def new_key() -> str:
     """A fresh API key: ``hk_`` + 32 URL-safe characters (192 bits from :mod:`secrets`)."""
     return KEY_PREFIX + secrets.token_urlsafe(24)
@@ -135,7 +141,7 @@ class FileKeyStore(KeyStore):
         with self._locked():
             keys = dict(self._read())
             if any(r.name == name for r in keys.values()):
-                raise KeyStoreError(f"client {name!r} already has a key; revoke it first (heist keys revoke {name})")
+                raise KeyStoreError(already_has_a_key(name))
             key = new_key()
             keys[hash_key(key)] = KeyRecord(name=name, tier=tier, created=time.time())
             self._write(keys)
@@ -199,7 +205,7 @@ class RedisKeyStore(KeyStore):
         key = new_key()
         h = hash_key(key)
         if not self._call(self.r.hsetnx, self.names_key, name, h):
-            raise KeyStoreError(f"client {name!r} already has a key; revoke it first (heist keys revoke {name})")
+            raise KeyStoreError(already_has_a_key(name))
         rec = KeyRecord(name=name, tier=tier, created=time.time())
         self._call(self.r.hset, self.keys_key, h, rec.model_dump_json())
         return key

@@ -52,7 +52,8 @@ class MonitorStatus(BaseModel):
 def _monitor(request: Request):  # type: ignore[no-untyped-def]
     svc = _require_admin(request)
     if svc.monitor is None:
-        raise ApiError(404, "monitor_disabled", "the query monitor is off (monitor.enabled = false or no query log)")
+        raise ApiError(404, "monitor_disabled", "the query monitor is off (heist serve --no-monitor, "
+                       "monitor.enabled = false in the settings, or no query log)")
     return svc.monitor
 
 

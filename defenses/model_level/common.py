@@ -10,6 +10,7 @@ import torch
 from translators.checkpoint import LoadedModel, ModelCard, load_model, read_card, save_checkpoint
 from translators.errors import HeistError
 from translators.files import unwritable_reason
+from translators.zoo.membership import PRIVATE_IMAGE_SETS
 
 
 class ModelDefenseError(HeistError):
@@ -32,8 +33,6 @@ def load_teacher(path: str | Path) -> tuple[LoadedModel, dict[str, Any]]:
     return teacher, private_split(read_card(path))
 
 
-PRIVATE_IMAGE_SETS = ("corpus:victim", "corpus:all")
-"""Image sources that contain the membership victims' private crops (``private_crops`` draws from the victim split)."""
 
 
 def refuse_private_images(images: str, role: str, suggestion: str) -> None:

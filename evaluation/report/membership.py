@@ -30,9 +30,12 @@ PAPER_TABLE_II: dict[str, tuple[str, float, float]] = {
 }
 
 
-def row_key(c: MembershipCell) -> str:
-    """The paper row a cell matches: its model defense, or ``gauss`` for an output-noise tier."""
-    return c.model_defense if c.model_defense != "none" else ("none" if c.defense == "none" else "gauss")
+def row_key(c: MembershipCell) -> str | None:
+    """The paper row a cell matches: its model defense served plainly, or ``gauss`` for the undefended model
+    behind an output-noise tier; None for a combination the paper did not run (e.g. DMP + Gauss)."""
+    if c.defense == "none":
+        return c.model_defense
+    return "gauss" if c.model_defense == "none" else None
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
@@ -104,7 +107,8 @@ def membership_sections(results: Results, builder: Any) -> list[Section]:
     for c in cells:
         sc = c.headline_scores()
         u = c.utility
-        paper = PAPER_TABLE_II.get(row_key(c))
+        key = row_key(c)
+        paper = PAPER_TABLE_II.get(key) if key else None
         rows.append([c.model_defense, c.defense, c.status, sc.score if sc else DASH, _fmt(sc.auc if sc else None),
                      _fmt(sc.tpr_at_fpr.get("0.001") if sc else None),
                      _nkid(u), *([_nkid(u, "nkid_heldout"), _fmt(u.psnr_heldout if u else None, 2)] if heldout else []),

@@ -17,14 +17,14 @@ def register(app: typer.Typer) -> None:
 
 _VICTIM = typer.Option(..., "--victim", help="The private victim checkpoint (.safetensors with a membership card).")
 _OUT = typer.Option(..., "--out", help="Checkpoint to write (.safetensors + .json card).")
+_PROXY_PAIRS = typer.Option(None, "--proxy-pairs", min=1, help="Proxy inputs (default: 4 x the private set).")
 
 
 def akd(
     victim: Path = _VICTIM, out: Path = _OUT,
     proxy: str = typer.Option("corpus:attacker", help="Public proxy images (checked disjoint from the private set)."),
     steps: int | None = typer.Option(None, min=1, help="Training steps (default: the victim's)."),
-    proxy_pairs: int | None = typer.Option(None, "--proxy-pairs", min=1,
-                                           help="Proxy inputs (default: 4 x the private set)."),
+    proxy_pairs: int | None = _PROXY_PAIRS,
     lambda_l1: float = typer.Option(100.0, "--lambda-l1", min=1e-6,
                                     help="Weight of the L1 term against the adversarial one (the paper's 100)."),
     seed: int = seed_option("the student's initialisation and proxy crops"), device: str = device_option(),
@@ -41,13 +41,14 @@ def dmp(
     victim: Path = _VICTIM, out: Path = _OUT,
     proxy: str = typer.Option("corpus:attacker", help="Public proxy images (checked disjoint from the private set)."),
     steps: int | None = typer.Option(None, min=1, help="Training steps (default: the victim's)."),
+    proxy_pairs: int | None = _PROXY_PAIRS,
     seed: int = seed_option("the student's initialisation and proxy crops"), device: str = device_option(),
 ) -> None:
     """DMP-style distillation: the student learns the teacher's outputs on the proxy set (L1, no discriminator)."""
     from defenses.model_level.akd import distill
 
     path = distill(victim, out, name=out.stem, adversarial=False, steps=steps, seed=seed, device=device,
-                   proxy_images=proxy)
+                   proxy_images=proxy, n_proxy=proxy_pairs)
     console.print(f"DMP student: {path}")
 
 

@@ -82,6 +82,18 @@ def _benign_images(spec: str, extra: str | None) -> list[NamedImage]:
     return images
 
 
+def check_task_scale(task: str, scale: int | None) -> int:
+    """The scale for ``--task`` (``--scale`` or its default: 4 for sr, else 1); a one-line error for a pair no
+    victim has (sr enlarges; the others keep the size)."""
+    if scale is None:
+        return 4 if task == "sr" else 1
+    if task == "sr" and scale < 2:
+        raise HeistError(f"--task sr --scale {scale}: super-resolution enlarges; give its factor (--scale 2, 4, ...)")
+    if task != "sr" and scale != 1:
+        raise HeistError(f"--task {task} --scale {scale}: a {task} victim keeps the image size; use --scale 1")
+    return scale
+
+
 def calibration_toml(cal: dict[str, Any], source: str, task: str, scale: int) -> str:
     """The ``[monitor.signals]`` table of a calibration (:func:`evaluation.monitor_eval.calibrate`), with
     comments saying what each value was measured on; paste it into the victim's settings file."""
@@ -113,7 +125,7 @@ def calibrate_cmd(
                                             "'' for none."),
     task: str = typer.Option("sr", callback=choice(*TASKS),
                              help="Task of the victim the traffic is shaped for: sr, denoise, style or edges2photo."),
-    scale: int = typer.Option(4, min=1, help="The victim's scale."),
+    scale: int | None = typer.Option(None, min=1, help="The victim's scale (default: 4 for sr, else 1)."),
     percentile: float = typer.Option(CALIBRATION_PERCENTILE, min=0.01, max=50.0,
                                      help="Benign percentile of the thresholds."),
     seeds: int = typer.Option(CALIBRATION_SEEDS, min=1, help="Long benign customers to measure."),
@@ -123,6 +135,7 @@ def calibrate_cmd(
     from evaluation.monitor_eval import calibrate
     from translators.files import atomic_write_bytes
 
+    scale = check_task_scale(task, scale)
     check_out_file(out, "monitor-signals.toml")
     ben = _benign_images(benign_images, extra_benign or None)
     cal = calibrate(ben, ModelInfo(name="offline", task=task, scale=scale, min_side=8), seeds=seeds,
@@ -169,7 +182,7 @@ def eval_cmd(
     out: Path = typer.Option(..., "--out", help="JSON file to write (atomically)."),
     task: str = typer.Option("sr", callback=choice(*TASKS),
                              help="Task of the victim the traffic is shaped for: sr, denoise, style or edges2photo."),
-    scale: int = typer.Option(4, min=1, help="The victim's scale."),
+    scale: int | None = typer.Option(None, min=1, help="The victim's scale (default: 4 for sr, else 1)."),
     url: str | None = typer.Option(
         None, "--url", help="Live victim (monitor on); default: offline engine. Each live run creates its own keys "
         "(evalSEED-HHMMSS-...); the victim's monitor still remembers earlier runs' photos."),
@@ -203,6 +216,7 @@ def eval_cmd(
     if not url and model:  # (not --admin-key: it may come from $HEIST_ADMIN_KEY)
         raise HeistError("--model applies to a live victim: add --url (the offline engine needs no model; "
                          "--task and --scale shape its traffic)")
+    scale = check_task_scale(task, scale)
     check_out_file(out, "monitor-eval.json")
     ben = _benign_images(benign_images, extra_benign)
     att = load_images(attacker_images)

@@ -62,6 +62,11 @@ class _FixedSetSampler:
         return torch.cat([self.crops[self.rng.randrange(len(self.crops))] for _ in range(n)], dim=0)
 
 
+PRIVATE_IMAGE_SETS = ("corpus:victim", "corpus:all")
+"""Image sources that contain the membership victims' private crops (:func:`private_crops` draws from the victim
+split): neither a defense's proxy set nor the attacker's public reference data may come from them."""
+
+
 def private_crops(n: int, side: int, seed: int = 0) -> list[torch.Tensor]:
     """``n`` distinct ``(1, 3, side, side)`` crops of the corpus ``victim`` split (deterministic in ``seed``)."""
     images = [im.image for im in load_images("corpus:victim", max_side=512) if min(im.image.shape[-2:]) >= side]

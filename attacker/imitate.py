@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from attacker.client import ClientConfig, fetch_model_info
-from attacker.errors import ConfigError, RunFolderError
+from attacker.errors import ConfigError, QuotaExhaustedError, RunFolderError
 from attacker.files import check_out_folder
 from attacker.harvest import HarvestResult, harvest
 from attacker.progress import ProgressHook
@@ -154,6 +154,13 @@ def imitate(
         what = f" of {done['image']!r}" if done.get("image") else ""
         raise RunFolderError(f"{out} already holds an imitation{what} with another image, model or options; use a "
                              "new --out (the query is not sent again)") from None
+    if hv.pairs == 0:  # the one query went unanswered: say why, not "the manifest holds no pairs yet"
+        why = hv.stop_reason or hv.status
+        if why == "quota_exhausted":
+            raise QuotaExhaustedError(f"the one query was refused: the API key has no quota left (429 "
+                                      f"quota_exhausted); nothing to imitate (run folder {out} kept)")
+        raise RunFolderError(f"the one query was not answered ({why}); nothing to imitate (run folder {out} kept; "
+                             "the same command retries)")
     tr = train_surrogate(out, config=cfg, progress=progress, advice=ADVICE)
     warning = tr.summary.get("warning")
     update_run(out, imitate={

@@ -120,7 +120,7 @@ __stop_server() {
 trap __stop_server EXIT
 __serve() {  # run a `heist serve` command in the background until /readyz answers
   __stop_server
-  bash -c "exec $1" > "$__DOCS_DIR/serve-$2.log" 2>&1 &
+  ( eval "exec $1" ) > "$__DOCS_DIR/serve-$2.log" 2>&1 &  # a subshell: it sees the session's variables
   __serve_pid=$!
   local deadline=$(( $(date +%s) + ${DOCS_SERVE_TIMEOUT:-300} ))
   until curl -sf "http://127.0.0.1:$HEIST_VICTIM_PORT/readyz" >/dev/null 2>&1; do

@@ -286,3 +286,15 @@ def test_harvest_strategy_help_lists_every_registered_strategy() -> None:
     for name in names:
         assert name in text.split("Query strategy:")[1].split("[default")[0], name
 
+
+
+# --- imitate with a used-up quota: the quota is named, not an empty manifest ------------------------------------
+def test_imitate_with_a_used_up_quota_says_so(victim: VictimServer, tmp_path: Path) -> None:
+    image = _png(tmp_path / "x.png", 48, 48)
+    res = _cli("attack", "imitate", "--url", victim.url, "--api-key", victim.keys["drained"], "--model", "denoise",
+               "--image", str(image), "--steps", "2", "--out", str(tmp_path / "im"))
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    last = [ln for ln in res.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("error: the one query was refused: the API key has no quota left"), res.stderr
+    assert "manifest" not in res.stderr
+    assert "Traceback" not in res.stderr

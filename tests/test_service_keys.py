@@ -149,6 +149,12 @@ def test_cli_mistakes_are_one_line_errors(
     one_line_error(heist("keys", "add", "not a name", "--tier", "free"), "client name")
     one_line_error(heist("keys", "add", "eve\n", "--tier", "free"), "client name")  # a second "eve" in the list
     one_line_error(heist("keys", "revoke", "nobody"), "no stored key for client 'nobody'")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        nothing = f"redis://127.0.0.1:{free.getsockname()[1]}/0"  # bound, not listening: nothing answers
+        for args in (("add", "eve"), ("list",), ("revoke", "eve")):
+            one_line_error(heist("keys", *args, "--redis-url", nothing), "the key store (Redis) is unreachable",
+                           nothing, "scripts/ensure-redis.sh")
     (tmp_path / "empty").mkdir()
     one_line_error(heist("serve", "--models-dir", str(tmp_path / "empty")), "no model to serve")
     cfg = tmp_path / "victim.toml"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +15,7 @@ from heist.cli.common import config_option, console, err_console, print_table, s
 from translators.errors import HeistError
 
 if TYPE_CHECKING:
-    from victim_service.settings import ResolvedSettings
+    from victim_service.settings import ResolvedSettings, Settings
 
 app = typer.Typer(help="API keys of the victim service (stored hashed; shown once).", no_args_is_help=True)
 
@@ -26,6 +28,18 @@ def _warn_other_store(resolved: ResolvedSettings, consequence: str = "that serve
     warning = store_mismatch(resolved, consequence)
     if warning:
         err_console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+
+
+@contextlib.contextmanager
+def _reachable_store(s: Settings) -> Iterator[None]:
+    """A store that cannot be reached becomes one line naming it and how to start one."""
+    from victim_service.errors import BackendUnavailableError
+
+    try:
+        yield
+    except BackendUnavailableError as exc:
+        raise HeistError(f"{exc}: {s.store().describe()}; start it (bash scripts/ensure-redis.sh for a local one) or "
+                         "name a running one with --redis-url or the settings' redis_url") from None
 
 
 @app.command("add")
@@ -47,7 +61,8 @@ def add(
         raise HeistError(str(exc)) from None
     if tier not in s.tiers:
         raise HeistError(f"unknown tier {tier!r}; the settings define: {', '.join(s.tiers)}")
-    key = open_key_store(s).add(name, tier)
+    with _reachable_store(s):
+        key = open_key_store(s).add(name, tier)
     err_console.print(f"key for [bold]{name}[/bold] (tier {tier}) stored in {s.store().describe()} "
                       f"(settings: {resolved.origin}); it is shown only once:", highlight=False)
     console.print(key, highlight=False, soft_wrap=True)
@@ -64,7 +79,9 @@ def list_keys(config: Path | None = ConfigOpt, redis_url: str | None = RedisOpt)
     table = Table(title=f"API keys in {s.store().describe()}")
     for col in ("name", "tier", "kind", "created"):
         table.add_column(col)
-    for r in open_key_store(s).records():
+    with _reachable_store(s):
+        records = open_key_store(s).records()
+    for r in records:
         created = dt.datetime.fromtimestamp(r.created, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         table.add_row(r.name, r.tier, "stored", created)
     for k in s.keys:
@@ -80,7 +97,9 @@ def revoke(name: str = typer.Argument(...), config: Path | None = ConfigOpt, red
 
     resolved = victim_settings(config, redis_url=redis_url)
     s = resolved.settings
-    if not open_key_store(s).revoke(name):
+    with _reachable_store(s):
+        revoked = open_key_store(s).revoke(name)
+    if not revoked:
         raise HeistError(f"no stored key for client {name!r} in {s.store().describe()} (settings: {resolved.origin})")
     console.print(f"revoked the key of {name} in {s.store().describe()}", highlight=False)
     _warn_other_store(resolved)

@@ -196,15 +196,15 @@ def test_admin_revokes_a_key_at_once_and_the_name_can_have_a_new_one(srv: Victim
                       headers=srv.admin_headers)
     key = made.json()["key"]
     assert post(srv, "denoise", image_bytes(16, 16), who="", **{"X-API-Key": key}).status_code == 200  # cached
-    assert httpx.delete(f"{srv.url}/v1/admin/keys/erin", headers=srv.headers("bob")).status_code == 401
-    gone = httpx.delete(f"{srv.url}/v1/admin/keys/erin", headers=srv.admin_headers)
+    assert httpx.delete(f"{srv.url}/v1/admin/clients/erin/key", headers=srv.headers("bob")).status_code == 401
+    gone = httpx.delete(f"{srv.url}/v1/admin/clients/erin/key", headers=srv.admin_headers)
     assert gone.status_code == 200, gone.text
     assert gone.json() == {"revoked": "erin"}
     refused = post(srv, "denoise", image_bytes(16, 16), who="", **{"X-API-Key": key})
     assert refused.status_code == 401, refused.text
-    again = httpx.delete(f"{srv.url}/v1/admin/keys/erin", headers=srv.admin_headers)
+    again = httpx.delete(f"{srv.url}/v1/admin/clients/erin/key", headers=srv.admin_headers)
     assert (again.status_code, again.json()["error"]) == (404, "no_key")
-    bad = httpx.delete(f"{srv.url}/v1/admin/keys/erin%20smith", headers=srv.admin_headers)
+    bad = httpx.delete(f"{srv.url}/v1/admin/clients/erin%20smith/key", headers=srv.admin_headers)
     assert (bad.status_code, bad.json()["error"]) == (400, "bad_client")
     renewed = httpx.post(f"{srv.url}/v1/admin/keys", json={"name": "erin", "tier": "unlimited"},
                          headers=srv.admin_headers)

@@ -51,7 +51,7 @@ class KeyStoreError(HeistError):
 def already_has_a_key(name: str) -> str:
     """The refusal of a second key for ``name``, with both ways to revoke the first."""
     return (f"client {name!r} already has a key; revoke it first (heist keys revoke {name} -c SERVER_SETTINGS, "
-            f"or DELETE /v1/admin/keys/{name} with the admin key)")
+            f"or DELETE /v1/admin/clients/{name}/key with the admin key)")
 
 
 def new_key() -> str:

@@ -316,7 +316,7 @@ async def admin_add_key(request: Request, body: KeyCreate) -> KeyCreated:
     return KeyCreated(name=body.name, tier=body.tier, key=key)
 
 
-@router.delete("/v1/admin/keys/{name}", tags=["admin"], summary="Revoke a client's API key",
+@router.delete("/v1/admin/clients/{name}/key", tags=["admin"], summary="Revoke a client's API key",
                responses={**_CLIENT_RESPONSES, 404: {**_ERR, "description": "no_key: the client has no key"}},
                dependencies=[Security(api_key_scheme), Security(bearer_scheme)])
 async def admin_revoke_key(request: Request, name: str) -> dict[str, str]:

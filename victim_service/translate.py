@@ -82,7 +82,8 @@ async def read_body(request: Request, max_bytes: int, slack: int = 0, idle_timeo
     stream = request.stream().__aiter__()
     while True:
         try:
-            chunk = await asyncio.wait_for(anext(stream), idle_timeout_s)
+            async with asyncio.timeout(idle_timeout_s):  # no task per chunk (wait_for would make one)
+                chunk = await anext(stream)
         except StopAsyncIteration:
             break
         except TimeoutError:
